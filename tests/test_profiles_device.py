@@ -1,0 +1,41 @@
+import pytest, torch
+from tinyllama.profiles import get_profile, Profile, PROFILES
+from tinyllama.device import get_device, autocast_dtype, needs_grad_scaler, device_report
+
+
+def test_profile_from_environment(monkeypatch):
+    for name in PROFILES:
+        monkeypatch.setenv("TINYLLAMA_PROFILE", name)
+        assert get_profile().name == name
+    monkeypatch.setenv("TINYLLAMA_PROFILE", " CPU ")
+    assert get_profile().name == "cpu"
+
+
+def test_default_profile_follows_the_machine(monkeypatch):
+    monkeypatch.delenv("TINYLLAMA_PROFILE", raising=False)
+    assert get_profile().name == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def test_unknown_profile_is_refused_with_the_valid_names(monkeypatch):
+    monkeypatch.setenv("TINYLLAMA_PROFILE", "laptop")
+    with pytest.raises(ValueError, match="ci, cpu, gpu"):
+        get_profile()
+
+
+def test_pick_returns_the_value_of_the_profile():
+    assert [Profile(n).pick(ci="a", cpu="b", gpu="c") for n in PROFILES] == ["a", "b", "c"]
+
+
+def test_device_choice_and_precision():
+    d = get_device()
+    assert d.type in ("cuda", "mps", "cpu")
+    assert autocast_dtype("cpu") == torch.float32 and not needs_grad_scaler("cpu")
+    assert device_report("cpu")["dtype"] == "float32"
+
+
+def test_bad_device_requests():
+    with pytest.raises(ValueError, match="not one of"):
+        get_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            get_device("cuda")
