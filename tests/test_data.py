@@ -1,0 +1,259 @@
+"""Tests of tinyllama.data: the story world (exact probabilities, unambiguity, entropy) and the TinyStories loader.
+
+No test touches the network: downloads use file:// addresses of files the tests write, and the
+offline error comes from http://127.0.0.1:9 (nothing listens there).
+"""
+import math
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tinyllama.data import (DEFAULT_TABLES, DownloadError, Estimate, StoryWorld, default_world, download,
+                            entropy_estimate, load_tinystories, mean_ci, parse_tinystories, ratio_ci,
+                            sample_story, sha256_of, story_corpus, story_log_prob, train_heldout,
+                            verify_unambiguous)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return StoryWorld()
+
+
+@pytest.fixture(scope="module")
+def samples(world):
+    return world.sample(3000, seed=2024)
+
+
+def _table_for(story_fields, field, tables):
+    "The table a field was drawn from, worked out from the story program's rules."
+    if field == "ending": return tables["ending_" + story_fields["event"]]
+    if field == "feeling": return tables["feeling_" + story_fields["ending"]]
+    if field == "closing": return tables["closing_" + story_fields["ending"]]
+    if field == "friend": return tuple((n, w) for n, w in tables["hero"] if n != story_fields["hero"])
+    return tables[field]
+
+
+# ---------------------------------------------------------------- sampling and probabilities
+
+def test_same_seed_same_stories_and_different_seeds_differ(world):
+    a, b, c = world.sample(100, seed=5), world.sample(100, seed=5), world.sample(100, seed=6)
+    assert [s.text for s in a] == [s.text for s in b]
+    assert [s.text for s in a] != [s.text for s in c]
+    assert story_corpus(10, seed=5) == [s.text for s in a[:10]]
+
+
+def test_step_probabilities_come_from_the_tables(world, samples):
+    for s in samples[:500]:
+        fields = s.fields
+        total = 0.0
+        for field, value, p in s.steps:
+            table = _table_for(fields, field, world.tables)
+            weights = dict(table)
+            assert math.isclose(p, weights[value] / sum(weights.values()))
+            total += math.log(p)
+        assert math.isclose(s.log_prob, total)
+        assert s.log_prob < 0
+
+
+def test_every_value_printed_appears_in_text(samples):
+    for s in samples[:300]:
+        for field in ("hero", "animal", "colour", "object", "place", "feeling"):
+            assert getattr(s, field) in s.text
+        assert s.ending in ("happy", "sad") and s.event in ("lost", "friend", "rain", "broken")
+        assert (s.friend is not None) == (s.event == "friend")
+        if s.friend is not None: assert s.friend != s.hero
+
+
+def test_probabilities_of_a_small_world_sum_to_one_and_match_frequencies():
+    # A world small enough to see every story: the exact probabilities of all distinct texts must sum
+    # to 1, and each text's frequency among samples must agree with its probability.
+    one = lambda table: (table[0],)
+    tables = {name: one(t) for name, t in DEFAULT_TABLES.items()}
+    tables.update(hero=(("Mia", 3), ("Tom", 1)), colour=(("red", 1), ("orange", 2)),
+                  event=(("lost", 1), ("rain", 2)), ending_lost=(("happy", 3), ("sad", 1)),
+                  ending_rain=(("happy", 1), ("sad", 1)))
+    small = StoryWorld(tables=tables)
+    stories = small.sample(4000, seed=0)
+    probs = {s.text: math.exp(s.log_prob) for s in stories}
+    assert len(probs) == 2 * 2 * (2 + 2)  # hero x colour x (event, ending)
+    assert math.isclose(sum(probs.values()), 1.0, rel_tol=1e-12)
+    counts = Counter(s.text for s in stories)
+    for text, p in probs.items():
+        sd = math.sqrt(len(stories) * p * (1 - p))
+        assert abs(counts[text] - len(stories) * p) < 5 * sd
+    # the exact entropy, from the enumeration, is inside both estimators' intervals
+    H = -sum(p * math.log(p) for p in probs.values())
+    for method in ("sample", "chain"):
+        est = entropy_estimate(4000, seed=1, world=small, method=method)
+        assert est.lo < H < est.hi
+    # and the chain-rule terms are exact per story shape: their mean over all stories is H
+    assert math.isclose(sum(probs[s.text] * s.entropy_terms for s in {s.text: s for s in stories}.values()), H)
+
+
+# ---------------------------------------------------------------- parsing and unambiguity
+
+def test_parser_recovers_every_derivation_exactly(world, samples):
+    assert verify_unambiguous(samples, world) == len(samples)
+    for s in samples[:200]:
+        assert math.isclose(story_log_prob(s.text), s.log_prob)
+        assert world.parse(s.text).steps == s.steps
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32))
+def test_parse_inverts_sample_for_any_seed(seed):
+    s = sample_story(random.Random(seed))
+    found = default_world().derivations(s.text)
+    assert len(found) == 1 and found[0].steps == s.steps and math.isclose(found[0].log_prob, s.log_prob)
+
+
+def test_parser_rejects_text_the_world_cannot_write(world, samples):
+    s = samples[0].text
+    for bad in ["", "Hello.", s + " ", s + " The end.", s[:-1], s.replace(".", "!", 1),
+                s.replace(samples[0].hero, "Zed", 1), s.lower()]:
+        assert world.derivations(bad) == []
+        with pytest.raises(ValueError, match="cannot produce"):
+            world.log_prob(bad)
+    with pytest.raises(ValueError, match="string"):
+        world.parse(None)
+
+
+def test_checker_catches_an_ambiguous_world():
+    shaky = StoryWorld(tables={"trait": (("little", 1), ("little brown", 1)),
+                               "animal": (("bear", 1), ("brown bear", 1))})
+    with pytest.raises(AssertionError, match="2 derivations"):
+        verify_unambiguous(shaky.sample(100, seed=0), shaky)
+    s = next(s for s in shaky.sample(100, seed=0) if "little brown bear" in s.text)
+    with pytest.raises(ValueError, match="ambiguous"):
+        shaky.parse(s.text)
+
+
+def test_later_mentions_disambiguate():
+    light = StoryWorld(tables={"colour": (("light", 1), ("light blue", 1)), "object": (("ball", 1), ("blue ball", 1))})
+    assert verify_unambiguous(light.sample(200, seed=0), light) == 200
+
+
+# ---------------------------------------------------------------- fixed fields and validation
+
+def test_fixed_fields(world):
+    stories = world.sample(50, seed=3, hero="Mia", colour="red", object="kite", ending="happy")
+    assert all((s.hero, s.colour, s.object, s.ending) == ("Mia", "red", "kite", "happy") for s in stories)
+    assert all(math.isclose(world.log_prob(s.text), s.log_prob) for s in stories)
+    assert all("Mia had" not in s.text and "She had a red kite." in s.text for s in stories)
+    with pytest.raises(ValueError, match="not a possible hero"):
+        world.sample(1, hero="Zed")
+    with pytest.raises(ValueError, match="not choices"):
+        world.sample(1, spaceship="red")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tables={"colour": (("red", 1), ("red", 2))}), "twice"),
+    (dict(tables={"colour": (("red", 0),)}), "positive"),
+    (dict(tables={"colour": (("red", float("nan")),)}), "positive"),
+    (dict(tables={"colour": ()}), "empty"),
+    (dict(tables={"spaceship": (("red", 1),)}), "no table"),
+    (dict(tables={"hero": (("Mia", 1), ("Zed", 1))}), "pronoun"),
+    (dict(tables={"hero": (("Mia", 1),)}), "two names"),
+    (dict(tables={"event": (("flood", 1),)}), "unknown event"),
+    (dict(tables={"ending_rain": (("happy", 1), ("meh", 1))}), "endings"),
+])
+def test_world_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StoryWorld(**kwargs)
+
+
+def test_new_hero_with_pronoun():
+    w = StoryWorld(tables={"hero": (("Mia", 1), ("Zed", 1))}, pronouns={"Zed": "he"})
+    zed = w.sample(20, seed=0, hero="Zed")
+    assert all(" He lived" in s.text for s in zed)
+    assert verify_unambiguous(w.sample(200, seed=1), w) == 200
+
+
+def test_sample_rejects_bad_n(world):
+    for n in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError, match="non-negative integer"):
+            world.sample(n)
+
+
+# ---------------------------------------------------------------- estimates and splits
+
+def test_mean_ci_and_ratio_ci():
+    xs = [1.0, 2.0, 4.0, 7.0]
+    m = sum(xs) / 4
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / 3)
+    assert mean_ci(xs) == Estimate(m, m - 1.96 * sd / 2, m + 1.96 * sd / 2)
+    with pytest.raises(ValueError): mean_ci([1.0])
+    r = ratio_ci([3, 5, 8], [1, 2, 4])
+    assert math.isclose(r.mean, 16 / 7) and r.lo < r.mean < r.hi
+    assert ratio_ci([2, 4, 6], [1, 2, 3]) == Estimate(2.0, 2.0, 2.0)  # exact proportionality: no spread
+    with pytest.raises(ValueError): ratio_ci([1, 2], [1])
+
+
+def test_entropy_estimates_agree(world):
+    a = entropy_estimate(3000, seed=11, world=world)
+    b = entropy_estimate(3000, seed=11, world=world, method="chain")
+    assert a.lo < b.mean < a.hi and b.lo < a.mean < b.hi
+    assert b.hi - b.lo < a.hi - a.lo
+    c = entropy_estimate(3000, seed=11, world=world, per="char")
+    stories = world.sample(3000, seed=11)
+    assert math.isclose(c.mean, sum(-s.log_prob for s in stories) / sum(len(s.text) for s in stories))
+    with pytest.raises(ValueError, match="method"): entropy_estimate(10, method="exact")
+    with pytest.raises(ValueError, match="per"): entropy_estimate(10, per="word")
+
+
+def test_train_heldout_independent_streams():
+    tr, ho = train_heldout(300, 100, seed=1)
+    tr2, ho2 = train_heldout(300, 100, seed=1)
+    assert [s.text for s in tr] == [s.text for s in tr2] and [s.text for s in ho] == [s.text for s in ho2]
+    assert [s.text for s in tr[:100]] != [s.text for s in ho]
+
+
+# ---------------------------------------------------------------- TinyStories
+
+def test_parse_tinystories_format():
+    text = "First story.\nSecond line.\n<|endoftext|>\n\n  Second story.  \r\n<|endoftext|>\n<|endoftext|>\nLast"
+    assert parse_tinystories(text) == ["First story.\nSecond line.", "Second story.", "Last"]
+    assert parse_tinystories("") == []
+
+
+def test_load_tinystories_from_a_local_file_with_cache_and_checksum(tmp_path):
+    src = tmp_path / "TinyStories-mini.txt"
+    src.write_text("A cat sat.\n<|endoftext|>\nA dog ran.\nIt was fast.\n<|endoftext|>\nThe end.\n")
+    cache = tmp_path / "cache"
+    got = load_tinystories(url=src.as_uri(), cache_dir=cache, progress=False)
+    assert got == ["A cat sat.", "A dog ran.\nIt was fast.", "The end."]
+    assert (cache / "TinyStories-mini.txt.sha256").read_text().strip() == sha256_of(src)
+    assert load_tinystories(url=src.as_uri(), cache_dir=cache, max_stories=2, progress=False) == got[:2]
+    src.unlink()  # the cached copy is used from now on
+    assert load_tinystories(url=src.as_uri(), cache_dir=cache, progress=False) == got
+    # a cached file that no longer matches its recorded digest is fetched again (and here cannot be)
+    (cache / "TinyStories-mini.txt").write_text("tampered")
+    with pytest.raises(DownloadError, match="could not download"):
+        load_tinystories(url=src.as_uri(), cache_dir=cache, progress=False)
+
+
+def test_download_checks_the_given_sha256(tmp_path):
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"hello")
+    with pytest.raises(DownloadError, match="SHA-256"):
+        download(src.as_uri(), tmp_path / "out" / "f.txt", sha256="0" * 64, progress=False)
+    assert not any((tmp_path / "out").iterdir())  # nothing half-written is left behind
+    p = download(src.as_uri(), tmp_path / "out" / "f.txt", sha256=sha256_of(src), progress=False)
+    assert p.read_bytes() == b"hello"
+
+
+def test_offline_error_is_clear_and_fast(tmp_path):
+    with pytest.raises(DownloadError) as e:
+        load_tinystories(url="http://127.0.0.1:9/x", cache_dir=tmp_path, timeout=2, progress=False)
+    msg = str(e.value)
+    assert "could not download http://127.0.0.1:9/x" in msg and "offline" in msg and "StoryWorld" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_tinystories_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="split"):
+        load_tinystories("test", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="max_stories"):
+        load_tinystories(url="http://127.0.0.1:9/x", cache_dir=tmp_path, max_stories=0)
