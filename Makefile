@@ -7,11 +7,15 @@ STAMP := .venv/.installed-stamp
 # The notebook tests and CI run the smallest profile.
 CI_ENV := TINYLLAMA_PROFILE=ci MPLBACKEND=Agg PYTHONHASHSEED=0
 
-.PHONY: help venv export clean-nbs check-export test test-nbs test-unit test-book book browser notebooks
+SPEEDRUN_PROFILE ?= cpu
+
+.PHONY: speedrun bench help venv export clean-nbs check-export test test-nbs test-unit test-book book browser notebooks
 
 help:
 	@echo "make test   - set up .venv and run everything CI runs (export check, notebooks, unit tests, book + browser)"
 	@echo "make book   - set up .venv and build the rendered book into book/_build/html"
+	@echo "make speedrun - set up .venv, then tokenizer -> pretraining -> samples on the story world; writes runs/<time>/report.md"
+	@echo "make bench - the benchmarks against transformers (bench/)"
 	@echo "make export - regenerate tinyllama/ from nbs/ (nbdev-export) and clean the notebooks"
 
 venv: $(STAMP)
@@ -48,7 +52,7 @@ test-unit: venv
 book: venv
 	bash scripts/vendor_book_assets.sh
 	$(PY) scripts/make_book_config.py
-	$(BIN)/jupyter-book build book -W --keep-going
+	$(BIN)/jupyter-book build book -W --keep-going --all
 	@echo "The book is at $(CURDIR)/book/_build/html/index.html"
 
 test-book: book browser
@@ -63,3 +67,11 @@ test: venv
 notebooks: venv
 	cd nbs && for nb in [0-9]*.ipynb; do TINYLLAMA_PROFILE=cpu ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; done
 	$(BIN)/nbdev-clean
+
+# The first thing to run: tokenizer -> pretraining -> samples, with a report.
+speedrun: venv
+	$(BIN)/tinyllama speedrun --profile $(SPEEDRUN_PROFILE)
+
+bench: venv
+	$(PY) bench/train_throughput.py
+	$(PY) bench/decode.py
