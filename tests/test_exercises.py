@@ -42,3 +42,11 @@ def test_compare_nested_and_numbers():
     assert "item 0" in compare((1.5, [torch.ones(2)]), (1.0, [torch.ones(2)]))
     assert compare(torch.tensor([1, 2]), torch.tensor([1, 3])) is not None
     assert compare(float("nan") * torch.ones(1), torch.ones(1)) is not None
+
+
+def test_infinities_must_match_exactly():
+    inf = float("inf")
+    assert compare(torch.tensor([0.0, -inf]), torch.tensor([0.0, -inf])) is None
+    assert compare(torch.tensor([0.0, 3.0]), torch.tensor([0.0, -inf])) is not None
+    assert compare(torch.tensor([0.0, -inf]), torch.tensor([0.0, 3.0])) is not None
+    assert compare(torch.tensor([inf]), torch.tensor([-inf])) is not None

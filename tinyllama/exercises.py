@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['CheckResult', 'describe', 'compare', 'check']
 
-# %% ../nbs/92_exercises.ipynb #a1153fd6
+# %% ../nbs/92_exercises.ipynb #6a82cfba
 import math
 from dataclasses import dataclass
 import torch
@@ -22,7 +22,7 @@ def describe(x) -> str:
     if isinstance(x, (tuple, list)): return f"{type(x).__name__} of {len(x)}: [" + ", ".join(describe(o) for o in x) + "]"
     return f"{type(x).__name__} {x!r}" if isinstance(x, (int, float, bool, str)) else type(x).__name__
 
-# %% ../nbs/92_exercises.ipynb #b872b6f8
+# %% ../nbs/92_exercises.ipynb #7247f566
 def compare(got, expected, atol=1e-5, rtol=1e-4, where="the result") -> str | None:
     "None if `got` matches `expected`, else the first difference in plain words."
     if isinstance(expected, torch.Tensor):
@@ -37,9 +37,13 @@ def compare(got, expected, atol=1e-5, rtol=1e-4, where="the result") -> str | No
                 return f"{where} differs at index {idx}: yours is {got[idx].item()}, expected {expected[idx].item()}."
             return None
         g, e = got.detach().double(), expected.detach().double()
-        if not torch.isfinite(g).all() and torch.isfinite(e).all():
-            idx = tuple(int(i) for i in (~torch.isfinite(g)).nonzero()[0])
-            return f"{where} contains {g[idx].item()} at index {idx}, where the expected value is {e[idx].item():.6g}."
+        # Non-finite entries (inf, -inf, nan: masked logits, say) must match exactly.
+        special = ~torch.isfinite(g) | ~torch.isfinite(e)
+        same = (g == e) | (torch.isnan(g) & torch.isnan(e))
+        if (special & ~same).any():
+            idx = tuple(int(i) for i in (special & ~same).nonzero()[0])
+            return f"{where} differs at index {idx}: yours is {g[idx].item():.6g}, expected {e[idx].item():.6g}."
+        g, e = torch.where(special, 0.0, g), torch.where(special, 0.0, e)
         err = (g - e).abs() - (atol + rtol * e.abs())
         if (err > 0).any():
             idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
@@ -63,7 +67,7 @@ def compare(got, expected, atol=1e-5, rtol=1e-4, where="the result") -> str | No
     if got != expected: return f"{where} is {got!r}, expected {expected!r}."
     return None
 
-# %% ../nbs/92_exercises.ipynb #c69ac5b6
+# %% ../nbs/92_exercises.ipynb #87b1f913
 def _clone(x):
     if isinstance(x, torch.Tensor): return x.clone()
     if isinstance(x, (tuple, list)): return type(x)(_clone(o) for o in x)
