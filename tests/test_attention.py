@@ -310,9 +310,9 @@ def test_padding_rows_finite_with_a_softmax_that_gives_nan(monkeypatch):
     import tinyllama.attention as attention
     real_sdpa = F.scaled_dot_product_attention
 
-    def plain_sdpa(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
+    def plain_sdpa(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0, **kwargs):  # kwargs: enable_gqa
         if attn_mask is None:
-            return real_sdpa(q, k, v, is_causal=is_causal)
+            return real_sdpa(q, k, v, is_causal=is_causal, **kwargs)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         return torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), -1) @ v
 
@@ -324,3 +324,22 @@ def test_padding_rows_finite_with_a_softmax_that_gives_nan(monkeypatch):
         y = layer(x, rope, position_ids=position_ids_from_mask(am), attention_mask=am)
         assert torch.isfinite(y).all()
         torch.testing.assert_close(y[0, 2:], layer(x[:1, 2:], rope)[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_sdpa_gqa_path_equals_repeat_kv_path(monkeypatch, kv_heads):
+    "Without a mask the layer lets SDPA share kv heads (enable_gqa); outputs and gradients equal the repeat_kv path."
+    import tinyllama.attention as attention
+    layer, rope = make_layer(32, 4, kv_heads)
+    x = torch.randn(2, 7, 32)
+    def run():
+        layer.zero_grad(set_to_none=True)
+        y = layer(x, rope)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in layer.parameters()]
+    y_fast, g_fast = run()
+    monkeypatch.setattr(attention, "_SDPA_GQA", False)
+    y_ref, g_ref = run()
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

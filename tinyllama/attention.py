@@ -133,6 +133,9 @@ class KVCache:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 # %% ../nbs/05_attention.ipynb #da1b8d08
+# SDPA can serve each key/value head to its group of query heads itself from PyTorch 2.5 on (enable_gqa).
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
 class GroupedQueryAttention(nn.Module):
     "Multi-head attention with `num_kv_heads` key/value heads shared by groups of query heads (GQA)."
     def __init__(self,
@@ -183,7 +186,6 @@ class GroupedQueryAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)  # (B, K, S, D), S = start_pos + T
         S = k.shape[2]
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, H, S, D)
 
         mask, is_causal = None, False
         if attention_mask is None:
@@ -199,8 +201,14 @@ class GroupedQueryAttention(nn.Module):
             mask = causal_mask(T, S, device=x.device)[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
             # A padding query may see no real key; letting it see its own slot keeps softmax finite (no NaN).
             mask[..., torch.arange(T, device=x.device), torch.arange(S - T, S, device=x.device)] = True
+        # Without a mask (training, one-token decoding) SDPA shares the K kv heads among the H query heads
+        # itself: the result of repeat_kv without copying K and V H/K times (and summing their gradients back).
+        gqa = self.n_rep > 1 and mask is None and _SDPA_GQA and x.device.type in ("cpu", "cuda")
+        if not gqa:
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, H, S, D)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
+                                             dropout_p=self.dropout if self.training else 0.0,
+                                             **({"enable_gqa": True} if gqa else {}))  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 # %% ../nbs/05_attention.ipynb #41c966b5

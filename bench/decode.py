@@ -1,0 +1,152 @@
+"""Batch-1 greedy decoding speed of `tinyllama.generate` against `transformers` `generate`.
+
+Three decoders produce the same number of new tokens from the same prompt with the same
+weights (fp32 on the CPU, the same thread count):
+
+- ours:     `tinyllama.generate.generate(..., temperature=0)` with the KV cache (the default);
+- hf:       `transformers.LlamaForCausalLM.generate` (sdpa attention, its own KV cache, greedy),
+            the weights copied with `tinyllama.interop.to_hf_state_dict`; end-of-sequence is
+            disabled and `min_new_tokens` = `max_new_tokens` forces the length;
+- no-cache: `tinyllama.generate.generate(..., use_cache=False)`, which runs the whole sequence
+            through the model again for every new token;
+- ours via forward: the KV cache but every step through `LLM.forward` (modules, validation,
+            masks) instead of `generate`'s lean single-token step: what the lean step buys.
+
+Threads: one by default. Batch-1 decoding multiplies vectors by matrices, which a second thread
+barely speeds up, and on a shared machine a second thread mostly waits for a busy core. Both
+the wall-clock time and the process CPU time are measured; on a busy shared machine the CPU
+time is the steadier of the two (it does not count the time the process waits for a core).
+
+Runs are interleaved (ours, hf, no-cache, ours, hf, ...) so that a noisy neighbour slows all
+alike, one warm-up run of each is excluded, and each figure is the median over the rounds.
+The prompt length is included in neither count: tokens/s = new tokens / wall time of the call
+(prefill included, as a user of `generate` sees it).
+
+The shape is llama2.c's "stories15M" (dim 288, 6 layers, 6 heads, 2 kv heads, hidden 768, vocab
+4096) except the context: 256 new tokens after a 16-token prompt need 272 positions, so
+context_size = 512 here (stories15M has 256). The weights are random (our initialisation):
+the speed of a forward pass does not depend on their values, and the greedy tokens of both
+implementations are compared as a check that they run the same model.
+
+Usage:  python bench/decode.py [--new-tokens 256] [--prompt 16] [--rounds 5] [--threads N] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+SHAPE = dict(vocab_size=4096, context_size=512, dim_emb=288, num_layers=6, num_heads=6, num_kv_heads=2,
+             ffd_hidden_dim=768)
+
+
+def cpu_name() -> str:
+    "The CPU's model name (from /proc/cpuinfo on Linux)."
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_models(seed: int = 0):
+    "Our LLM and a transformers LlamaForCausalLM holding the same weights."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tinyllama.model import LLM, LLMConfig
+    from tinyllama.interop import to_hf_config, to_hf_state_dict
+    torch.manual_seed(seed)
+    ours = LLM(LLMConfig(**SHAPE)).eval()
+    hf_cfg = {k: v for k, v in to_hf_config(ours.config).items() if k not in ("architectures", "model_type")}
+    hf_cfg.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    theirs = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa")).eval()
+    missing, unexpected = theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise SystemExit(f"weights did not map: missing {missing}, unexpected {unexpected}")
+    return ours, theirs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for every decoder (default 1)")
+    ap.add_argument("--quick", action="store_true", help="64 new tokens, 2 rounds: a smoke test")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.new_tokens, args.rounds = 64, 2
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from tinyllama.generate import generate
+
+    ours, theirs = build_models()
+    n = args.new_tokens
+    if args.prompt + n > SHAPE["context_size"]:
+        raise SystemExit(f"--prompt {args.prompt} + --new-tokens {n} exceed context_size={SHAPE['context_size']}")
+    prompt = torch.randint(4, SHAPE["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def run_ours():
+        return generate(ours, [prompt], max_new_tokens=n, temperature=0)[0]
+
+    def run_nocache():
+        return generate(ours, [prompt], max_new_tokens=n, temperature=0, use_cache=False)[0]
+
+    def run_hf():
+        with torch.inference_mode():
+            out = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                                  eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    def run_forward():
+        from tinyllama.generate import decode_steps
+        return [int(t[0]) for t, _ in decode_steps(ours, [prompt], n, temperature=0, fast=False)]
+
+    runners = {"ours (KV cache)": run_ours, "transformers generate": run_hf, "ours, no cache": run_nocache,
+               "ours via LLM.forward": run_forward}
+    import transformers
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    print(f"shape: {SHAPE}; batch 1, prompt {args.prompt} tokens, {n} new tokens, greedy, fp32; "
+          f"{args.rounds} interleaved rounds after one warm-up each")
+    tokens = {name: fn() for name, fn in runners.items()}  # warm-up, and the tokens for the check
+    same = sum(a == b for a, b in zip(tokens["ours (KV cache)"], tokens["transformers generate"]))
+    if tokens["ours (KV cache)"] != tokens["ours, no cache"]:
+        print("WARNING: ours with and without the cache gave different greedy tokens")
+    print(f"check: {len(tokens['ours (KV cache)'])} new tokens each; ours and transformers agree on "
+          f"{same}/{n} greedy tokens")
+    if tokens["ours via LLM.forward"] != tokens["ours (KV cache)"]:
+        print("WARNING: the lean step and LLM.forward gave different greedy tokens")
+    wall = {name: [] for name in runners}
+    cpu = {name: [] for name in runners}
+    for r in range(args.rounds):
+        for name, fn in runners.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+            assert len(out) == n, (name, len(out))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {n / v[-1]:.0f} tok/s" for k, v in wall.items()), flush=True)
+    med_wall = {k: n / statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: n / statistics.median(v) for k, v in cpu.items()}
+    print(f"\n{'decoder':24s} {'tokens/s (wall)':>16s} {'tokens/CPU-s':>14s}   (medians)")
+    for k in runners:
+        print(f"{k:24s} {med_wall[k]:16.1f} {med_cpu[k]:14.1f}")
+    ours_key = "ours (KV cache)"
+    for other, target in [("transformers generate", "acceptance >= 5x, goal 10x"), ("ours, no cache", "acceptance >= 4x"),
+                          ("ours via LLM.forward", "what the lean step buys")]:
+        print(f"ratio ours / {other:22s} wall {med_wall[ours_key] / med_wall[other]:5.2f}x   "
+              f"CPU time {med_cpu[ours_key] / med_cpu[other]:5.2f}x   ({target})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

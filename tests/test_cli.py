@@ -1,0 +1,171 @@
+"""The `tinyllama` command (tinyllama.cli): subcommands, the speedrun report, and its errors.
+
+Runs use the ci profile with a handful of steps, so the whole file takes seconds."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+from tinyllama.cli import (Metric, Section, Speedrun, main, matmul_params, model_flops_per_token,  # noqa: E402
+                           metrics_table, run_speedrun, _train_overrides)
+from tinyllama.model import LLM, LLMConfig  # noqa: E402
+from tinyllama.train import pretrain_preset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    "A checkpoint folder written by `tinyllama pretrain` (ci profile, 4 steps)."
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    assert main(["pretrain", "--profile", "ci", "--steps", "4", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _exit_code_and_stderr(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_pretrain_writes_a_loadable_checkpoint(checkpoint):
+    from tinyllama.checkpoint import load_checkpoint
+    for name in ("model.safetensors", "config.json", "trainer_state.pt", "tokenizer.model", "metrics.jsonl"):
+        assert (checkpoint / name).is_file(), name
+    model, state = load_checkpoint(checkpoint)
+    assert state["step"] == 4
+    assert model.config.dim_emb == pretrain_preset("ci").model["dim_emb"]
+
+
+def test_sample_prints_the_prompt_and_a_continuation(checkpoint, capsys, tmp_path):
+    assert main(["sample", str(checkpoint), "--profile", "ci", "--max-new-tokens", "8", "--prompt", "Once upon a time,",
+                 "--prompt", "Tom", "--top-k", "20", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Once upon a time," in out and "Tom" in out
+    written = (tmp_path / "samples.md").read_text()
+    assert "**Once upon a time,**" in written and "**Tom**" in written
+    # each continuation adds text after its prompt
+    for line in written.strip().split("\n\n"):
+        assert len(line.split("**")[-1].strip()) > 0, line
+
+
+def test_sample_is_reproducible_with_a_seed(checkpoint, capsys):
+    argv = ["sample", str(checkpoint), "--profile", "ci", "--max-new-tokens", "10", "--prompt", "One day", "--seed", "3"]
+    main(argv)
+    first = capsys.readouterr().out
+    main(argv)
+    assert capsys.readouterr().out == first
+
+
+def test_speedrun_writes_report_with_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["speedrun", "--profile", "ci", "--steps", "6", "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    for row in ("| held-out NLL per story |", "| entropy floor per story |", "| NLL / floor |",
+                "| training tokens/s |", "| MFU |", "| wall time |", "| valid stories |"):
+        assert row in report, row
+    assert "![loss](loss.png)" in report
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "samples.md").is_file()
+    # the ratio in the table is NLL / floor of the two rows above it
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.splitlines() if line.startswith("| ")}
+    nll, floor = float(rows["held-out NLL per story"].split()[0]), float(rows["entropy floor per story"].split()[0])
+    assert float(rows["NLL / floor"]) == pytest.approx(nll / floor, rel=1e-3)
+    assert 0 < float(rows["MFU"].rstrip("%")) < 100
+    assert "| NLL / floor |" in capsys.readouterr().out  # the table is also printed
+    # a second speedrun into the same folder is refused rather than overwriting the report
+    code, err = _exit_code_and_stderr(["speedrun", "--profile", "ci", "--out", str(out)], capsys)
+    assert code == 2 and str(out) in err
+
+
+def test_speedrun_stages_extend_the_report(tmp_path):
+    "A later chapter adds a stage: a function returning a Section; its rows join the table."
+    def fake_stage(run):
+        run.state["seen"] = True
+        return Section("Fine-tuning", "it ran", [Metric("answer accuracy", "0.97", "made up for the test")])
+    run = Speedrun("ci", tmp_path / "r", progress=False)
+    report = run_speedrun(run, stages=[("first", fake_stage), ("second", lambda r: Section("Second", "more"))])
+    text = report.read_text()
+    assert run.state["seen"] and "| answer accuracy | 0.97 |" in text
+    assert text.index("## Fine-tuning") < text.index("## Second")
+    assert "| wall time |" in metrics_table(run)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["pretrain", "--steps", "0"], "--steps"),
+    (["pretrain", "--steps", "ten"], "whole number"),
+    (["sample", "x", "--top-p", "1.5"], "(0, 1]"),
+    (["sample", "x", "--temperature", "-1"], ">= 0"),
+    (["sample", "x", "--top-k", "0"], "--top-k"),
+    (["speedrun", "--profile", "tpu"], "invalid choice"),
+    (["sample"], "checkpoint"),
+    ([], "required"),
+    (["fly"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_a_message(argv, words, capsys):
+    code, err = _exit_code_and_stderr(argv, capsys)
+    assert code == 2
+    assert words in err and "Traceback" not in err
+
+
+def test_missing_checkpoint_is_one_line_naming_the_path(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code, err = _exit_code_and_stderr(["sample", str(missing)], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and str(missing) in err and "Traceback" not in err
+
+
+def test_folder_without_tokenizer_or_with_damaged_weights(checkpoint, tmp_path, capsys):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "tokenizer.model").unlink()
+    code, err = _exit_code_and_stderr(["sample", str(broken)], capsys)
+    assert code == 2 and "tokenizer.model" in err
+    shutil.copy(checkpoint / "tokenizer.model", broken / "tokenizer.model")
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])  # truncated
+    code, err = _exit_code_and_stderr(["sample", str(broken)], capsys)
+    assert code == 2 and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_pretrain_refuses_to_overwrite_and_resume_needs_a_checkpoint(checkpoint, tmp_path, capsys):
+    code, err = _exit_code_and_stderr(["pretrain", "--profile", "ci", "--out", str(checkpoint)], capsys)
+    assert code == 2 and "--resume" in err
+    code, err = _exit_code_and_stderr(["pretrain", "--profile", "ci", "--resume", "--out", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "no checkpoint" in err
+
+
+def test_steps_override_keeps_the_config_valid():
+    "--steps below the preset's warmup shrinks the warmup and eval interval with it."
+    preset = pretrain_preset("cpu")
+    for steps in (1, 5, 50, preset.train.steps, 10 * preset.train.steps):
+        o = _train_overrides(preset, steps)
+        assert o["steps"] == steps and 0 <= o["warmup_steps"] <= steps and o["eval_every"] <= max(steps, 1)
+    assert _train_overrides(preset, None) == {}
+
+
+@pytest.mark.parametrize("shape", [
+    dict(vocab_size=4096, context_size=256, dim_emb=288, num_layers=6, num_heads=6, num_kv_heads=2, ffd_hidden_dim=768),
+    dict(vocab_size=100, context_size=32, dim_emb=32, num_layers=1, num_heads=4, num_kv_heads=1, ffd_hidden_dim=40,
+         tie_embeddings=True),
+])
+def test_flops_count_the_models_matmul_weights(shape):
+    cfg = LLMConfig(**shape)
+    with torch.device("meta"):
+        model = LLM(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_params(cfg) == linear
+    assert model_flops_per_token(cfg) == 6 * linear + 12 * cfg.num_layers * cfg.context_size * cfg.dim_emb
+    assert model_flops_per_token(cfg, context=8) < model_flops_per_token(cfg)
+
+
+def test_console_script_points_at_main():
+    if sys.version_info < (3, 11):
+        pytest.skip("tomllib needs Python 3.11")
+    import tomllib
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["tinyllama"] == "tinyllama.cli:main"

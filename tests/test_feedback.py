@@ -1,0 +1,371 @@
+"""Tests of tinyllama.feedback: the label file, the widget, the terminal labeler, the scripted labeler."""
+import json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+
+import pytest
+
+from tinyllama.feedback import (CHOICES, Comparison, LabelStore, LabelingSession, PreferenceCollector, Problem,
+                                ScriptedLabeler, FEELING_SCALE, add_label_subcommand, label_main, pair_key,
+                                read_labels, read_pairs, run_terminal_labeler, story_comparisons, story_prompt,
+                                write_pairs)
+
+PAIRS = [Comparison(f"prompt {i}", f"left {i}", f"right {i}", "m0") for i in range(5)]
+
+
+def lines(path): return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+# ---- the store ---------------------------------------------------------------------------------------------
+
+def test_record_writes_every_field_and_reloads(tmp_path):
+    s = LabelStore(tmp_path / "sub" / "labels.jsonl")  # the folder is created on the first label
+    rec = s.record(PAIRS[0], "a", labeler="ada")
+    (row,) = lines(s.path)
+    assert row == rec
+    assert set(row) >= {"id", "prompt", "a", "b", "choice", "model_id", "time", "labeler"}
+    assert (row["prompt"], row["a"], row["b"], row["choice"], row["model_id"], row["labeler"]) == \
+        ("prompt 0", "left 0", "right 0", "a", "m0", "ada")
+    assert row["time"].endswith("+00:00")  # ISO 8601 in UTC
+    again = LabelStore(s.path)
+    assert again.decisions == [rec] and again.problems == []
+
+
+def test_counts_and_preference_pairs_leave_out_ties_and_skips(tmp_path):
+    s = LabelStore(tmp_path / "l.jsonl")
+    for p, c in zip(PAIRS, ["a", "b", "tie", "skip", "b"]): s.record(p, c)
+    assert s.counts() == {"a": 1, "b": 2, "tie": 1, "skip": 1, "total": 5}
+    pp = LabelStore(s.path).preference_pairs()
+    assert [(p.prompt, p.chosen, p.rejected) for p in pp] == [
+        ("prompt 0", "left 0", "right 0"), ("prompt 1", "right 1", "left 1"), ("prompt 4", "right 4", "left 4")]
+    from tinyllama.reward import PreferencePair
+    assert all(isinstance(p, PreferencePair) for p in pp)
+
+
+def test_bad_choice_and_labeler_raise(tmp_path):
+    s = LabelStore(tmp_path / "l.jsonl")
+    with pytest.raises(ValueError, match="choice must be one of"): s.record(PAIRS[0], "A")
+    with pytest.raises(ValueError, match="labeler"): s.record(PAIRS[0], "a", labeler="")
+    with pytest.raises(ValueError, match="prompt, a and b"): s.record({"prompt": "p", "a": "x"}, "a")
+    with pytest.raises(ValueError, match="folder"): LabelStore(tmp_path)
+    assert not s.path.exists()  # nothing was written by the refused calls
+
+
+def test_malformed_lines_are_reported_and_skipped(tmp_path):
+    path = tmp_path / "l.jsonl"
+    s = LabelStore(path)
+    good = [s.record(p, c) for p, c in zip(PAIRS[:3], "ab") ]
+    ok = dict(good[0], id="zzz")
+    bad = [
+        "this is not json",  # line 3
+        json.dumps([1, 2, 3]),  # 4: not an object
+        json.dumps({k: v for k, v in ok.items() if k != "choice"}),  # 5: missing field
+        json.dumps(dict(ok, id="u1", choice="maybe")),  # 6: unknown choice
+        json.dumps(dict(ok, id="u2", prompt=7)),  # 7: wrong type
+        json.dumps(dict(ok, id="u3", time="yesterday")),  # 8: not a date
+        json.dumps(dict(ok, id=good[0]["id"])),  # 9: duplicate id
+        json.dumps({"id": "x", "undo": "no-such-id"}),  # 10: undo of nothing
+        "",  # 11: blank, harmless
+    ]
+    with open(path, "a") as f: f.write("\n".join(bad) + "\n")
+    with open(path, "ab") as f: f.write(b"\xff\xfe\n")  # 12: not UTF-8
+    s.record(PAIRS[3], "tie")  # 13: still appended and read after the junk
+    labels = read_labels(path)
+    assert [d["id"] for d in labels.decisions] == [g["id"] for g in good] + [labels.decisions[-1]["id"]]
+    assert [p.line for p in labels.problems] == [3, 4, 5, 6, 7, 8, 9, 10, 12]
+    reasons = " | ".join(p.reason for p in labels.problems)
+    for words in ("not valid JSON", "not a JSON object", "missing field(s) choice", "unknown choice 'maybe'",
+                  "'prompt' should be a string", "not an ISO 8601 date", "used before", "no earlier line", "UTF-8"):
+        assert words in reasons, words
+    assert all(isinstance(p, Problem) and str(p).startswith(f"line {p.line}:") for p in labels.problems)
+
+
+def test_a_cut_off_last_line_does_not_swallow_the_next_record(tmp_path):
+    path = tmp_path / "l.jsonl"
+    s = LabelStore(path)
+    first = s.record(PAIRS[0], "a")
+    with open(path, "ab") as f: f.write(b'{"id": "half", "prompt": "p')  # a crash in the middle of a write
+    labels = read_labels(path)
+    assert [d["id"] for d in labels.decisions] == [first["id"]]
+    assert len(labels.problems) == 1 and "cut off" in labels.problems[0].reason
+    s2 = LabelStore(path)
+    second = s2.record(PAIRS[1], "b")
+    labels = read_labels(path)
+    assert [d["id"] for d in labels.decisions] == [first["id"], second["id"]]
+    assert [p.line for p in labels.problems] == [2]
+
+
+def test_missing_file_is_empty(tmp_path):
+    s = LabelStore(tmp_path / "none.jsonl")
+    assert len(s) == 0 and s.problems == [] and s.counts()["total"] == 0 and s.preference_pairs() == []
+    assert s.undo() is None and not s.path.exists()
+
+
+# ---- undo ----------------------------------------------------------------------------------------------------
+
+def test_undo_appends_a_record_and_never_rewrites(tmp_path):
+    s = LabelStore(tmp_path / "l.jsonl")
+    r1, r2 = s.record(PAIRS[0], "a"), s.record(PAIRS[1], "b")
+    before = s.path.read_bytes()
+    undone = s.undo()
+    assert undone == r2
+    after = s.path.read_bytes()
+    assert after.startswith(before)  # append-only: the old bytes are untouched
+    assert lines(s.path)[-1]["undo"] == r2["id"]
+    assert [d["id"] for d in LabelStore(s.path).decisions] == [r1["id"]]
+    # undo a named decision, then undoing it again is refused
+    assert s.undo(r1["id"]) == r1 and LabelStore(s.path).decisions == []
+    with pytest.raises(ValueError, match="no decision in force"): s.undo(r1["id"])
+    # an undo record repeated by hand is reported, not fatal
+    with open(s.path, "a") as f: f.write(json.dumps({"id": "again", "undo": r1["id"]}) + "\n")
+    labels = read_labels(s.path)
+    assert labels.decisions == [] and "already undone" in labels.problems[0].reason
+
+
+# ---- the session and the widget ---------------------------------------------------------------------------
+
+def test_widget_buttons_record_and_advance(tmp_path):
+    c = PreferenceCollector(PAIRS, tmp_path / "l.jsonl", labeler="ada")
+    assert set(c.buttons) == {"a", "b", "tie", "skip", "undo"}
+    assert [c.buttons[k].description for k in ("a", "b", "tie", "skip", "undo")] == \
+        ["A is better", "B is better", "tie", "skip", "undo"]
+    assert "prompt 0" in c.prompt_html.value and "left 0" in c.a_html.value and "right 0" in c.b_html.value
+    for k in ("a", "b", "tie", "skip"): c.buttons[k].click()
+    assert [r["choice"] for r in lines(c.store.path)] == ["a", "b", "tie", "skip"]
+    assert [r["prompt"] for r in lines(c.store.path)] == [f"prompt {i}" for i in range(4)]
+    assert c.current == PAIRS[4] and c.remaining == 1
+    assert "<b>4</b> labels" in c.count_html.value and "<b>1</b> to go" in c.count_html.value
+
+
+def test_each_click_is_on_disk_before_the_next_pair_shows(tmp_path):
+    path = tmp_path / "l.jsonl"
+    c = PreferenceCollector(PAIRS, path)
+    seen = []
+    original = c._render
+    def render():  # at every redraw, the file already holds every click so far
+        seen.append((len(lines(path)) if path.exists() else 0, c.remaining))
+        original()
+    c._render = render
+    for _ in range(3): c.buttons["b"].click()
+    assert seen == [(1, 4), (2, 3), (3, 2)]
+
+
+def test_undo_button_brings_the_pair_back(tmp_path):
+    c = PreferenceCollector(PAIRS, tmp_path / "l.jsonl")
+    c.buttons["a"].click(); c.buttons["b"].click()
+    assert c.current == PAIRS[2]
+    c.buttons["undo"].click()
+    assert c.current == PAIRS[1] and c.counts()["total"] == 1 and "Undone" in c.status_html.value
+    c.buttons["tie"].click()
+    assert [(d["prompt"], d["choice"]) for d in LabelStore(c.store.path).decisions] == \
+        [("prompt 0", "a"), ("prompt 1", "tie")]
+    c.buttons["undo"].click(); c.buttons["undo"].click(); c.buttons["undo"].click()  # the third has nothing left
+    assert c.counts()["total"] == 0 and c.current == PAIRS[0] and "Nothing to undo" in c.status_html.value
+
+
+def test_clicking_with_no_pairs_left_shows_a_message(tmp_path):
+    c = PreferenceCollector(PAIRS[:1], tmp_path / "l.jsonl")
+    c.buttons["a"].click()
+    assert c.current is None and "All done" in c.prompt_html.value
+    for k in ("a", "b", "tie", "skip"): c.buttons[k].click()  # no exception
+    assert "No pairs left" in c.status_html.value
+    assert len(lines(c.store.path)) == 1
+    empty = PreferenceCollector([], tmp_path / "e.jsonl")
+    empty.buttons["a"].click()
+    assert "No pairs left" in empty.status_html.value and not (tmp_path / "e.jsonl").exists()
+
+
+def test_reopening_resumes(tmp_path):
+    path = tmp_path / "l.jsonl"
+    c = PreferenceCollector(PAIRS, path)
+    c.buttons["a"].click(); c.buttons["skip"].click()
+    c2 = PreferenceCollector(PAIRS, path)  # a new session on the same file
+    assert c2.current == PAIRS[2] and c2.remaining == 3  # the labelled (and the skipped) pairs are not shown again
+    assert c2.counts() == {"a": 1, "b": 0, "tie": 0, "skip": 1, "total": 2}
+    assert "<b>2</b> labels" in c2.count_html.value
+    c2.buttons["undo"].click()  # undo reaches back into the earlier session
+    assert c2.current == PAIRS[1]
+    assert PreferenceCollector(PAIRS, path).remaining == 4
+
+
+def test_widget_reports_problems_of_the_file(tmp_path):
+    path = tmp_path / "l.jsonl"
+    LabelStore(path).record(PAIRS[0], "a")
+    with open(path, "a") as f: f.write("garbage\n")
+    c = PreferenceCollector(PAIRS, path)
+    assert "1 line(s)" in c.problems_html.value and "line 2" in c.problems_html.value
+    assert c.remaining == 4
+
+
+def test_duplicate_pairs_are_shown_once(tmp_path):
+    s = LabelingSession([PAIRS[0], PAIRS[0], ("prompt 0", "left 0", "right 0"), PAIRS[1]], tmp_path / "l.jsonl")
+    assert s.remaining == 2
+    with pytest.raises(ValueError, match="labeler"): LabelingSession(PAIRS, tmp_path / "l.jsonl", labeler=" ")
+
+
+# ---- a process killed between clicks ----------------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from tinyllama.feedback import Comparison, PreferenceCollector
+    pairs = [Comparison(f"p{i}", f"a{i}", f"b{i}") for i in range(1000)]
+    c = PreferenceCollector(pairs, sys.argv[1], labeler="child")
+    for i in range(1000):
+        c.buttons["ab"[i % 2]].click()
+        print(c.store.decisions[-1]["id"], flush=True)  # reported only after the click returned
+        time.sleep(0.01)
+""")
+
+
+def test_a_labeler_killed_between_clicks_loses_nothing(tmp_path):
+    path = tmp_path / "l.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True)
+    clicked = []
+    try:
+        deadline = time.time() + 120
+        while len(clicked) < 15 and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line: break
+            clicked.append(line.strip())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(clicked) >= 15, "the child process did not click in time"
+    labels = read_labels(path)
+    ids = [d["id"] for d in labels.decisions]
+    assert ids[:len(clicked)] == clicked  # every click it reported is in the file, in order
+    assert all(p.line == len(ids) + 1 for p in labels.problems)  # at most the line being written when killed
+    resumed = PreferenceCollector([Comparison(f"p{i}", f"a{i}", f"b{i}") for i in range(1000)], path)
+    assert resumed.remaining == 1000 - len(ids) and resumed.current.prompt == f"p{len(ids)}"
+
+
+# ---- the terminal labeler ---------------------------------------------------------------------------------
+
+def feed(answers):
+    it = iter(answers)
+    def _input(prompt=""):
+        try: return next(it)
+        except StopIteration: raise EOFError
+    return _input
+
+
+def test_terminal_labeler_keys(tmp_path):
+    out = []
+    counts = run_terminal_labeler(PAIRS, tmp_path / "l.jsonl", labeler="tty",
+                                  input=feed(["a", "x", "B", "u", "t", "s", "q", "a"]), output=out.append)
+    assert counts == {"a": 1, "b": 0, "tie": 1, "skip": 1, "total": 3}
+    rows = [r for r in lines(tmp_path / "l.jsonl")]
+    assert [r.get("choice", "undo") for r in rows] == ["a", "b", "undo", "tie", "skip"]
+    assert [r["prompt"] for r in LabelStore(tmp_path / "l.jsonl").decisions] == ["prompt 0", "prompt 1", "prompt 2"]
+    assert all(r["labeler"] == "tty" for r in rows)
+    text = "\n".join(out)
+    assert "unknown answer 'x'" in text and "PROMPT: prompt 0" in text and "[A] left 0" in text
+
+
+def test_terminal_labeler_resumes_and_stops_at_end_of_input(tmp_path):
+    path = tmp_path / "l.jsonl"
+    run_terminal_labeler(PAIRS, path, input=feed(["a", "a"]), output=lambda s: None)  # EOF ends it like q
+    out = []
+    counts = run_terminal_labeler(PAIRS, path, input=feed(["b", "b", "b", "b"]), output=out.append)
+    assert counts["total"] == 5 and counts["a"] == 2 and counts["b"] == 3
+    text = "\n".join(out)
+    assert "2 labels already" in text and "3 pairs to label" in text and "No pairs left" in text
+    assert "PROMPT: prompt 0" not in text
+
+
+def test_label_main_with_a_pairs_file(tmp_path):
+    pairs_file = write_pairs(tmp_path / "pairs.jsonl", PAIRS[:3])
+    assert read_pairs(pairs_file) == PAIRS[:3]
+    out = []
+    rc = label_main(["label", "--pairs", str(pairs_file), "--out", str(tmp_path / "l.jsonl"), "--labeler", "me"],
+                    input=feed(["a", "b", "t"]), output=out.append)
+    assert rc == 0
+    assert [(d["choice"], d["labeler"]) for d in LabelStore(tmp_path / "l.jsonl").decisions] == \
+        [("a", "me"), ("b", "me"), ("tie", "me")]
+
+
+def test_label_main_reports_bad_input(tmp_path):
+    out = []
+    assert label_main(["--pairs", str(tmp_path / "missing.jsonl")], input=feed([]), output=out.append) == 2
+    assert "no pairs file" in out[-1]
+    bad = tmp_path / "bad.jsonl"; bad.write_text('{"prompt": "p", "a": "x"}\n')
+    assert label_main(["--pairs", str(bad)], input=feed([]), output=out.append) == 2
+    assert "line 1" in out[-1]
+    with pytest.raises(SystemExit): label_main([], input=feed([]), output=out.append)  # --pairs or --demo needed
+
+
+def test_add_label_subcommand_wires_into_a_parser(tmp_path):
+    import argparse
+    parser = argparse.ArgumentParser(prog="tinyllama")
+    sub = parser.add_subparsers(dest="command")
+    add_label_subcommand(sub)
+    args = parser.parse_args(["label", "--demo", "2", "--out", str(tmp_path / "l.jsonl")])
+    assert args.command == "label" and args.demo == 2 and callable(args.func)
+    import builtins
+    answers = feed(["a", "b"])
+    old = builtins.input
+    builtins.input = answers
+    try: rc = args.func(args)
+    finally: builtins.input = old
+    assert rc == 0 and LabelStore(tmp_path / "l.jsonl").counts()["total"] == 2
+
+
+def test_label_command_in_a_real_terminal_process(tmp_path):
+    code = "import sys; from tinyllama.feedback import label_main; sys.exit(label_main())"
+    r = subprocess.run([sys.executable, "-c", code, "label", "--demo", "3", "--out", str(tmp_path / "l.jsonl")],
+                       input="a\nb\nq\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert LabelStore(tmp_path / "l.jsonl").counts() == {"a": 1, "b": 1, "tie": 0, "skip": 0, "total": 2}
+
+
+# ---- story pairs and the scripted labeler -----------------------------------------------------------------
+
+def test_story_comparisons_share_the_opening_and_differ():
+    from tinyllama.data import default_world
+    w = default_world()
+    pairs = story_comparisons(12, seed=3)
+    assert len(pairs) == 12 and pairs == story_comparisons(12, seed=3)
+    for p in pairs:
+        assert p.a != p.b
+        sa, sb = w.parse(p.prompt + p.a), w.parse(p.prompt + p.b)  # both are whole stories of the world
+        assert sa.event == sb.event and sa.hero == sb.hero
+        assert story_prompt(sa) == p.prompt
+
+
+def test_scripted_labeler_taste():
+    from tinyllama.data import default_world
+    lab = ScriptedLabeler()
+    for s in default_world().sample(40, seed=9):  # a whole story: its feeling on the stated scale
+        prompt = story_prompt(s)
+        assert lab.score(prompt, s.text[len(prompt):]) == FEELING_SCALE[s.feeling]
+        assert lab.score("", s.text) == FEELING_SCALE[s.feeling]  # a chat answer: the story alone
+    assert lab.score("", "and then he felt sad. Later he was proud") == FEELING_SCALE["proud"] - 0.5  # last word
+    assert lab.score("", "no feelings at all") == -5
+    assert lab.score("", "he was unhappy") == -5  # whole words only
+    happy = "Tom felt happy. The end."
+    assert lab.prefer(("", happy, "Tom felt sad.")) == "a"
+    assert lab.prefer(("", "Tom felt sad.", happy)) == "b"
+    assert lab.prefer(("", happy, happy + " ")) == "tie"
+
+
+def test_scripted_labeler_drives_the_widget_by_its_buttons(tmp_path):
+    pairs = story_comparisons(20, seed=1)
+    c = PreferenceCollector(pairs, tmp_path / "l.jsonl", labeler="bot")
+    lab = ScriptedLabeler()
+    clicks = []
+    for k, b in c.buttons.items(): b.on_click(lambda _b, k=k: clicks.append(k))
+    counts = lab.label(c)
+    assert counts["total"] == 20 and len(clicks) == 20 and c.current is None
+    for d in LabelStore(c.store.path).decisions:
+        sa, sb = lab.score(d["prompt"], d["a"]), lab.score(d["prompt"], d["b"])
+        assert d["choice"] == ("a" if sa > sb else "b" if sb > sa else "tie")
+    assert [d["choice"] for d in LabelStore(c.store.path).decisions] == clicks
+    pp = LabelStore(c.store.path).preference_pairs()
+    assert all(lab.score(p.prompt, p.chosen) > lab.score(p.prompt, p.rejected) for p in pp)
+    assert lab.label(c) == counts  # nothing left: no clicks, no error
+
+
+def test_comparison_validation():
+    with pytest.raises(ValueError, match="string"): Comparison("p", 1, "b")
+    with pytest.raises(ValueError, match="cannot read a pair"): LabelingSession([42], "unused.jsonl")
+    assert Comparison("p", "a", "b").key == pair_key("p", "a", "b") != pair_key("p", "b", "a")

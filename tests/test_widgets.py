@@ -1,0 +1,297 @@
+"""Tests of tinyllama.widgets: the training panel, driven as a reader drives it (set fields, click
+Start / Stop, wait), plus its validation, plotting and sampling helpers. ipywidgets objects are
+plain Python, so no kernel is needed."""
+import threading
+import time
+
+import pytest
+import torch
+
+from tinyllama.checkpoint import load_checkpoint
+from tinyllama.model import LLM, LLMConfig
+from tinyllama.profiles import get_profile
+from tinyllama.train import pretrain_preset
+from tinyllama import widgets
+from tinyllama.widgets import (MODEL_FIELDS, TrainingPanel, configs_from_fields, field_problem, greedy_continue,
+                               loss_png, panel_defaults, sample_texts)
+
+# A model and run small enough that a panel run takes a second or two on 2 CPU cores.
+TINY = dict(vocab_size=320, dim_emb=32, num_layers=1, num_heads=4, num_kv_heads=2, context_size=32,
+            batch_size=8, lr=3e-3, steps=30)
+
+
+def tiny_panel(tmp_path, **fields):
+    return TrainingPanel(profile="ci", out_dir=tmp_path / "run", n_stories=200).set(**{**TINY, **fields})
+
+
+def wait_until(cond, timeout=60.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.01)
+
+
+def state_dicts_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+# ---------------------------------------------------------------- defaults and validation
+
+@pytest.mark.parametrize("name", ["ci", "cpu", "gpu"])
+def test_fields_start_from_the_profile_preset(name):
+    model_kwargs, run = pretrain_preset(get_profile(name))
+    values, base = panel_defaults(name)
+    for f in MODEL_FIELDS:
+        if f in model_kwargs:
+            assert values[f] == model_kwargs[f], f
+    assert (values["batch_size"], values["lr"], values["steps"], values["precision"]) == \
+        (run.batch_size, run.lr, run.steps, run.precision)
+    assert base == run
+    assert field_problem(values, base) is None  # every preset is a valid run
+    model, _ = configs_from_fields(values, base)
+    assert model == LLMConfig(**model_kwargs)  # the SwiGLU width rule reproduces the preset's ffd_hidden_dim too
+
+
+def test_panel_fields_hold_the_defaults():
+    panel = TrainingPanel(profile="ci", n_stories=200)
+    values, _ = panel_defaults("ci")
+    assert panel.values() == values
+    assert panel.thread is None and not panel.running
+    assert panel.stop_button.disabled and not panel.start_button.disabled
+
+
+def test_configs_from_fields_carry_every_field():
+    values, base = panel_defaults("ci")
+    values.update(TINY)
+    model, run = configs_from_fields(values, base)
+    assert isinstance(model, LLMConfig)
+    for f in MODEL_FIELDS:
+        assert getattr(model, f) == values[f]
+    assert (run.batch_size, run.lr, run.steps, run.device) == (8, 3e-3, 30, values["device"])
+    assert run.min_lr == pytest.approx(3e-3 * base.min_lr / base.lr)  # the preset's decay ratio is kept
+    assert run.warmup_steps <= run.steps
+    assert run.compile is False  # quick runs of changing shapes: compiling would cost more than it saves
+    assert (run.weight_decay, run.grad_clip, run.seed) == (base.weight_decay, base.grad_clip, base.seed)
+
+
+BAD = [
+    (dict(num_heads=5), "num_heads"),  # 5 does not divide 32
+    (dict(num_kv_heads=3), "num_kv_heads"),  # 3 does not divide 4
+    (dict(dim_emb=36, num_heads=4), "odd"),  # head_dim 9: RoPE needs an even head dimension
+    (dict(lr=0.0), "lr"),
+    (dict(lr=-1e-3), "lr"),
+    (dict(steps=0), "steps"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(context_size=0), "context_size"),
+    (dict(num_layers=-1), "num_layers"),
+]
+
+
+@pytest.mark.parametrize("bad, word", BAD)
+def test_field_problem_names_what_is_wrong(bad, word):
+    values, base = panel_defaults("ci")
+    values.update({**TINY, **bad})
+    problem = field_problem(values, base)
+    assert problem is not None and word in problem
+    with pytest.raises(ValueError):
+        configs_from_fields(values, base)
+
+
+@pytest.mark.parametrize("bad, word", BAD)
+def test_invalid_fields_show_a_message_and_start_nothing(tmp_path, bad, word):
+    panel = tiny_panel(tmp_path, **bad)
+    assert word in panel.summary.value  # shown as soon as the field changes
+    panel.start_button.click()  # no exception escapes the click
+    assert panel.thread is None and not panel.running
+    assert word in panel.message.value and panel.message_kind == "error"
+    assert not (tmp_path / "run").exists() and panel.run_dir is None  # nothing was written
+
+
+def test_a_device_this_machine_lacks_is_refused():
+    values, base = panel_defaults("ci")
+    values["device"] = "tpu"
+    assert "not available" in field_problem(values, base)
+
+
+def test_constructor_rejects_a_bad_token_stream():
+    with pytest.raises(ValueError, match="1-D"):
+        TrainingPanel(profile="ci", train_tokens=torch.zeros(2, 10, dtype=torch.long))
+
+
+def test_set_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="no field named"):
+        TrainingPanel(profile="ci", n_stories=200).set(heads=4)
+
+
+# ---------------------------------------------------------------- runs
+
+def test_start_trains_and_the_loss_falls(tmp_path):
+    panel = tiny_panel(tmp_path)
+    panel.start_button.click()
+    assert panel.running and panel.start_button.disabled and not panel.stop_button.disabled
+    result = panel.wait(timeout=120)
+    assert result is not None and not panel.running and panel.error is None, panel.message.value
+    assert result.steps_done == TINY["steps"] and not result.stopped_early
+    losses = [m["loss"] for m in panel.history if m.get("loss") is not None]
+    assert len(losses) >= 10
+    early, late = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert late < 0.8 * early, (early, late)
+    # the panel shows the end of the run
+    assert panel.progress.value == TINY["steps"] and panel.progress.max == TINY["steps"]
+    assert f"step {TINY['steps']}" in panel.status.value and "loss" in panel.status.value
+    assert panel.message_kind == "ok" and "Finished" in panel.message.value
+    assert panel.plot.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(panel.samples) == len(panel.prompts) and all(isinstance(s, str) for s in panel.samples)
+    assert "Samples" in panel.samples_view.value
+    assert not panel.start_button.disabled and panel.stop_button.disabled
+    # the checkpoint, in the run's own folder, holds the trained weights
+    assert panel.run_dir == panel.out_dir / "run-001"
+    loaded, _ = load_checkpoint(panel.run_dir)
+    assert state_dicts_equal(loaded, panel.model)
+
+
+def test_stop_ends_the_run_cleanly_and_keeps_a_checkpoint(tmp_path):
+    panel = tiny_panel(tmp_path, steps=100_000)
+    panel.start_button.click()
+    wait_until(lambda: len(panel.history) >= 3 or not panel.running)
+    assert panel.running, panel.message.value
+    panel.stop_button.click()
+    result = panel.wait(timeout=60)
+    assert not panel.running and not panel.thread.is_alive()
+    assert panel.error is None, panel.message.value
+    assert result.stopped_early and 3 <= result.steps_done < 100_000
+    assert "Stopped" in panel.message.value and panel.message_kind == "ok"
+    loaded, state = load_checkpoint(panel.run_dir)
+    assert state_dicts_equal(loaded, panel.model)
+    assert state["step"] == result.steps_done
+
+
+def test_clicking_start_twice_starts_one_run(tmp_path):
+    before = threading.active_count()
+    panel = tiny_panel(tmp_path, steps=100_000)
+    panel.start_button.click()
+    first = panel.thread
+    panel.start_button.click()
+    assert panel.thread is first
+    assert "already" in panel.message.value
+    assert threading.active_count() == before + 1
+    panel.stop_button.click()
+    assert panel.wait(timeout=60).stopped_early
+
+
+def test_a_second_run_after_the_first_ends_starts_fresh(tmp_path):
+    panel = tiny_panel(tmp_path, steps=5)
+    panel.start_button.click()
+    first = panel.wait(timeout=60)
+    panel.set(steps=6)
+    panel.start_button.click()
+    second = panel.wait(timeout=60)
+    assert (first.steps_done, second.steps_done) == (5, 6)
+    assert [m["step"] for m in panel.history if m.get("loss") is not None][-1] == 6
+    # each run kept its own checkpoint
+    assert (first.out_dir, second.out_dir) == (str(panel.out_dir / "run-001"), str(panel.out_dir / "run-002"))
+    assert load_checkpoint(first.out_dir)[1]["step"] == 5 and load_checkpoint(second.out_dir)[1]["step"] == 6
+
+
+def test_an_error_in_the_training_thread_is_a_message(tmp_path, monkeypatch):
+    def broken_train(*args, **kwargs):
+        raise RuntimeError("the loss became nan at step 3")
+    monkeypatch.setattr(widgets, "train", broken_train)
+    panel = tiny_panel(tmp_path)
+    panel.start_button.click()
+    assert panel.wait(timeout=30) is None
+    assert isinstance(panel.error, RuntimeError)
+    assert "nan at step 3" in panel.message.value and panel.message_kind == "error"
+    assert not panel.start_button.disabled and panel.stop_button.disabled  # ready for another try
+
+
+def test_given_tokenizer_and_tokens_are_used(tmp_path):
+    from tinyllama.data import story_corpus
+    from tinyllama.tokenizer import train_tokenizer
+    from tinyllama.train import tokenize_stories
+    texts = story_corpus(150, seed=3)
+    tok = train_tokenizer(texts, vocab_size=320)
+    tokens = tokenize_stories(texts, tok)
+    panel = TrainingPanel(profile="ci", out_dir=tmp_path, tokenizer=tok, train_tokens=tokens)
+    assert panel.values()["vocab_size"] == 320 and panel.fields["vocab_size"].disabled
+    panel.set(**{k: v for k, v in TINY.items() if k not in ("vocab_size", "steps")}, steps=4)
+    panel.start_button.click()
+    assert panel.wait(timeout=60).steps_done == 4
+    assert panel.tokenizer is tok and panel.model.config.vocab_size == 320
+    assert panel.fields["vocab_size"].disabled  # still fixed after the run
+
+
+def test_a_vocabulary_smaller_than_the_tokens_is_a_message(tmp_path):
+    tokens = torch.arange(500) % 400  # ids up to 399
+    panel = TrainingPanel(profile="ci", out_dir=tmp_path, train_tokens=tokens).set(**TINY)  # vocab 320 < 400
+    panel.start_button.click()
+    assert panel.thread is None and "vocab_size" in panel.message.value
+
+
+# ---------------------------------------------------------------- helpers
+
+def test_loss_png_is_a_png_for_empty_and_full_histories():
+    assert loss_png([])[:4] == b"\x89PNG"
+    hist = [dict(step=i, loss=5.0 / i) for i in range(1, 20)] + [dict(step=10, loss=0.5, eval_loss=0.6)]
+    assert loss_png(hist, floor=0.3)[:4] == b"\x89PNG"
+
+
+def test_greedy_fallback_matches_argmax_decoding():
+    torch.manual_seed(0)
+    model = LLM(LLMConfig(vocab_size=50, context_size=16, dim_emb=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                          ffd_hidden_dim=32)).eval()
+    prompt = [1, 7, 9]
+    new = greedy_continue(model, prompt, 6)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):  # the definition: append the argmax of the last position, one token at a time
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert new == ids[3:]
+    # stops before EOS
+    assert greedy_continue(model, prompt, 6, eos_id=new[2]) == new[:new.index(new[2])]
+    try:
+        from tinyllama.generate import generate
+    except ImportError:
+        return
+    assert generate(model, [prompt], max_new_tokens=6, temperature=0.0)[0] == new
+
+
+def test_sample_texts_fits_the_context():
+    from tinyllama.data import story_corpus
+    from tinyllama.tokenizer import train_tokenizer
+    tok = train_tokenizer(story_corpus(100), vocab_size=320)
+    model = LLM(LLMConfig(vocab_size=320, context_size=24, dim_emb=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                          ffd_hidden_dim=32))
+    out = sample_texts(model, tok, ["Once upon a time", ""], max_new_tokens=80)
+    assert len(out) == 2 and all(isinstance(s, str) for s in out)
+    assert model.training  # the model's mode is restored
+
+
+def test_a_new_panel_never_overwrites_an_earlier_run(tmp_path):
+    (tmp_path / "run" / "run-001").mkdir(parents=True)  # left by an earlier panel
+    panel = tiny_panel(tmp_path, steps=2)
+    panel.start_button.click()
+    assert panel.wait(timeout=60).steps_done == 2
+    assert panel.run_dir == tmp_path / "run" / "run-002"
+    assert not any((tmp_path / "run" / "run-001").iterdir())
+
+
+def test_story_data_is_cached_and_its_floor_is_below_the_start_loss():
+    from tinyllama.widgets import story_data
+    tok, train_t, eval_t, floor = story_data(50, 10, 320)
+    assert story_data(50, 10, 320)[1] is train_t
+    assert train_t[0] == tok.bos_id and (train_t == tok.eos_id).sum() == 50 and (eval_t == tok.eos_id).sum() == 10
+    assert 0 < floor < torch.log(torch.tensor(320.0)).item()  # a uniform guess (the untrained loss) is far above
+
+
+def test_close_stops_the_run_and_closes_every_widget(tmp_path):
+    panel = tiny_panel(tmp_path, steps=100_000)
+    parts = [panel.widget, panel.start_button, panel.stop_button, panel.plot, panel.message, *panel.fields.values()]
+    assert all(w.comm is not None for w in parts)
+    panel.start_button.click()
+    wait_until(lambda: len(panel.history) >= 1 or not panel.running)
+    panel.close()
+    assert not panel.running and panel.result.stopped_early
+    assert all(w.comm is None for w in parts + [panel.fields["lr"].layout, panel.fields["lr"].style])
