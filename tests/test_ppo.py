@@ -100,7 +100,7 @@ def test_whiten_uses_only_valid_entries(B, T, seed, data):
     assert torch.equal(w, w_garbage)
     valid = w[m.bool()]
     assert abs(float(valid.mean())) < 1e-9
-    if float(x[m.bool()].var()) > 1e-6:
+    if float(x[m.bool()].var()) > 1e-2:  # well above whiten's eps, so the variance is 1 to within 1e-6
         assert abs(float(valid.var()) - 1) < 1e-6
     assert (w[m == 0] == 0).all()
 
