@@ -10,7 +10,10 @@ weights (fp32 on the CPU, the same thread count):
 - no-cache: `tinyllama.generate.generate(..., use_cache=False)`, which runs the whole sequence
             through the model again for every new token;
 - ours via forward: the KV cache but every step through `LLM.forward` (modules, validation,
-            masks) instead of `generate`'s lean single-token step: what the lean step buys.
+            masks) instead of `generate`'s lean single-token step: what the lean step buys;
+- bare matvecs: per new token only the products of a vector with each weight matrix, nothing else.
+            No decoder of these fp32 weights can be faster, so transformers' time over this one is the
+            largest ratio any decoder could show against it on this machine (printed as the ceiling).
 
 Threads: one by default. Batch-1 decoding multiplies vectors by matrices, which a second thread
 barely speeds up, and on a shared machine a second thread mostly waits for a busy core. Both
@@ -28,7 +31,7 @@ context_size = 512 here (stories15M has 256). The weights are random (our initia
 the speed of a forward pass does not depend on their values, and the greedy tokens of both
 implementations are compared as a check that they run the same model.
 
-Usage:  python bench/decode.py [--new-tokens 256] [--prompt 16] [--rounds 5] [--threads N] [--quick]
+Usage:  python bench/decode.py [--shape stories15M|course-cpu] [--new-tokens 256] [--prompt 16] [--rounds 5] [--threads N] [--quick]
 """
 from __future__ import annotations
 
@@ -41,8 +44,15 @@ import warnings
 
 import torch
 
-SHAPE = dict(vocab_size=4096, context_size=512, dim_emb=288, num_layers=6, num_heads=6, num_kv_heads=2,
-             ffd_hidden_dim=768)
+SHAPES = {
+    # llama2.c's stories15M with a 4096-token vocabulary; context 512 so that 16 + 256 positions fit
+    "stories15M": dict(vocab_size=4096, context_size=512, dim_emb=288, num_layers=6, num_heads=6, num_kv_heads=2,
+                       ffd_hidden_dim=768),
+    # the model chapter 07 pretrains in the cpu profile (and `tinyllama speedrun` decodes from), context 512
+    "course-cpu": dict(vocab_size=768, context_size=512, dim_emb=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                       ffd_hidden_dim=384),
+}
+SHAPE = SHAPES["stories15M"]
 
 
 def cpu_name() -> str:
@@ -80,7 +90,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every decoder (default 1)")
     ap.add_argument("--quick", action="store_true", help="64 new tokens, 2 rounds: a smoke test")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="stories15M",
+                    help="model shape (default stories15M; course-cpu: the chapter-07 cpu-profile model)")
     args = ap.parse_args(argv)
+    global SHAPE
+    SHAPE = SHAPES[args.shape]
     if args.quick:
         args.new_tokens, args.rounds = 64, 2
     torch.set_num_threads(args.threads)
@@ -110,8 +124,24 @@ def main(argv=None) -> int:
         from tinyllama.generate import decode_steps
         return [int(t[0]) for t, _ in decode_steps(ours, [prompt], n, temperature=0, fast=False)]
 
+    # The floor under any decoder of these fp32 weights: per new token, one product of a vector with each
+    # weight matrix (q|k|v, o, gate|up and down per block, then the output head), stored in the layout that
+    # is fastest here, and nothing else: no attention, no norms, no Python around them.
+    mats = [w.t().contiguous() for blk in ours.layers for w in (
+        torch.cat([blk.self_attn.q_proj.weight, blk.self_attn.k_proj.weight, blk.self_attn.v_proj.weight]),
+        blk.self_attn.o_proj.weight, torch.cat([blk.mlp.gate_proj.weight, blk.mlp.up_proj.weight]),
+        blk.mlp.down_proj.weight)] + [ours.lm_head.weight.t().contiguous()]
+    vecs = [torch.randn(1, w.shape[0]) for w in mats]
+
+    def run_matvecs():
+        with torch.inference_mode():
+            for _ in range(n):
+                for x, w in zip(vecs, mats):
+                    x @ w
+        return [0] * n
+
     runners = {"ours (KV cache)": run_ours, "transformers generate": run_hf, "ours, no cache": run_nocache,
-               "ours via LLM.forward": run_forward}
+               "ours via LLM.forward": run_forward, "bare matvecs (floor)": run_matvecs}
     import transformers
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
@@ -145,6 +175,10 @@ def main(argv=None) -> int:
                           ("ours via LLM.forward", "what the lean step buys")]:
         print(f"ratio ours / {other:22s} wall {med_wall[ours_key] / med_wall[other]:5.2f}x   "
               f"CPU time {med_cpu[ours_key] / med_cpu[other]:5.2f}x   ({target})")
+    floor, hf = "bare matvecs (floor)", "transformers generate"
+    print(f"ceiling: transformers / bare matvecs   wall {med_wall[floor] / med_wall[hf]:5.2f}x   "
+          f"CPU time {med_cpu[floor] / med_cpu[hf]:5.2f}x   (no decoder of these fp32 weights can beat "
+          f"transformers by more; ours reaches {med_cpu[ours_key] / med_cpu[floor]:.0%} of the floor's speed)")
     return 0
 
 

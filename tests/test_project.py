@@ -54,3 +54,16 @@ def test_every_saved_widget_view_has_its_state():
                  if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
         missing = [v for v in views if v not in state]
         assert not missing, f"{nb.name}: {len(missing)} widget outputs have no saved state; re-execute it with nbconvert"
+
+
+def test_prose_has_no_unfilled_placeholders():
+    # An ALL_CAPS_NAME in a chapter's prose (outside math and `code`) must be a name the package really
+    # uses (an environment variable, a constant); anything else is a placeholder someone forgot to fill in.
+    source = "\n".join(p.read_text() for p in (ROOT / "tinyllama").glob("*.py"))
+    for nb in NBS:
+        for cell in json.loads(nb.read_text())["cells"]:
+            if cell["cell_type"] != "markdown":
+                continue
+            text = re.sub(r"\$\$.*?\$\$|\$[^$]*\$|`[^`]*`", " ", "".join(cell["source"]), flags=re.S)  # drop math, code
+            for name in set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", text)) | set(re.findall(r"\bTODO\b|\bTBD\b", text)):
+                assert re.search(rf"\b{name}\b", source), f"{nb.name}: '{name}' in the prose looks like an unfilled placeholder"

@@ -172,8 +172,7 @@ def _lean_ok(model) -> bool:
     from tinyllama.attention import GroupedQueryAttention
     from tinyllama.feedforward import SwiGLU
     from tinyllama.rmsnorm import RMSNorm
-    torch_version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    if type(model) is not LLM or torch_version < (2, 5):  # F.rms_norm and SDPA's enable_gqa came in 2.4 and 2.5
+    if type(model) is not LLM:
         return False
     if model.embed_tokens.weight.device.type not in ("cpu", "cuda"):  # e.g. MPS: keep to the general path
         return False
@@ -181,33 +180,56 @@ def _lean_ok(model) -> bool:
              nn.Embedding: 1, nn.Dropout: 1, nn.ModuleList: 1, type(model.rope): 1}
     return all(type(m) in kinds and not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
+def _fold(w, gain=None, scale=1.0):
+    "w (out, in) with an RMSNorm gain folded into its input columns and a scale, transposed to (in, out) once."
+    f = w.float() * (gain.float() if gain is not None else 1.0) * scale
+    return f.to(w.dtype).t().contiguous()
+
 def _lean_weights(model) -> list[tuple]:
-    "Per block: norm gains, fused q|k|v, o, fused gate|up, down (fused copies made once per call)."
+    """Per block: q|k|v fused, o, gate|up fused, down, each (in, out) for `x @ w`, plus the output head.
+
+    Three identities make the step shorter, and each is exact up to rounding: an RMSNorm's gain
+    multiplies the inputs of the one linear map after it, so it is folded into that map's columns;
+    the attention scale 1/√D is folded into the query rows; and `x @ wᵀ` with wᵀ stored contiguous
+    once is what `F.linear` computes, without the transpose at every call."""
     out = []
     for b in model.layers:
         a, m = b.self_attn, b.mlp
-        out.append((b.input_layernorm.weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                    a.o_proj.weight, b.post_attention_layernorm.weight,
-                    torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight))
-    return out
+        qkv = torch.cat([a.q_proj.weight * a.head_dim ** -0.5, a.k_proj.weight, a.v_proj.weight])
+        out.append((_fold(qkv, b.input_layernorm.weight), _fold(a.o_proj.weight),
+                    _fold(torch.cat([m.gate_proj.weight, m.up_proj.weight]), b.post_attention_layernorm.weight),
+                    _fold(m.down_proj.weight)))
+    return out, _fold(model.lm_head.weight, model.norm.weight)
+
+def _unit_rms(h, eps):
+    "h / RMS(h): RMSNorm without its gain (folded into the next weights); one call where torch has F.rms_norm."
+    if hasattr(F, "rms_norm"):  # torch >= 2.4
+        return F.rms_norm(h, (h.shape[-1],), None, eps)
+    x = h.float()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 def _decode_one(model, weights, tok, caches, slot, cos, sin, mask=None):
     "The model's forward for one new token per row, written for speed (the same math as `LLM.forward`)."
     c = model.config
     B, (H, K, D, d, eps) = tok.shape[0], (c.num_heads, c.num_kv_heads, c.head_dim, c.dim_emb, c.norm_eps)
+    blocks, head = weights
     h = F.embedding(tok, model.embed_tokens.weight)  # (B, d)
-    for (w_n1, w_qkv, w_o, w_n2, w_gu, w_down), cache in zip(weights, caches):
-        qkv = F.linear(F.rms_norm(h, (d,), w_n1, eps), w_qkv).view(B, H + 2 * K, D)  # all heads at once
+    for (w_qkv, w_o, w_gu, w_down), cache in zip(blocks, caches):
+        qkv = (_unit_rms(h, eps) @ w_qkv).view(B, H + 2 * K, D)  # all heads at once; q already scaled by 1/√D
         qk = qkv[:, :H + K]  # queries and keys get the same rotation (rotate-half layout, chapter 02)
         qk = qk * cos + torch.cat([-qk[..., D // 2:], qk[..., :D // 2]], dim=-1) * sin
         cache.k[:, :, slot] = qk[:, H:]  # (B, K, D) into slot `slot`
         cache.v[:, :, slot] = qkv[:, H + K:]
-        o = F.scaled_dot_product_attention(qk[:, :H, None], cache.k[:, :, :slot + 1], cache.v[:, :, :slot + 1],
-                                           attn_mask=mask, enable_gqa=True)  # (B, H, 1, D); K heads shared
-        h = h + F.linear(o.view(B, d), w_o)
-        gate, up = F.linear(F.rms_norm(h, (d,), w_n2, eps), w_gu).chunk(2, dim=-1)
-        h = h + F.linear(F.silu(gate) * up, w_down)
-    return F.linear(F.rms_norm(h, (d,), model.norm.weight, c.norm_eps), model.lm_head.weight)  # (B, V)
+        q = qk[:, :H].reshape(B, K, H // K, D)  # query head j reads key/value head j // (H/K), as in GQA
+        s = q @ cache.k[:, :, :slot + 1].transpose(-1, -2)  # (B, K, H/K, slot + 1)
+        if mask is not None:  # (B, 1, 1, slot + 1): False at left padding
+            s = s.masked_fill(~mask, float("-inf"))
+        p = s.softmax(-1) if s.dtype == torch.float32 else s.float().softmax(-1).to(s.dtype)
+        h = torch.addmm(h, (p @ cache.v[:, :, :slot + 1]).reshape(B, d), w_o)  # h + o @ w_o in one call
+        gate, up = (_unit_rms(h, eps) @ w_gu).chunk(2, dim=-1)
+        h = torch.addmm(h, F.silu(gate) * up, w_down)
+    return _unit_rms(h, c.norm_eps) @ head  # (B, V)
+
 
 # %% ../nbs/08_generation.ipynb #a33eb1ec
 def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id):
@@ -280,8 +302,8 @@ def _decode_loop(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_
                 cos, sin = model.rope.cos[pos], model.rope.sin[pos]  # (B, D) or (D,)
                 if padded:
                     cos, sin = cos[:, None], sin[:, None]  # (B, 1, D): one angle per row, all heads
-                logits = _decode_one(model, lean, nxt, caches, T0 + t, cos.to(lean[0][1].dtype),
-                                     sin.to(lean[0][1].dtype), mask.bool()[:, None, None] if padded else None)
+                logits = _decode_one(model, lean, nxt, caches, T0 + t, cos.to(lean[1].dtype),
+                                     sin.to(lean[1].dtype), mask.bool()[:, None, None] if padded else None)
             elif use_cache:  # feed only the new token; its position is the row's own length so far
                 logits = model(nxt[:, None], attention_mask=mask if padded else None,
                                position_ids=(lengths + t)[:, None] if padded else None,
