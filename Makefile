@@ -14,7 +14,7 @@ SPEEDRUN_PROFILE ?= cpu
 help:
 	@echo "make test   - set up .venv and run everything CI runs (export check, notebooks, unit tests, book + browser)"
 	@echo "make book   - set up .venv and build the rendered book into book/_build/html"
-	@echo "make speedrun - set up .venv, then tokenizer -> pretraining -> samples on the story world; writes runs/<time>/report.md"
+	@echo "make speedrun - set up .venv, then tokenizer -> pretraining -> samples -> SFT -> PPO on the story world; writes runs/<time>/report.md"
 	@echo "make bench - the benchmarks against transformers (bench/)"
 	@echo "make export - regenerate tinyllama/ from nbs/ (nbdev-export) and clean the notebooks"
 

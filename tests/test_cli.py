@@ -65,20 +65,68 @@ def test_speedrun_writes_report_with_table_and_plot(tmp_path, capsys):
     assert main(["speedrun", "--profile", "ci", "--steps", "6", "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     for row in ("| held-out NLL per story |", "| entropy floor per story |", "| NLL / floor |",
-                "| training tokens/s |", "| MFU |", "| wall time |", "| valid stories |"):
+                "| training tokens/s |", "| MFU |", "| wall time |", "| valid stories |",
+                "| SFT exact match |", "| SFT instruction following |", "| PPO exact copies |",
+                "| PPO correct tokens per word |", "| PPO reward per response |", "| PPO final KL |"):
         assert row in report, row
-    assert "![loss](loss.png)" in report
-    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("loss", "sft", "ppo"):
+        assert f"![{plot}]({plot}.png)" in report
+        assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "samples.md").is_file()
+    for title in ("Pretraining", "Samples", "Supervised fine-tuning", "PPO on the copy task"):
+        assert f"## {title}\n\n*wall time " in report, title  # every stage's wall time
     # the ratio in the table is NLL / floor of the two rows above it
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.splitlines() if line.startswith("| ")}
     nll, floor = float(rows["held-out NLL per story"].split()[0]), float(rows["entropy floor per story"].split()[0])
     assert float(rows["NLL / floor"]) == pytest.approx(nll / floor, rel=1e-3)
     assert 0 < float(rows["MFU"].rstrip("%")) < 100
-    assert "| NLL / floor |" in capsys.readouterr().out  # the table is also printed
+    # before → after figures are percentages / token counts in range
+    for name in ("SFT exact match", "SFT instruction following", "PPO exact copies"):
+        before, after = (float(v.rstrip("%")) for v in rows[name].split(" → "))
+        assert 0 <= before <= 100 and 0 <= after <= 100, name
+    before, after = (float(v) for v in rows["PPO correct tokens per word"].split(" → "))
+    assert 0 <= before < after <= 5  # PPO from random weights copies more letters (at most 4 and EOS)
+    printed = capsys.readouterr().out
+    assert "| NLL / floor |" in printed  # the table is also printed
+    assert f"tinyllama chat --checkpoint {out / 'sft'}" in printed
+    # the SFT stage's checkpoint is one `tinyllama chat` can load and answer with
+    assert main(["chat", "--checkpoint", str(out / "sft"), "--message", "Who is the hero of the story?",
+                 "--max-new-tokens", "8"]) == 0
+    chat = capsys.readouterr()
+    assert chat.out.endswith("\n") and "note:" not in chat.err and "Traceback" not in chat.err
     # a second speedrun into the same folder is refused rather than overwriting the report
     code, err = _exit_code_and_stderr(["speedrun", "--profile", "ci", "--out", str(out)], capsys)
     assert code == 2 and str(out) in err
+
+
+def test_speedrun_runs_the_stages_asked_for(tmp_path, capsys):
+    "--stages ppo runs the copy task alone: no pretraining, only PPO's rows and plot."
+    out = tmp_path / "ppo-only"
+    assert main(["speedrun", "--profile", "ci", "--stages", "ppo", "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| PPO exact copies |" in report and "--stages ppo" in report
+    assert "| NLL / floor |" not in report and "## Pretraining" not in report and not (out / "checkpoint").exists()
+    assert (out / "ppo.png").is_file()
+
+
+@pytest.mark.parametrize("stages, words", [
+    ("pretrain,sfft", "'sfft'"),
+    ("sft", "needs 'pretrain'"),
+    ("samples,ppo", "--stages pretrain,samples,ppo"),
+    (" , ", "empty"),
+])
+def test_bad_stages_fail_before_anything_runs(stages, words, tmp_path, capsys):
+    out = tmp_path / "never"
+    code, err = _exit_code_and_stderr(["speedrun", "--profile", "ci", "--stages", stages, "--out", str(out)], capsys)
+    assert code == 2 and words in err and "Traceback" not in err
+    assert "pretrain,samples,sft,ppo" in err or "needs" in err
+    assert not out.exists()
+
+
+def test_parse_stages_keeps_pipeline_order():
+    from tinyllama.cli import parse_stages, SPEEDRUN_STAGES
+    assert [n for n, _ in parse_stages(None)] == [n for n, _ in SPEEDRUN_STAGES] == ["pretrain", "samples", "sft", "ppo"]
+    assert [n for n, _ in parse_stages("PPO, sft,pretrain")] == ["pretrain", "sft", "ppo"]
 
 
 def test_speedrun_stages_extend_the_report(tmp_path):

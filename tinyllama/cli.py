@@ -17,10 +17,11 @@ from typing import Callable
 import torch
 
 # %% auto #0
-__all__ = ['PROG', 'DEFAULT_PROMPTS', 'SPEEDRUN_STAGES', 'COMMANDS', 'matmul_params', 'model_flops_per_token',
+__all__ = ['PROG', 'DEFAULT_PROMPTS', 'SPEEDRUN_STAGES', 'STAGE_NEEDS', 'COMMANDS', 'matmul_params', 'model_flops_per_token',
            'matmul_peak_flops', 'machine_description', 'CLIError', 'positive_int', 'non_negative_float', 'probability',
-           'build_parser', 'Metric', 'Section', 'Speedrun', 'stage_pretrain', 'stage_samples', 'metrics_table',
-           'render_report', 'run_speedrun', 'cmd_pretrain', 'cmd_sample', 'cmd_speedrun', 'main']
+           'build_parser', 'Metric', 'Section', 'Speedrun', 'stage_pretrain', 'stage_samples', 'stage_sft', 'stage_ppo',
+           'parse_stages', 'metrics_table', 'render_report', 'run_speedrun', 'cmd_pretrain', 'cmd_sample',
+           'cmd_speedrun', 'ChatSession', 'cmd_chat', 'cmd_label', 'main']
 
 # %% ../nbs/93_cli.ipynb #1d606cda
 def matmul_params(config) -> int:
@@ -123,17 +124,18 @@ def _corpus(p: argparse.ArgumentParser):
     p.add_argument("--corpus", choices=("story_world", "tinystories"), default=None,
                    help="training stories (default: the profile's; story_world needs no network)")
 
-def _sampling(p: argparse.ArgumentParser):
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy (default 0.8)")
+def _sampling(p: argparse.ArgumentParser, temperature: float = 0.8, what: str = "prompt"):
+    p.add_argument("--temperature", type=non_negative_float, default=temperature, help=f"0 = greedy (default {temperature:g})")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=probability, default=None, help="sample within the nucleus of this mass")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="new tokens per prompt at most (default: up to the end of the context)")
+                   help=f"new tokens per {what} at most (default: up to the end of the context)")
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `tinyllama` argument parser with its three subcommands."
-    parser = argparse.ArgumentParser(prog=PROG, description="Pretrain, sample and speedrun the tinyllama course models.")
-    sub = parser.add_subparsers(dest="command", metavar="{pretrain,sample,speedrun}")
+    "The `tinyllama` argument parser with its five subcommands."
+    parser = argparse.ArgumentParser(prog=PROG, description="Pretrain, sample, fine-tune, align and talk to the "
+                                     "tinyllama course models; label pairs of completions.")
+    sub = parser.add_subparsers(dest="command", metavar="{pretrain,sample,speedrun,chat,label}")
     sub.required = True
     p = sub.add_parser("pretrain", help="train a model on the profile's corpus and save a checkpoint folder")
     _common(p, "checkpoint folder (default runs/pretrain-<time>)")
@@ -146,10 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help=f"a prompt to continue (repeat for several; default: {', '.join(map(repr, DEFAULT_PROMPTS))})")
     _sampling(p)
-    p = sub.add_parser("speedrun", help="tokenizer -> pretraining -> samples, with a report")
+    p = sub.add_parser("speedrun", help="pretraining -> samples -> SFT -> PPO, with a report")
     _common(p, "report folder (default runs/<time>)")
     p.add_argument("--steps", type=positive_int, default=None, help="pretraining steps (default: the profile's)")
+    p.add_argument("--stages", default=None, metavar="LIST",
+                   help="comma-separated stages to run, in pipeline order (default: all of "
+                        "pretrain,samples,sft,ppo; samples and sft need pretrain)")
     _corpus(p)
+    p = sub.add_parser("chat", help="talk to a fine-tuned checkpoint (the speedrun's sft/ folder)",
+                       description="Answers your messages with a chat-trained model. Type a message and press Enter "
+                                   "(write \\n for a line break, e.g. between a story and a question); /reset "
+                                   "starts a new conversation, /quit or Ctrl-D ends. The conversation is kept while "
+                                   "it fits the model's context; the oldest turns are dropped (with a note) when not.")
+    p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR",
+                   help="a checkpoint folder with tokenizer.model, fine-tuned on chats (e.g. runs/<time>/sft)")
+    p.add_argument("--message", default=None, metavar="TEXT",
+                   help="answer this one message, print only the reply, and exit (for scripts)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0 (default 0)")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None, help="default: the best available")
+    _sampling(p, temperature=0.0, what="reply")
+    from tinyllama.feedback import add_label_subcommand  # chapter 12's options: --pairs/--demo, --out, --labeler
+    add_label_subcommand(sub)
     return parser
 
 # %% ../nbs/93_cli.ipynb #bd1ff810
@@ -178,6 +197,7 @@ class Speedrun:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    stages: str | None = None  # the --stages value (None: every stage), for the report's command line
     state: dict = field(default_factory=dict)  # what stages leave for later ones: "model" and "tokenizer" (the latest), ...
     sections: list = field(default_factory=list)  # Section per finished stage
     started: float = field(default_factory=time.perf_counter)
@@ -234,7 +254,9 @@ def stage_pretrain(run: Speedrun) -> Section:
     device = torch.device(run.device) if run.device else None
     from tinyllama.device import get_device
     device = device or get_device()
-    if device.type == "cpu" and getattr(preset, "num_threads", None): torch.set_num_threads(preset.num_threads)
+    if device.type == "cpu" and getattr(preset, "num_threads", None):
+        from tinyllama.train import cpu_threads
+        torch.set_num_threads(cpu_threads(preset.num_threads))  # "auto": the cores idle now
     amp = torch.float32 if device.type != "cuda" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     n = 1024 if run.profile == "ci" and device.type == "cpu" else None  # ci: a cheaper (slightly lower) peak
     peaks = [matmul_peak_flops(device, amp, n=n)]
@@ -317,9 +339,237 @@ def _samples_section(run, model, tok, prompts, ctx):
     (run.out / "samples.md").write_text(text + "\n")
     return Section("Samples", text, metrics)
 
-SPEEDRUN_STAGES: list = [("pretrain", stage_pretrain), ("samples", stage_samples)]  # later chapters append SFT, PPO
+
 
 # %% ../nbs/93_cli.ipynb #88e570bf
+def _sft_sizes(profile):
+    """(preset, TrainingConfig overrides) of the speedrun's SFT: chapter 09's preset for the profile; for cpu, sizes
+    fixed here (fewer steps and held-out stories than the chapter, chats that fit the pretrained model's 128 tokens)."""
+    import dataclasses
+    from tinyllama.sft import sft_preset
+    preset = sft_preset(profile)
+    if profile != "cpu": return preset, {}
+    preset = dataclasses.replace(preset, n_train_stories=4000, n_heldout_stories=60, n_requests=16,
+                                 write_fraction=0.25, max_questions=3)
+    return preset, dict(steps=150, batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=20, log_every=10)
+
+def _pretraining_texts(run):
+    "The stories this run pretrained on (story world), so that the held-out SFT stories can avoid them."
+    from tinyllama.train import load_corpus
+    if run.state.get("corpus") != "story_world": return ()
+    return load_corpus(_preset(run.profile, run.corpus), seed=run.seed, progress=False)[1]
+
+def _sft_plot(sft, path, title):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 3.4))
+    ax, bx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1, 1.4)))
+    tr = [(h["step"], h["loss"]) for h in sft.result.history if "loss" in h]
+    if tr: ax.plot(*zip(*tr), lw=1.2)
+    ax.set_xlabel("SFT step"); ax.set_ylabel("nats per assistant token"); ax.set_title(title)
+    ax.set_ylim(bottom=0); ax.grid(alpha=0.3)
+    kinds = list(sft.after.by_kind)
+    if sft.before is not None:
+        bx.bar([i - 0.2 for i in range(len(kinds))], [sft.before.by_kind.get(k, 0) for k in kinds], 0.4, label="before SFT")
+    bx.bar([i + 0.2 for i in range(len(kinds))], [sft.after.by_kind[k] for k in kinds], 0.4, label="after SFT")
+    bx.set_xticks(range(len(kinds))); bx.set_xticklabels(kinds, rotation=30, fontsize=8)
+    bx.set_ylim(0, 1.05); bx.set_ylabel("exact match"); bx.set_title("held-out questions, by kind")
+    bx.legend(fontsize=8); bx.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+def _before_after(before, after, fmt="{:.1%}") -> str:
+    return (fmt.format(before) + " → " if before is not None else "") + fmt.format(after)
+
+def stage_sft(run: Speedrun) -> Section:
+    "Fine-tune the run's pretrained model on story-world chats (chapter 09) and save it for `tinyllama chat`."
+    from tinyllama.sft import run_sft
+    from tinyllama.checkpoint import save_checkpoint, unwrap_model
+    model, tok = run.state["model"], run.state["tokenizer"]
+    preset, overrides = _sft_sizes(run.profile)
+    if run.device: overrides["device"] = run.device
+    sft = run_sft(model, tok, preset, seed=run.seed, exclude=_pretraining_texts(run), progress=run.progress, **overrides)
+    ckpt = run.out / "sft"
+    save_checkpoint(ckpt, sft.model, step=sft.result.steps_done, extra={"stage": "sft"})
+    tok.save(ckpt / "tokenizer.model")
+    run.state.update(model=sft.model.eval(), sft=sft, sft_checkpoint=ckpt)
+    b, a, fb, fa = sft.before, sft.after, sft.follow_before, sft.follow_after
+    n_stories = len({q.story for q in sft.heldout})
+    metrics = [Metric("SFT exact match", _before_after(b and b.accuracy, a.accuracy),
+                      f"before → after SFT; {a.n} questions about {n_stories} held-out stories, greedy answers"),
+               Metric("SFT instruction following", _before_after(fb and fb.rate, fa.rate),
+                      f"before → after SFT; {fa.n} held-out \"write a story ...\" requests answered with a story "
+                      "that has the requested hero, colour, object, ...")]
+    _sft_plot(sft, run.out / "sft.png", f"SFT ({run.profile} profile)")
+    res = sft.result
+    answers = [f"- {q.question} → **{p or '(nothing)'}** " + ("✓" if ok else f"✗ (answer: {q.answer})")
+               for q, p, ok in a.rows[:6]]
+    body = [f"Chapter 09's `run_sft` on the pretrained model above: {sft.n_chats} story-world chats "
+            f"({sft.n_dropped} longer than the context of {unwrap_model(model).config.context_size} tokens left out), "
+            f"{res.steps_done} steps of {overrides.get('batch_size', preset.train.batch_size)} chats, loss on the "
+            "assistant's tokens only "
+            f"({_fmt_s(res.wall_s)} of training).",
+            f"Held-out questions: {b} before SFT, {a} after." if b is not None else f"Held-out questions: {a}.",
+            f"Instruction following: {fb} before SFT, {fa} after." if fb is not None else f"Instruction following: {fa}.",
+            "![sft](sft.png)", "Held-out answers after SFT (✓ = exact match):\n\n" + "\n".join(answers),
+            f"Checkpoint: `{ckpt.name}/` — talk to it with `tinyllama chat --checkpoint {ckpt}`."]
+    return Section("Supervised fine-tuning", "\n\n".join(body), metrics)
+
+# %% ../nbs/93_cli.ipynb #e4b98b7a
+def _ppo_sizes(profile):
+    "The speedrun's copy-task sizes: chapter 11's recipe on a smaller alphabet and shorter words, to fit minutes."
+    return {"ci": dict(alphabet="abcdef", max_len=4, dim=32, ppo_steps=30, batch=64, mini=32, epochs=2, lr=2e-3,
+                       eval_every=5, n_train=400, n_eval=100),
+            "cpu": dict(alphabet="abcdefghijkl", max_len=5, dim=64, ppo_steps=300, batch=64, mini=32, epochs=4, lr=1e-3,
+                        eval_every=10, n_train=5000, n_eval=200),
+            "gpu": dict(alphabet="abcdefghijklmnopqrstuvwxyz", max_len=6, dim=64, ppo_steps=2000, batch=256, mini=64,
+                        epochs=4, lr=5e-4, eval_every=25, n_train=20000, n_eval=500)}[profile]
+
+def _copy_task(S: dict, seed: int):
+    "Chapter 11's copy task: a letter tokenizer, and training, validation and test words, all distinct."
+    from tinyllama.ppo import LetterTokenizer
+    from tinyllama.reward import copy_task_words
+    words, other = copy_task_words(S["n_train"], seed=seed, n_heldout=2 * S["n_eval"], min_len=3, max_len=S["max_len"],
+                                   alphabet=S["alphabet"])
+    return LetterTokenizer(S["alphabet"]), words, other[:S["n_eval"]], other[S["n_eval"]:]
+
+def _ppo_plot(history, evals, perfect, path, title):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 3.2))
+    ax, bx, cx = fig.subplots(1, 3)
+    steps = [s["ppo/step"] + 1 for s in history]
+    ax.plot(steps, [s["env/reward_mean"] for s in history], lw=1.2, label="sampled responses")
+    ax.axhline(perfect, ls="--", c="gray", lw=0.8, label="perfect copy")
+    ax.set_title(title); ax.set_ylabel("reward per response"); ax.legend(fontsize=8)
+    xs = [e[0] for e in evals]
+    bx.plot(xs, [e[2] for e in evals], "o-", ms=3, label="correct tokens (greedy)")
+    bx.axhline(perfect, ls="--", c="gray", lw=0.8, label="perfect copy")
+    bx.plot(xs, [e[1] * perfect for e in evals], "s-", ms=3, label="exact copies × perfect")
+    bx.set_title("held-out words"); bx.legend(fontsize=8)
+    cx.plot(steps, [s["objective/kl"] for s in history], lw=1.2)
+    cx.set_title("KL(π‖π_ref), nats per response")
+    for x in (ax, bx, cx): x.set_xlabel("PPO step"); x.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+def stage_ppo(run: Speedrun) -> Section:
+    "The copy task with the golden reward (chapters 10-11): a small letter-level policy trained by PPO."
+    from tinyllama.device import get_device
+    device = torch.device(run.device) if run.device else get_device()
+    with _decode_threads(device):  # tiny matrices: one CPU thread
+        return _ppo_section(run, device)
+
+def _ppo_section(run, device):
+    import copy, random
+    from tinyllama.model import LLM, LLMConfig
+    from tinyllama.reward import GoldenRewardModel, copy_prompts, pad_batch
+    from tinyllama.generate import generate
+    from tinyllama.ppo import PPOTrainer, PPOConfig, ValueModel
+    S = _ppo_sizes(run.profile)
+    tok, train_words, val_words, held = _copy_task(S, run.seed)
+    max_new = S["max_len"] + 1  # the longest word and its EOS
+    torch.manual_seed(run.seed)
+    config = LLMConfig(vocab_size=tok.vocab_size, context_size=16, dim_emb=S["dim"], num_layers=2, num_heads=4,
+                       num_kv_heads=4, ffd_hidden_dim=(8 * S["dim"] // 3) // 8 * 8)
+    base = LLM(config).to(device).eval()  # random weights: all copying is learnt from the reward (chapter 11)
+    golden = GoldenRewardModel(tok.eos_id, tok.pad_id, bos_id=tok.bos_id)
+    prompts, val_prompts = copy_prompts(held, tok, bos=True), copy_prompts(val_words, tok, bos=True)
+    perfect = sum(len(w) + 1 for w in held) / len(held)  # letters and EOS
+
+    def evaluate(model, ps=prompts):
+        "Greedy answers: (exact-copy share, mean correctly copied tokens, answers, per-word exact)."
+        outs = generate(model, ps, max_new_tokens=max_new, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        ids, resp = pad_batch(ps, tok.pad_id, "left")[0], pad_batch(outs, tok.pad_id)[0]
+        exact = golden.exact_copy(ids, resp)
+        return exact.float().mean().item(), golden.score(ids, resp).mean().item(), outs, exact.tolist()
+
+    acc0, score0, *_ = evaluate(base)
+    evals = [(0, acc0, score0)]
+    policy = copy.deepcopy(base)
+    cfg = PPOConfig(batch_size=S["batch"], mini_batch_size=S["mini"], ppo_epochs=S["epochs"], lr=S["lr"],
+                    max_new_tokens=max_new, init_kl_coef=0.05, seed=run.seed)
+    trainer = PPOTrainer(policy, copy.deepcopy(base), ValueModel.from_llm(base), golden, cfg,
+                         eos_id=tok.eos_id, pad_id=tok.pad_id)
+    rng = random.Random(run.seed)
+    val = [0.0]
+
+    def callback(stats):
+        step = stats["ppo/step"] + 1
+        if step % S["eval_every"] == 0:
+            val.append(evaluate(policy, val_prompts)[0])
+            for g in trainer.optimizer.param_groups:  # chapter 11's rule: smaller steps as the task is mastered
+                g["lr"] = S["lr"] * min(1.0, max(0.25, 2 * (1 - val[-1])))
+            evals.append((step, *evaluate(policy)[:2]))
+            if val[-1] >= 0.99: return True  # validation words copied: stop early
+        return False
+
+    t0 = time.perf_counter()
+    history = []
+    from tqdm.auto import tqdm
+    with tqdm(total=S["ppo_steps"], desc="PPO", unit="step", disable=not run.progress) as bar:
+        for step in range(S["ppo_steps"]):
+            history.append(trainer.step(copy_prompts(rng.sample(train_words, cfg.batch_size), tok, bos=True)))
+            bar.update(); bar.set_postfix(reward=f"{history[-1]['env/reward_mean']:.2f}", val=f"{val[-1]:.0%}")
+            if callback(history[-1]): break
+    ppo_s = time.perf_counter() - t0
+    acc1, score1, outs, exact = evaluate(policy)
+    k = max(1, len(history) // 10)
+    r0 = sum(s["env/reward_mean"] for s in history[:k]) / k
+    r1 = sum(s["env/reward_mean"] for s in history[-k:]) / k
+    _ppo_plot(history, evals, perfect, run.out / "ppo.png", f"PPO on the copy task ({run.profile} profile)")
+    metrics = [Metric("PPO exact copies", _before_after(acc0, acc1),
+                      f"before → after PPO; {len(held)} test words never trained on, greedy"),
+               Metric("PPO correct tokens per word", _before_after(score0, score1, "{:.2f}"),
+                      f"before → after PPO; greedy, test words; a perfect copy scores {perfect:.2f}"),
+               Metric("PPO reward per response", _before_after(r0, r1, "{:.2f}"),
+                      f"sampled (temperature 1), mean of the first and of the last {k} step(s)"),
+               Metric("PPO final KL", f"{history[-1]['objective/kl']:.2f} nats", "to the frozen reference, per response")]
+    pieces = lambda ids: " ".join(tok.id_to_piece(i) for i in ids)
+    rows = [f"| `{pieces(copy_prompts([w], tok)[0])}` | `{pieces(o)}` | {'✓' if ok else '✗'} |"
+            for w, o, ok in zip(held[:8], outs, exact)]
+    n = sum(p.numel() for p in policy.parameters())
+    body = [f"Policy: a letter-level model of {n / 1e3:.0f} k parameters (alphabet of {len(tok.alphabet)} letters, "
+            f"dim {S['dim']}, 2 layers) with random weights, as in chapter 11. PPO: {len(history)} steps "
+            f"(at most {S['ppo_steps']}; it stops when {len(val_words)} validation words are copied) of {cfg.batch_size} "
+            f"words of 3–{S['max_len']} letters from {len(train_words)} training words ({_fmt_s(ppo_s)}), "
+            f"{cfg.ppo_epochs} epochs of minibatches of {cfg.mini_batch_size}, lr {cfg.lr:g}, β = {cfg.init_kl_coef}, "
+            f"the golden reward.",
+            f"Test words (greedy): exact copies {acc0:.1%} → {acc1:.1%}; correctly copied tokens per word "
+            f"{score0:.2f} → {score1:.2f} of {perfect:.2f}. Sampled reward per response {r0:.2f} → {r1:.2f}; "
+            f"KL to the reference at the end {history[-1]['objective/kl']:.2f} nats.",
+            "![ppo](ppo.png)",
+            "| prompt (word, EOS) | greedy answer after PPO | exact copy |\n|---|---|---|\n" + "\n".join(rows)]
+    run.state.update(ppo=dict(history=history, evals=evals))
+    return Section("PPO on the copy task", "\n\n".join(body), metrics)
+
+# %% ../nbs/93_cli.ipynb #3d1d0e65
+SPEEDRUN_STAGES: list = [("pretrain", stage_pretrain), ("samples", stage_samples), ("sft", stage_sft),
+                         ("ppo", stage_ppo)]
+STAGE_NEEDS = {"samples": ("pretrain",), "sft": ("pretrain",)}  # stage -> stages whose results it uses
+
+def parse_stages(text: str | None,  # the --stages value, e.g. "pretrain,sft"; None = every stage
+                 stages: list | None = None,  # (name, function) pairs; None = SPEEDRUN_STAGES
+                ) -> list:
+    "The (name, stage) pairs that `text` names, in pipeline order; a CLIError for an unknown name or a missing prerequisite."
+    stages = SPEEDRUN_STAGES if stages is None else stages
+    names = [n for n, _ in stages]
+    if text is None: return list(stages)
+    asked = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not asked: raise CLIError(f"--stages is empty; name one or more of {','.join(names)} (comma-separated).")
+    unknown = [t for t in asked if t not in names]
+    if unknown:
+        raise CLIError(f"unknown stage{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in --stages; "
+                       f"the stages are {','.join(names)} (comma-separated, e.g. --stages pretrain,sft).")
+    for t in asked:
+        missing = [n for n in STAGE_NEEDS.get(t, ()) if n not in asked]
+        if missing:
+            fixed = ",".join(n for n in names if n in asked or n in missing)
+            raise CLIError(f"stage {t!r} needs {' and '.join(map(repr, missing))} (it uses the pretrained model); "
+                           f"run --stages {fixed}.")
+    return [(n, f) for n, f in stages if n in asked]
+
+# %% ../nbs/93_cli.ipynb #5fc74eaf
 def metrics_table(run: Speedrun) -> str:
     "The Markdown table of every finished stage's metrics and the wall time so far."
     total = time.perf_counter() - run.started
@@ -332,10 +582,10 @@ def render_report(run: Speedrun) -> str:
     out = [f"# tinyllama speedrun ({run.profile} profile)", "",
            f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {machine_description(run.state.get('device'))}. "
            f"Command: `tinyllama speedrun --profile {run.profile}" + (f" --steps {run.steps}" if run.steps else "")
-           + (f" --corpus {run.corpus}" if run.corpus else "") + "`.",
+           + (f" --corpus {run.corpus}" if run.corpus else "") + (f" --stages {run.stages}" if run.stages else "") + "`.",
            "", metrics_table(run)]
     for s in run.sections:
-        out += ["", f"## {s.title}", "", f"*{_fmt_s(s.wall_s)}*", "", s.body]
+        out += ["", f"## {s.title}", "", f"*wall time {_fmt_s(s.wall_s)}*", "", s.body]
     return "\n".join(out) + "\n"
 
 def run_speedrun(run: Speedrun, stages=None) -> Path:
@@ -423,21 +673,182 @@ def _stream_prompts(args, model, tok, prompts, max_new, lines):
         lines.append(f"> **{prompt}**{text}\n")
 
 def cmd_speedrun(args) -> int:
-    "tinyllama speedrun: every stage in SPEEDRUN_STAGES, then report.md."
+    "tinyllama speedrun: the stages --stages names (default all of SPEEDRUN_STAGES), then report.md."
     profile = _resolve(args)
+    stages = parse_stages(args.stages)  # a typo fails here, before any training
     out = args.out or Path("runs") / _timestamp()
     if (out / "report.md").exists():
         raise CLIError(f"{out} already holds a speedrun report; choose another --out (or leave it out for runs/<time>/).")
-    print(f"speedrun ({profile} profile) into {out}", flush=True)
+    print(f"speedrun ({profile} profile: {', '.join(n for n, _ in stages)}) into {out}", flush=True)
     run = Speedrun(profile, out, steps=args.steps, corpus=args.corpus, seed=args.seed, device=args.device,
-                   progress=args.progress)
-    report = run_speedrun(run)
+                   progress=args.progress, stages=args.stages)
+    report = run_speedrun(run, stages)
     print(f"\n{metrics_table(run)}\n\nreport: {report}")
     if run.state.get("band_ok") is False:
         print(f"warning: the held-out NLL is outside the band expected for the {profile} profile (see the report).")
+    if "sft_checkpoint" in run.state:
+        print(f"talk to the fine-tuned model: tinyllama chat --checkpoint {run.state['sft_checkpoint']}")
     return 0
 
-COMMANDS = {"pretrain": cmd_pretrain, "sample": cmd_sample, "speedrun": cmd_speedrun}
+# %% ../nbs/93_cli.ipynb #6aca1c2a
+def _read_line(prompt: str) -> str:
+    "One line from stdin, without its newline; EOFError at the end. At a terminal with `input` (line editing), else echoed."
+    if sys.stdin is not None and sys.stdin.isatty(): return input(prompt)
+    line = sys.stdin.readline() if sys.stdin is not None else ""
+    if not line: raise EOFError
+    line = line.rstrip("\r\n")
+    print(f"{prompt}{line}", flush=True)  # a piped line is not echoed by a terminal: show what was read
+    return line
+
+class ChatSession:
+    "A conversation with a chat model that keeps its history within the model's context."
+    MIN_REPLY = 16  # tokens of room a reply gets at least; older turns are dropped to keep it
+
+    def __init__(self, model, tokenizer,
+                 temperature: float = 0.0,  # 0: greedy
+                 top_k: int | None = None, top_p: float | None = None,
+                 max_new_tokens: int | None = None,  # a reply's length at most (None: up to the end of the context)
+                 seed: int = 0,  # turn i samples with seed + i (temperature > 0)
+                ):
+        self.model, self.tokenizer = model, tokenizer
+        self.temperature, self.top_k, self.top_p, self.max_new_tokens, self.seed = temperature, top_k, top_p, max_new_tokens, seed
+        self.context = model.config.context_size
+        self.messages: list[dict] = []  # the conversation kept so far
+        self.notes: list[str] = []  # what the last reply() had to do to fit (dropped turns)
+        self.turns = 0
+
+    def reset(self):
+        "Forget the conversation."
+        self.messages, self.notes = [], []
+
+    def _length(self, messages) -> int:
+        from tinyllama.sft import format_chat
+        return len(format_chat(messages, self.tokenizer, add_generation_prompt=True)[0])
+
+    def reply(self, text: str) -> str:
+        "Add the user message `text`, drop the oldest turns if needed, and return the model's reply."
+        from tinyllama.sft import chat_reply
+        text = text.replace("\\n", "\n")
+        if not text.strip(): raise ValueError("the message is empty; type a question or an instruction.")
+        reserve = min(self.MIN_REPLY, self.max_new_tokens or self.MIN_REPLY)
+        limit = self.context - reserve  # the prompt may take this many tokens
+        alone = self._length([{"role": "user", "content": text}])
+        if alone > limit:
+            raise ValueError(f"the message takes {alone} tokens with the chat markers, but the model's context holds "
+                             f"{self.context} and the reply needs {reserve}; shorten it to fit {limit} tokens.")
+        messages, self.notes = self.messages + [{"role": "user", "content": text}], []
+        dropped = 0
+        while self._length(messages) > limit:
+            cut = next((i for i in range(1, len(messages)) if messages[i]["role"] == "user"), len(messages) - 1)
+            messages, dropped = messages[cut:], dropped + 1
+        if dropped:
+            self.notes.append(f"dropped the oldest {'turn' if dropped == 1 else f'{dropped} turns'} to fit the "
+                              f"model's context of {self.context} tokens")
+        room = self.context - self._length(messages)
+        n_new = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
+        seed = self.seed + self.turns if self.temperature > 0 else None
+        answer = chat_reply(self.model, self.tokenizer, messages, n_new, self.temperature, self.top_k, self.top_p, seed)
+        self.turns += 1
+        # an empty reply cannot be a message of the next prompt; the question stays without an answer
+        self.messages = messages + ([{"role": "assistant", "content": answer}] if answer.strip() else [])
+        return answer
+
+def _chat_tokens_missing(tok_path: Path) -> list:
+    "The chat-role pieces a SentencePiece model file lacks (None if the file is not a SentencePiece model)."
+    import sentencepiece as spm
+    from tinyllama.tokenizer import CHAT_TOKENS
+    try: sp = spm.SentencePieceProcessor(model_proto=tok_path.read_bytes())
+    except (RuntimeError, OSError): return None
+    return [p for p in CHAT_TOKENS if sp.piece_to_id(p) == sp.unk_id()]
+
+def _load_for_chat(folder: Path):
+    "(model, tokenizer, fine-tuned on chats?) of a checkpoint folder, with errors that say what is wrong."
+    from tinyllama.checkpoint import load_checkpoint
+    from tinyllama.tokenizer import Tokenizer
+    if not folder.exists():
+        raise CLIError(f"no checkpoint folder at {folder}; `tinyllama speedrun` writes a chat model to <run>/sft/.")
+    if not folder.is_dir(): raise CLIError(f"{folder} is a file, not a checkpoint folder.")
+    tok_path = folder / "tokenizer.model"
+    if not tok_path.is_file():
+        raise CLIError(f"{tok_path} is missing; a chat checkpoint holds its tokenizer next to the weights.")
+    try: tok = Tokenizer.load(tok_path)
+    except ValueError:
+        missing = _chat_tokens_missing(tok_path)
+        if missing:
+            raise CLIError(f"the tokenizer {tok_path} has no chat-role tokens ({', '.join(missing)}), so no chat can be "
+                           "written for it; use a checkpoint trained with tinyllama's tokenizer and fine-tuned on "
+                           "chats (`tinyllama speedrun` saves one in <run>/sft/).") from None
+        raise
+    model, state = load_checkpoint(folder)
+    if model.config.vocab_size != tok.vocab_size:
+        raise CLIError(f"{tok_path} has {tok.vocab_size} pieces but the model in {folder} has a vocabulary of "
+                       f"{model.config.vocab_size}; the two files do not belong together.")
+    return model.eval(), tok, (state.get("extra") or {}).get("stage") == "sft"
+
+def cmd_chat(args) -> int:
+    "tinyllama chat: answer messages with a chat checkpoint, one-shot (--message) or line by line until EOF or /quit."
+    from tinyllama.device import get_device
+    model, tok, chat_trained = _load_for_chat(args.checkpoint)
+    model = model.to(get_device(args.device))
+    session = ChatSession(model, tok, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
+    if not chat_trained:
+        print(f"note: {args.checkpoint} has no record of chat fine-tuning (a pretraining checkpoint?); its replies may "
+              "not answer you. A speedrun saves a fine-tuned model in <run>/sft/.", file=sys.stderr)
+    with _decode_threads(next(model.parameters()).device):
+        if args.message is not None:
+            try: answer = session.reply(args.message)
+            except ValueError as e: raise CLIError(str(e)) from None
+            for note in session.notes: print(f"note: {note}", file=sys.stderr)
+            print(answer)
+            return 0
+        return _chat_loop(args, session)
+
+def _chat_loop(args, session) -> int:
+    print(f"chatting with {args.checkpoint} (context {session.context} tokens). Type a message; \\n is a line break, "
+          "/reset starts over, /quit or Ctrl-D ends.", flush=True)
+    while True:
+        try: line = _read_line("you> ")
+        except EOFError: break
+        except KeyboardInterrupt: print(); return 130
+        command = line.strip().lower()
+        if command in ("/quit", "/exit", "/q"): break
+        if command == "/reset":
+            session.reset(); print("(a new conversation)"); continue
+        if command.startswith("/"):
+            print(f"(unknown command {command!r}: /reset starts over, /quit ends)"); continue
+        try: answer = session.reply(line)
+        except ValueError as e:
+            print(f"({e})", flush=True); continue
+        for note in session.notes: print(f"({note})")
+        print(f"assistant> {answer or '(no reply)'}", flush=True)
+    return 0
+
+# %% ../nbs/93_cli.ipynb #b1e99553
+def cmd_label(args) -> int:
+    "tinyllama label: label pairs of completions in the terminal (chapter 12's run_terminal_labeler)."
+    from tinyllama.feedback import LabelStore, read_pairs, run_terminal_labeler, story_comparisons
+    if args.pairs is not None:
+        path = Path(args.pairs)
+        if not path.exists():
+            raise CLIError(f"no pairs file at {path}; write one JSON object per line with prompt, a and b "
+                           "(tinyllama.feedback.write_pairs does), or try --demo 5.")
+        if path.is_dir(): raise CLIError(f"{path} is a folder; --pairs takes a .jsonl file.")
+        try: pairs = read_pairs(path)
+        except UnicodeDecodeError: raise CLIError(f"{path} is not UTF-8 text; --pairs takes a JSONL file.") from None
+        if not pairs: raise CLIError(f"{path} holds no pairs; each line must be a JSON object with prompt, a and b.")
+    else:
+        pairs = story_comparisons(args.demo, seed=args.seed)
+        if not pairs: raise CLIError("--demo 0 gives nothing to label; ask for one pair or more.")
+    store = LabelStore(args.out)
+    try: run_terminal_labeler(pairs, store, args.labeler, input=_read_line)
+    except KeyboardInterrupt:
+        print(f"\nstopped; every label given so far is saved in {store.path}.")
+        return 130
+    return 0
+
+# %% ../nbs/93_cli.ipynb #103439e0
+COMMANDS = {"pretrain": cmd_pretrain, "sample": cmd_sample, "speedrun": cmd_speedrun, "chat": cmd_chat,
+            "label": cmd_label}
 
 def main(argv: list[str] | None = None) -> int:
     "The `tinyllama` command: parse `argv` (default sys.argv[1:]) and run the subcommand."

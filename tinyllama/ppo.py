@@ -14,7 +14,8 @@ from .generate import apply_temperature, decode_steps, left_pad
 
 # %% auto #0
 __all__ = ['masked_mean', 'whiten', 'compute_gae', 'ValueModel', 'FixedKLController', 'AdaptiveKLController', 'PPOConfig',
-           'token_logprobs', 'kl_penalised_rewards', 'policy_loss', 'value_loss', 'Rollout', 'PPOTrainer', 'PPOPlot']
+           'token_logprobs', 'kl_penalised_rewards', 'policy_loss', 'value_loss', 'Rollout', 'PPOTrainer', 'PPOPlot',
+           'LetterTokenizer']
 
 # %% ../nbs/11_ppo.ipynb #f7bd5218
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
@@ -492,3 +493,27 @@ class PPOPlot:
         except ImportError:
             pass
         return self.fig
+
+# %% ../nbs/11_ppo.ipynb #a70c66dc
+class LetterTokenizer:
+    "One id per letter after the four special ids of the course tokenizer: <unk>, <s>, </s>, <pad> = 0, 1, 2, 3."
+    def __init__(self, alphabet: str = "abcdefghijklmnopqrstuvwxyz"):  # the letters, in id order
+        if not isinstance(alphabet, str) or not alphabet or len(set(alphabet)) != len(alphabet):
+            raise ValueError(f"alphabet must be a non-empty string of distinct characters, got {alphabet!r}.")
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 3
+        self.specials = ["<unk>", "<s>", "</s>", "<pad>"]
+        self.alphabet = alphabet
+        self._ids = {c: i + len(self.specials) for i, c in enumerate(alphabet)}
+        self.vocab_size = len(self.specials) + len(alphabet)
+
+    def __len__(self): return self.vocab_size
+    def __repr__(self): return f"LetterTokenizer({self.alphabet!r})"
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        "One id per character (<unk> for characters outside the alphabet)."
+        return [self.bos_id] * bos + [self._ids.get(c, self.unk_id) for c in text] + [self.eos_id] * eos
+    def id_to_piece(self, i: int) -> str:
+        i = int(i)
+        return self.specials[i] if i < len(self.specials) else self.alphabet[i - len(self.specials)]
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        "The text of `ids` (special tokens dropped, or written out with skip_special=False)."
+        return "".join(self.id_to_piece(i) for i in ids if not (skip_special and int(i) < len(self.specials)))
