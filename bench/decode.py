@@ -36,13 +36,14 @@ Usage:  python bench/decode.py [--shape stories15M|course-cpu] [--new-tokens 256
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 import warnings
 
 import torch
+
+from _machine import cpu_name  # bench/_machine.py (this folder is on sys.path when a script runs)
 
 SHAPES = {
     # llama2.c's stories15M with a 4096-token vocabulary; context 512 so that 16 + 256 positions fit
@@ -53,18 +54,6 @@ SHAPES = {
                        ffd_hidden_dim=384),
 }
 SHAPE = SHAPES["stories15M"]
-
-
-def cpu_name() -> str:
-    "The CPU's model name (from /proc/cpuinfo on Linux)."
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_models(seed: int = 0):

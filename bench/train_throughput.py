@@ -33,24 +33,14 @@ import sys
 import time
 
 import torch
+
+from _machine import cpu_name  # bench/_machine.py (this folder is on sys.path when a script runs)
 import torch.nn.functional as F
 
 # The stories15M-like shape of llama2.c (with a 4096-token vocabulary, as in its custom-tokenizer models).
 SHAPE = dict(vocab_size=4096, context_size=256, dim_emb=288, num_layers=6, num_heads=6, num_kv_heads=2,
              ffd_hidden_dim=768)
 ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
-
-
-def cpu_name() -> str:
-    "The CPU's model name (from /proc/cpuinfo on Linux)."
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:

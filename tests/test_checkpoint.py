@@ -13,13 +13,7 @@ from tinyllama.checkpoint import (CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, Checkpo
 from tinyllama.train import make_optimizer, read_metrics, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny models gain nothing from a second thread, and on a busy machine idle threads spin: use one."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def _trained(tied=False, steps=2):
     torch.manual_seed(0)

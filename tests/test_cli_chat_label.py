@@ -61,13 +61,7 @@ def _train_chat_model(tok, context_size=64, steps=100):
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Tiny matrices on a shared CPU: a second thread only waits for a busy core."
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny matrices, one thread
 
 
 @pytest.fixture(scope="module")

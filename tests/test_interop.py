@@ -6,6 +6,9 @@ import json
 import pytest
 import torch
 
+import os, sys
+sys.path.insert(0, os.path.dirname(__file__))
+from _models import randomize_, randomized  # noqa: E402
 from tinyllama.model import LLM, LLMConfig
 from tinyllama.interop import (from_hf_config, hf_name, load_hf, our_name, read_hf_weights, save_hf, to_hf_config,
                                to_hf_state_dict)
@@ -17,23 +20,9 @@ transformers.logging.set_verbosity_error()
 ATOL = 1e-4
 
 
-def randomized(config, seed=0):
-    "An LLM whose weights (norm gains included) are far from init, so every mismatch shows."
-    torch.manual_seed(seed)
-    m = LLM(config)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    return m.eval()
-
-
 def hf_randomized(hf_config, seed=0):
     torch.manual_seed(seed)
-    m = LlamaForCausalLM(hf_config)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    return m.eval()
+    return randomize_(LlamaForCausalLM(hf_config), seed)
 
 
 CONFIGS = {

@@ -6,6 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import os, sys
+sys.path.insert(0, os.path.dirname(__file__))
+from _models import randomized  # noqa: E402
 from tinyllama.model import (LLM, LLMConfig, TransformerBlock, init_weights, model_summary, parameter_breakdown,
                              parameter_count, published_configs, INIT_STD)
 from tinyllama.attention import KVCache
@@ -15,16 +18,6 @@ SMALL = dict(vocab_size=97, context_size=32, dim_emb=32, num_layers=2, num_heads
 
 def small(**kw):
     return LLMConfig(**{**SMALL, **kw})
-
-
-def randomized(config, seed=0):
-    "A model with weights large enough that every part changes the logits visibly."
-    torch.manual_seed(seed)
-    m = LLM(config)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    return m.eval()
 
 
 # ---------------------------------------------------------------- config

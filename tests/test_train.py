@@ -16,13 +16,7 @@ from tinyllama.train import (NextTokenPredictionDataset, TrainingConfig, Trainin
                              story_nlls, tokenize_stories, train)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny models gain nothing from a second thread, and on a busy machine idle threads spin: use one."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # ---------- data
 def test_windows_are_slices_of_the_stream_and_targets_are_shifted():
