@@ -466,6 +466,7 @@ def _ppo_section(run, device):
     from tinyllama.reward import GoldenRewardModel, copy_prompts, pad_batch
     from tinyllama.generate import generate
     from tinyllama.ppo import PPOTrainer, PPOConfig, ValueModel
+    from tqdm.auto import tqdm
     S = _ppo_sizes(run.profile)
     tok, train_words, val_words, held = _copy_task(S, run.seed)
     max_new = S["max_len"] + 1  # the longest word and its EOS
@@ -494,7 +495,8 @@ def _ppo_section(run, device):
     rng = random.Random(run.seed)
     val = [0.0]
 
-    def callback(stats):
+    def validate(stats) -> bool:
+        "Every eval_every steps: validation accuracy, chapter 11's learning-rate rule, test figures; True = stop."
         step = stats["ppo/step"] + 1
         if step % S["eval_every"] == 0:
             val.append(evaluate(policy, val_prompts)[0])
@@ -506,12 +508,11 @@ def _ppo_section(run, device):
 
     t0 = time.perf_counter()
     history = []
-    from tqdm.auto import tqdm
     with tqdm(total=S["ppo_steps"], desc="PPO", unit="step", disable=not run.progress) as bar:
         for step in range(S["ppo_steps"]):
             history.append(trainer.step(copy_prompts(rng.sample(train_words, cfg.batch_size), tok, bos=True)))
             bar.update(); bar.set_postfix(reward=f"{history[-1]['env/reward_mean']:.2f}", val=f"{val[-1]:.0%}")
-            if callback(history[-1]): break
+            if validate(history[-1]): break
     ppo_s = time.perf_counter() - t0
     acc1, score1, outs, exact = evaluate(policy)
     k = max(1, len(history) // 10)
