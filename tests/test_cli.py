@@ -1,6 +1,8 @@
 """The `tinyllama` command (tinyllama.cli): subcommands, the speedrun report, and its errors.
 
 Runs use the ci profile with a handful of steps, so the whole file takes seconds."""
+import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -67,13 +69,16 @@ def test_speedrun_writes_report_with_table_and_plot(tmp_path, capsys):
     for row in ("| held-out NLL per story |", "| entropy floor per story |", "| NLL / floor |",
                 "| training tokens/s |", "| MFU |", "| wall time |", "| valid stories |",
                 "| SFT exact match |", "| SFT instruction following |", "| PPO exact copies |",
-                "| PPO correct tokens per word |", "| PPO reward per response |", "| PPO final KL |"):
+                "| PPO correct tokens per word |", "| PPO reward per response |", "| PPO final KL |",
+                "| reward model pair accuracy |", "| labeler prefers PPO over SFT |", "| KL to the SFT policy |",
+                "| labeler's mean score |"):
         assert row in report, row
-    for plot in ("loss", "sft", "ppo"):
+    for plot in ("loss", "sft", "ppo", "feedback"):
         assert f"![{plot}]({plot}.png)" in report
         assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "samples.md").is_file()
-    for title in ("Pretraining", "Samples", "Supervised fine-tuning", "PPO on the copy task"):
+    for title in ("Pretraining", "Samples", "Supervised fine-tuning", "PPO on the copy task",
+                  "Human feedback (scripted labeler)"):
         assert f"## {title}\n\n*wall time " in report, title  # every stage's wall time
     # the ratio in the table is NLL / floor of the two rows above it
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.splitlines() if line.startswith("| ")}
@@ -84,6 +89,16 @@ def test_speedrun_writes_report_with_table_and_plot(tmp_path, capsys):
     for name in ("SFT exact match", "SFT instruction following", "PPO exact copies"):
         before, after = (float(v.rstrip("%")) for v in rows[name].split(" → "))
         assert 0 <= before <= 100 and 0 <= after <= 100, name
+    assert 0 <= float(rows["labeler prefers PPO over SFT"].rstrip("%")) <= 100
+    assert 0 <= float(rows["reward model pair accuracy"].rstrip("%")) <= 100
+    assert math.isfinite(float(rows["KL to the SFT policy"].split()[0]))  # a sample estimate: only its mean is >= 0
+    labels = [json.loads(l) for l in (out / "labels.jsonl").read_text().splitlines()]
+    assert labels and all(l["labeler"] == "scripted:happy-ending" and l["model_id"] == "sft" for l in labels)
+    assert 0 <= float(rows["labeler prefers PPO over SFT"].rstrip("%")) <= 100
+    assert 0 <= float(rows["reward model pair accuracy"].rstrip("%")) <= 100
+    assert math.isfinite(float(rows["KL to the SFT policy"].split()[0]))  # a sample estimate: only its mean is >= 0
+    labels = [json.loads(l) for l in (out / "labels.jsonl").read_text().splitlines()]
+    assert labels and all(l["labeler"] == "scripted:happy-ending" and l["model_id"] == "sft" for l in labels)
     before, after = (float(v) for v in rows["PPO correct tokens per word"].split(" → "))
     assert 0 <= before < after <= 5  # PPO from random weights copies more letters (at most 4 and EOS)
     printed = capsys.readouterr().out
@@ -113,19 +128,23 @@ def test_speedrun_runs_the_stages_asked_for(tmp_path, capsys):
     ("pretrain,sfft", "'sfft'"),
     ("sft", "needs 'pretrain'"),
     ("samples,ppo", "--stages pretrain,samples,ppo"),
+    ("feedback", "needs 'pretrain' and 'sft'"),
+    ("pretrain,feedback", "--stages pretrain,sft,feedback"),
+    ("feedback", "needs 'pretrain' and 'sft'"),
+    ("pretrain,feedback", "--stages pretrain,sft,feedback"),
     (" , ", "empty"),
 ])
 def test_bad_stages_fail_before_anything_runs(stages, words, tmp_path, capsys):
     out = tmp_path / "never"
     code, err = _exit_code_and_stderr(["speedrun", "--profile", "ci", "--stages", stages, "--out", str(out)], capsys)
     assert code == 2 and words in err and "Traceback" not in err
-    assert "pretrain,samples,sft,ppo" in err or "needs" in err
+    assert "pretrain,samples,sft,ppo,feedback" in err or "needs" in err
     assert not out.exists()
 
 
 def test_parse_stages_keeps_pipeline_order():
     from tinyllama.cli import parse_stages, SPEEDRUN_STAGES
-    assert [n for n, _ in parse_stages(None)] == [n for n, _ in SPEEDRUN_STAGES] == ["pretrain", "samples", "sft", "ppo"]
+    assert [n for n, _ in parse_stages(None)] == [n for n, _ in SPEEDRUN_STAGES] == ["pretrain", "samples", "sft", "ppo", "feedback"]
     assert [n for n, _ in parse_stages("PPO, sft,pretrain")] == ["pretrain", "sft", "ppo"]
 
 

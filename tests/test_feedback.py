@@ -369,3 +369,106 @@ def test_comparison_validation():
     with pytest.raises(ValueError, match="string"): Comparison("p", 1, "b")
     with pytest.raises(ValueError, match="cannot read a pair"): LabelingSession([42], "unused.jsonl")
     assert Comparison("p", "a", "b").key == pair_key("p", "a", "b") != pair_key("p", "b", "a")
+
+
+# ---- the loop's pieces: prompts, samples, the judge, the reward function ----------------------------------
+
+@pytest.fixture(scope="module")
+def chat_model():
+    import torch
+    from tinyllama.data import default_world
+    from tinyllama.model import LLMConfig
+    from tinyllama.tokenizer import train_tokenizer
+    from _models import randomized
+    torch.set_num_threads(1)
+    tok = train_tokenizer([s.text for s in default_world().sample(200, seed="feedback-tests")], vocab_size=400)
+    cfg = LLMConfig(vocab_size=tok.vocab_size, context_size=64, dim_emb=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                    ffd_hidden_dim=64)
+    return randomized(cfg, seed=3), tok
+
+
+def test_story_requests_leave_the_ending_open_and_are_reproducible():
+    from tinyllama.feedback import story_requests
+    rs = story_requests(300, seed=5)
+    assert len(rs) == 300 and rs == story_requests(300, seed=5) and rs != story_requests(300, seed=6)
+    assert all(r.startswith("Write a") for r in rs)
+    assert not any(" happy story" in r or " sad story" in r for r in rs)  # the one template that fixes the ending
+    assert len({r.split(" about ")[0] for r in rs}) > 1  # more than one kind of request
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="positive integer"): story_requests(bad)
+
+
+def test_chat_prompt_ids_ask_for_the_assistants_reply(chat_model):
+    from tinyllama.feedback import chat_prompt_ids
+    _, tok = chat_model
+    (ids,) = chat_prompt_ids(tok, ["Write a story about Mia."])
+    assert ids[0] == tok.bos_id and ids[1] == tok.user_id and ids[-2:] == [tok.end_id, tok.assistant_id]
+    assert tok.decode(ids) == "Write a story about Mia."
+    with pytest.raises(ValueError, match="list of strings"): chat_prompt_ids(tok, "Write a story.")
+
+
+def test_sample_completions_in_chat_stop_at_end_and_follow_the_seed(chat_model):
+    import torch
+    from tinyllama.feedback import chat_prompt_ids, sample_completions
+    from tinyllama.generate import generate
+    model, tok = chat_model
+    prompts = ["Write a story about Mia.", "Write a story about a red kite.", "Write a story about Tom."]
+    a = sample_completions(model, tok, prompts, 20, seed=[1, 2, 3], chat=True)
+    assert a == sample_completions(model, tok, prompts, 20, seed=[1, 2, 3], chat=True)
+    assert a != sample_completions(model, tok, prompts, 20, seed=[4, 5, 6], chat=True)
+    # the rows' tokens, decoded up to <|end|>: generation stops there, not at </s>
+    raw = generate(model, chat_prompt_ids(tok, prompts), 20, 1.0, eos_id=tok.end_id, pad_id=tok.pad_id, seed=[1, 2, 3])
+    for text, ids in zip(a, raw):
+        assert tok.end_id not in ids[:-1] and (len(ids) == 20 or ids[-1] == tok.end_id)
+        assert text == tok.decode(ids).strip() and "<|" not in text
+    with pytest.raises(ValueError, match="max_new_tokens"):  # prompt + reply longer than the context
+        sample_completions(model, tok, prompts, 64, chat=True)
+    with pytest.raises(ValueError, match="non-empty list"): sample_completions(model, tok, [], chat=True)
+
+
+def test_sample_comparisons_pair_two_different_samples(chat_model):
+    from tinyllama.feedback import sample_comparisons
+    model, tok = chat_model
+    prompts = [f"Write a story about {n}." for n in ("Mia", "Tom", "Zoe", "Leo")]
+    cs = sample_comparisons(model, tok, prompts, "m1", max_new_tokens=12, seed=2, chat=True)
+    assert cs and all(c.a != c.b and c.model_id == "m1" and c.prompt in prompts for c in cs)
+    assert cs == sample_comparisons(model, tok, prompts, "m1", max_new_tokens=12, seed=2, chat=True)
+
+
+class _Judge:
+    "Prefers the completion that contains 'good'; a tie when both or neither do."
+    def prefer(self, pair):
+        a, b = "good" in pair.a, "good" in pair.b
+        return "tie" if a == b else "a" if a else "b"
+
+
+def test_head_to_head_counts_wins_ties_and_losses_whatever_the_sides():
+    from tinyllama.feedback import head_to_head
+    xs = ["good"] * 5 + ["bad"] * 3 + ["good"] * 2
+    ys = ["bad"] * 5 + ["good"] * 3 + ["good"] * 2
+    for seed in range(5):  # the sides are shuffled differently; the verdict must not change
+        r = head_to_head(_Judge(), ["p"] * 10, xs, ys, seed=seed)
+        assert (r["wins"], r["ties"], r["losses"], r["n"]) == (5, 2, 3, 10) and r["win_rate"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="one x and one y"): head_to_head(_Judge(), ["p"], ["a", "b"], ["c"])
+
+
+def test_text_reward_fn_scores_the_users_message_and_the_reply(chat_model, monkeypatch):
+    import torch
+    import tinyllama.reward
+    from tinyllama.feedback import chat_prompt_ids, text_reward_fn
+    from tinyllama.generate import left_pad
+    _, tok = chat_model
+    seen = {}
+    def fake_score_texts(rm, tokenizer, prompts, completions):
+        seen.update(prompts=prompts, completions=completions)
+        return torch.arange(len(prompts), dtype=torch.float)
+    monkeypatch.setattr(tinyllama.reward, "score_texts", fake_score_texts)
+    prompts = ["Write a story about Mia.", "Write a story about a red kite in the park."]  # different lengths
+    replies = ["Mia felt happy. The end.", "Tom was sad."]
+    prompt_ids, _ = left_pad(chat_prompt_ids(tok, prompts), tok.pad_id, torch.device("cpu"))
+    rows = [tok.encode(r) + [tok.end_id] for r in replies]
+    width = max(map(len, rows)) + 2
+    response_ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])
+    scores = text_reward_fn(None, tok)(prompt_ids, response_ids)
+    assert seen == {"prompts": prompts, "completions": replies}  # no <|end|>, PAD or role tokens in the text
+    assert scores.tolist() == [0.0, 1.0]

@@ -20,8 +20,8 @@ import torch
 __all__ = ['PROG', 'DEFAULT_PROMPTS', 'SPEEDRUN_STAGES', 'STAGE_NEEDS', 'COMMANDS', 'matmul_params', 'model_flops_per_token',
            'matmul_peak_flops', 'machine_description', 'CLIError', 'positive_int', 'non_negative_float', 'probability',
            'build_parser', 'Metric', 'Section', 'Speedrun', 'stage_pretrain', 'stage_samples', 'stage_sft', 'stage_ppo',
-           'parse_stages', 'metrics_table', 'render_report', 'run_speedrun', 'cmd_pretrain', 'cmd_sample',
-           'cmd_speedrun', 'ChatSession', 'cmd_chat', 'cmd_label', 'main']
+           'stage_feedback', 'parse_stages', 'metrics_table', 'render_report', 'run_speedrun', 'cmd_pretrain',
+           'cmd_sample', 'cmd_speedrun', 'ChatSession', 'cmd_chat', 'cmd_label', 'main']
 
 # %% ../nbs/93_cli.ipynb #1d606cda
 def matmul_params(config) -> int:
@@ -148,12 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help=f"a prompt to continue (repeat for several; default: {', '.join(map(repr, DEFAULT_PROMPTS))})")
     _sampling(p)
-    p = sub.add_parser("speedrun", help="pretraining -> samples -> SFT -> PPO, with a report")
+    p = sub.add_parser("speedrun", help="pretraining -> samples -> SFT -> PPO (copy task) -> PPO on scripted preferences, with a report")
     _common(p, "report folder (default runs/<time>)")
     p.add_argument("--steps", type=positive_int, default=None, help="pretraining steps (default: the profile's)")
     p.add_argument("--stages", default=None, metavar="LIST",
                    help="comma-separated stages to run, in pipeline order (default: all of "
-                        "pretrain,samples,sft,ppo; samples and sft need pretrain)")
+                        "pretrain,samples,sft,ppo,feedback; samples and sft need pretrain, feedback needs sft)")
     _corpus(p)
     p = sub.add_parser("chat", help="talk to a fine-tuned checkpoint (the speedrun's sft/ folder)",
                        description="Answers your messages with a chat-trained model. Type a message and press Enter "
@@ -544,10 +544,123 @@ def _ppo_section(run, device):
     run.state.update(ppo=dict(history=history, evals=evals))
     return Section("PPO on the copy task", "\n\n".join(body), metrics)
 
+# %% ../nbs/93_cli.ipynb #08f5c773
+def _feedback_sizes(profile):
+    "The speedrun's human-feedback loop (chapter 12) on the run's SFT model: label, reward-model and PPO sizes."
+    return {"ci": dict(n_label=12, n_heldout=4, rm_steps=3, ppo_steps=2, batch=4, mini=4, epochs=1, lr=1e-4, max_new=16),
+            "cpu": dict(n_label=160, n_heldout=100, rm_steps=80, ppo_steps=30, batch=16, mini=8, epochs=2, lr=1e-4,
+                        max_new=110),
+            "gpu": dict(n_label=1000, n_heldout=400, rm_steps=400, ppo_steps=200, batch=64, mini=16, epochs=4, lr=5e-5,
+                        max_new=110)}[profile]
+
+def _feedback_plot(history, scores_before, scores_after, path, title):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 3.2))
+    ax, bx, cx = fig.subplots(1, 3)
+    steps = [s["ppo/step"] + 1 for s in history]
+    ax.plot(steps, [s["env/reward_mean"] for s in history], lw=1.2); ax.set_title(title)
+    ax.set_ylabel("learned reward per response")
+    bx.plot(steps, [s["objective/kl"] for s in history], lw=1.2); bx.set_title("KL(π‖π_SFT), nats per response")
+    for x in (ax, bx): x.set_xlabel("PPO step"); x.grid(alpha=0.3)
+    levels = sorted(set(scores_before) | set(scores_after))
+    cx.bar([i - 0.2 for i in range(len(levels))], [scores_before.count(v) for v in levels], 0.4, label="SFT policy")
+    cx.bar([i + 0.2 for i in range(len(levels))], [scores_after.count(v) for v in levels], 0.4, label="after PPO")
+    cx.set_xticks(range(len(levels))); cx.set_xticklabels([f"{v:g}" for v in levels], fontsize=8)
+    cx.set_xlabel("labeler's score (held-out requests)"); cx.legend(fontsize=8); cx.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+def stage_feedback(run: Speedrun) -> Section:
+    "Chapter 12's loop on the SFT model: scripted labels clicked in the widget → reward model → PPO → the labeler's verdict."
+    from tinyllama.device import get_device
+    device = torch.device(run.device) if run.device else get_device()
+    with _decode_threads(device):  # small models: one CPU thread
+        return _feedback_section(run, device)
+
+def _feedback_section(run, device):
+    import copy, random
+    from tinyllama.checkpoint import unwrap_model
+    from tinyllama.feedback import (LabelStore, PreferenceCollector, ScriptedLabeler, chat_prompt_ids, head_to_head,
+                                    sample_comparisons, sample_completions, story_comparisons, story_requests,
+                                    text_reward_fn)
+    from tinyllama.ppo import PPOConfig, PPOTrainer, ValueModel
+    from tinyllama.reward import RewardModel, pair_accuracy, train_reward_model
+    S = _feedback_sizes(run.profile)
+    sft_policy, tok = unwrap_model(run.state["model"]).to(device).eval(), run.state["tokenizer"]
+    heldout = story_requests(S["n_heldout"], seed=f"{run.seed}/feedback-heldout")
+    label_prompts = [p for p in story_requests(S["n_label"], seed=f"{run.seed}/feedback-label") if p not in set(heldout)]
+    room = sft_policy.config.context_size - max(map(len, chat_prompt_ids(tok, heldout + label_prompts)))
+    max_new = min(S["max_new"], room)  # a story is about 80-110 tokens; the SFT model's context may cut it shorter
+    labeler = ScriptedLabeler()
+    # 1. two samples of the SFT policy per request, labelled by clicking the widget's buttons
+    t0 = time.perf_counter()
+    collector = PreferenceCollector(sample_comparisons(sft_policy, tok, label_prompts, "sft", max_new, seed=run.seed,
+                                                       chat=True), run.out / "labels.jsonl", labeler=labeler.name)
+    counts = labeler.label(collector)
+    pairs = LabelStore(run.out / "labels.jsonl").preference_pairs()
+    padded = len(pairs) < 8  # a barely trained (ci) policy writes mostly ties: add story-world pairs, labelled alike
+    if padded:
+        extra = PreferenceCollector(story_comparisons(16, seed=run.seed), run.out / "labels-story-world.jsonl",
+                                    labeler=labeler.name)
+        labeler.label(extra)
+        pairs += extra.store.preference_pairs()
+    label_s = time.perf_counter() - t0
+    # 2. the reward model: trunk from the SFT policy, Bradley-Terry on 85% of the pairs, accuracy on the rest
+    random.Random(run.seed).shuffle(pairs)
+    n_val = max(1, len(pairs) * 15 // 100)
+    torch.manual_seed(run.seed)
+    rm = RewardModel.from_llm(sft_policy, pad_id=tok.pad_id).to(device)
+    t0 = time.perf_counter()
+    train_reward_model(rm, tok, pairs[n_val:], steps=S["rm_steps"], batch_size=16, lr=3e-4, progress=run.progress)
+    rm_acc, rm_s = pair_accuracy(rm, tok, pairs[:n_val]), time.perf_counter() - t0
+    # 3. PPO against the learned reward, with the KL penalty to the (frozen) SFT policy
+    cfg = PPOConfig(batch_size=S["batch"], mini_batch_size=S["mini"], ppo_epochs=S["epochs"], lr=S["lr"],
+                    max_new_tokens=max_new, init_kl_coef=0.05, seed=run.seed)
+    trainer = PPOTrainer(copy.deepcopy(sft_policy), copy.deepcopy(sft_policy), ValueModel.from_llm(sft_policy),
+                         text_reward_fn(rm, tok), cfg, eos_id=tok.end_id, pad_id=tok.pad_id)
+    ppo_prompts = chat_prompt_ids(tok, label_prompts)
+    t0 = time.perf_counter()
+    history = trainer.train(lambda step: [ppo_prompts[(step * cfg.batch_size + i) % len(ppo_prompts)]
+                                          for i in range(cfg.batch_size)], S["ppo_steps"], progress=run.progress)
+    ppo_s = time.perf_counter() - t0
+    # 4. the labeler's verdict on held-out requests, and the KL paid for it
+    ro = trainer.rollout(chat_prompt_ids(tok, heldout))
+    kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask.float()).sum(1)
+    after = [t.strip() for t in tok.decode_batch(ro.response_ids.tolist())]
+    before = sample_completions(sft_policy, tok, heldout, max_new, seed=run.seed + 12345, chat=True)
+    verdict = head_to_head(labeler, heldout, after, before, seed=run.seed)
+    sb, sa = [labeler.score(p, t) for p, t in zip(heldout, before)], [labeler.score(p, t) for p, t in zip(heldout, after)]
+    _feedback_plot(history, sb, sa, run.out / "feedback.png", f"PPO on learned preferences ({run.profile} profile)")
+    metrics = [Metric("reward model pair accuracy", f"{rm_acc:.1%}", f"{n_val} held-out label pairs; {len(pairs) - n_val} trained on"),
+               Metric("labeler prefers PPO over SFT", f"{verdict['win_rate']:.1%}",
+                      f"{verdict['n']} held-out requests, one sample each, sides shuffled, a tie counts half"),
+               Metric("KL to the SFT policy", f"{kl.mean().item():.2f} nats", "per response, mean over the held-out samples"),
+               Metric("labeler's mean score", _before_after(sum(sb) / len(sb), sum(sa) / len(sa), "{:+.2f}"),
+                      "SFT policy → after PPO; the hero's final feeling, proud +4 … sad −4")]
+    rows = [f"| {p} | {b} | {a} |" for p, b, a in list(zip(heldout, before, after))[:3]]
+    body = [f"Chapter 12's loop on the SFT model above. {len(label_prompts)} story requests that leave the ending open, "
+            f"two samples each; the scripted labeler (it prefers stories whose hero ends happier: {labeler.name}) clicked "
+            f"`PreferenceCollector`'s buttons for each pair: {counts['a']} A, {counts['b']} B, {counts['tie']} ties, "
+            f"saved in `labels.jsonl` ({_fmt_s(label_s)})." + (" Too few pairs differed, so 16 story-world pairs "
+            "(`labels-story-world.jsonl`) were labelled too." if padded else ""),
+            f"Reward model: chapter 10's Bradley–Terry model, trunk from the SFT policy, {S['rm_steps']} steps "
+            f"({_fmt_s(rm_s)}); held-out pair accuracy {rm_acc:.1%}.",
+            f"PPO: {len(history)} steps of {cfg.batch_size} requests, {cfg.ppo_epochs} epochs of minibatches of "
+            f"{cfg.mini_batch_size}, lr {cfg.lr:g}, β = {cfg.init_kl_coef} to the frozen SFT policy ({_fmt_s(ppo_s)}); "
+            f"learned reward {history[0]['env/reward_mean']:.2f} → {history[-1]['env/reward_mean']:.2f}.",
+            f"Verdict: the labeler prefers the PPO policy's story on {verdict['win_rate']:.1%} of {verdict['n']} "
+            f"held-out requests (wins {verdict['wins']}, ties {verdict['ties']}, losses {verdict['losses']}), at a KL of "
+            f"{kl.mean().item():.2f} nats per response to the SFT policy.",
+            "![feedback](feedback.png)",
+            "| request | SFT policy | after PPO |\n|---|---|---|\n" + "\n".join(r.replace("\n", " ") for r in rows)]
+    run.state.update(feedback=dict(history=history, verdict=verdict, rm_accuracy=rm_acc))
+    return Section("Human feedback (scripted labeler)", "\n\n".join(body), metrics)
+
 # %% ../nbs/93_cli.ipynb #3d1d0e65
 SPEEDRUN_STAGES: list = [("pretrain", stage_pretrain), ("samples", stage_samples), ("sft", stage_sft),
-                         ("ppo", stage_ppo)]
-STAGE_NEEDS = {"samples": ("pretrain",), "sft": ("pretrain",)}  # stage -> stages whose results it uses
+                         ("ppo", stage_ppo), ("feedback", stage_feedback)]
+STAGE_NEEDS = {"samples": ("pretrain",), "sft": ("pretrain",), "feedback": ("pretrain", "sft")}  # stage -> stages whose results it uses
 
 def parse_stages(text: str | None,  # the --stages value, e.g. "pretrain,sft"; None = every stage
                  stages: list | None = None,  # (name, function) pairs; None = SPEEDRUN_STAGES
@@ -566,7 +679,7 @@ def parse_stages(text: str | None,  # the --stages value, e.g. "pretrain,sft"; N
         missing = [n for n in STAGE_NEEDS.get(t, ()) if n not in asked]
         if missing:
             fixed = ",".join(n for n in names if n in asked or n in missing)
-            raise CLIError(f"stage {t!r} needs {' and '.join(map(repr, missing))} (it uses the pretrained model); "
+            raise CLIError(f"stage {t!r} needs {' and '.join(map(repr, missing))} (it uses their results); "
                            f"run --stages {fixed}.")
     return [(n, f) for n, f in stages if n in asked]
 

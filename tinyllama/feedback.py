@@ -11,7 +11,8 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 __all__ = ['CHOICES', 'DECISION_FIELDS', 'KEYS', 'FEELING_SCALE', 'Comparison', 'pair_key', 'as_comparison', 'utc_now', 'Problem',
            'Labels', 'read_labels', 'LabelStore', 'LabelingSession', 'PreferenceCollector', 'story_prompt',
            'story_comparisons', 'run_terminal_labeler', 'read_pairs', 'write_pairs', 'add_label_subcommand',
-           'label_main', 'ScriptedLabeler', 'sample_comparisons', 'head_to_head', 'text_reward_fn']
+           'label_main', 'ScriptedLabeler', 'story_requests', 'chat_prompt_ids', 'sample_completions',
+           'sample_comparisons', 'head_to_head', 'text_reward_fn']
 
 # %% ../nbs/12_human_feedback.ipynb #cdfe8456
 CHOICES = ("a", "b", "tie", "skip")  # what a labeler can answer for one pair
@@ -480,20 +481,57 @@ class ScriptedLabeler:
         return collector.counts()
 
 # %% ../nbs/12_human_feedback.ipynb #ff16ac5a
+def story_requests(n: int,  # how many requests
+                   seed=0,  # seed of the stories they are drawn from
+                   world=None,  # a StoryWorld (default: the built-in one)
+                  ) -> list:
+    """`n` chapter-09 story requests ("Write a story about Mia and a red kite.") that leave the ending open: the
+    labeler's taste is about the ending, so a request for a sad story would set the person against the instruction."""
+    from tinyllama.data import default_world
+    from tinyllama.sft import story_request
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be a positive integer, got {n!r}.")
+    world, rng, out = world or default_world(), random.Random(f"{seed}/requests"), []
+    while len(out) < n:
+        r = story_request(world.sample_story(rng), rng)
+        if "ending" not in dict(r.constraints): out.append(r.instruction)
+    return out
+
+def chat_prompt_ids(tokenizer, prompts: Sequence[str]) -> list:
+    "Token ids asking for the assistant's reply to each prompt, sent as the user's message (chapter 09's template)."
+    from tinyllama.sft import format_chat
+    if isinstance(prompts, str): raise ValueError("prompts must be a list of strings; wrap one prompt in a list.")
+    return [format_chat([{"role": "user", "content": p}], tokenizer, add_generation_prompt=True)[0] for p in prompts]
+
+def sample_completions(model,  # an LLM
+                       tokenizer,
+                       prompts: Sequence[str],
+                       max_new_tokens: int = 72,
+                       temperature: float = 1.0,
+                       seed=0,  # int: row i uses seed + i; or one seed per prompt
+                       chat: bool = False,  # True: each prompt is a user message and the completion is the reply
+                      ) -> list:
+    "One sampled completion per prompt: a continuation of the text, or (chat=True) the assistant's reply, up to <|end|>."
+    from tinyllama.generate import generate, generate_text
+    if isinstance(prompts, str) or not prompts: raise ValueError("prompts must be a non-empty list of strings.")
+    if not chat: return generate_text(model, tokenizer, list(prompts), max_new_tokens, temperature, seed=seed)
+    new = generate(model, chat_prompt_ids(tokenizer, prompts), max_new_tokens, temperature,
+                   eos_id=tokenizer.end_id, pad_id=tokenizer.pad_id, seed=seed)
+    return [tokenizer.decode(ids).strip() for ids in new]
+
 def sample_comparisons(model,  # an LLM: the policy whose outputs are judged
                        tokenizer,
-                       prompts: Sequence[str],  # texts to continue
+                       prompts: Sequence[str],  # texts to continue, or (chat=True) user messages to answer
                        model_id: str = "policy",  # saved with each label
                        max_new_tokens: int = 72,
                        temperature: float = 1.0,
                        seed: int = 0,  # the two samples of prompt i use seeds derived from (seed, i)
+                       chat: bool = False,  # as in sample_completions
                       ) -> list:
     "Two sampled completions per prompt, as `Comparison`s; prompts whose two samples are equal are left out."
-    from tinyllama.generate import generate_text
     if isinstance(prompts, str) or not prompts: raise ValueError("prompts must be a non-empty list of strings.")
     n = len(prompts)
-    a = generate_text(model, tokenizer, list(prompts), max_new_tokens, temperature, seed=[seed * 7919 + 2 * i for i in range(n)])
-    b = generate_text(model, tokenizer, list(prompts), max_new_tokens, temperature, seed=[seed * 7919 + 2 * i + 1 for i in range(n)])
+    a, b = (sample_completions(model, tokenizer, prompts, max_new_tokens, temperature,
+                               [seed * 7919 + 2 * i + k for i in range(n)], chat) for k in (0, 1))
     return [Comparison(p, x, y, model_id) for p, x, y in zip(prompts, a, b) if x != y]
 
 def head_to_head(labeler,  # anything with prefer(pair) -> 'a' | 'b' | 'tie' (e.g. a ScriptedLabeler)
@@ -515,7 +553,8 @@ def head_to_head(labeler,  # anything with prefer(pair) -> 'a' | 'b' | 'tie' (e.
 def text_reward_fn(rm,  # a tinyllama.reward.RewardModel trained on labels
                    tokenizer,
                   ) -> Callable:
-    "A `PPOTrainer` reward function: decode prompt and response, score the text with `rm` (one score per row)."
+    """A `PPOTrainer` reward function: decode prompt and response (special tokens dropped, so a chat prompt becomes
+    the user's message), score the text with `rm` (one score per row)."""
     import torch
     from tinyllama.reward import score_texts
     def reward_fn(prompt_ids, response_ids):  # (B, Tp) left-padded, (B, Tr) padded after EOS
