@@ -548,7 +548,7 @@ def _ppo_section(run, device):
 def _feedback_sizes(profile):
     "The speedrun's human-feedback loop (chapter 12) on the run's SFT model: label, reward-model and PPO sizes."
     return {"ci": dict(n_label=12, n_heldout=4, rm_steps=3, ppo_steps=2, batch=4, mini=4, epochs=1, lr=1e-4, max_new=16),
-            "cpu": dict(n_label=160, n_heldout=100, rm_steps=80, ppo_steps=30, batch=16, mini=8, epochs=2, lr=1e-4,
+            "cpu": dict(n_label=300, n_heldout=100, rm_steps=150, ppo_steps=40, batch=16, mini=8, epochs=2, lr=1e-4,
                         max_new=110),
             "gpu": dict(n_label=1000, n_heldout=400, rm_steps=400, ppo_steps=200, batch=64, mini=16, epochs=4, lr=5e-5,
                         max_new=110)}[profile]
