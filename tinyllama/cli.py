@@ -453,12 +453,16 @@ def _ppo_plot(history, evals, perfect, path, title):
     fig.savefig(path, dpi=110)
     return path
 
-def stage_ppo(run: Speedrun) -> Section:
-    "The copy task with the golden reward (chapters 10-11): a small letter-level policy trained by PPO."
+def _small_model_stage(run: Speedrun, section) -> Section:
+    "`section(run, device)` on the run's device; on a CPU with one thread (small models gain nothing from more)."
     from tinyllama.device import get_device
     device = torch.device(run.device) if run.device else get_device()
-    with _decode_threads(device):  # tiny matrices: one CPU thread
-        return _ppo_section(run, device)
+    with _decode_threads(device):
+        return section(run, device)
+
+def stage_ppo(run: Speedrun) -> Section:
+    "The copy task with the golden reward (chapters 10-11): a small letter-level policy trained by PPO."
+    return _small_model_stage(run, _ppo_section)
 
 def _ppo_section(run, device):
     import copy, random
@@ -573,10 +577,7 @@ def _feedback_plot(history, scores_before, scores_after, path, title):
 
 def stage_feedback(run: Speedrun) -> Section:
     "Chapter 12's loop on the SFT model: scripted labels clicked in the widget → reward model → PPO → the labeler's verdict."
-    from tinyllama.device import get_device
-    device = torch.device(run.device) if run.device else get_device()
-    with _decode_threads(device):  # small models: one CPU thread
-        return _feedback_section(run, device)
+    return _small_model_stage(run, _feedback_section)
 
 def _feedback_section(run, device):
     import copy, random
