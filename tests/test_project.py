@@ -67,3 +67,21 @@ def test_prose_has_no_unfilled_placeholders():
             text = re.sub(r"\$\$.*?\$\$|\$[^$]*\$|`[^`]*`", " ", "".join(cell["source"]), flags=re.S)  # drop math, code
             for name in set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", text)) | set(re.findall(r"\bTODO\b|\bTBD\b", text)):
                 assert re.search(rf"\b{name}\b", source), f"{nb.name}: '{name}' in the prose looks like an unfilled placeholder"
+
+
+def test_a_kernel_that_dies_while_starting_is_started_again():
+    "The root conftest wraps nbval's kernel start: a start that fails is retried, and the third failure is raised."
+    import importlib.util, pytest
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec); spec.loader.exec_module(conftest)
+    calls = []
+    def flaky(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) < 3: raise RuntimeError("Kernel died before replying to kernel_info")
+        return "km", "kc"
+    assert conftest._start_kernel_with_retries(flaky)(kernel_name="python") == ("km", "kc") and len(calls) == 3
+    calls.clear()
+    def dead(*args, **kwargs):
+        calls.append(1); raise RuntimeError("Kernel died before replying to kernel_info")
+    with pytest.raises(RuntimeError, match="Kernel died"): conftest._start_kernel_with_retries(dead)()
+    assert len(calls) == 3
