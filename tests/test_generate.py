@@ -293,3 +293,25 @@ def test_bad_input_is_reported_before_any_token(model):
         apply_temperature(torch.zeros(3), 0)
     with pytest.raises(ValueError, match="batch, vocab"):
         sample_next(torch.zeros(3))
+
+
+# ------------------------------------------------------------------ the compiled decoder
+def test_compiled_decoder_gives_generates_tokens(model):
+    "The first call compiles (guards on); later calls skip the guard checks; every call matches generate."
+    from tinyllama.generate import CompiledDecoder
+    fast = CompiledDecoder(model)
+    assert not fast.compiled
+    for i, prompt in enumerate(PROMPTS + [[1, 9, 9, 9, 2]]):
+        n = 30 - len(prompt)  # a different length each time: the fixed-shape step must not care
+        assert fast.generate(prompt, n) == generate(model, [prompt], n, temperature=0)[0], prompt
+        assert fast.compiled  # from the first call on
+    ref = generate(model, [PROMPTS[1]], 25, temperature=0)[0]
+    eos = ref[6]
+    stop = ref.index(eos) + 1
+    assert fast.generate(PROMPTS[1], 25, eos_id=eos) == ref[:stop]  # stops after emitting EOS, which it keeps
+    assert fast.generate(torch.tensor(PROMPTS[0]), None) == generate(model, [PROMPTS[0]], None, temperature=0)[0]
+    with pytest.raises(ValueError, match="one prompt"): fast.generate(PROMPTS, 5)
+    with pytest.raises(ValueError, match="context_size"): fast.generate(PROMPTS[1], 35)
+    hooked = LLM(model.config)
+    hooked.layers[0].register_forward_hook(lambda *a: None)
+    with pytest.raises(ValueError, match="plain tinyllama LLM"): CompiledDecoder(hooked)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_from_probs', 'sample_next', 'left_pad', 'decode_steps',
-           'generate', 'stream', 'generate_text', 'stream_text']
+           'generate', 'stream', 'generate_text', 'stream_text', 'CompiledDecoder']
 
 # %% ../nbs/08_generation.ipynb #005e9c89
 def _check_temperature(temperature):
@@ -401,3 +401,79 @@ def _text_pieces(tokenizer, prompt_ids, tokens):
     text = _continuation(tokenizer, prompt_ids, new)
     if text != shown and text.startswith(shown):
         yield text[len(shown):]
+
+# %% ../nbs/08_generation.ipynb #c9434d03
+class CompiledDecoder:
+    """Greedy decoding of one prompt at a time through a compiled single-token step (the gpt-fast recipe).
+
+    `torch.compile` compiles once only for fixed shapes, so the step sees nothing that grows: the KV cache
+    holds the whole context, the position is a one-element tensor (RoPE rows picked with `index_select`, the
+    new key and value written with `index_copy_`), and the slots not yet written are masked. The first decode
+    compiles the step; later decodes skip Dynamo's guard checks (`skip_guard_eval_unsafe`), which with shapes,
+    dtypes and weights fixed cannot fail and at these sizes cost more than the step itself. The weights are
+    read when the decoder is made: make a new one after training the model further."""
+
+    def __init__(self, model: nn.Module):  # a plain tinyllama LLM (put in eval mode here)
+        if not _lean_ok(model):
+            raise ValueError("CompiledDecoder needs a plain tinyllama LLM (no wrappers or hooks) on a CPU or CUDA "
+                             "device; use generate() for anything else.")
+        self.model, self.weights = model.eval(), _lean_weights(model)
+        dev, ctx = _model_device(model), model.config.context_size
+        self._slots = torch.arange(ctx, device=dev)
+        self._pos = [torch.tensor([t], device=dev) for t in range(ctx)]
+        self._step = torch.compile(self._step_fn, fullgraph=True, dynamic=False)
+        self.compiled = False  # True once a decode has compiled the step
+
+    def _step_fn(self, tok, pos, ks, vs):  # tok (1,), pos (1,), the caches' key and value tensors (1, K, ctx, D)
+        model, c = self.model, self.model.config
+        H, K, D, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.dim_emb, c.norm_eps
+        blocks, head = self.weights
+        h = F.embedding(tok, model.embed_tokens.weight)  # (1, d)
+        cos = model.rope.cos.index_select(0, pos).to(head.dtype)  # (1, D)
+        sin = model.rope.sin.index_select(0, pos).to(head.dtype)
+        seen = self._slots <= pos  # (ctx,) the slots written so far, this one included
+        for (w_qkv, w_o, w_gu, w_down), k, v in zip(blocks, ks, vs):  # the lean step's math (above), fixed shapes
+            qkv = (_unit_rms(h, eps) @ w_qkv).view(1, H + 2 * K, D)
+            qk = qkv[:, :H + K]
+            qk = qk * cos + torch.cat([-qk[..., D // 2:], qk[..., :D // 2]], dim=-1) * sin
+            k.index_copy_(2, pos, qk[:, H:, None])
+            v.index_copy_(2, pos, qkv[:, H + K:, None])
+            s = qk[:, :H].reshape(1, K, H // K, D) @ k.transpose(-1, -2)  # (1, K, H/K, ctx)
+            p = s.masked_fill(~seen, float("-inf")).softmax(-1)
+            h = torch.addmm(h, (p @ v).reshape(1, d), w_o)
+            gate, up = (_unit_rms(h, eps) @ w_gu).chunk(2, dim=-1)
+            h = torch.addmm(h, F.silu(gate) * up, w_down)
+        return (_unit_rms(h, eps) @ head).argmax(-1)  # (1,) the greedy token
+
+    @torch.inference_mode()
+    def generate(self,
+                 prompt: Sequence[int],  # one prompt: a non-empty list of token ids
+                 max_new_tokens: int | None = 128,  # None: fill the context
+                 eos_id: int | None = None,  # stop after emitting this id (it is kept as the last token)
+                ) -> list[int]:  # the new tokens: those of generate(model, [prompt], ..., temperature=0)[0]
+        "Greedy decoding of one prompt; the first call compiles the step (a minute on a CPU)."
+        import contextlib
+        if isinstance(prompt, torch.Tensor): prompt = prompt.tolist()
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (list, tuple)):
+            raise ValueError("CompiledDecoder.generate takes one prompt (a list of token ids); call it once per "
+                             "prompt, or use generate(model, prompts) for a batch.")
+        (prompt,), max_new_tokens = _prepare(self.model, [prompt], max_new_tokens, 0, None, None, eos_id, 0)
+        model, T0 = self.model, len(prompt)
+        caches = model.new_kv_caches(1, model.config.context_size)
+        nxt = model(torch.tensor([prompt], device=self._slots.device), kv_caches=caches)[:, -1].argmax(-1)  # prefill
+        ks, vs = [c.k for c in caches], [c.v for c in caches]
+        if self.compiled:  # compiled for these shapes already: skip the guards
+            mode = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        elif self._slots.device.type == "cpu":  # compile with a C++ wrapper: less Python per call
+            import torch._inductor.config as inductor_config
+            mode = inductor_config.patch(cpp_wrapper=True)
+        else:
+            mode = contextlib.nullcontext()
+        out = []
+        with mode:
+            for t in range(max_new_tokens):
+                out.append(int(nxt))
+                if out[-1] == eos_id or t == max_new_tokens - 1: break
+                nxt = self._step(nxt, self._pos[T0 + t], ks, vs)
+                self.compiled = True
+        return out
