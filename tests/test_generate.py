@@ -312,6 +312,15 @@ def test_compiled_decoder_gives_generates_tokens(model):
     assert fast.generate(torch.tensor(PROMPTS[0]), None) == generate(model, [PROMPTS[0]], None, temperature=0)[0]
     with pytest.raises(ValueError, match="one prompt"): fast.generate(PROMPTS, 5)
     with pytest.raises(ValueError, match="context_size"): fast.generate(PROMPTS[1], 35)
+    other = LLM(model.config)  # a second decoder of the same shape, other weights: each must run its own step
+    with torch.no_grad():
+        for w in other.parameters():
+            if w.dim() > 1: w.normal_(0, 0.3)
+    other_fast = CompiledDecoder(other.eval())
+    for prompt in PROMPTS[:2] * 2:  # alternate, after both have compiled
+        assert other_fast.generate(prompt, 20) == generate(other, [prompt], 20, temperature=0)[0]
+        assert fast.generate(prompt, 20) == generate(model, [prompt], 20, temperature=0)[0]
+    assert generate(other, [PROMPTS[0]], 20, temperature=0) != generate(model, [PROMPTS[0]], 20, temperature=0)
     hooked = LLM(model.config)
     hooked.layers[0].register_forward_hook(lambda *a: None)
     with pytest.raises(ValueError, match="plain tinyllama LLM"): CompiledDecoder(hooked)

@@ -411,7 +411,8 @@ class CompiledDecoder:
     new key and value written with `index_copy_`), and the slots not yet written are masked. The first decode
     compiles the step; later decodes skip Dynamo's guard checks (`skip_guard_eval_unsafe`), which with shapes,
     dtypes and weights fixed cannot fail and at these sizes cost more than the step itself. The weights are
-    read when the decoder is made: make a new one after training the model further."""
+    read when the decoder is made: make a new one after training the model further. Several decoders may live
+    side by side: the guards that tell their compiled steps apart are still checked."""
 
     def __init__(self, model: nn.Module):  # a plain tinyllama LLM (put in eval mode here)
         if not _lean_ok(model):
@@ -451,7 +452,7 @@ class CompiledDecoder:
                  max_new_tokens: int | None = 128,  # None: fill the context
                  eos_id: int | None = None,  # stop after emitting this id (it is kept as the last token)
                 ) -> list[int]:  # the new tokens: those of generate(model, [prompt], ..., temperature=0)[0]
-        "Greedy decoding of one prompt; the first call compiles the step (a minute on a CPU)."
+        "Greedy decoding of one prompt; the first call compiles the step (seconds to a minute on a CPU)."
         import contextlib
         if isinstance(prompt, torch.Tensor): prompt = prompt.tolist()
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (list, tuple)):
