@@ -227,6 +227,25 @@ def test_conversations(stories):
         assert len(c) // 2 <= 3
 
 
+def test_conversations_with_every_question(stories):
+    "max_questions=None asks every question the story answers, each once, with its own answer, in a shuffled order."
+    chats = sft_conversations(stories[:60], seed=1, write_fraction=0.0, max_questions=None)
+    orders = set()
+    for s, c in zip(stories[:60], chats):
+        qs = story_questions(s)
+        want, kind = {(q.question, q.answer) for q in qs}, {q.question: q.kind for q in qs}
+        asked = [(m["content"].split("\n")[-1], a["content"]) for m, a in zip(c[::2], c[1::2])]
+        assert len(asked) == len(want) and set(asked) == want
+        assert c[0]["content"] == f"{s.text}\n{asked[0][0]}"  # the story is in the first turn only
+        assert all("\n" not in m["content"] for m in c[2::2])
+        orders.add(tuple(kind[q] for q, _ in asked))
+    assert len(orders) > 10  # the kinds come in many orders, not one fixed order
+    assert sft_conversations(stories[:60], seed=1, write_fraction=0.0, max_questions=None) == chats
+    for bad in (0, -1, 2.5, True, "all"):
+        with pytest.raises(ValueError, match="max_questions"):
+            sft_conversations(stories[:2], max_questions=bad)
+
+
 # ---- the metric, on hand-made cases
 def test_exact_match_by_hand():
     assert exact_match("red", "red") and exact_match(" Red. ", "red") and exact_match("the park", "park")
