@@ -21,7 +21,12 @@ the full T x T score and value products, without halving for the causal mask, as
 does. Both models do the same model FLOPs per token, so the ratio of MFUs equals the
 ratio of throughputs; MFU says how far each is from the machine's matmul speed.
 
+On a GPU (`--device cuda`, with `--bf16` and `--compile` as the gpu profile trains), the
+peak is a matmul in the same dtype on the same device, and every timed run ends with a
+device synchronisation.
+
 Usage:  python bench/train_throughput.py [--batch 8] [--steps 4] [--warmup 2] [--rounds 5] [--quick]
+                                         [--device cuda] [--bf16] [--compile]
 """
 from __future__ import annotations
 
@@ -43,15 +48,26 @@ SHAPE = dict(vocab_size=4096, context_size=256, dim_emb=288, num_layers=6, num_h
 ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
 
 
+DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set by main()
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    "Best fp32 matmul FLOP/s over `repeats` (n x n) @ (n x n) products: 2 n^3 / t."
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+    "Best matmul FLOP/s over `repeats` (n x n) @ (n x n) products: 2 n^3 / t (DEVICE, DTYPE)."
+    n = n if DEVICE.type == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    out = torch.empty(n, n, device=DEVICE, dtype=DTYPE)
     torch.mm(a, b, out=out)  # warm the BLAS up
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -99,7 +115,8 @@ def logits_of(model, x):
 def make_step(model, opt):
     "One optimizer step on (x, y): forward, cross-entropy, backward, AdamW."
     def step(x, y):
-        logits = logits_of(model, x)
+        with torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE != torch.float32):
+            logits = logits_of(model, x)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
         loss.backward()
         opt.step()
@@ -118,6 +135,7 @@ def timed_run(step, batches, warmup: int, steps: int) -> tuple[float, float]:
         x, y = batches[(warmup + i) % len(batches)]
         step(x, y)
         tokens += x.numel()
+    sync()
     return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - c0)
 
 
@@ -131,7 +149,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads for both (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a short smoke run: batch 4, 2 timed steps, 1 warmup, 2 rounds")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--bf16", action="store_true", help="autocast to bfloat16 (a GPU of compute capability 8+)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = p.parse_args(argv)
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), torch.bfloat16 if args.bf16 else torch.float32
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA GPU")
     if args.quick:
         args.batch, args.steps, args.warmup, args.rounds = 4, 2, 1, 2
     for name in ("batch", "context", "steps", "rounds", "threads"):
@@ -148,17 +173,20 @@ def main(argv=None):
           f"torch {torch.__version__} | transformers {transformers.__version__} | python {platform.python_version()}")
 
     cfg, ours, theirs = build_models(args.seed)
+    ours, theirs = ours.to(DEVICE), theirs.to(DEVICE)
     g = torch.Generator().manual_seed(args.seed)
     B, T = args.batch, args.context
     batches = []
     for _ in range(4):
         w = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
-        batches.append((w[:, :-1].contiguous(), w[:, 1:].contiguous()))
+        batches.append((w[:, :-1].contiguous().to(DEVICE), w[:, 1:].contiguous().to(DEVICE)))
 
     # Same weights, same batch: the first losses must agree (else we would be timing different work).
     with torch.no_grad():
         l_ours = F.cross_entropy(logits_of(ours, batches[0][0]).flatten(0, 1), batches[0][1].flatten())
         l_theirs = F.cross_entropy(logits_of(theirs, batches[0][0]).flatten(0, 1), batches[0][1].flatten())
+    if args.compile:
+        ours, theirs = torch.compile(ours), torch.compile(theirs)
     if not torch.allclose(l_ours, l_theirs, atol=1e-4):
         raise SystemExit(f"the two models disagree on the same weights: loss {l_ours:.6f} vs {l_theirs:.6f}")
 
@@ -168,7 +196,7 @@ def main(argv=None):
     n_total = sum(p.numel() for p in ours.parameters())
     print(f"shape: dim {cfg.dim_emb}, layers {cfg.num_layers}, heads {cfg.num_heads}, kv heads {cfg.num_kv_heads}, "
           f"hidden {cfg.ffd_hidden_dim}, vocab {cfg.vocab_size}, context {T}; batch {B} ({B * T} tokens/step); "
-          f"fp32; AdamW {ADAMW['lr']}, betas {ADAMW['betas']}, wd {ADAMW['weight_decay']}")
+          f"{str(DTYPE).replace('torch.', '')} on {DEVICE}{', compiled' if args.compile else ''}; AdamW {ADAMW['lr']}, betas {ADAMW['betas']}, wd {ADAMW['weight_decay']}")
     print(f"params: {n_total / 1e6:.2f} M total, N = {n_mm / 1e6:.2f} M in matmuls; "
           f"model FLOPs/token = 6N + 12LTd = {fpt / 1e6:.1f} M (PaLM appendix B convention)")
 
@@ -189,7 +217,7 @@ def main(argv=None):
     peak = max(peaks)
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\nmatmul peak (fp32, 2048^3, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s "
+    print(f"\nmatmul peak ({str(DTYPE).replace('torch.', '')} on {DEVICE}, {torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s "
           f"(best of {len(peaks)} measurements; worst {min(peaks) / 1e9:.1f})")
     cmed = {k: statistics.median(v) for k, v in cpu_rates.items()}
     print(f"{'model':<14}{'tokens/s (median)':>19}{'min':>9}{'max':>9}{'MFU':>8}{'tokens/CPU-s':>14}")

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['causal_mask', 'attention_weights', 'causal_attention', 'repeat_kv', 'KVCache', 'GroupedQueryAttention',
-           'kv_cache_bytes_per_token', 'position_ids_from_mask']
+__all__ = ['causal_mask', 'attention_weights', 'causal_attention', 'repeat_kv', 'KVCache', 'sdpa_shares_kv_heads',
+           'GroupedQueryAttention', 'kv_cache_bytes_per_token', 'position_ids_from_mask']
 
 # %% ../nbs/05_attention.ipynb #4689ffab
 def causal_mask(q_len: int,  # number of queries T (the newest tokens)
@@ -135,6 +135,24 @@ class KVCache:
 # %% ../nbs/05_attention.ipynb #da1b8d08
 # SDPA can serve each key/value head to its group of query heads itself from PyTorch 2.5 on (enable_gqa).
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+_constant = getattr(torch.compiler, "assume_constant_result", lambda f: f)
+
+@_constant  # under torch.compile: decided once while tracing, not a graph break
+def _cuda_capability(index) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+def sdpa_shares_kv_heads(device: torch.device,  # where q, k, v live
+                         dtype: torch.dtype,  # their dtype (under autocast: the autocast dtype)
+                         masked: bool,  # whether an explicit attention mask is passed
+                        ) -> bool:
+    "Whether SDPA should share the K kv heads itself (enable_gqa) rather than get them expanded."
+    # Grouped heads are worth it only where a fused kernel takes them; elsewhere SDPA falls back
+    # to its math kernel, which builds the full (B, H, T, S) scores, and expanding is faster.
+    if not _SDPA_GQA or masked: return False
+    if device.type == "cpu": return True  # the CPU flash kernel takes grouped heads
+    if device.type == "cuda":  # flash only: compute capability 8.0+ and half precision
+        return dtype in (torch.float16, torch.bfloat16) and _cuda_capability(device.index) >= (8, 0)
+    return False
 
 class GroupedQueryAttention(nn.Module):
     "Multi-head attention with `num_kv_heads` key/value heads shared by groups of query heads (GQA)."
@@ -181,8 +199,9 @@ class GroupedQueryAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        q = rope(q, start_pos=start_pos, position_ids=position_ids)
-        k = rope(k, start_pos=start_pos, position_ids=position_ids)  # keys are cached already rotated
+        # position_ids were checked once by LLM.forward (the boundary), not in every layer.
+        q = rope(q, start_pos=start_pos, position_ids=position_ids, check=False)
+        k = rope(k, start_pos=start_pos, position_ids=position_ids, check=False)  # cached rotated
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start_pos)  # (B, K, S, D), S = start_pos + T
         S = k.shape[2]
@@ -203,7 +222,7 @@ class GroupedQueryAttention(nn.Module):
             mask[..., torch.arange(T, device=x.device), torch.arange(S - T, S, device=x.device)] = True
         # Without a mask (training, one-token decoding) SDPA shares the K kv heads among the H query heads
         # itself: the result of repeat_kv without copying K and V H/K times (and summing their gradients back).
-        gqa = self.n_rep > 1 and mask is None and _SDPA_GQA and x.device.type in ("cpu", "cuda")
+        gqa = self.n_rep > 1 and sdpa_shares_kv_heads(q.device, q.dtype, mask is not None)
         if not gqa:
             k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, H, S, D)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,

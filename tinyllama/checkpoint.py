@@ -60,12 +60,16 @@ def rng_state() -> dict:
     if torch.cuda.is_available(): state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
+def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.uint8)  # what torch's set_rng_state functions accept
+
 def set_rng_state(state: dict):
-    "Restore the states saved by `rng_state`."
+    "Restore the states saved by `rng_state` (RNG states are CPU byte tensors, wherever loaded)."
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(_cpu_bytes(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_cpu_bytes(s) for s in state["cuda"]])
 
 # %% ../nbs/07b_checkpoint.ipynb #12e4310b
 def _weights(model: nn.Module) -> dict:
@@ -107,6 +111,13 @@ def _need(path: Path, what: str):
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {what} Point at a folder written by save_checkpoint (or train with out_dir=...).")
 
+def _move(x, device):
+    "Tensors inside nested dicts/lists moved to `device`."
+    if isinstance(x, torch.Tensor): return x.to(device)
+    if isinstance(x, dict): return {k: _move(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)): return type(x)(_move(v, device) for v in x)
+    return x
+
 def load_config(out_dir) -> LLMConfig:
     "The LLMConfig saved in `out_dir/config.json`."
     path = Path(out_dir) / CONFIG_FILE
@@ -139,12 +150,16 @@ def load_checkpoint(out_dir,  # folder written by save_checkpoint
         raise CheckpointError(f"{wpath} is truncated or corrupted ({e}); restore it from a backup or train again.") from None
     state = {}
     if spath.is_file():
-        try: state = torch.load(spath, map_location=map_location, weights_only=True)
+        # On the CPU first: torch.set_rng_state accepts only CPU byte tensors, so the RNG
+        # states stay there and only the rest moves to map_location.
+        try: state = torch.load(spath, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{spath} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
                                   "restore it from a backup or train again.") from None
         if not isinstance(state, dict) or "step" not in state:
             raise CheckpointError(f"{spath} is not a tinyllama trainer state; it was not written by save_checkpoint.")
+        if map_location is not None and torch.device(map_location).type != "cpu":
+            state = {k: v if k == "rng" else _move(v, map_location) for k, v in state.items()}
         if state.get("weights_sha256") and sha256_file(wpath) != state["weights_sha256"]:
             raise CheckpointError(f"{wpath} does not match {spath} (its SHA-256 differs from the one recorded): "
                                   "the weights were altered or come from another save; restore both files.")

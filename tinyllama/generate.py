@@ -37,6 +37,10 @@ def apply_temperature(logits: torch.Tensor,  # (..., V) scores
     return logits.float() / temperature
 
 # %% ../nbs/08_generation.ipynb #7caf0a47
+def _f64_device(device: torch.device) -> torch.device:
+    "Where float64 sampling maths runs: on the device itself, or on the CPU for MPS (no float64)."
+    return device if device.type in ("cpu", "cuda") else torch.device("cpu")
+
 def top_k_filter(logits: torch.Tensor,  # (..., V) scores
                  k: int,  # keep the k largest of each row (and any tied with the k-th largest)
                 ) -> torch.Tensor:  # same shape; the other entries are -inf
@@ -54,23 +58,30 @@ def top_p_filter(logits: torch.Tensor,  # (..., V) scores
     _check_top_p(p)
     if p is None or p >= 1:
         return logits
-    probs = torch.softmax(logits.double(), dim=-1)  # float64: the running sums must not drift
+    # float64: the running sums must not drift (on the CPU where the device has no float64)
+    probs = torch.softmax(logits.to(_f64_device(logits.device), torch.float64), dim=-1)
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)  # ties: lower id first
     mass_before = F.pad(sorted_p.cumsum(-1)[..., :-1], (1, 0))  # probability of the tokens ranked above
     drop_sorted = mass_before >= p  # the nucleus is complete before this token
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
+    return logits.masked_fill(drop.to(logits.device), float("-inf"))
 
 # %% ../nbs/08_generation.ipynb #df270225
-def _uniforms(n, generator, device) -> torch.Tensor:
-    "n uniforms in [0, 1) as float64: from one generator, one generator per row, or the global RNG."
+def _uniforms(n, generator, device, steps=None) -> torch.Tensor:
+    "(n,) float64 uniforms in [0, 1), or (steps, n): one generator per row, one, or the global RNG."
+    shape = (n,) if steps is None else (steps, n)
     if isinstance(generator, (list, tuple)):
         if len(generator) != n:
-            raise ValueError(f"got {len(generator)} generators for {n} rows; give one torch.Generator per row.")
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generator])
-    else:
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-    return u.to(device)
+            raise ValueError(f"got {len(generator)} generators for {n} rows; give one "
+                             "torch.Generator per row.")
+        # A row's draws come from its own generator in order, so drawing all steps at once
+        # gives the same numbers as one draw per step, with one copy to the device.
+        u = torch.stack([torch.rand(shape[0] if steps else 1, generator=g,
+                                    dtype=torch.float64) for g in generator], -1)
+        return (u if steps else u[0]).to(device)
+    if generator is None:  # the device's own generator: no copy from the host
+        return torch.rand(shape, dtype=torch.float64, device=device)
+    return torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
 
 def sample_from_probs(probs: torch.Tensor,  # (B, V) non-negative, each row with positive sum
                       u: torch.Tensor,  # (B,) uniforms in [0, 1)
@@ -95,10 +106,14 @@ def sample_next(logits: torch.Tensor,  # (B, V) next-token scores
         raise ValueError(f"sample_next expects logits of shape (batch, vocab), got {tuple(logits.shape)}.")
     if temperature == 0:
         return logits.argmax(-1)  # the first of tied maxima
-    z = apply_temperature(logits, temperature)
-    z = top_p_filter(top_k_filter(z, top_k), top_p)
-    probs = torch.softmax(z.double(), dim=-1)  # (B, V)
-    return sample_from_probs(probs, _uniforms(logits.shape[0], generator, logits.device))
+    u = _uniforms(logits.shape[0], generator, _f64_device(logits.device))
+    return _sample(logits, temperature, top_k, top_p, u)
+
+def _sample(logits, temperature, top_k, top_p, u):
+    "sample_next with its uniforms `u` (B,) given, on the device that holds them."
+    z = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
+    probs = torch.softmax(z.to(u.device, torch.float64), dim=-1)  # (B, V)
+    return sample_from_probs(probs, u).to(logits.device)
 
 # %% ../nbs/08_generation.ipynb #63677ead
 def _model_device(model):
@@ -276,8 +291,10 @@ def _decode_loop(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_
     device = _model_device(model)
     ids, mask = left_pad(prompts, pad_id, device)  # (B, T0)
     B, T0 = ids.shape
-    lengths = mask.sum(-1)  # (B,) real prompt lengths
-    padded = bool((lengths < T0).any())  # no padding: no mask at all, the fast path
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,) real lengths
+    padded = any(len(p) < T0 for p in prompts)  # no padding: no mask at all, the fast path
+    # Every row's uniforms for every step, drawn at once: one copy, not one per token.
+    u = None if gens is None else _uniforms(B, gens, _f64_device(device), max_new_tokens)
     active = torch.ones(B, dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
@@ -286,12 +303,12 @@ def _decode_loop(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_
         lean = _lean_weights(model) if use_cache and fast and _lean_ok(model) else None
         logits = model(ids, attention_mask=mask if padded else None, kv_caches=caches)[:, -1]  # (B, V)
         for t in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, gens)  # (B,)
+            nxt = logits.argmax(-1) if u is None else _sample(logits, temperature, top_k, top_p, u[t])
             nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))  # finished rows get padding
             yield nxt, active.clone()
             if eos_id is not None:
                 active &= nxt != eos_id
-                if not bool(active.any()):
+                if not bool(active.any()):  # the loop's one host sync per token
                     return
             if t == max_new_tokens - 1:
                 return
@@ -327,12 +344,11 @@ def generate(model: nn.Module,  # an LLM
              use_cache: bool = True,  # False recomputes the whole sequence at each step (same tokens, slower)
             ) -> list[list[int]]:  # the new tokens of each row (prompt excluded), ending at eos_id if emitted
     "Continue each prompt; a row in a padded batch gets exactly the tokens it gets alone."
-    out = [[] for _ in prompts] if isinstance(prompts, (list, tuple)) else None
-    for nxt, active in decode_steps(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                                    eos_id, pad_id, seed, use_cache):
-        for i in active.nonzero()[:, 0].tolist():
-            out[i].append(int(nxt[i]))
-    return out
+    steps = list(decode_steps(model, prompts, max_new_tokens, temperature, top_k, top_p,
+                              eos_id, pad_id, seed, use_cache))
+    tokens = torch.stack([nxt for nxt, _ in steps], 1).tolist()  # (B, steps): one copy
+    active = torch.stack([act for _, act in steps], 1).tolist()
+    return [[t for t, a in zip(row, act) if a] for row, act in zip(tokens, active)]
 
 def stream(model: nn.Module,  # an LLM
            prompt: Sequence[int],  # one prompt: a non-empty list of token ids

@@ -198,7 +198,10 @@ class LLM(nn.Module):
             raise ValueError(f"context_size={c.context_size} but {where}; shorten the "
                              f"prompt (e.g. keep its last {max(c.context_size - start_pos, 1)} tokens) or use a model "
                              "with a larger context_size.")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        # Reading the ids' range is free on the CPU; on a GPU it would stall every forward
+        # (a host sync) and break compiled graphs, so there the embedding's own check stands.
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist() if input_ids.device.type == "cpu" \
+            else (0, 0)
         if lo < 0 or hi >= c.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {c.vocab_size}); the tokenizer and the "
@@ -216,6 +219,10 @@ class LLM(nn.Module):
                              f"(start_pos + T with KV caches, T without) — got {tuple(attention_mask.shape)}.")
         if position_ids is not None and tuple(position_ids.shape) != (B, T):
             raise ValueError(f"position_ids must have shape (batch={B}, seq={T}), got {tuple(position_ids.shape)}.")
+        if position_ids is not None:
+            if position_ids.is_floating_point() or position_ids.is_complex():
+                raise ValueError("position_ids must be an integer tensor (token positions).")
+            self.rope.check_positions(position_ids)  # once here, not in every layer
         return B, T
 
 # %% ../nbs/06_model.ipynb #29b9ad2d

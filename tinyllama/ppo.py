@@ -388,7 +388,7 @@ class PPOTrainer:
         self.optimizer.step()
         stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
                  "policy/entropy": masked_mean(entropy, m), **pg_stats, **vf_stats}
-        return {k: float(v.detach()) for k, v in stats.items()}
+        return {k: v.detach() for k, v in stats.items()}  # tensors: no host sync per minibatch
 
     def step(self,
              prompts: Sequence[Sequence[int]],  # this step's prompts (batch_size of them, typically)
@@ -406,25 +406,34 @@ class PPOTrainer:
             for start in range(0, B, c.mini_batch_size):
                 mb_stats.append(self._update(ro, order[start:start + c.mini_batch_size]))
         t2 = time.perf_counter()
+        keys = list(mb_stats[0])  # every minibatch's statistics, copied to the host at once
+        mb_stats = [dict(zip(keys, row)) for row in
+                    torch.stack([torch.stack([s[k] for k in keys]) for s in mb_stats]).tolist()]
         m = ro.response_mask.float()
         kl_seq = ((ro.logprobs - ro.ref_logprobs) * m).sum(1)  # (B,) KL estimate per response
         score_seq = ro.scores.sum(1)  # (B,) the reward function's total per response
-        stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
-        stats.update({
-            "env/reward_mean": score_seq.mean().item(),
-            "env/reward_std": score_seq.std().item() if B > 1 else 0.0,
-            "objective/kl": kl_seq.mean().item(),
-            "objective/kl_stderr": (kl_seq.std() / math.sqrt(B)).item() if B > 1 else 0.0,
-            "objective/kl_coef": self.kl_ctl.value,
-            "objective/entropy": (-(ro.logprobs * m).sum(1)).mean().item(),
-            "ppo/mean_scores": score_seq.mean().item(),
-            "ppo/mean_non_score_reward": ((ro.rewards - ro.scores) * m).sum(1).mean().item(),
-            "policy/advantages_mean": masked_mean(ro.advantages, m).item(),
-            "returns/mean": masked_mean(ro.returns, m).item(),
-            "returns/var": ro.returns[m.bool()].var().item() if m.sum() > 1 else 0.0,
-            "val/mean": masked_mean(ro.values, m).item(),
-            "tokens/response_len_mean": m.sum(1).mean().item(),
-            "time/ppo/rollout": t1 - t0, "time/ppo/optimize": t2 - t1, "ppo/step": self.n_steps})
+        n_valid = m.sum()
+        returns_var = ((ro.returns - masked_mean(ro.returns, m)).square() * m).sum() \
+            / (n_valid - 1).clamp(min=1)  # over valid tokens, as torch.var
+        zero = torch.zeros((), device=m.device)
+        rollout_stats = {
+            "env/reward_mean": score_seq.mean(),
+            "env/reward_std": score_seq.std() if B > 1 else zero,
+            "objective/kl": kl_seq.mean(),
+            "objective/kl_stderr": kl_seq.std() / math.sqrt(B) if B > 1 else zero,
+            "objective/entropy": (-(ro.logprobs * m).sum(1)).mean(),
+            "ppo/mean_scores": score_seq.mean(),
+            "ppo/mean_non_score_reward": ((ro.rewards - ro.scores) * m).sum(1).mean(),
+            "policy/advantages_mean": masked_mean(ro.advantages, m),
+            "returns/mean": masked_mean(ro.returns, m),
+            "returns/var": returns_var,
+            "val/mean": masked_mean(ro.values, m),
+            "tokens/response_len_mean": m.sum(1).mean()}
+        values = torch.stack([v.float() for v in rollout_stats.values()]).tolist()  # one copy
+        stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in keys}
+        stats.update(zip(rollout_stats, values))
+        stats.update({"objective/kl_coef": self.kl_ctl.value, "time/ppo/rollout": t1 - t0,
+                      "time/ppo/optimize": t2 - t1, "ppo/step": self.n_steps})
         self.kl_ctl.update(stats["objective/kl"], B)
         self.n_steps += 1
         self.history.append(stats)

@@ -198,11 +198,14 @@ class RewardModel(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                              f"{tuple(input_ids.shape)}; give one mask entry per token.")
         mask = attention_mask.bool()
-        empty = (~mask.any(1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"rows {empty[:5]} have no non-padding token (their mask is all zeros), so there is "
-                             "nothing to score; drop those rows or give each row at least one real token.")
-        h = self.trunk(input_ids, attention_mask=None if mask.all() else mask.long())  # (B, T, d)
+        full = False  # on a GPU the mask is always passed: reading it on the host would stall
+        if mask.device.type == "cpu":  # the checks that read the mask are free here
+            empty = (~mask.any(1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"rows {empty[:5]} have no non-padding token (their mask is all zeros), so there is "
+                                 "nothing to score; drop those rows or give each row at least one real token.")
+            full = bool(mask.all())
+        h = self.trunk(input_ids, attention_mask=None if full else mask.long())  # (B, T, d)
         last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # (B,) index of each row's last real token
         return self.score_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1)
 

@@ -79,10 +79,17 @@ class RotaryPositionalEncoding(nn.Module):
             f"0..{self.context_size - 1} (context_size={self.context_size}). Shorten the input, or build "
             f"the model with a larger context_size.")
 
+    def check_positions(self, position_ids: torch.Tensor):
+        "Raise a clear error for positions outside the table (read on the CPU only: free there)."
+        if position_ids.device.type != "cpu": return  # on a GPU the read would stall every call
+        lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()
+        if lo < 0 or hi >= self.context_size: raise self._too_far(lo, hi)
+
     def forward(self,
                 x: torch.Tensor,  # (B, H, T, head_dim) queries or keys
                 start_pos: int = 0,  # position of x's first token (cached decoding)
                 position_ids: torch.Tensor | None = None,  # (B, T) explicit positions; override start_pos
+                check: bool = True,  # False: the caller checked position_ids' range (LLM.forward does, once)
                ) -> torch.Tensor:  # (B, H, T, head_dim) rotated, x's dtype
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
             raise ValueError(f"expected x of shape (batch, heads, seq, head_dim={self.head_dim}); "
@@ -100,9 +107,8 @@ class RotaryPositionalEncoding(nn.Module):
                                  f"got {tuple(position_ids.shape)}.")
             if position_ids.is_floating_point() or position_ids.is_complex():
                 raise ValueError("position_ids must be an integer tensor (token positions).")
-            lo, hi = int(position_ids.min()), int(position_ids.max())
-            if lo < 0 or hi >= self.context_size:
-                raise self._too_far(lo, hi)
+            # The range check reads the ids on the host: only where that is free (the CPU).
+            if check: self.check_positions(position_ids)
             cos = self.cos[position_ids].unsqueeze(1)  # (B, 1, T, D)
             sin = self.sin[position_ids].unsqueeze(1)
         return apply_rotary(x, cos, sin)

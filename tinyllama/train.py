@@ -222,10 +222,19 @@ def make_optimizer(model: nn.Module, config: TrainingConfig):
     return opt, sched
 
 # %% ../nbs/07_pretraining.ipynb #98948ce0
+def _torch_version() -> tuple[int, int]:
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
 def resolve_precision(precision: str, device) -> torch.dtype:
     "The compute dtype of a run: 'auto' asks tinyllama.device.autocast_dtype."
-    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if precision == "auto": return autocast_dtype(device)
+    if precision in ("fp16", "bf16") and torch.device(device).type == "mps" \
+            and _torch_version() < (2, 7):
+        raise ValueError(f"precision={precision!r} on Apple's MPS needs torch 2.7 or newer "
+                         f"(this is {torch.__version__}: its MPS autocast or gradient scaler "
+                         "fails); use precision='auto' or 'fp32', or upgrade torch.")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 # %% ../nbs/07_pretraining.ipynb #fd4cec6b

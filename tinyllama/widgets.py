@@ -167,6 +167,17 @@ def story_data(n_train: int,  # training stories
 # %% ../nbs/07c_training_panel.ipynb #62121404
 SAMPLE_PROMPTS = ("Once upon a time, there was", "")
 
+def _forget_frames(e: BaseException) -> BaseException:
+    "`e` without its traceback, whose frames hold the model, optimizer state and activations."
+    e.__traceback__, e.__context__, e.__cause__ = None, None, None
+    return e
+
+def _free_memory():
+    "Collect the frames a failed run left (they form cycles), then the GPU memory they held."
+    import gc
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+
 class TrainingPanel:
     "A form to size a model and a run, with Start and Stop: training runs in a background thread."
     def __init__(self,
@@ -344,9 +355,10 @@ class TrainingPanel:
                       f"; checkpoint in {self.run_dir}.", "ok")
             self._show_samples()
         except Exception as e:  # shown in the panel: a reader's run must never end in a traceback
-            self.error = e
+            self.error = _forget_frames(e)  # after an out-of-memory error the next Start must fit
             self._say(f"Training stopped with an error: {e}", "error")
         finally:
+            if self.error is not None: _free_memory()  # outside the except block: its frames are gone
             self._draw(force=True)
             self._show_running(False)
 
