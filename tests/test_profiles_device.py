@@ -26,9 +26,13 @@ def test_pick_returns_the_value_of_the_profile():
     assert [Profile(n).pick(ci="a", cpu="b", gpu="c") for n in PROFILES] == ["a", "b", "c"]
 
 
-def test_device_choice_and_precision():
-    d = get_device()
-    assert d.type in ("cuda", "mps", "cpu")
+def test_device_choice_and_precision(monkeypatch):
+    import tinyllama.device as device_mod
+    monkeypatch.setattr(device_mod, "_mps_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert get_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert get_device() == torch.device("cuda")  # a CUDA GPU wins in every profile
     assert autocast_dtype("cpu") == torch.float32 and not needs_grad_scaler("cpu")
     assert device_report("cpu")["dtype"] == "float32"
 
