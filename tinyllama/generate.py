@@ -81,7 +81,8 @@ def _uniforms(n, generator, device, steps=None) -> torch.Tensor:
         return (u if steps else u[0]).to(device)
     if generator is None:  # the device's own generator: no copy from the host
         return torch.rand(shape, dtype=torch.float64, device=device)
-    return torch.rand(shape, generator=generator, dtype=torch.float64).to(device)
+    return torch.rand(shape, generator=generator, dtype=torch.float64,
+                      device=generator.device).to(device)  # a CPU or CUDA generator
 
 def sample_from_probs(probs: torch.Tensor,  # (B, V) non-negative, each row with positive sum
                       u: torch.Tensor,  # (B,) uniforms in [0, 1)
