@@ -247,12 +247,16 @@ def test_a_reward_model_forward_off_the_cpu_never_syncs():
     assert c.n == 0
 
 
-def test_a_ppo_minibatch_update_off_the_cpu_never_syncs():
+def tiny_ppo_trainer():
     torch.manual_seed(0)
     policy = LLM(CFG)
     cfg = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=5, lr=1e-3, seed=0)
-    trainer = PPOTrainer(policy, None, ValueModel.from_llm(policy), lambda p, r: (r == 5).float(), cfg,
-                         eos_id=2, pad_id=3)
+    return PPOTrainer(policy, None, ValueModel.from_llm(policy), lambda p, r: (r == 5).float(), cfg,
+                      eos_id=2, pad_id=3)
+
+
+def test_a_ppo_minibatch_update_off_the_cpu_never_syncs():
+    trainer = tiny_ppo_trainer()
     ro = trainer.rollout([[1, 4 + i % 7, 2] for i in range(8)])
     # The same update on the meta device, where any read of the data raises: a GPU stand-in.
     # (Adam's step counters stay CPU scalars, as they do when training on a GPU.)
@@ -263,11 +267,7 @@ def test_a_ppo_minibatch_update_off_the_cpu_never_syncs():
 
 
 def test_ppo_statistics_reach_the_caller_as_floats():
-    torch.manual_seed(0)
-    policy = LLM(CFG)
-    cfg = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=5, lr=1e-3, seed=0)
-    trainer = PPOTrainer(policy, None, ValueModel.from_llm(policy), lambda p, r: (r == 5).float(), cfg,
-                         eos_id=2, pad_id=3)
+    trainer = tiny_ppo_trainer()
     stats = trainer.step([[1, 4 + i % 7, 2] for i in range(8)])
     assert all(isinstance(v, (int, float)) for v in stats.values())
     assert len(trainer.minibatch_stats) == 4
