@@ -17,17 +17,26 @@ __all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'STATE_FILE', 'CheckpointError', 'unwr
            'load_model']
 
 # %% ../nbs/07b_checkpoint.ipynb #634f866a
-WEIGHTS_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "trainer_state.pt"
+WEIGHTS_FILE, CONFIG_FILE, STATE_FILE = (
+    "model.safetensors",
+    "config.json",
+    "trainer_state.pt",
+)
+
 
 class CheckpointError(RuntimeError):
     "A checkpoint file is missing, truncated, corrupted or does not fit the model."
 
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     "The plain `LLM` inside DistributedDataParallel and/or torch.compile wrappers."
     while True:
-        if hasattr(model, "_orig_mod"): model = model._orig_mod  # torch.compile
-        elif isinstance(model, nn.parallel.DistributedDataParallel): model = model.module
-        else: return model
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # torch.compile
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 # %% ../nbs/07b_checkpoint.ipynb #7ec87913
 def atomic_write(path, write) -> Path:
@@ -38,18 +47,23 @@ def atomic_write(path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f: os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new one
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(
+            tmp, path
+        )  # atomic on POSIX and Windows: readers see the old file or the new one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
+
 def sha256_file(path) -> str:
     "Hex SHA-256 of a file's bytes."
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while b := f.read(1 << 20): h.update(b)
+        while b := f.read(1 << 20):
+            h.update(b)
     return h.hexdigest()
 
 # %% ../nbs/07b_checkpoint.ipynb #856cf453
@@ -57,11 +71,16 @@ def rng_state() -> dict:
     "The random-number states a run depends on: Python's, torch's CPU generator and every CUDA device's."
     version, internal, gauss = random.getstate()
     state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available(): state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
+
 def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.uint8)  # what torch's set_rng_state functions accept
+    return t.detach().to(
+        "cpu", torch.uint8
+    )  # what torch's set_rng_state functions accept
+
 
 def set_rng_state(state: dict):
     "Restore the states saved by `rng_state` (RNG states are CPU byte tensors, wherever loaded)."
@@ -75,114 +94,187 @@ def set_rng_state(state: dict):
 def _weights(model: nn.Module) -> dict:
     "The model's tensors for safetensors: contiguous CPU copies, a tied lm_head stored once."
     sd = unwrap_model(model).state_dict()
-    if getattr(getattr(unwrap_model(model), "config", None), "tie_embeddings", False): sd.pop("lm_head.weight", None)
+    if getattr(getattr(unwrap_model(model), "config", None), "tie_embeddings", False):
+        sd.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
-def save_checkpoint(out_dir,  # folder for model.safetensors, config.json and trainer_state.pt
-                    model: nn.Module,  # an LLM (DDP- or compile-wrapped is fine)
-                    optimizer: torch.optim.Optimizer | None = None,  # its state is saved when given
-                    scheduler=None,  # a learning-rate scheduler, saved when given
-                    step: int = 0,  # optimizer steps done (the data position of a NextTokenPredictionDataset)
-                    extra: dict | None = None,  # more plain values/tensors to keep (torch.load(weights_only=True) must read them)
-                   ) -> Path:
+
+def save_checkpoint(
+    out_dir,  # folder for model.safetensors, config.json and trainer_state.pt
+    model: nn.Module,  # an LLM (DDP- or compile-wrapped is fine)
+    optimizer: torch.optim.Optimizer | None = None,  # its state is saved when given
+    scheduler=None,  # a learning-rate scheduler, saved when given
+    step: int = 0,  # optimizer steps done (the data position of a NextTokenPredictionDataset)
+    extra: dict
+    | None = None,  # more plain values/tensors to keep (torch.load(weights_only=True) must read them)
+) -> Path:
     "Write a checkpoint: weights (safetensors), config (JSON), trainer state; every file atomically."
     out_dir = Path(out_dir)
     inner = unwrap_model(model)
     if not isinstance(getattr(inner, "config", None), LLMConfig):
-        raise ValueError(f"save_checkpoint expects a tinyllama LLM (with an LLMConfig), got {type(inner).__name__}.")
+        raise ValueError(
+            f"save_checkpoint expects a tinyllama LLM (with an LLMConfig), got {type(inner).__name__}."
+        )
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}.")
     weights = _weights(inner)
-    atomic_write(out_dir / WEIGHTS_FILE, lambda p: save_file(weights, p, metadata={"format": "pt", "step": str(step)}))
-    atomic_write(out_dir / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(asdict(inner.config), indent=2) + "\n"))
-    state = {"step": step, "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE), "rng": rng_state(),
-             "optimizer": optimizer.state_dict() if optimizer is not None else None,
-             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "extra": dict(extra or {})}
+    atomic_write(
+        out_dir / WEIGHTS_FILE,
+        lambda p: save_file(weights, p, metadata={"format": "pt", "step": str(step)}),
+    )
+    atomic_write(
+        out_dir / CONFIG_FILE,
+        lambda p: Path(p).write_text(json.dumps(asdict(inner.config), indent=2) + "\n"),
+    )
+    state = {
+        "step": step,
+        "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE),
+        "rng": rng_state(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "extra": dict(extra or {}),
+    }
     atomic_write(out_dir / STATE_FILE, lambda p: torch.save(state, p))
     return out_dir
 
+
 def has_checkpoint(out_dir) -> bool:
     "Whether `out_dir` holds a checkpoint's weights and config."
-    return out_dir is not None and (Path(out_dir) / WEIGHTS_FILE).is_file() and (Path(out_dir) / CONFIG_FILE).is_file()
+    return (
+        out_dir is not None
+        and (Path(out_dir) / WEIGHTS_FILE).is_file()
+        and (Path(out_dir) / CONFIG_FILE).is_file()
+    )
 
 # %% ../nbs/07b_checkpoint.ipynb #0be36904
 def _need(path: Path, what: str):
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {what} Point at a folder written by save_checkpoint (or train with out_dir=...).")
+        raise CheckpointError(
+            f"{path} is missing: {what} Point at a folder written by save_checkpoint (or train with out_dir=...)."
+        )
+
 
 def _move(x, device):
     "Tensors inside nested dicts/lists moved to `device`."
-    if isinstance(x, torch.Tensor): return x.to(device)
-    if isinstance(x, dict): return {k: _move(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return type(x)(_move(v, device) for v in x)
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _move(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_move(v, device) for v in x)
     return x
+
 
 def load_config(out_dir) -> LLMConfig:
     "The LLMConfig saved in `out_dir/config.json`."
     path = Path(out_dir) / CONFIG_FILE
     _need(path, "it holds the model's shape.")
-    try: return LLMConfig(**json.loads(path.read_text()))
+    try:
+        return LLMConfig(**json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a valid model config ({e}); the checkpoint is damaged: "
-                              "restore it or train again.") from None
+        raise CheckpointError(
+            f"{path} is not a valid model config ({e}); the checkpoint is damaged: "
+            "restore it or train again."
+        ) from None
 
-def load_checkpoint(out_dir,  # folder written by save_checkpoint
-                    model: nn.Module | None = None,  # load the weights into this model; None builds an LLM from config.json
-                    optimizer: torch.optim.Optimizer | None = None,  # restore its state when given
-                    scheduler=None,  # restore its state when given
-                    map_location="cpu",  # where the trainer-state tensors go
-                    restore_rng: bool = False,  # also restore Python's and torch's random states
-                   ) -> tuple[nn.Module, dict]:
+
+def load_checkpoint(
+    out_dir,  # folder written by save_checkpoint
+    model: nn.Module
+    | None = None,  # load the weights into this model; None builds an LLM from config.json
+    optimizer: torch.optim.Optimizer | None = None,  # restore its state when given
+    scheduler=None,  # restore its state when given
+    map_location="cpu",  # where the trainer-state tensors go
+    restore_rng: bool = False,  # also restore Python's and torch's random states
+) -> tuple[nn.Module, dict]:
     "Load a checkpoint into `model` (or a new LLM); returns (model, trainer state)."
     out_dir = Path(out_dir)
-    if not out_dir.is_dir(): raise CheckpointError(f"{out_dir} is not a folder; there is no checkpoint there.")
+    if not out_dir.is_dir():
+        raise CheckpointError(
+            f"{out_dir} is not a folder; there is no checkpoint there."
+        )
     config = load_config(out_dir)
-    if model is None: model = LLM(config)
+    if model is None:
+        model = LLM(config)
     inner = unwrap_model(model)
-    if getattr(inner, "config", None) is not None and asdict(inner.config) != asdict(config):
-        raise CheckpointError(f"{out_dir / CONFIG_FILE} describes a different model than the one given "
-                              f"({config} vs {inner.config}); build the model from load_config(out_dir).")
+    if getattr(inner, "config", None) is not None and asdict(inner.config) != asdict(
+        config
+    ):
+        raise CheckpointError(
+            f"{out_dir / CONFIG_FILE} describes a different model than the one given "
+            f"({config} vs {inner.config}); build the model from load_config(out_dir)."
+        )
     wpath, spath = out_dir / WEIGHTS_FILE, out_dir / STATE_FILE
     _need(wpath, "it holds the weights.")
-    try: weights = load_file(wpath)
+    try:
+        weights = load_file(wpath)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{wpath} is truncated or corrupted ({e}); restore it from a backup or train again.") from None
+        raise CheckpointError(
+            f"{wpath} is truncated or corrupted ({e}); restore it from a backup or train again."
+        ) from None
     state = {}
     if spath.is_file():
         # On the CPU first: torch.set_rng_state accepts only CPU byte tensors, so the RNG
         # states stay there and only the rest moves to map_location.
-        try: state = torch.load(spath, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(spath, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"{spath} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
-                                  "restore it from a backup or train again.") from None
+            raise CheckpointError(
+                f"{spath} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
+                "restore it from a backup or train again."
+            ) from None
         if not isinstance(state, dict) or "step" not in state:
-            raise CheckpointError(f"{spath} is not a tinyllama trainer state; it was not written by save_checkpoint.")
+            raise CheckpointError(
+                f"{spath} is not a tinyllama trainer state; it was not written by save_checkpoint."
+            )
         if map_location is not None and torch.device(map_location).type != "cpu":
-            state = {k: v if k == "rng" else _move(v, map_location) for k, v in state.items()}
-        if state.get("weights_sha256") and sha256_file(wpath) != state["weights_sha256"]:
-            raise CheckpointError(f"{wpath} does not match {spath} (its SHA-256 differs from the one recorded): "
-                                  "the weights were altered or come from another save; restore both files.")
+            state = {
+                k: v if k == "rng" else _move(v, map_location) for k, v in state.items()
+            }
+        if (
+            state.get("weights_sha256")
+            and sha256_file(wpath) != state["weights_sha256"]
+        ):
+            raise CheckpointError(
+                f"{wpath} does not match {spath} (its SHA-256 differs from the one recorded): "
+                "the weights were altered or come from another save; restore both files."
+            )
     elif optimizer is not None or scheduler is not None or restore_rng:
-        _need(spath, "it holds the optimizer, scheduler and random states needed to resume.")
+        _need(
+            spath,
+            "it holds the optimizer, scheduler and random states needed to resume.",
+        )
     tied = getattr(inner.config, "tie_embeddings", False)
-    if tied: weights["lm_head.weight"] = weights["embed_tokens.weight"]
-    try: inner.load_state_dict(weights, strict=True)
+    if tied:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    try:
+        inner.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{wpath} does not fit the model ({str(e)[:300]}); build the model from "
-                              "load_config(out_dir).") from None
+        raise CheckpointError(
+            f"{wpath} does not fit the model ({str(e)[:300]}); build the model from "
+            "load_config(out_dir)."
+        ) from None
     if optimizer is not None:
-        if state.get("optimizer") is None: raise CheckpointError(f"{spath} holds no optimizer state (it was saved without one).")
+        if state.get("optimizer") is None:
+            raise CheckpointError(
+                f"{spath} holds no optimizer state (it was saved without one)."
+            )
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
-        if state.get("scheduler") is None: raise CheckpointError(f"{spath} holds no scheduler state (it was saved without one).")
+        if state.get("scheduler") is None:
+            raise CheckpointError(
+                f"{spath} holds no scheduler state (it was saved without one)."
+            )
         scheduler.load_state_dict(state["scheduler"])
-    if restore_rng: set_rng_state(state["rng"])
+    if restore_rng:
+        set_rng_state(state["rng"])
     return model, state
 
-def load_model(out_dir,  # folder written by save_checkpoint (or train(..., out_dir=...))
-               device=None,  # move the model there; None keeps it on the CPU
-              ) -> LLM:
+
+def load_model(
+    out_dir,  # folder written by save_checkpoint (or train(..., out_dir=...))
+    device=None,  # move the model there; None keeps it on the CPU
+) -> LLM:
     "The trained LLM saved in `out_dir`, in eval mode."
     model, _ = load_checkpoint(out_dir)
     return (model.to(device) if device is not None else model).eval()

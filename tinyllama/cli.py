@@ -28,31 +28,45 @@ def matmul_params(config) -> int:
     "N: parameters used in matrix multiplies (attention, MLP, lm_head) of an LLMConfig's model."
     c = config
     d, hd = c.dim_emb, c.head_dim
-    attn = d * c.num_heads * hd * 2 + d * c.num_kv_heads * hd * 2  # q_proj, o_proj; k_proj, v_proj
+    attn = (
+        d * c.num_heads * hd * 2 + d * c.num_kv_heads * hd * 2
+    )  # q_proj, o_proj; k_proj, v_proj
     mlp = 3 * d * c.ffd_hidden_dim  # gate_proj, up_proj, down_proj
     return c.num_layers * (attn + mlp) + d * c.vocab_size  # + lm_head
 
-def model_flops_per_token(config,  # the LLMConfig that was trained
-                          context: int | None = None,  # tokens per training sequence; default config.context_size
-                         ) -> float:
+
+def model_flops_per_token(
+    config,  # the LLMConfig that was trained
+    context: int
+    | None = None,  # tokens per training sequence; default config.context_size
+) -> float:
     "Training FLOPs per token, 6N + 12·L·T·d (PaLM, Appendix B)."
     T = config.context_size if context is None else context
-    return 6 * matmul_params(config) + 12 * config.num_layers * T * config.num_heads * config.head_dim
+    return (
+        6 * matmul_params(config)
+        + 12 * config.num_layers * T * config.num_heads * config.head_dim
+    )
 
 # %% ../nbs/93_cli.ipynb #5519542d
 def _sync(device: torch.device):
-    if device.type == "cuda": torch.cuda.synchronize(device)
-    elif device.type == "mps": torch.mps.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
-def matmul_peak_flops(device=None,  # where to measure; None = the CPU
-                      dtype: torch.dtype | None = None,  # None: float32 on the CPU, bfloat16 on CUDA
-                      n: int | None = None,  # matrix size; None: 2048 on the CPU, 8192 on a GPU
-                      repeats: int = 5,  # the best of this many timed products counts
-                     ) -> float:
+
+def matmul_peak_flops(
+    device=None,  # where to measure; None = the CPU
+    dtype: torch.dtype | None = None,  # None: float32 on the CPU, bfloat16 on CUDA
+    n: int | None = None,  # matrix size; None: 2048 on the CPU, 8192 on a GPU
+    repeats: int = 5,  # the best of this many timed products counts
+) -> float:
     "Measured peak FLOP/s of an n×n matmul: 2n³ over the best time."
     device = torch.device(device or "cpu")
-    if dtype is None: dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if n is None: n = 2048 if device.type == "cpu" else 8192
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if n is None:
+        n = 2048 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.mm(a, b)  # warm-up (BLAS threads, CUDA kernels)
@@ -63,12 +77,14 @@ def matmul_peak_flops(device=None,  # where to measure; None = the CPU
         torch.mm(a, b, out=out)
         _sync(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
+
 
 def machine_description(device=None) -> str:
     "The processor a run used, in words (GPU name, or CPU model and threads)."
     device = torch.device(device or "cpu")
-    if device.type == "cuda": return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -84,90 +100,215 @@ def machine_description(device=None) -> str:
 PROG = "tinyllama"
 DEFAULT_PROMPTS = ("Once upon a time,", "One day, a little", "Long ago, there was")
 
+
 class CLIError(Exception):
     "A problem with what the user asked for; `main` prints it on one line and exits with status 2."
 
+
 def positive_int(text: str) -> int:
     "argparse type: an integer >= 1."
-    try: v = int(text)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if v < 1: raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1, got {text!r}"
+        ) from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
     return v
+
 
 def non_negative_float(text: str) -> float:
     "argparse type: a finite number >= 0."
-    try: v = float(text)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= v < float("inf"): raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0, got {text!r}"
+        ) from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return v
+
 
 def probability(text: str) -> float:
     "argparse type: a number in (0, 1]."
-    try: v = float(text)
-    except ValueError: raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < v <= 1: raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in (0, 1], got {text!r}"
+        ) from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
     return v
 
 # %% ../nbs/93_cli.ipynb #9a9f3304
-def _timestamp() -> str: return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+def _timestamp() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
 
 def _common(p: argparse.ArgumentParser, out_help: str):
-    p.add_argument("--profile", choices=("ci", "cpu", "gpu"), default=None,
-                   help="run size: ci (seconds), cpu (minutes on a laptop), gpu (a T4); "
-                        "default $TINYLLAMA_PROFILE, else gpu with CUDA, else cpu")
+    p.add_argument(
+        "--profile",
+        choices=("ci", "cpu", "gpu"),
+        default=None,
+        help="run size: ci (seconds), cpu (minutes on a laptop), gpu (a T4); "
+        "default $TINYLLAMA_PROFILE, else gpu with CUDA, else cpu",
+    )
     p.add_argument("--out", type=Path, default=None, help=out_help)
-    p.add_argument("--seed", type=int, default=0, help="stories, initialisation, data order and sampling (default 0)")
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None, help="default: the best available")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="stories, initialisation, data order and sampling (default 0)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "mps"),
+        default=None,
+        help="default: the best available",
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars"
+    )
+
 
 def _corpus(p: argparse.ArgumentParser):
-    p.add_argument("--corpus", choices=("story_world", "tinystories"), default=None,
-                   help="training stories (default: the profile's; story_world needs no network)")
+    p.add_argument(
+        "--corpus",
+        choices=("story_world", "tinystories"),
+        default=None,
+        help="training stories (default: the profile's; story_world needs no network)",
+    )
 
-def _sampling(p: argparse.ArgumentParser, temperature: float = 0.8, what: str = "prompt"):
-    p.add_argument("--temperature", type=non_negative_float, default=temperature, help=f"0 = greedy (default {temperature:g})")
-    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=probability, default=None, help="sample within the nucleus of this mass")
-    p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help=f"new tokens per {what} at most (default: up to the end of the context)")
+
+def _sampling(
+    p: argparse.ArgumentParser, temperature: float = 0.8, what: str = "prompt"
+):
+    p.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=temperature,
+        help=f"0 = greedy (default {temperature:g})",
+    )
+    p.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=None,
+        help="sample among the k most likely tokens",
+    )
+    p.add_argument(
+        "--top-p",
+        type=probability,
+        default=None,
+        help="sample within the nucleus of this mass",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help=f"new tokens per {what} at most (default: up to the end of the context)",
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
     "The `tinyllama` argument parser with its five subcommands."
-    parser = argparse.ArgumentParser(prog=PROG, description="Pretrain, sample, fine-tune, align and talk to the "
-                                     "tinyllama course models; label pairs of completions.")
-    sub = parser.add_subparsers(dest="command", metavar="{pretrain,sample,speedrun,chat,label}")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Pretrain, sample, fine-tune, align and talk to the "
+        "tinyllama course models; label pairs of completions.",
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="{pretrain,sample,speedrun,chat,label}"
+    )
     sub.required = True
-    p = sub.add_parser("pretrain", help="train a model on the profile's corpus and save a checkpoint folder")
+    p = sub.add_parser(
+        "pretrain",
+        help="train a model on the profile's corpus and save a checkpoint folder",
+    )
     _common(p, "checkpoint folder (default runs/pretrain-<time>)")
-    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: the profile's)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="optimizer steps (default: the profile's)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --out"
+    )
     _corpus(p)
     p = sub.add_parser("sample", help="continue prompts with a trained checkpoint")
-    p.add_argument("checkpoint", type=Path, help="a folder written by `tinyllama pretrain` (or speedrun)")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a folder written by `tinyllama pretrain` (or speedrun)",
+    )
     _common(p, "also write the samples to OUT/samples.md")
-    p.add_argument("--prompt", action="append", default=None,
-                   help=f"a prompt to continue (repeat for several; default: {', '.join(map(repr, DEFAULT_PROMPTS))})")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help=f"a prompt to continue (repeat for several; default: {', '.join(map(repr, DEFAULT_PROMPTS))})",
+    )
     _sampling(p)
-    p = sub.add_parser("speedrun", help="pretraining -> samples -> SFT -> PPO (copy task) -> PPO on scripted preferences, with a report")
+    p = sub.add_parser(
+        "speedrun",
+        help="pretraining -> samples -> SFT -> PPO (copy task) -> PPO on scripted preferences, with a report",
+    )
     _common(p, "report folder (default runs/<time>)")
-    p.add_argument("--steps", type=positive_int, default=None, help="pretraining steps (default: the profile's)")
-    p.add_argument("--stages", default=None, metavar="LIST",
-                   help="comma-separated stages to run, in pipeline order (default: all of "
-                        "pretrain,samples,sft,ppo,feedback; samples and sft need pretrain, feedback needs sft)")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="pretraining steps (default: the profile's)",
+    )
+    p.add_argument(
+        "--stages",
+        default=None,
+        metavar="LIST",
+        help="comma-separated stages to run, in pipeline order (default: all of "
+        "pretrain,samples,sft,ppo,feedback; samples and sft need pretrain, feedback needs sft)",
+    )
     _corpus(p)
-    p = sub.add_parser("chat", help="talk to a fine-tuned checkpoint (the speedrun's sft/ folder)",
-                       description="Answers your messages with a chat-trained model. Type a message and press Enter "
-                                   "(write \\n for a line break, e.g. between a story and a question); /reset "
-                                   "starts a new conversation, /quit or Ctrl-D ends. The conversation is kept while "
-                                   "it fits the model's context; the oldest turns are dropped (with a note) when not.")
-    p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR",
-                   help="a checkpoint folder with tokenizer.model, fine-tuned on chats (e.g. runs/<time>/sft)")
-    p.add_argument("--message", default=None, metavar="TEXT",
-                   help="answer this one message, print only the reply, and exit (for scripts)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0 (default 0)")
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None, help="default: the best available")
+    p = sub.add_parser(
+        "chat",
+        help="talk to a fine-tuned checkpoint (the speedrun's sft/ folder)",
+        description="Answers your messages with a chat-trained model. Type a message and press Enter "
+        "(write \\n for a line break, e.g. between a story and a question); /reset "
+        "starts a new conversation, /quit or Ctrl-D ends. The conversation is kept while "
+        "it fits the model's context; the oldest turns are dropped (with a note) when not.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="a checkpoint folder with tokenizer.model, fine-tuned on chats (e.g. runs/<time>/sft)",
+    )
+    p.add_argument(
+        "--message",
+        default=None,
+        metavar="TEXT",
+        help="answer this one message, print only the reply, and exit (for scripts)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sampling seed when --temperature > 0 (default 0)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "mps"),
+        default=None,
+        help="default: the best available",
+    )
     _sampling(p, temperature=0.0, what="reply")
-    from tinyllama.feedback import add_label_subcommand  # chapter 12's options: --pairs/--demo, --out, --labeler
+    from tinyllama.feedback import (
+        add_label_subcommand,
+    )  # chapter 12's options: --pairs/--demo, --out, --labeler
+
     add_label_subcommand(sub)
     return parser
 
@@ -175,21 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
 @dataclass
 class Metric:
     "One row of the report's metrics table."
+
     name: str
     value: str
     note: str = ""
 
+
 @dataclass
 class Section:
     "What a stage adds to the report."
+
     title: str
     body: str  # Markdown
     metrics: list = field(default_factory=list)  # Metric rows for the table at the top
     wall_s: float = 0.0  # filled in by run_speedrun
 
+
 @dataclass
 class Speedrun:
     "The shared state of one speedrun: options, output folder, what the stages made so far."
+
     profile: str  # ci | cpu | gpu
     out: Path  # report folder
     steps: int | None = None  # pretraining steps override
@@ -197,8 +343,12 @@ class Speedrun:
     seed: int = 0
     device: str | None = None
     progress: bool = True
-    stages: str | None = None  # the --stages value (None: every stage), for the report's command line
-    state: dict = field(default_factory=dict)  # what stages leave for later ones: "model" and "tokenizer" (the latest), ...
+    stages: str | None = (
+        None  # the --stages value (None: every stage), for the report's command line
+    )
+    state: dict = field(
+        default_factory=dict
+    )  # what stages leave for later ones: "model" and "tokenizer" (the latest), ...
     sections: list = field(default_factory=list)  # Section per finished stage
     started: float = field(default_factory=time.perf_counter)
 
@@ -207,64 +357,114 @@ class Speedrun:
 def _decode_threads(device):
     "One CPU thread while decoding: a batch of a few tokens per step gains little from a second thread, and on a busy machine it mostly waits for one."
     old = torch.get_num_threads()
-    if torch.device(device).type == "cpu": torch.set_num_threads(1)
-    try: yield
-    finally: torch.set_num_threads(old)
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
 
 def _fmt_s(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
+
 def _preset(profile, corpus=None):
     "The profile's pretraining preset, with another corpus when one is asked for."
     from tinyllama.train import pretrain_preset
+
     preset = pretrain_preset(profile)
-    if corpus is not None: preset.corpus = corpus
+    if corpus is not None:
+        preset.corpus = corpus
     return preset
+
 
 def _train_overrides(preset, steps):
     "TrainingConfig changes for a --steps override (warmup and eval interval shrink with the run)."
-    if steps is None: return {}
+    if steps is None:
+        return {}
     t = preset.train
     warm = min(t.warmup_steps, round(t.warmup_steps * steps / t.steps))
     ev = min(t.eval_every, max(steps // 2, 1)) if t.eval_every else 0
-    return {"steps": steps, "warmup_steps": warm, "eval_every": ev, "log_every": min(t.log_every, steps)}
+    return {
+        "steps": steps,
+        "warmup_steps": warm,
+        "eval_every": ev,
+        "log_every": min(t.log_every, steps),
+    }
+
 
 def _loss_plot(history, floor_per_token, path, title):
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 3.6))
     ax = fig.add_subplot()
     tr = [(h["step"], h["loss"]) for h in history if "loss" in h]
     ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if tr: ax.plot(*zip(*tr), lw=1.2, label="training loss")
-    if ev: ax.plot(*zip(*ev), "o-", ms=3, label="held-out loss")
-    if floor_per_token: ax.axhline(floor_per_token, color="k", ls="--", lw=1, label="entropy floor (per token, ≈)")
-    ax.set_xlabel("step"); ax.set_ylabel("nats per token"); ax.set_title(title)
-    ax.set_yscale("log"); ax.grid(alpha=0.3, which="both"); ax.legend()
+    if tr:
+        ax.plot(*zip(*tr), lw=1.2, label="training loss")
+    if ev:
+        ax.plot(*zip(*ev), "o-", ms=3, label="held-out loss")
+    if floor_per_token:
+        ax.axhline(
+            floor_per_token,
+            color="k",
+            ls="--",
+            lw=1,
+            label="entropy floor (per token, ≈)",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
+    ax.set_title(title)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
 
 def stage_pretrain(run: Speedrun) -> Section:
     "Stories → tokenizer → pretraining → held-out NLL per story against the entropy floor."
     from tinyllama.train import pretrain, pretrain_preset
     from tinyllama.model import LLMConfig
+
     preset = _preset(run.profile, run.corpus)
     overrides = _train_overrides(preset, run.steps)
-    if run.device: overrides["device"] = run.device
+    if run.device:
+        overrides["device"] = run.device
     device = torch.device(run.device) if run.device else None
     from tinyllama.device import get_device
+
     device = device or get_device()
     if device.type == "cpu" and getattr(preset, "num_threads", None):
         from tinyllama.train import cpu_threads
-        torch.set_num_threads(cpu_threads(preset.num_threads))  # "auto": the cores idle now
-    amp = torch.float32 if device.type != "cuda" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    n = 1024 if run.profile == "ci" and device.type == "cpu" else None  # ci: a cheaper (slightly lower) peak
+
+        torch.set_num_threads(
+            cpu_threads(preset.num_threads)
+        )  # "auto": the cores idle now
+    amp = (
+        torch.float32
+        if device.type != "cuda"
+        else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    )
+    n = (
+        1024 if run.profile == "ci" and device.type == "cpu" else None
+    )  # ci: a cheaper (slightly lower) peak
     peaks = [matmul_peak_flops(device, amp, n=n)]
     ckpt = run.out / "checkpoint"
-    pr = pretrain(preset, out_dir=ckpt, progress=run.progress, seed=run.seed, **overrides)
+    pr = pretrain(
+        preset, out_dir=ckpt, progress=run.progress, seed=run.seed, **overrides
+    )
     peaks.append(matmul_peak_flops(device, amp, n=n))
-    run.state.update(pretrain=pr, model=pr.model, tokenizer=pr.tokenizer, corpus=pr.corpus, peak_flops=max(peaks),
-                     device=device)
+    run.state.update(
+        pretrain=pr,
+        model=pr.model,
+        tokenizer=pr.tokenizer,
+        corpus=pr.corpus,
+        peak_flops=max(peaks),
+        device=device,
+    )
     cfg, res = pr.model.config, pr.result
     rates = [h["tokens_per_s"] for h in res.history if "tokens_per_s" in h]
     tps = statistics.median(rates) if rates else res.tokens_per_s
@@ -276,31 +476,78 @@ def stage_pretrain(run: Speedrun) -> Section:
         c = pr.comparison
         lo, hi = getattr(preset, "band", (None, None))
         inside = lo is not None and lo <= c.ratio <= hi
-        band = f"expected {lo:.2f}–{hi:.2f} for the {run.profile} profile: {'inside' if inside else 'OUTSIDE'}" if lo else ""
-        metrics += [Metric("held-out NLL per story", f"{c.nll.mean:.2f} nats", f"95% CI {c.nll.lo:.2f}–{c.nll.hi:.2f}, "
-                           f"{len(pr.heldout_stories)} held-out stories"),
-                    Metric("entropy floor per story", f"{c.floor.mean:.2f} nats", f"95% CI {c.floor.lo:.2f}–{c.floor.hi:.2f} "
-                           "(exact log-probabilities of 5000 stories)"),
-                    Metric("NLL / floor", f"{c.ratio:.3f}", band)]
+        band = (
+            f"expected {lo:.2f}–{hi:.2f} for the {run.profile} profile: {'inside' if inside else 'OUTSIDE'}"
+            if lo
+            else ""
+        )
+        metrics += [
+            Metric(
+                "held-out NLL per story",
+                f"{c.nll.mean:.2f} nats",
+                f"95% CI {c.nll.lo:.2f}–{c.nll.hi:.2f}, "
+                f"{len(pr.heldout_stories)} held-out stories",
+            ),
+            Metric(
+                "entropy floor per story",
+                f"{c.floor.mean:.2f} nats",
+                f"95% CI {c.floor.lo:.2f}–{c.floor.hi:.2f} "
+                "(exact log-probabilities of 5000 stories)",
+            ),
+            Metric("NLL / floor", f"{c.ratio:.3f}", band),
+        ]
         run.state["band_ok"] = inside
-        n_tok = sum(len(t) for t in pr.tokenizer.encode_batch([getattr(s, "text", s) for s in pr.heldout_stories], eos=True))
+        n_tok = sum(
+            len(t)
+            for t in pr.tokenizer.encode_batch(
+                [getattr(s, "text", s) for s in pr.heldout_stories], eos=True
+            )
+        )
         floor_tok = c.floor.mean * len(pr.heldout_stories) / n_tok
     elif pr.result.final_eval_loss is not None:
-        metrics.append(Metric("held-out loss", f"{pr.result.final_eval_loss:.3f} nats/token", f"corpus {pr.corpus}"))
-    metrics += [Metric("training tokens/s", f"{tps:,.0f}", f"median over logged intervals; {res.tokens_per_s:,.0f} "
-                       "overall including evaluation"),
-                Metric("MFU", f"{mfu:.1%}", f"{fpt / 1e6:.1f} MFLOPs/token (6N + 12LTd) against a measured "
-                       f"{str(amp).replace('torch.', '')} matmul peak of {max(peaks) / 1e9:,.1f} GFLOP/s"),
-                Metric("training wall time", _fmt_s(res.wall_s), f"{res.steps_done} steps of {preset.train.batch_size} "
-                       f"sequences of {preset.model['context_size']} tokens")]
-    _loss_plot(res.history, floor_tok, run.out / "loss.png", f"pretraining ({run.profile} profile)")
+        metrics.append(
+            Metric(
+                "held-out loss",
+                f"{pr.result.final_eval_loss:.3f} nats/token",
+                f"corpus {pr.corpus}",
+            )
+        )
+    metrics += [
+        Metric(
+            "training tokens/s",
+            f"{tps:,.0f}",
+            f"median over logged intervals; {res.tokens_per_s:,.0f} "
+            "overall including evaluation",
+        ),
+        Metric(
+            "MFU",
+            f"{mfu:.1%}",
+            f"{fpt / 1e6:.1f} MFLOPs/token (6N + 12LTd) against a measured "
+            f"{str(amp).replace('torch.', '')} matmul peak of {max(peaks) / 1e9:,.1f} GFLOP/s",
+        ),
+        Metric(
+            "training wall time",
+            _fmt_s(res.wall_s),
+            f"{res.steps_done} steps of {preset.train.batch_size} "
+            f"sequences of {preset.model['context_size']} tokens",
+        ),
+    ]
+    _loss_plot(
+        res.history,
+        floor_tok,
+        run.out / "loss.png",
+        f"pretraining ({run.profile} profile)",
+    )
     n_params = sum(p.numel() for p in pr.model.parameters())
-    body.append(f"Corpus: {pr.corpus.replace('_', ' ')}; tokenizer: SentencePiece BPE, {pr.tokenizer.vocab_size} pieces. "
-                f"Model: {n_params / 1e6:.2f} M parameters (dim {cfg.dim_emb}, {cfg.num_layers} layers, {cfg.num_heads} "
-                f"heads, {cfg.num_kv_heads} kv heads, hidden {cfg.ffd_hidden_dim}, context {cfg.context_size}). "
-                f"Training: {res.steps_done} steps, batch {preset.train.batch_size}, lr {preset.train.lr:g}, "
-                f"precision {str(amp).replace('torch.', '')}.")
-    if pr.comparison is not None: body.append(str(pr.comparison) + ".")
+    body.append(
+        f"Corpus: {pr.corpus.replace('_', ' ')}; tokenizer: SentencePiece BPE, {pr.tokenizer.vocab_size} pieces. "
+        f"Model: {n_params / 1e6:.2f} M parameters (dim {cfg.dim_emb}, {cfg.num_layers} layers, {cfg.num_heads} "
+        f"heads, {cfg.num_kv_heads} kv heads, hidden {cfg.ffd_hidden_dim}, context {cfg.context_size}). "
+        f"Training: {res.steps_done} steps, batch {preset.train.batch_size}, lr {preset.train.lr:g}, "
+        f"precision {str(amp).replace('torch.', '')}."
+    )
+    if pr.comparison is not None:
+        body.append(str(pr.comparison) + ".")
     body.append("![loss](loss.png)")
     body.append(f"Checkpoint: `{ckpt.name}/` — try `tinyllama sample {ckpt}`.")
     return Section("Pretraining", "\n\n".join(body), metrics)
@@ -314,32 +561,63 @@ def stage_samples(run: Speedrun) -> Section:
     with _decode_threads(next(model.parameters()).device):
         return _samples_section(run, model, tok, prompts, ctx)
 
+
 def _samples_section(run, model, tok, prompts, ctx):
     from tinyllama.generate import generate_text
     from tinyllama.data import story_log_prob
     from tqdm.auto import tqdm
-    conts = generate_text(model, tok, prompts, max_new_tokens=min(ctx - 16, 120), temperature=0.8, seed=run.seed)
-    lines = ["Prompted (temperature 0.8):", ""] + [f"> **{p}**{c}" + "\n" for p, c in zip(prompts, conts)]
+
+    conts = generate_text(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=min(ctx - 16, 120),
+        temperature=0.8,
+        seed=run.seed,
+    )
+    lines = ["Prompted (temperature 0.8):", ""] + [
+        f"> **{p}**{c}" + "\n" for p, c in zip(prompts, conts)
+    ]
     metrics = []
     if run.state.get("corpus") == "story_world":
         n, batch = {"ci": 4, "cpu": 16, "gpu": 32}[run.profile], 8
         stories = []
         for i in tqdm(range(0, n, batch), desc="samples", disable=not run.progress):
-            stories += generate_text(model, tok, [""] * min(batch, n - i), max_new_tokens=ctx - 1, temperature=1.0,
-                                     seed=run.seed + 1000 + i)
+            stories += generate_text(
+                model,
+                tok,
+                [""] * min(batch, n - i),
+                max_new_tokens=ctx - 1,
+                temperature=1.0,
+                seed=run.seed + 1000 + i,
+            )
         valid = []
         for s in stories:
-            try: story_log_prob(s.strip()); valid.append(True)
-            except ValueError: valid.append(False)
-        metrics.append(Metric("valid stories", f"{sum(valid)} of {n}", "unconditional samples (temperature 1) "
-                              "that the story world's grammar can produce"))
-        lines += ["", "Unconditional (temperature 1; ✓ = the grammar can produce it):", ""]
-        lines += [f"{i + 1}. {'✓' if ok else '✗'} {s.strip()}" for i, (s, ok) in enumerate(zip(stories, valid))]
+            try:
+                story_log_prob(s.strip())
+                valid.append(True)
+            except ValueError:
+                valid.append(False)
+        metrics.append(
+            Metric(
+                "valid stories",
+                f"{sum(valid)} of {n}",
+                "unconditional samples (temperature 1) "
+                "that the story world's grammar can produce",
+            )
+        )
+        lines += [
+            "",
+            "Unconditional (temperature 1; ✓ = the grammar can produce it):",
+            "",
+        ]
+        lines += [
+            f"{i + 1}. {'✓' if ok else '✗'} {s.strip()}"
+            for i, (s, ok) in enumerate(zip(stories, valid))
+        ]
     text = "\n".join(lines)
     (run.out / "samples.md").write_text(text + "\n")
     return Section("Samples", text, metrics)
-
-
 
 # %% ../nbs/93_cli.ipynb #88e570bf
 def _sft_sizes(profile):
@@ -347,122 +625,255 @@ def _sft_sizes(profile):
     fixed here (fewer steps and held-out stories than the chapter, chats that fit the pretrained model's 128 tokens)."""
     import dataclasses
     from tinyllama.sft import sft_preset
+
     preset = sft_preset(profile)
-    if profile != "cpu": return preset, {}
-    preset = dataclasses.replace(preset, n_train_stories=4000, n_heldout_stories=60, n_requests=16,
-                                 write_fraction=0.25, max_questions=3)
-    return preset, dict(steps=150, batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=20, log_every=10)
+    if profile != "cpu":
+        return preset, {}
+    preset = dataclasses.replace(
+        preset,
+        n_train_stories=4000,
+        n_heldout_stories=60,
+        n_requests=16,
+        write_fraction=0.25,
+        max_questions=3,
+    )
+    return preset, dict(
+        steps=150, batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=20, log_every=10
+    )
+
 
 def _pretraining_texts(run):
     "The stories this run pretrained on (story world), so that the held-out SFT stories can avoid them."
     from tinyllama.train import load_corpus
-    if run.state.get("corpus") != "story_world": return ()
-    return load_corpus(_preset(run.profile, run.corpus), seed=run.seed, progress=False)[1]
+
+    if run.state.get("corpus") != "story_world":
+        return ()
+    return load_corpus(_preset(run.profile, run.corpus), seed=run.seed, progress=False)[
+        1
+    ]
+
 
 def _sft_plot(sft, path, title):
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(9, 3.4))
     ax, bx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1, 1.4)))
     tr = [(h["step"], h["loss"]) for h in sft.result.history if "loss" in h]
-    if tr: ax.plot(*zip(*tr), lw=1.2)
-    ax.set_xlabel("SFT step"); ax.set_ylabel("nats per assistant token"); ax.set_title(title)
-    ax.set_ylim(bottom=0); ax.grid(alpha=0.3)
+    if tr:
+        ax.plot(*zip(*tr), lw=1.2)
+    ax.set_xlabel("SFT step")
+    ax.set_ylabel("nats per assistant token")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
     kinds = list(sft.after.by_kind)
     if sft.before is not None:
-        bx.bar([i - 0.2 for i in range(len(kinds))], [sft.before.by_kind.get(k, 0) for k in kinds], 0.4, label="before SFT")
-    bx.bar([i + 0.2 for i in range(len(kinds))], [sft.after.by_kind[k] for k in kinds], 0.4, label="after SFT")
-    bx.set_xticks(range(len(kinds))); bx.set_xticklabels(kinds, rotation=30, fontsize=8)
-    bx.set_ylim(0, 1.05); bx.set_ylabel("exact match"); bx.set_title("held-out questions, by kind")
-    bx.legend(fontsize=8); bx.grid(alpha=0.3, axis="y")
+        bx.bar(
+            [i - 0.2 for i in range(len(kinds))],
+            [sft.before.by_kind.get(k, 0) for k in kinds],
+            0.4,
+            label="before SFT",
+        )
+    bx.bar(
+        [i + 0.2 for i in range(len(kinds))],
+        [sft.after.by_kind[k] for k in kinds],
+        0.4,
+        label="after SFT",
+    )
+    bx.set_xticks(range(len(kinds)))
+    bx.set_xticklabels(kinds, rotation=30, fontsize=8)
+    bx.set_ylim(0, 1.05)
+    bx.set_ylabel("exact match")
+    bx.set_title("held-out questions, by kind")
+    bx.legend(fontsize=8)
+    bx.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
 
+
 def _before_after(before, after, fmt="{:.1%}") -> str:
-    return (fmt.format(before) + " → " if before is not None else "") + fmt.format(after)
+    return (fmt.format(before) + " → " if before is not None else "") + fmt.format(
+        after
+    )
+
 
 def stage_sft(run: Speedrun) -> Section:
     "Fine-tune the run's pretrained model on story-world chats (chapter 09) and save it for `tinyllama chat`."
     from tinyllama.sft import run_sft
     from tinyllama.checkpoint import save_checkpoint, unwrap_model
+
     model, tok = run.state["model"], run.state["tokenizer"]
     preset, overrides = _sft_sizes(run.profile)
-    if run.device: overrides["device"] = run.device
-    sft = run_sft(model, tok, preset, seed=run.seed, exclude=_pretraining_texts(run), progress=run.progress, **overrides)
+    if run.device:
+        overrides["device"] = run.device
+    sft = run_sft(
+        model,
+        tok,
+        preset,
+        seed=run.seed,
+        exclude=_pretraining_texts(run),
+        progress=run.progress,
+        **overrides,
+    )
     ckpt = run.out / "sft"
     save_checkpoint(ckpt, sft.model, step=sft.result.steps_done, extra={"stage": "sft"})
     tok.save(ckpt / "tokenizer.model")
     run.state.update(model=sft.model.eval(), sft=sft, sft_checkpoint=ckpt)
     b, a, fb, fa = sft.before, sft.after, sft.follow_before, sft.follow_after
     n_stories = len({q.story for q in sft.heldout})
-    metrics = [Metric("SFT exact match", _before_after(b and b.accuracy, a.accuracy),
-                      f"before → after SFT; {a.n} questions about {n_stories} held-out stories, greedy answers"),
-               Metric("SFT instruction following", _before_after(fb and fb.rate, fa.rate),
-                      f"before → after SFT; {fa.n} held-out \"write a story ...\" requests answered with a story "
-                      "that has the requested hero, colour, object, ...")]
+    metrics = [
+        Metric(
+            "SFT exact match",
+            _before_after(b and b.accuracy, a.accuracy),
+            f"before → after SFT; {a.n} questions about {n_stories} held-out stories, greedy answers",
+        ),
+        Metric(
+            "SFT instruction following",
+            _before_after(fb and fb.rate, fa.rate),
+            f'before → after SFT; {fa.n} held-out "write a story ..." requests answered with a story '
+            "that has the requested hero, colour, object, ...",
+        ),
+    ]
     _sft_plot(sft, run.out / "sft.png", f"SFT ({run.profile} profile)")
     res = sft.result
-    answers = [f"- {q.question} → **{p or '(nothing)'}** " + ("✓" if ok else f"✗ (answer: {q.answer})")
-               for q, p, ok in a.rows[:6]]
-    body = [f"Chapter 09's `run_sft` on the pretrained model above: {sft.n_chats} story-world chats "
-            f"({sft.n_dropped} longer than the context of {unwrap_model(model).config.context_size} tokens left out), "
-            f"{res.steps_done} steps of {overrides.get('batch_size', preset.train.batch_size)} chats, loss on the "
-            "assistant's tokens only "
-            f"({_fmt_s(res.wall_s)} of training).",
-            f"Held-out questions: {b} before SFT, {a} after." if b is not None else f"Held-out questions: {a}.",
-            f"Instruction following: {fb} before SFT, {fa} after." if fb is not None else f"Instruction following: {fa}.",
-            "![sft](sft.png)", "Held-out answers after SFT (✓ = exact match):\n\n" + "\n".join(answers),
-            f"Checkpoint: `{ckpt.name}/` — talk to it with `tinyllama chat --checkpoint {ckpt}`."]
+    answers = [
+        f"- {q.question} → **{p or '(nothing)'}** "
+        + ("✓" if ok else f"✗ (answer: {q.answer})")
+        for q, p, ok in a.rows[:6]
+    ]
+    body = [
+        f"Chapter 09's `run_sft` on the pretrained model above: {sft.n_chats} story-world chats "
+        f"({sft.n_dropped} longer than the context of {unwrap_model(model).config.context_size} tokens left out), "
+        f"{res.steps_done} steps of {overrides.get('batch_size', preset.train.batch_size)} chats, loss on the "
+        "assistant's tokens only "
+        f"({_fmt_s(res.wall_s)} of training).",
+        f"Held-out questions: {b} before SFT, {a} after."
+        if b is not None
+        else f"Held-out questions: {a}.",
+        f"Instruction following: {fb} before SFT, {fa} after."
+        if fb is not None
+        else f"Instruction following: {fa}.",
+        "![sft](sft.png)",
+        "Held-out answers after SFT (✓ = exact match):\n\n" + "\n".join(answers),
+        f"Checkpoint: `{ckpt.name}/` — talk to it with `tinyllama chat --checkpoint {ckpt}`.",
+    ]
     return Section("Supervised fine-tuning", "\n\n".join(body), metrics)
 
 # %% ../nbs/93_cli.ipynb #e4b98b7a
 def _ppo_sizes(profile):
     "The speedrun's copy-task sizes: chapter 11's recipe on a smaller alphabet and shorter words, to fit minutes."
-    return {"ci": dict(alphabet="abcdef", max_len=4, dim=32, ppo_steps=30, batch=64, mini=32, epochs=2, lr=2e-3,
-                       eval_every=5, n_train=400, n_eval=100),
-            "cpu": dict(alphabet="abcdefghijkl", max_len=5, dim=64, ppo_steps=300, batch=64, mini=32, epochs=4, lr=1e-3,
-                        eval_every=10, n_train=5000, n_eval=200),
-            "gpu": dict(alphabet="abcdefghijklmnopqrstuvwxyz", max_len=6, dim=64, ppo_steps=2000, batch=256, mini=64,
-                        epochs=4, lr=5e-4, eval_every=25, n_train=20000, n_eval=500)}[profile]
+    return {
+        "ci": dict(
+            alphabet="abcdef",
+            max_len=4,
+            dim=32,
+            ppo_steps=30,
+            batch=64,
+            mini=32,
+            epochs=2,
+            lr=2e-3,
+            eval_every=5,
+            n_train=400,
+            n_eval=100,
+        ),
+        "cpu": dict(
+            alphabet="abcdefghijkl",
+            max_len=5,
+            dim=64,
+            ppo_steps=300,
+            batch=64,
+            mini=32,
+            epochs=4,
+            lr=1e-3,
+            eval_every=10,
+            n_train=5000,
+            n_eval=200,
+        ),
+        "gpu": dict(
+            alphabet="abcdefghijklmnopqrstuvwxyz",
+            max_len=6,
+            dim=64,
+            ppo_steps=2000,
+            batch=256,
+            mini=64,
+            epochs=4,
+            lr=5e-4,
+            eval_every=25,
+            n_train=20000,
+            n_eval=500,
+        ),
+    }[profile]
+
 
 def _copy_task(S: dict, seed: int):
     "Chapter 11's copy task: a letter tokenizer, and training, validation and test words, all distinct."
     from tinyllama.ppo import LetterTokenizer
     from tinyllama.reward import copy_task_words
-    words, other = copy_task_words(S["n_train"], seed=seed, n_heldout=2 * S["n_eval"], min_len=3, max_len=S["max_len"],
-                                   alphabet=S["alphabet"])
-    return LetterTokenizer(S["alphabet"]), words, other[:S["n_eval"]], other[S["n_eval"]:]
+
+    words, other = copy_task_words(
+        S["n_train"],
+        seed=seed,
+        n_heldout=2 * S["n_eval"],
+        min_len=3,
+        max_len=S["max_len"],
+        alphabet=S["alphabet"],
+    )
+    return (
+        LetterTokenizer(S["alphabet"]),
+        words,
+        other[: S["n_eval"]],
+        other[S["n_eval"] :],
+    )
+
 
 def _ppo_plot(history, evals, perfect, path, title):
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(11, 3.2))
     ax, bx, cx = fig.subplots(1, 3)
     steps = [s["ppo/step"] + 1 for s in history]
-    ax.plot(steps, [s["env/reward_mean"] for s in history], lw=1.2, label="sampled responses")
+    ax.plot(
+        steps,
+        [s["env/reward_mean"] for s in history],
+        lw=1.2,
+        label="sampled responses",
+    )
     ax.axhline(perfect, ls="--", c="gray", lw=0.8, label="perfect copy")
-    ax.set_title(title); ax.set_ylabel("reward per response"); ax.legend(fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel("reward per response")
+    ax.legend(fontsize=8)
     xs = [e[0] for e in evals]
     bx.plot(xs, [e[2] for e in evals], "o-", ms=3, label="correct tokens (greedy)")
     bx.axhline(perfect, ls="--", c="gray", lw=0.8, label="perfect copy")
-    bx.plot(xs, [e[1] * perfect for e in evals], "s-", ms=3, label="exact copies × perfect")
-    bx.set_title("held-out words"); bx.legend(fontsize=8)
+    bx.plot(
+        xs, [e[1] * perfect for e in evals], "s-", ms=3, label="exact copies × perfect"
+    )
+    bx.set_title("held-out words")
+    bx.legend(fontsize=8)
     cx.plot(steps, [s["objective/kl"] for s in history], lw=1.2)
     cx.set_title("KL(π‖π_ref), nats per response")
-    for x in (ax, bx, cx): x.set_xlabel("PPO step"); x.grid(alpha=0.3)
+    for x in (ax, bx, cx):
+        x.set_xlabel("PPO step")
+        x.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
 
+
 def _small_model_stage(run: Speedrun, section) -> Section:
     "`section(run, device)` on the run's device; on a CPU with one thread (small models gain nothing from more)."
     from tinyllama.device import get_device
+
     device = torch.device(run.device) if run.device else get_device()
     with _decode_threads(device):
         return section(run, device)
 
+
 def stage_ppo(run: Speedrun) -> Section:
     "The copy task with the golden reward (chapters 10-11): a small letter-level policy trained by PPO."
     return _small_model_stage(run, _ppo_section)
+
 
 def _ppo_section(run, device):
     import copy, random
@@ -471,31 +882,70 @@ def _ppo_section(run, device):
     from tinyllama.generate import generate
     from tinyllama.ppo import PPOTrainer, PPOConfig, ValueModel
     from tqdm.auto import tqdm
+
     S = _ppo_sizes(run.profile)
     tok, train_words, val_words, held = _copy_task(S, run.seed)
     max_new = S["max_len"] + 1  # the longest word and its EOS
     torch.manual_seed(run.seed)
-    config = LLMConfig(vocab_size=tok.vocab_size, context_size=16, dim_emb=S["dim"], num_layers=2, num_heads=4,
-                       num_kv_heads=4, ffd_hidden_dim=(8 * S["dim"] // 3) // 8 * 8)
-    base = LLM(config).to(device).eval()  # random weights: all copying is learnt from the reward (chapter 11)
+    config = LLMConfig(
+        vocab_size=tok.vocab_size,
+        context_size=16,
+        dim_emb=S["dim"],
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        ffd_hidden_dim=(8 * S["dim"] // 3) // 8 * 8,
+    )
+    base = (
+        LLM(config).to(device).eval()
+    )  # random weights: all copying is learnt from the reward (chapter 11)
     golden = GoldenRewardModel(tok.eos_id, tok.pad_id, bos_id=tok.bos_id)
-    prompts, val_prompts = copy_prompts(held, tok, bos=True), copy_prompts(val_words, tok, bos=True)
+    prompts, val_prompts = (
+        copy_prompts(held, tok, bos=True),
+        copy_prompts(val_words, tok, bos=True),
+    )
     perfect = sum(len(w) + 1 for w in held) / len(held)  # letters and EOS
 
     def evaluate(model, ps=prompts):
         "Greedy answers: (exact-copy share, mean correctly copied tokens, answers, per-word exact)."
-        outs = generate(model, ps, max_new_tokens=max_new, temperature=0, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        outs = generate(
+            model,
+            ps,
+            max_new_tokens=max_new,
+            temperature=0,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+        )
         ids, resp = pad_batch(ps, tok.pad_id, "left")[0], pad_batch(outs, tok.pad_id)[0]
         exact = golden.exact_copy(ids, resp)
-        return exact.float().mean().item(), golden.score(ids, resp).mean().item(), outs, exact.tolist()
+        return (
+            exact.float().mean().item(),
+            golden.score(ids, resp).mean().item(),
+            outs,
+            exact.tolist(),
+        )
 
     acc0, score0, *_ = evaluate(base)
     evals = [(0, acc0, score0)]
     policy = copy.deepcopy(base)
-    cfg = PPOConfig(batch_size=S["batch"], mini_batch_size=S["mini"], ppo_epochs=S["epochs"], lr=S["lr"],
-                    max_new_tokens=max_new, init_kl_coef=0.05, seed=run.seed)
-    trainer = PPOTrainer(policy, copy.deepcopy(base), ValueModel.from_llm(base), golden, cfg,
-                         eos_id=tok.eos_id, pad_id=tok.pad_id)
+    cfg = PPOConfig(
+        batch_size=S["batch"],
+        mini_batch_size=S["mini"],
+        ppo_epochs=S["epochs"],
+        lr=S["lr"],
+        max_new_tokens=max_new,
+        init_kl_coef=0.05,
+        seed=run.seed,
+    )
+    trainer = PPOTrainer(
+        policy,
+        copy.deepcopy(base),
+        ValueModel.from_llm(base),
+        golden,
+        cfg,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+    )
     rng = random.Random(run.seed)
     val = [0.0]
 
@@ -504,106 +954,227 @@ def _ppo_section(run, device):
         step = stats["ppo/step"] + 1
         if step % S["eval_every"] == 0:
             val.append(evaluate(policy, val_prompts)[0])
-            for g in trainer.optimizer.param_groups:  # chapter 11's rule: smaller steps as the task is mastered
+            for g in (
+                trainer.optimizer.param_groups
+            ):  # chapter 11's rule: smaller steps as the task is mastered
                 g["lr"] = S["lr"] * min(1.0, max(0.25, 2 * (1 - val[-1])))
             evals.append((step, *evaluate(policy)[:2]))
-            if val[-1] >= 0.99: return True  # validation words copied: stop early
+            if val[-1] >= 0.99:
+                return True  # validation words copied: stop early
         return False
 
     t0 = time.perf_counter()
     history = []
-    with tqdm(total=S["ppo_steps"], desc="PPO", unit="step", disable=not run.progress) as bar:
+    with tqdm(
+        total=S["ppo_steps"], desc="PPO", unit="step", disable=not run.progress
+    ) as bar:
         for step in range(S["ppo_steps"]):
-            history.append(trainer.step(copy_prompts(rng.sample(train_words, cfg.batch_size), tok, bos=True)))
-            bar.update(); bar.set_postfix(reward=f"{history[-1]['env/reward_mean']:.2f}", val=f"{val[-1]:.0%}")
-            if validate(history[-1]): break
+            history.append(
+                trainer.step(
+                    copy_prompts(rng.sample(train_words, cfg.batch_size), tok, bos=True)
+                )
+            )
+            bar.update()
+            bar.set_postfix(
+                reward=f"{history[-1]['env/reward_mean']:.2f}", val=f"{val[-1]:.0%}"
+            )
+            if validate(history[-1]):
+                break
     ppo_s = time.perf_counter() - t0
     acc1, score1, outs, exact = evaluate(policy)
     k = max(1, len(history) // 10)
     r0 = sum(s["env/reward_mean"] for s in history[:k]) / k
     r1 = sum(s["env/reward_mean"] for s in history[-k:]) / k
-    _ppo_plot(history, evals, perfect, run.out / "ppo.png", f"PPO on the copy task ({run.profile} profile)")
-    metrics = [Metric("PPO exact copies", _before_after(acc0, acc1),
-                      f"before → after PPO; {len(held)} test words never trained on, greedy"),
-               Metric("PPO correct tokens per word", _before_after(score0, score1, "{:.2f}"),
-                      f"before → after PPO; greedy, test words; a perfect copy scores {perfect:.2f}"),
-               Metric("PPO reward per response", _before_after(r0, r1, "{:.2f}"),
-                      f"sampled (temperature 1), mean of the first and of the last {k} step(s)"),
-               Metric("PPO final KL", f"{history[-1]['objective/kl']:.2f} nats", "to the frozen reference, per response")]
+    _ppo_plot(
+        history,
+        evals,
+        perfect,
+        run.out / "ppo.png",
+        f"PPO on the copy task ({run.profile} profile)",
+    )
+    metrics = [
+        Metric(
+            "PPO exact copies",
+            _before_after(acc0, acc1),
+            f"before → after PPO; {len(held)} test words never trained on, greedy",
+        ),
+        Metric(
+            "PPO correct tokens per word",
+            _before_after(score0, score1, "{:.2f}"),
+            f"before → after PPO; greedy, test words; a perfect copy scores {perfect:.2f}",
+        ),
+        Metric(
+            "PPO reward per response",
+            _before_after(r0, r1, "{:.2f}"),
+            f"sampled (temperature 1), mean of the first and of the last {k} step(s)",
+        ),
+        Metric(
+            "PPO final KL",
+            f"{history[-1]['objective/kl']:.2f} nats",
+            "to the frozen reference, per response",
+        ),
+    ]
     pieces = lambda ids: " ".join(tok.id_to_piece(i) for i in ids)
-    rows = [f"| `{pieces(copy_prompts([w], tok)[0])}` | `{pieces(o)}` | {'✓' if ok else '✗'} |"
-            for w, o, ok in zip(held[:8], outs, exact)]
+    rows = [
+        f"| `{pieces(copy_prompts([w], tok)[0])}` | `{pieces(o)}` | {'✓' if ok else '✗'} |"
+        for w, o, ok in zip(held[:8], outs, exact)
+    ]
     n = sum(p.numel() for p in policy.parameters())
-    body = [f"Policy: a letter-level model of {n / 1e3:.0f} k parameters (alphabet of {len(tok.alphabet)} letters, "
-            f"dim {S['dim']}, 2 layers) with random weights, as in chapter 11. PPO: {len(history)} steps "
-            f"(at most {S['ppo_steps']}; it stops when {len(val_words)} validation words are copied) of {cfg.batch_size} "
-            f"words of 3–{S['max_len']} letters from {len(train_words)} training words ({_fmt_s(ppo_s)}), "
-            f"{cfg.ppo_epochs} epochs of minibatches of {cfg.mini_batch_size}, lr {cfg.lr:g}, β = {cfg.init_kl_coef}, "
-            f"the golden reward.",
-            f"Test words (greedy): exact copies {acc0:.1%} → {acc1:.1%}; correctly copied tokens per word "
-            f"{score0:.2f} → {score1:.2f} of {perfect:.2f}. Sampled reward per response {r0:.2f} → {r1:.2f}; "
-            f"KL to the reference at the end {history[-1]['objective/kl']:.2f} nats.",
-            "![ppo](ppo.png)",
-            "| prompt (word, EOS) | greedy answer after PPO | exact copy |\n|---|---|---|\n" + "\n".join(rows)]
+    body = [
+        f"Policy: a letter-level model of {n / 1e3:.0f} k parameters (alphabet of {len(tok.alphabet)} letters, "
+        f"dim {S['dim']}, 2 layers) with random weights, as in chapter 11. PPO: {len(history)} steps "
+        f"(at most {S['ppo_steps']}; it stops when {len(val_words)} validation words are copied) of {cfg.batch_size} "
+        f"words of 3–{S['max_len']} letters from {len(train_words)} training words ({_fmt_s(ppo_s)}), "
+        f"{cfg.ppo_epochs} epochs of minibatches of {cfg.mini_batch_size}, lr {cfg.lr:g}, β = {cfg.init_kl_coef}, "
+        f"the golden reward.",
+        f"Test words (greedy): exact copies {acc0:.1%} → {acc1:.1%}; correctly copied tokens per word "
+        f"{score0:.2f} → {score1:.2f} of {perfect:.2f}. Sampled reward per response {r0:.2f} → {r1:.2f}; "
+        f"KL to the reference at the end {history[-1]['objective/kl']:.2f} nats.",
+        "![ppo](ppo.png)",
+        "| prompt (word, EOS) | greedy answer after PPO | exact copy |\n|---|---|---|\n"
+        + "\n".join(rows),
+    ]
     run.state.update(ppo=dict(history=history, evals=evals))
     return Section("PPO on the copy task", "\n\n".join(body), metrics)
 
 # %% ../nbs/93_cli.ipynb #08f5c773
 def _feedback_sizes(profile):
     "The speedrun's human-feedback loop (chapter 12) on the run's SFT model: label, reward-model and PPO sizes."
-    return {"ci": dict(n_label=12, n_heldout=4, rm_steps=3, ppo_steps=2, batch=4, mini=4, epochs=1, lr=1e-4, max_new=16),
-            "cpu": dict(n_label=300, n_heldout=100, rm_steps=150, ppo_steps=40, batch=16, mini=8, epochs=2, lr=1e-4,
-                        max_new=110),
-            "gpu": dict(n_label=1000, n_heldout=400, rm_steps=400, ppo_steps=200, batch=64, mini=16, epochs=4, lr=5e-5,
-                        max_new=110)}[profile]
+    return {
+        "ci": dict(
+            n_label=12,
+            n_heldout=4,
+            rm_steps=3,
+            ppo_steps=2,
+            batch=4,
+            mini=4,
+            epochs=1,
+            lr=1e-4,
+            max_new=16,
+        ),
+        "cpu": dict(
+            n_label=300,
+            n_heldout=100,
+            rm_steps=150,
+            ppo_steps=40,
+            batch=16,
+            mini=8,
+            epochs=2,
+            lr=1e-4,
+            max_new=110,
+        ),
+        "gpu": dict(
+            n_label=1000,
+            n_heldout=400,
+            rm_steps=400,
+            ppo_steps=200,
+            batch=64,
+            mini=16,
+            epochs=4,
+            lr=5e-5,
+            max_new=110,
+        ),
+    }[profile]
+
 
 def _feedback_plot(history, scores_before, scores_after, path, title):
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(11, 3.2))
     ax, bx, cx = fig.subplots(1, 3)
     steps = [s["ppo/step"] + 1 for s in history]
-    ax.plot(steps, [s["env/reward_mean"] for s in history], lw=1.2); ax.set_title(title)
+    ax.plot(steps, [s["env/reward_mean"] for s in history], lw=1.2)
+    ax.set_title(title)
     ax.set_ylabel("learned reward per response")
-    bx.plot(steps, [s["objective/kl"] for s in history], lw=1.2); bx.set_title("KL(π‖π_SFT), nats per response")
-    for x in (ax, bx): x.set_xlabel("PPO step"); x.grid(alpha=0.3)
+    bx.plot(steps, [s["objective/kl"] for s in history], lw=1.2)
+    bx.set_title("KL(π‖π_SFT), nats per response")
+    for x in (ax, bx):
+        x.set_xlabel("PPO step")
+        x.grid(alpha=0.3)
     levels = sorted(set(scores_before) | set(scores_after))
-    cx.bar([i - 0.2 for i in range(len(levels))], [scores_before.count(v) for v in levels], 0.4, label="SFT policy")
-    cx.bar([i + 0.2 for i in range(len(levels))], [scores_after.count(v) for v in levels], 0.4, label="after PPO")
-    cx.set_xticks(range(len(levels))); cx.set_xticklabels([f"{v:g}" for v in levels], fontsize=8)
-    cx.set_xlabel("labeler's score (held-out requests)"); cx.legend(fontsize=8); cx.grid(alpha=0.3, axis="y")
+    cx.bar(
+        [i - 0.2 for i in range(len(levels))],
+        [scores_before.count(v) for v in levels],
+        0.4,
+        label="SFT policy",
+    )
+    cx.bar(
+        [i + 0.2 for i in range(len(levels))],
+        [scores_after.count(v) for v in levels],
+        0.4,
+        label="after PPO",
+    )
+    cx.set_xticks(range(len(levels)))
+    cx.set_xticklabels([f"{v:g}" for v in levels], fontsize=8)
+    cx.set_xlabel("labeler's score (held-out requests)")
+    cx.legend(fontsize=8)
+    cx.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
 
 def stage_feedback(run: Speedrun) -> Section:
     "Chapter 12's loop on the SFT model: scripted labels clicked in the widget → reward model → PPO → the labeler's verdict."
     return _small_model_stage(run, _feedback_section)
 
+
 def _feedback_section(run, device):
     import copy, random
     from tinyllama.checkpoint import unwrap_model
-    from tinyllama.feedback import (LabelStore, PreferenceCollector, ScriptedLabeler, chat_prompt_ids, head_to_head,
-                                    sample_comparisons, sample_completions, story_comparisons, story_requests,
-                                    text_reward_fn)
+    from tinyllama.feedback import (
+        LabelStore,
+        PreferenceCollector,
+        ScriptedLabeler,
+        chat_prompt_ids,
+        head_to_head,
+        sample_comparisons,
+        sample_completions,
+        story_comparisons,
+        story_requests,
+        text_reward_fn,
+    )
     from tinyllama.ppo import PPOConfig, PPOTrainer, ValueModel
     from tinyllama.reward import RewardModel, pair_accuracy, train_reward_model
+
     S = _feedback_sizes(run.profile)
-    sft_policy, tok = unwrap_model(run.state["model"]).to(device).eval(), run.state["tokenizer"]
+    sft_policy, tok = (
+        unwrap_model(run.state["model"]).to(device).eval(),
+        run.state["tokenizer"],
+    )
     heldout = story_requests(S["n_heldout"], seed=f"{run.seed}/feedback-heldout")
-    label_prompts = [p for p in story_requests(S["n_label"], seed=f"{run.seed}/feedback-label") if p not in set(heldout)]
-    room = sft_policy.config.context_size - max(map(len, chat_prompt_ids(tok, heldout + label_prompts)))
-    max_new = min(S["max_new"], room)  # a story is about 80-110 tokens; the SFT model's context may cut it shorter
+    label_prompts = [
+        p
+        for p in story_requests(S["n_label"], seed=f"{run.seed}/feedback-label")
+        if p not in set(heldout)
+    ]
+    room = sft_policy.config.context_size - max(
+        map(len, chat_prompt_ids(tok, heldout + label_prompts))
+    )
+    max_new = min(
+        S["max_new"], room
+    )  # a story is about 80-110 tokens; the SFT model's context may cut it shorter
     labeler = ScriptedLabeler()
     # 1. two samples of the SFT policy per request, labelled by clicking the widget's buttons
     t0 = time.perf_counter()
-    collector = PreferenceCollector(sample_comparisons(sft_policy, tok, label_prompts, "sft", max_new, seed=run.seed,
-                                                       chat=True), run.out / "labels.jsonl", labeler=labeler.name)
+    collector = PreferenceCollector(
+        sample_comparisons(
+            sft_policy, tok, label_prompts, "sft", max_new, seed=run.seed, chat=True
+        ),
+        run.out / "labels.jsonl",
+        labeler=labeler.name,
+    )
     counts = labeler.label(collector)
     pairs = LabelStore(run.out / "labels.jsonl").preference_pairs()
-    padded = len(pairs) < 8  # a barely trained (ci) policy writes mostly ties: add story-world pairs, labelled alike
+    padded = (
+        len(pairs) < 8
+    )  # a barely trained (ci) policy writes mostly ties: add story-world pairs, labelled alike
     if padded:
-        extra = PreferenceCollector(story_comparisons(16, seed=run.seed), run.out / "labels-story-world.jsonl",
-                                    labeler=labeler.name)
+        extra = PreferenceCollector(
+            story_comparisons(16, seed=run.seed),
+            run.out / "labels-story-world.jsonl",
+            labeler=labeler.name,
+        )
         labeler.label(extra)
         pairs += extra.store.preference_pairs()
     label_s = time.perf_counter() - t0
@@ -613,75 +1184,159 @@ def _feedback_section(run, device):
     torch.manual_seed(run.seed)
     rm = RewardModel.from_llm(sft_policy, pad_id=tok.pad_id).to(device)
     t0 = time.perf_counter()
-    train_reward_model(rm, tok, pairs[n_val:], steps=S["rm_steps"], batch_size=16, lr=3e-4, progress=run.progress)
+    train_reward_model(
+        rm,
+        tok,
+        pairs[n_val:],
+        steps=S["rm_steps"],
+        batch_size=16,
+        lr=3e-4,
+        progress=run.progress,
+    )
     rm_acc, rm_s = pair_accuracy(rm, tok, pairs[:n_val]), time.perf_counter() - t0
     # 3. PPO against the learned reward, with the KL penalty to the (frozen) SFT policy
-    cfg = PPOConfig(batch_size=S["batch"], mini_batch_size=S["mini"], ppo_epochs=S["epochs"], lr=S["lr"],
-                    max_new_tokens=max_new, init_kl_coef=0.05, seed=run.seed)
-    trainer = PPOTrainer(copy.deepcopy(sft_policy), copy.deepcopy(sft_policy), ValueModel.from_llm(sft_policy),
-                         text_reward_fn(rm, tok), cfg, eos_id=tok.end_id, pad_id=tok.pad_id)
+    cfg = PPOConfig(
+        batch_size=S["batch"],
+        mini_batch_size=S["mini"],
+        ppo_epochs=S["epochs"],
+        lr=S["lr"],
+        max_new_tokens=max_new,
+        init_kl_coef=0.05,
+        seed=run.seed,
+    )
+    trainer = PPOTrainer(
+        copy.deepcopy(sft_policy),
+        copy.deepcopy(sft_policy),
+        ValueModel.from_llm(sft_policy),
+        text_reward_fn(rm, tok),
+        cfg,
+        eos_id=tok.end_id,
+        pad_id=tok.pad_id,
+    )
     ppo_prompts = chat_prompt_ids(tok, label_prompts)
     t0 = time.perf_counter()
-    history = trainer.train(lambda step: [ppo_prompts[(step * cfg.batch_size + i) % len(ppo_prompts)]
-                                          for i in range(cfg.batch_size)], S["ppo_steps"], progress=run.progress)
+    history = trainer.train(
+        lambda step: [
+            ppo_prompts[(step * cfg.batch_size + i) % len(ppo_prompts)]
+            for i in range(cfg.batch_size)
+        ],
+        S["ppo_steps"],
+        progress=run.progress,
+    )
     ppo_s = time.perf_counter() - t0
     # 4. the labeler's verdict on held-out requests, and the KL paid for it
     ro = trainer.rollout(chat_prompt_ids(tok, heldout))
     kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask.float()).sum(1)
     after = [t.strip() for t in tok.decode_batch(ro.response_ids.tolist())]
-    before = sample_completions(sft_policy, tok, heldout, max_new, seed=run.seed + 12345, chat=True)
+    before = sample_completions(
+        sft_policy, tok, heldout, max_new, seed=run.seed + 12345, chat=True
+    )
     verdict = head_to_head(labeler, heldout, after, before, seed=run.seed)
-    sb, sa = [labeler.score(p, t) for p, t in zip(heldout, before)], [labeler.score(p, t) for p, t in zip(heldout, after)]
-    _feedback_plot(history, sb, sa, run.out / "feedback.png", f"PPO on learned preferences ({run.profile} profile)")
-    metrics = [Metric("reward model pair accuracy", f"{rm_acc:.1%}", f"{n_val} held-out label pairs; {len(pairs) - n_val} trained on"),
-               Metric("labeler prefers PPO over SFT", f"{verdict['win_rate']:.1%}",
-                      f"{verdict['n']} held-out requests, one sample each, sides shuffled, a tie counts half"),
-               Metric("KL to the SFT policy", f"{kl.mean().item():.2f} nats", "per response, mean over the held-out samples"),
-               Metric("labeler's mean score", _before_after(sum(sb) / len(sb), sum(sa) / len(sa), "{:+.2f}"),
-                      "SFT policy → after PPO; the hero's final feeling, proud +4 … sad −4")]
+    sb, sa = (
+        [labeler.score(p, t) for p, t in zip(heldout, before)],
+        [labeler.score(p, t) for p, t in zip(heldout, after)],
+    )
+    _feedback_plot(
+        history,
+        sb,
+        sa,
+        run.out / "feedback.png",
+        f"PPO on learned preferences ({run.profile} profile)",
+    )
+    metrics = [
+        Metric(
+            "reward model pair accuracy",
+            f"{rm_acc:.1%}",
+            f"{n_val} held-out label pairs; {len(pairs) - n_val} trained on",
+        ),
+        Metric(
+            "labeler prefers PPO over SFT",
+            f"{verdict['win_rate']:.1%}",
+            f"{verdict['n']} held-out requests, one sample each, sides shuffled, a tie counts half",
+        ),
+        Metric(
+            "KL to the SFT policy",
+            f"{kl.mean().item():.2f} nats",
+            "per response, mean over the held-out samples",
+        ),
+        Metric(
+            "labeler's mean score",
+            _before_after(sum(sb) / len(sb), sum(sa) / len(sa), "{:+.2f}"),
+            "SFT policy → after PPO; the hero's final feeling, proud +4 … sad −4",
+        ),
+    ]
     rows = [f"| {p} | {b} | {a} |" for p, b, a in list(zip(heldout, before, after))[:3]]
-    body = [f"Chapter 12's loop on the SFT model above. {len(label_prompts)} story requests that leave the ending open, "
-            f"two samples each; the scripted labeler (it prefers stories whose hero ends happier: {labeler.name}) clicked "
-            f"`PreferenceCollector`'s buttons for each pair: {counts['a']} A, {counts['b']} B, {counts['tie']} ties, "
-            f"saved in `labels.jsonl` ({_fmt_s(label_s)})." + (" Too few pairs differed, so 16 story-world pairs "
-            "(`labels-story-world.jsonl`) were labelled too." if padded else ""),
-            f"Reward model: chapter 10's Bradley–Terry model, trunk from the SFT policy, {S['rm_steps']} steps "
-            f"({_fmt_s(rm_s)}); held-out pair accuracy {rm_acc:.1%}.",
-            f"PPO: {len(history)} steps of {cfg.batch_size} requests, {cfg.ppo_epochs} epochs of minibatches of "
-            f"{cfg.mini_batch_size}, lr {cfg.lr:g}, β = {cfg.init_kl_coef} to the frozen SFT policy ({_fmt_s(ppo_s)}); "
-            f"learned reward {history[0]['env/reward_mean']:.2f} → {history[-1]['env/reward_mean']:.2f}.",
-            f"Verdict: the labeler prefers the PPO policy's story on {verdict['win_rate']:.1%} of {verdict['n']} "
-            f"held-out requests (wins {verdict['wins']}, ties {verdict['ties']}, losses {verdict['losses']}), at a KL of "
-            f"{kl.mean().item():.2f} nats per response to the SFT policy.",
-            "![feedback](feedback.png)",
-            "| request | SFT policy | after PPO |\n|---|---|---|\n" + "\n".join(r.replace("\n", " ") for r in rows)]
-    run.state.update(feedback=dict(history=history, verdict=verdict, rm_accuracy=rm_acc))
+    body = [
+        f"Chapter 12's loop on the SFT model above. {len(label_prompts)} story requests that leave the ending open, "
+        f"two samples each; the scripted labeler (it prefers stories whose hero ends happier: {labeler.name}) clicked "
+        f"`PreferenceCollector`'s buttons for each pair: {counts['a']} A, {counts['b']} B, {counts['tie']} ties, "
+        f"saved in `labels.jsonl` ({_fmt_s(label_s)})."
+        + (
+            " Too few pairs differed, so 16 story-world pairs "
+            "(`labels-story-world.jsonl`) were labelled too."
+            if padded
+            else ""
+        ),
+        f"Reward model: chapter 10's Bradley–Terry model, trunk from the SFT policy, {S['rm_steps']} steps "
+        f"({_fmt_s(rm_s)}); held-out pair accuracy {rm_acc:.1%}.",
+        f"PPO: {len(history)} steps of {cfg.batch_size} requests, {cfg.ppo_epochs} epochs of minibatches of "
+        f"{cfg.mini_batch_size}, lr {cfg.lr:g}, β = {cfg.init_kl_coef} to the frozen SFT policy ({_fmt_s(ppo_s)}); "
+        f"learned reward {history[0]['env/reward_mean']:.2f} → {history[-1]['env/reward_mean']:.2f}.",
+        f"Verdict: the labeler prefers the PPO policy's story on {verdict['win_rate']:.1%} of {verdict['n']} "
+        f"held-out requests (wins {verdict['wins']}, ties {verdict['ties']}, losses {verdict['losses']}), at a KL of "
+        f"{kl.mean().item():.2f} nats per response to the SFT policy.",
+        "![feedback](feedback.png)",
+        "| request | SFT policy | after PPO |\n|---|---|---|\n"
+        + "\n".join(r.replace("\n", " ") for r in rows),
+    ]
+    run.state.update(
+        feedback=dict(history=history, verdict=verdict, rm_accuracy=rm_acc)
+    )
     return Section("Human feedback (scripted labeler)", "\n\n".join(body), metrics)
 
 # %% ../nbs/93_cli.ipynb #3d1d0e65
-SPEEDRUN_STAGES: list = [("pretrain", stage_pretrain), ("samples", stage_samples), ("sft", stage_sft),
-                         ("ppo", stage_ppo), ("feedback", stage_feedback)]
-STAGE_NEEDS = {"samples": ("pretrain",), "sft": ("pretrain",), "feedback": ("pretrain", "sft")}  # stage -> stages whose results it uses
+SPEEDRUN_STAGES: list = [
+    ("pretrain", stage_pretrain),
+    ("samples", stage_samples),
+    ("sft", stage_sft),
+    ("ppo", stage_ppo),
+    ("feedback", stage_feedback),
+]
+STAGE_NEEDS = {
+    "samples": ("pretrain",),
+    "sft": ("pretrain",),
+    "feedback": ("pretrain", "sft"),
+}  # stage -> stages whose results it uses
 
-def parse_stages(text: str | None,  # the --stages value, e.g. "pretrain,sft"; None = every stage
-                 stages: list | None = None,  # (name, function) pairs; None = SPEEDRUN_STAGES
-                ) -> list:
+
+def parse_stages(
+    text: str | None,  # the --stages value, e.g. "pretrain,sft"; None = every stage
+    stages: list | None = None,  # (name, function) pairs; None = SPEEDRUN_STAGES
+) -> list:
     "The (name, stage) pairs that `text` names, in pipeline order; a CLIError for an unknown name or a missing prerequisite."
     stages = SPEEDRUN_STAGES if stages is None else stages
     names = [n for n, _ in stages]
-    if text is None: return list(stages)
+    if text is None:
+        return list(stages)
     asked = [t.strip().lower() for t in text.split(",") if t.strip()]
-    if not asked: raise CLIError(f"--stages is empty; name one or more of {','.join(names)} (comma-separated).")
+    if not asked:
+        raise CLIError(
+            f"--stages is empty; name one or more of {','.join(names)} (comma-separated)."
+        )
     unknown = [t for t in asked if t not in names]
     if unknown:
-        raise CLIError(f"unknown stage{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in --stages; "
-                       f"the stages are {','.join(names)} (comma-separated, e.g. --stages pretrain,sft).")
+        raise CLIError(
+            f"unknown stage{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in --stages; "
+            f"the stages are {','.join(names)} (comma-separated, e.g. --stages pretrain,sft)."
+        )
     for t in asked:
         missing = [n for n in STAGE_NEEDS.get(t, ()) if n not in asked]
         if missing:
             fixed = ",".join(n for n in names if n in asked or n in missing)
-            raise CLIError(f"stage {t!r} needs {' and '.join(map(repr, missing))} (it uses their results); "
-                           f"run --stages {fixed}.")
+            raise CLIError(
+                f"stage {t!r} needs {' and '.join(map(repr, missing))} (it uses their results); "
+                f"run --stages {fixed}."
+            )
     return [(n, f) for n, f in stages if n in asked]
 
 # %% ../nbs/93_cli.ipynb #5fc74eaf
@@ -689,19 +1344,37 @@ def metrics_table(run: Speedrun) -> str:
     "The Markdown table of every finished stage's metrics and the wall time so far."
     total = time.perf_counter() - run.started
     rows = [m for s in run.sections for m in s.metrics]
-    rows.append(Metric("wall time", _fmt_s(total), " + ".join(f"{s.title.lower()} {_fmt_s(s.wall_s)}" for s in run.sections)))
-    return "\n".join(["| metric | value | note |", "|---|---|---|"] + [f"| {m.name} | {m.value} | {m.note} |" for m in rows])
+    rows.append(
+        Metric(
+            "wall time",
+            _fmt_s(total),
+            " + ".join(f"{s.title.lower()} {_fmt_s(s.wall_s)}" for s in run.sections),
+        )
+    )
+    return "\n".join(
+        ["| metric | value | note |", "|---|---|---|"]
+        + [f"| {m.name} | {m.value} | {m.note} |" for m in rows]
+    )
+
 
 def render_report(run: Speedrun) -> str:
     "report.md: the metrics table of every stage, then each stage's section."
-    out = [f"# tinyllama speedrun ({run.profile} profile)", "",
-           f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {machine_description(run.state.get('device'))}. "
-           f"Command: `tinyllama speedrun --profile {run.profile}" + (f" --steps {run.steps}" if run.steps else "")
-           + (f" --corpus {run.corpus}" if run.corpus else "") + (f" --stages {run.stages}" if run.stages else "") + "`.",
-           "", metrics_table(run)]
+    out = [
+        f"# tinyllama speedrun ({run.profile} profile)",
+        "",
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {machine_description(run.state.get('device'))}. "
+        f"Command: `tinyllama speedrun --profile {run.profile}"
+        + (f" --steps {run.steps}" if run.steps else "")
+        + (f" --corpus {run.corpus}" if run.corpus else "")
+        + (f" --stages {run.stages}" if run.stages else "")
+        + "`.",
+        "",
+        metrics_table(run),
+    ]
     for s in run.sections:
         out += ["", f"## {s.title}", "", f"*wall time {_fmt_s(s.wall_s)}*", "", s.body]
     return "\n".join(out) + "\n"
+
 
 def run_speedrun(run: Speedrun, stages=None) -> Path:
     "Run the stages in order, writing report.md after each one (a failed stage leaves the report so far)."
@@ -719,52 +1392,87 @@ def run_speedrun(run: Speedrun, stages=None) -> Path:
 # %% ../nbs/93_cli.ipynb #cf7a04e2
 def _resolve(args):
     from tinyllama.profiles import get_profile
+
     return get_profile(args.profile).name
+
 
 def cmd_pretrain(args) -> int:
     "tinyllama pretrain: train with the profile's preset and save the checkpoint folder."
     from tinyllama.train import pretrain, pretrain_preset
     from tinyllama.checkpoint import has_checkpoint
+
     profile = _resolve(args)
     out = args.out or Path("runs") / f"pretrain-{_timestamp()}"
     if args.resume and not has_checkpoint(out):
         raise CLIError(f"--resume: there is no checkpoint in {out} to continue.")
     if not args.resume and has_checkpoint(out):
-        raise CLIError(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out.")
+        raise CLIError(
+            f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out."
+        )
     preset = _preset(profile, args.corpus)
     overrides = _train_overrides(preset, args.steps)
-    if args.device: overrides["device"] = args.device
+    if args.device:
+        overrides["device"] = args.device
     print(f"pretraining ({profile} profile) into {out}", flush=True)
-    pr = pretrain(preset, out_dir=out, progress=args.progress, seed=args.seed, resume=args.resume, **overrides)
+    pr = pretrain(
+        preset,
+        out_dir=out,
+        progress=args.progress,
+        seed=args.seed,
+        resume=args.resume,
+        **overrides,
+    )
     res = pr.result
-    print(f"{res.steps_done} steps in {_fmt_s(res.wall_s)}, {res.tokens_per_s:,.0f} tokens/s; final loss {res.final_loss:.3f}"
-          + (f", held-out {res.final_eval_loss:.3f}" if res.final_eval_loss is not None else "") + " nats/token")
-    if pr.comparison is not None: print(pr.comparison)
+    print(
+        f"{res.steps_done} steps in {_fmt_s(res.wall_s)}, {res.tokens_per_s:,.0f} tokens/s; final loss {res.final_loss:.3f}"
+        + (
+            f", held-out {res.final_eval_loss:.3f}"
+            if res.final_eval_loss is not None
+            else ""
+        )
+        + " nats/token"
+    )
+    if pr.comparison is not None:
+        print(pr.comparison)
     print(f"checkpoint: {out}  (next: tinyllama sample {out})")
     return 0
+
 
 def _load_for_sampling(folder: Path):
     from tinyllama.checkpoint import load_model
     from tinyllama.tokenizer import Tokenizer
-    if not folder.exists(): raise CLIError(f"no checkpoint folder at {folder}; train one with `tinyllama pretrain --out {folder}`.")
-    if not folder.is_dir(): raise CLIError(f"{folder} is a file, not a checkpoint folder.")
+
+    if not folder.exists():
+        raise CLIError(
+            f"no checkpoint folder at {folder}; train one with `tinyllama pretrain --out {folder}`."
+        )
+    if not folder.is_dir():
+        raise CLIError(f"{folder} is a file, not a checkpoint folder.")
     tok_path = folder / "tokenizer.model"
     if not tok_path.is_file():
-        raise CLIError(f"{tok_path} is missing; a checkpoint folder from `tinyllama pretrain` holds the tokenizer next to the weights.")
+        raise CLIError(
+            f"{tok_path} is missing; a checkpoint folder from `tinyllama pretrain` holds the tokenizer next to the weights."
+        )
     return load_model(folder), Tokenizer.load(tok_path)
+
 
 def cmd_sample(args) -> int:
     "tinyllama sample: continue prompts with a checkpoint, streaming the text."
     from tinyllama.device import get_device
+
     profile = _resolve(args)
     model, tok = _load_for_sampling(args.checkpoint)
     model = model.to(get_device(args.device))
     prompts = args.prompt or list(DEFAULT_PROMPTS)
-    max_new = args.max_new_tokens or {"ci": 40, "cpu": None, "gpu": None}[profile]  # ci: seconds
+    max_new = (
+        args.max_new_tokens or {"ci": 40, "cpu": None, "gpu": None}[profile]
+    )  # ci: seconds
     longest = max(len(tok.encode(p, bos=True)) for p in prompts)
     room = model.config.context_size - longest
     if room < 1:
-        raise CLIError(f"a prompt has {longest} tokens but the model's context is {model.config.context_size}; shorten it.")
+        raise CLIError(
+            f"a prompt has {longest} tokens but the model's context is {model.config.context_size}; shorten it."
+        )
     max_new = room if max_new is None else min(max_new, room)
     lines = []
     with _decode_threads(next(model.parameters()).device):
@@ -775,17 +1483,28 @@ def cmd_sample(args) -> int:
         print(f"samples written to {args.out / 'samples.md'}")
     return 0
 
+
 def _stream_prompts(args, model, tok, prompts, max_new, lines):
     from tinyllama.generate import stream_text
+
     for i, prompt in enumerate(prompts):
         print(prompt, end="", flush=True)
         text = ""
-        for piece in stream_text(model, tok, prompt, max_new_tokens=max_new, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed + i):
+        for piece in stream_text(
+            model,
+            tok,
+            prompt,
+            max_new_tokens=max_new,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed + i,
+        ):
             text += piece
             print(piece, end="", flush=True)
         print("\n")
         lines.append(f"> **{prompt}**{text}\n")
+
 
 def cmd_speedrun(args) -> int:
     "tinyllama speedrun: the stages --stages names (default all of SPEEDRUN_STAGES), then report.md."
@@ -793,43 +1512,81 @@ def cmd_speedrun(args) -> int:
     stages = parse_stages(args.stages)  # a typo fails here, before any training
     out = args.out or Path("runs") / _timestamp()
     if (out / "report.md").exists():
-        raise CLIError(f"{out} already holds a speedrun report; choose another --out (or leave it out for runs/<time>/).")
-    print(f"speedrun ({profile} profile: {', '.join(n for n, _ in stages)}) into {out}", flush=True)
-    run = Speedrun(profile, out, steps=args.steps, corpus=args.corpus, seed=args.seed, device=args.device,
-                   progress=args.progress, stages=args.stages)
+        raise CLIError(
+            f"{out} already holds a speedrun report; choose another --out (or leave it out for runs/<time>/)."
+        )
+    print(
+        f"speedrun ({profile} profile: {', '.join(n for n, _ in stages)}) into {out}",
+        flush=True,
+    )
+    run = Speedrun(
+        profile,
+        out,
+        steps=args.steps,
+        corpus=args.corpus,
+        seed=args.seed,
+        device=args.device,
+        progress=args.progress,
+        stages=args.stages,
+    )
     report = run_speedrun(run, stages)
     print(f"\n{metrics_table(run)}\n\nreport: {report}")
     if run.state.get("band_ok") is False:
-        print(f"warning: the held-out NLL is outside the band expected for the {profile} profile (see the report).")
+        print(
+            f"warning: the held-out NLL is outside the band expected for the {profile} profile (see the report)."
+        )
     if "sft_checkpoint" in run.state:
-        print(f"talk to the fine-tuned model: tinyllama chat --checkpoint {run.state['sft_checkpoint']}")
+        print(
+            f"talk to the fine-tuned model: tinyllama chat --checkpoint {run.state['sft_checkpoint']}"
+        )
     return 0
 
 # %% ../nbs/93_cli.ipynb #6aca1c2a
 def _read_line(prompt: str) -> str:
     "One line from stdin, without its newline; EOFError at the end. At a terminal with `input` (line editing), else echoed."
-    if sys.stdin is not None and sys.stdin.isatty(): return input(prompt)
+    if sys.stdin is not None and sys.stdin.isatty():
+        return input(prompt)
     line = sys.stdin.readline() if sys.stdin is not None else ""
-    if not line: raise EOFError
+    if not line:
+        raise EOFError
     line = line.rstrip("\r\n")
-    print(f"{prompt}{line}", flush=True)  # a piped line is not echoed by a terminal: show what was read
+    print(
+        f"{prompt}{line}", flush=True
+    )  # a piped line is not echoed by a terminal: show what was read
     return line
+
 
 class ChatSession:
     "A conversation with a chat model that keeps its history within the model's context."
-    MIN_REPLY = 16  # tokens of room a reply gets at least; older turns are dropped to keep it
 
-    def __init__(self, model, tokenizer,
-                 temperature: float = 0.0,  # 0: greedy
-                 top_k: int | None = None, top_p: float | None = None,
-                 max_new_tokens: int | None = None,  # a reply's length at most (None: up to the end of the context)
-                 seed: int = 0,  # turn i samples with seed + i (temperature > 0)
-                ):
+    MIN_REPLY = (
+        16  # tokens of room a reply gets at least; older turns are dropped to keep it
+    )
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        temperature: float = 0.0,  # 0: greedy
+        top_k: int | None = None,
+        top_p: float | None = None,
+        max_new_tokens: int
+        | None = None,  # a reply's length at most (None: up to the end of the context)
+        seed: int = 0,  # turn i samples with seed + i (temperature > 0)
+    ):
         self.model, self.tokenizer = model, tokenizer
-        self.temperature, self.top_k, self.top_p, self.max_new_tokens, self.seed = temperature, top_k, top_p, max_new_tokens, seed
+        self.temperature, self.top_k, self.top_p, self.max_new_tokens, self.seed = (
+            temperature,
+            top_k,
+            top_p,
+            max_new_tokens,
+            seed,
+        )
         self.context = model.config.context_size
         self.messages: list[dict] = []  # the conversation kept so far
-        self.notes: list[str] = []  # what the last reply() had to do to fit (dropped turns)
+        self.notes: list[
+            str
+        ] = []  # what the last reply() had to do to fit (dropped turns)
         self.turns = 0
 
     def reset(self):
@@ -838,143 +1595,240 @@ class ChatSession:
 
     def _length(self, messages) -> int:
         from tinyllama.sft import format_chat
+
         return len(format_chat(messages, self.tokenizer, add_generation_prompt=True)[0])
 
     def reply(self, text: str) -> str:
         "Add the user message `text`, drop the oldest turns if needed, and return the model's reply."
         from tinyllama.sft import chat_reply
+
         text = text.replace("\\n", "\n")
-        if not text.strip(): raise ValueError("the message is empty; type a question or an instruction.")
+        if not text.strip():
+            raise ValueError("the message is empty; type a question or an instruction.")
         reserve = min(self.MIN_REPLY, self.max_new_tokens or self.MIN_REPLY)
         limit = self.context - reserve  # the prompt may take this many tokens
         alone = self._length([{"role": "user", "content": text}])
         if alone > limit:
-            raise ValueError(f"the message takes {alone} tokens with the chat markers, but the model's context holds "
-                             f"{self.context} and the reply needs {reserve}; shorten it to fit {limit} tokens.")
+            raise ValueError(
+                f"the message takes {alone} tokens with the chat markers, but the model's context holds "
+                f"{self.context} and the reply needs {reserve}; shorten it to fit {limit} tokens."
+            )
         messages, self.notes = self.messages + [{"role": "user", "content": text}], []
         dropped = 0
         while self._length(messages) > limit:
-            cut = next((i for i in range(1, len(messages)) if messages[i]["role"] == "user"), len(messages) - 1)
+            cut = next(
+                (i for i in range(1, len(messages)) if messages[i]["role"] == "user"),
+                len(messages) - 1,
+            )
             messages, dropped = messages[cut:], dropped + 1
         if dropped:
-            self.notes.append(f"dropped the oldest {'turn' if dropped == 1 else f'{dropped} turns'} to fit the "
-                              f"model's context of {self.context} tokens")
+            self.notes.append(
+                f"dropped the oldest {'turn' if dropped == 1 else f'{dropped} turns'} to fit the "
+                f"model's context of {self.context} tokens"
+            )
         room = self.context - self._length(messages)
         n_new = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
         seed = self.seed + self.turns if self.temperature > 0 else None
-        answer = chat_reply(self.model, self.tokenizer, messages, n_new, self.temperature, self.top_k, self.top_p, seed)
+        answer = chat_reply(
+            self.model,
+            self.tokenizer,
+            messages,
+            n_new,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            seed,
+        )
         self.turns += 1
         # an empty reply cannot be a message of the next prompt; the question stays without an answer
-        self.messages = messages + ([{"role": "assistant", "content": answer}] if answer.strip() else [])
+        self.messages = messages + (
+            [{"role": "assistant", "content": answer}] if answer.strip() else []
+        )
         return answer
+
 
 def _chat_tokens_missing(tok_path: Path) -> list:
     "The chat-role pieces a SentencePiece model file lacks (None if the file is not a SentencePiece model)."
     import sentencepiece as spm
     from tinyllama.tokenizer import CHAT_TOKENS
-    try: sp = spm.SentencePieceProcessor(model_proto=tok_path.read_bytes())
-    except (RuntimeError, OSError): return None
+
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=tok_path.read_bytes())
+    except (RuntimeError, OSError):
+        return None
     return [p for p in CHAT_TOKENS if sp.piece_to_id(p) == sp.unk_id()]
+
 
 def _load_for_chat(folder: Path):
     "(model, tokenizer, fine-tuned on chats?) of a checkpoint folder, with errors that say what is wrong."
     from tinyllama.checkpoint import load_checkpoint
     from tinyllama.tokenizer import Tokenizer
+
     if not folder.exists():
-        raise CLIError(f"no checkpoint folder at {folder}; `tinyllama speedrun` writes a chat model to <run>/sft/.")
-    if not folder.is_dir(): raise CLIError(f"{folder} is a file, not a checkpoint folder.")
+        raise CLIError(
+            f"no checkpoint folder at {folder}; `tinyllama speedrun` writes a chat model to <run>/sft/."
+        )
+    if not folder.is_dir():
+        raise CLIError(f"{folder} is a file, not a checkpoint folder.")
     tok_path = folder / "tokenizer.model"
     if not tok_path.is_file():
-        raise CLIError(f"{tok_path} is missing; a chat checkpoint holds its tokenizer next to the weights.")
-    try: tok = Tokenizer.load(tok_path)
+        raise CLIError(
+            f"{tok_path} is missing; a chat checkpoint holds its tokenizer next to the weights."
+        )
+    try:
+        tok = Tokenizer.load(tok_path)
     except ValueError:
         missing = _chat_tokens_missing(tok_path)
         if missing:
-            raise CLIError(f"the tokenizer {tok_path} has no chat-role tokens ({', '.join(missing)}), so no chat can be "
-                           "written for it; use a checkpoint trained with tinyllama's tokenizer and fine-tuned on "
-                           "chats (`tinyllama speedrun` saves one in <run>/sft/).") from None
+            raise CLIError(
+                f"the tokenizer {tok_path} has no chat-role tokens ({', '.join(missing)}), so no chat can be "
+                "written for it; use a checkpoint trained with tinyllama's tokenizer and fine-tuned on "
+                "chats (`tinyllama speedrun` saves one in <run>/sft/)."
+            ) from None
         raise
     model, state = load_checkpoint(folder)
     if model.config.vocab_size != tok.vocab_size:
-        raise CLIError(f"{tok_path} has {tok.vocab_size} pieces but the model in {folder} has a vocabulary of "
-                       f"{model.config.vocab_size}; the two files do not belong together.")
+        raise CLIError(
+            f"{tok_path} has {tok.vocab_size} pieces but the model in {folder} has a vocabulary of "
+            f"{model.config.vocab_size}; the two files do not belong together."
+        )
     return model.eval(), tok, (state.get("extra") or {}).get("stage") == "sft"
+
 
 def cmd_chat(args) -> int:
     "tinyllama chat: answer messages with a chat checkpoint, one-shot (--message) or line by line until EOF or /quit."
     from tinyllama.device import get_device
+
     model, tok, chat_trained = _load_for_chat(args.checkpoint)
     model = model.to(get_device(args.device))
-    session = ChatSession(model, tok, args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
+    session = ChatSession(
+        model,
+        tok,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.max_new_tokens,
+        args.seed,
+    )
     if not chat_trained:
-        print(f"note: {args.checkpoint} has no record of chat fine-tuning (a pretraining checkpoint?); its replies may "
-              "not answer you. A speedrun saves a fine-tuned model in <run>/sft/.", file=sys.stderr)
+        print(
+            f"note: {args.checkpoint} has no record of chat fine-tuning (a pretraining checkpoint?); its replies may "
+            "not answer you. A speedrun saves a fine-tuned model in <run>/sft/.",
+            file=sys.stderr,
+        )
     with _decode_threads(next(model.parameters()).device):
         if args.message is not None:
-            try: answer = session.reply(args.message)
-            except ValueError as e: raise CLIError(str(e)) from None
-            for note in session.notes: print(f"note: {note}", file=sys.stderr)
+            try:
+                answer = session.reply(args.message)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+            for note in session.notes:
+                print(f"note: {note}", file=sys.stderr)
             print(answer)
             return 0
         return _chat_loop(args, session)
 
+
 def _chat_loop(args, session) -> int:
-    print(f"chatting with {args.checkpoint} (context {session.context} tokens). Type a message; \\n is a line break, "
-          "/reset starts over, /quit or Ctrl-D ends.", flush=True)
+    print(
+        f"chatting with {args.checkpoint} (context {session.context} tokens). Type a message; \\n is a line break, "
+        "/reset starts over, /quit or Ctrl-D ends.",
+        flush=True,
+    )
     while True:
-        try: line = _read_line("you> ")
-        except EOFError: break
-        except KeyboardInterrupt: print(); return 130
+        try:
+            line = _read_line("you> ")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print()
+            return 130
         command = line.strip().lower()
-        if command in ("/quit", "/exit", "/q"): break
+        if command in ("/quit", "/exit", "/q"):
+            break
         if command == "/reset":
-            session.reset(); print("(a new conversation)"); continue
+            session.reset()
+            print("(a new conversation)")
+            continue
         if command.startswith("/"):
-            print(f"(unknown command {command!r}: /reset starts over, /quit ends)"); continue
-        try: answer = session.reply(line)
+            print(f"(unknown command {command!r}: /reset starts over, /quit ends)")
+            continue
+        try:
+            answer = session.reply(line)
         except ValueError as e:
-            print(f"({e})", flush=True); continue
-        for note in session.notes: print(f"({note})")
+            print(f"({e})", flush=True)
+            continue
+        for note in session.notes:
+            print(f"({note})")
         print(f"assistant> {answer or '(no reply)'}", flush=True)
     return 0
 
 # %% ../nbs/93_cli.ipynb #b1e99553
 def cmd_label(args) -> int:
     "tinyllama label: label pairs of completions in the terminal (chapter 12's run_terminal_labeler)."
-    from tinyllama.feedback import LabelStore, read_pairs, run_terminal_labeler, story_comparisons
+    from tinyllama.feedback import (
+        LabelStore,
+        read_pairs,
+        run_terminal_labeler,
+        story_comparisons,
+    )
+
     if args.pairs is not None:
         path = Path(args.pairs)
         if not path.exists():
-            raise CLIError(f"no pairs file at {path}; write one JSON object per line with prompt, a and b "
-                           "(tinyllama.feedback.write_pairs does), or try --demo 5.")
-        if path.is_dir(): raise CLIError(f"{path} is a folder; --pairs takes a .jsonl file.")
-        try: pairs = read_pairs(path)
-        except UnicodeDecodeError: raise CLIError(f"{path} is not UTF-8 text; --pairs takes a JSONL file.") from None
-        if not pairs: raise CLIError(f"{path} holds no pairs; each line must be a JSON object with prompt, a and b.")
+            raise CLIError(
+                f"no pairs file at {path}; write one JSON object per line with prompt, a and b "
+                "(tinyllama.feedback.write_pairs does), or try --demo 5."
+            )
+        if path.is_dir():
+            raise CLIError(f"{path} is a folder; --pairs takes a .jsonl file.")
+        try:
+            pairs = read_pairs(path)
+        except UnicodeDecodeError:
+            raise CLIError(
+                f"{path} is not UTF-8 text; --pairs takes a JSONL file."
+            ) from None
+        if not pairs:
+            raise CLIError(
+                f"{path} holds no pairs; each line must be a JSON object with prompt, a and b."
+            )
     else:
         pairs = story_comparisons(args.demo, seed=args.seed)
-        if not pairs: raise CLIError("--demo 0 gives nothing to label; ask for one pair or more.")
+        if not pairs:
+            raise CLIError("--demo 0 gives nothing to label; ask for one pair or more.")
     store = LabelStore(args.out)
-    try: run_terminal_labeler(pairs, store, args.labeler, input=_read_line)
+    try:
+        run_terminal_labeler(pairs, store, args.labeler, input=_read_line)
     except KeyboardInterrupt:
         print(f"\nstopped; every label given so far is saved in {store.path}.")
         return 130
     return 0
 
 # %% ../nbs/93_cli.ipynb #103439e0
-COMMANDS = {"pretrain": cmd_pretrain, "sample": cmd_sample, "speedrun": cmd_speedrun, "chat": cmd_chat,
-            "label": cmd_label}
+COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "sample": cmd_sample,
+    "speedrun": cmd_speedrun,
+    "chat": cmd_chat,
+    "label": cmd_label,
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     "The `tinyllama` command: parse `argv` (default sys.argv[1:]) and run the subcommand."
     from tinyllama.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (CLIError, CheckpointError, ValueError) as e:
-        if os.environ.get("TINYLLAMA_DEBUG"): raise
+        if os.environ.get("TINYLLAMA_DEBUG"):
+            raise
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
-if __name__ == "__main__" and "ipykernel" not in sys.modules:  # `python -m tinyllama.cli` (a notebook is __main__ too)
+
+if (
+    __name__ == "__main__" and "ipykernel" not in sys.modules
+):  # `python -m tinyllama.cli` (a notebook is __main__ too)
     sys.exit(main())

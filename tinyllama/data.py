@@ -15,51 +15,194 @@ __all__ = ['DEFAULT_TABLES', 'DEFAULT_PRONOUNS', 'TINYSTORIES_URLS', 'STORY_SEPA
 
 # %% ../nbs/01_data.ipynb #821c9e6b
 DEFAULT_TABLES: dict[str, tuple[tuple[str, float], ...]] = {
-    "opening": (("Once upon a time", 4), ("One sunny morning", 2), ("Long ago", 1), ("In a quiet village", 1)),
-    "trait": (("little", 5), ("kind", 2), ("shy", 2), ("brave", 2), ("curious", 2), ("silly", 1), ("tiny", 1),
-              ("clever", 1)),
-    "animal": (("rabbit", 4), ("bear", 3), ("cat", 3), ("dog", 3), ("fox", 2), ("mouse", 2), ("duck", 2),
-               ("owl", 1), ("frog", 1), ("pig", 1), ("lion", 1), ("turtle", 1)),
-    "hero": (("Mia", 4), ("Tom", 4), ("Lily", 3), ("Ben", 3), ("Anna", 2), ("Max", 2), ("Sara", 2), ("Leo", 2),
-             ("Zoe", 1), ("Sam", 1), ("Ella", 1), ("Jack", 1), ("Lucy", 1), ("Finn", 1), ("Rosa", 1), ("Otto", 1)),
-    "home": (("in a cozy house by the river", 3), ("near a big forest", 2), ("on a small farm", 2),
-             ("in a busy town", 2), ("by the sea", 1), ("at the top of a hill", 1)),
-    "colour": (("red", 4), ("blue", 3), ("yellow", 2), ("green", 2), ("pink", 1), ("orange", 1), ("purple", 1),
-               ("white", 1), ("brown", 1), ("shiny", 1)),
-    "object": (("ball", 4), ("kite", 3), ("hat", 2), ("boat", 2), ("book", 2), ("drum", 1), ("box", 1),
-               ("umbrella", 1), ("scarf", 1), ("bike", 1), ("cup", 1), ("bell", 1)),
-    "bond": (("", 3), (" {He} loved it very much.", 2), (" {He} took it everywhere.", 1)),
-    "when": (("One day", 4), ("One morning", 2), ("After lunch", 1), ("On a windy day", 1)),
-    "trip": ((" {hero} took the {object} to the ", 2), (" {hero} and {his} {object} went to the ", 1)),
-    "place": (("park", 4), ("garden", 3), ("beach", 2), ("forest", 2), ("playground", 2), ("lake", 1), ("hill", 1),
-              ("market", 1), ("farm", 1), ("river", 1)),
+    "opening": (
+        ("Once upon a time", 4),
+        ("One sunny morning", 2),
+        ("Long ago", 1),
+        ("In a quiet village", 1),
+    ),
+    "trait": (
+        ("little", 5),
+        ("kind", 2),
+        ("shy", 2),
+        ("brave", 2),
+        ("curious", 2),
+        ("silly", 1),
+        ("tiny", 1),
+        ("clever", 1),
+    ),
+    "animal": (
+        ("rabbit", 4),
+        ("bear", 3),
+        ("cat", 3),
+        ("dog", 3),
+        ("fox", 2),
+        ("mouse", 2),
+        ("duck", 2),
+        ("owl", 1),
+        ("frog", 1),
+        ("pig", 1),
+        ("lion", 1),
+        ("turtle", 1),
+    ),
+    "hero": (
+        ("Mia", 4),
+        ("Tom", 4),
+        ("Lily", 3),
+        ("Ben", 3),
+        ("Anna", 2),
+        ("Max", 2),
+        ("Sara", 2),
+        ("Leo", 2),
+        ("Zoe", 1),
+        ("Sam", 1),
+        ("Ella", 1),
+        ("Jack", 1),
+        ("Lucy", 1),
+        ("Finn", 1),
+        ("Rosa", 1),
+        ("Otto", 1),
+    ),
+    "home": (
+        ("in a cozy house by the river", 3),
+        ("near a big forest", 2),
+        ("on a small farm", 2),
+        ("in a busy town", 2),
+        ("by the sea", 1),
+        ("at the top of a hill", 1),
+    ),
+    "colour": (
+        ("red", 4),
+        ("blue", 3),
+        ("yellow", 2),
+        ("green", 2),
+        ("pink", 1),
+        ("orange", 1),
+        ("purple", 1),
+        ("white", 1),
+        ("brown", 1),
+        ("shiny", 1),
+    ),
+    "object": (
+        ("ball", 4),
+        ("kite", 3),
+        ("hat", 2),
+        ("boat", 2),
+        ("book", 2),
+        ("drum", 1),
+        ("box", 1),
+        ("umbrella", 1),
+        ("scarf", 1),
+        ("bike", 1),
+        ("cup", 1),
+        ("bell", 1),
+    ),
+    "bond": (
+        ("", 3),
+        (" {He} loved it very much.", 2),
+        (" {He} took it everywhere.", 1),
+    ),
+    "when": (
+        ("One day", 4),
+        ("One morning", 2),
+        ("After lunch", 1),
+        ("On a windy day", 1),
+    ),
+    "trip": (
+        (" {hero} took the {object} to the ", 2),
+        (" {hero} and {his} {object} went to the ", 1),
+    ),
+    "place": (
+        ("park", 4),
+        ("garden", 3),
+        ("beach", 2),
+        ("forest", 2),
+        ("playground", 2),
+        ("lake", 1),
+        ("hill", 1),
+        ("market", 1),
+        ("farm", 1),
+        ("river", 1),
+    ),
     "event": (("lost", 3), ("friend", 3), ("rain", 2), ("broken", 2)),
     "ending_lost": (("happy", 7), ("sad", 3)),
     "ending_friend": (("happy", 8), ("sad", 2)),
     "ending_rain": (("happy", 6), ("sad", 4)),
     "ending_broken": (("happy", 5), ("sad", 5)),
-    "friend_animal": (("squirrel", 2), ("bird", 2), ("goat", 1), ("hen", 1), ("puppy", 1), ("kitten", 1)),
-    "helper": (("a kind bird", 1), ("an old owl", 1), ("{his} mom", 2), ("{his} dad", 2), ("{his} best friend", 1)),
-    "hiding_spot": (("a bush", 2), ("a big rock", 1), ("a bench", 1), ("some leaves", 1)),
+    "friend_animal": (
+        ("squirrel", 2),
+        ("bird", 2),
+        ("goat", 1),
+        ("hen", 1),
+        ("puppy", 1),
+        ("kitten", 1),
+    ),
+    "helper": (
+        ("a kind bird", 1),
+        ("an old owl", 1),
+        ("{his} mom", 2),
+        ("{his} dad", 2),
+        ("{his} best friend", 1),
+    ),
+    "hiding_spot": (
+        ("a bush", 2),
+        ("a big rock", 1),
+        ("a bench", 1),
+        ("some leaves", 1),
+    ),
     "fixer": (("mom", 1), ("dad", 1), ("grandpa", 1), ("grandma", 1)),
     "thanks": (("", 1), (' "Thank you!" said {hero}.', 1)),
     "feeling_form": ((" {hero} felt ", 3), (" {He} was very ", 1)),
     "feeling_happy": (("happy", 4), ("glad", 2), ("proud", 1), ("calm", 1)),
     "feeling_sad": (("sad", 4), ("upset", 2), ("lonely", 1), ("grumpy", 1)),
-    "closing_happy": ((" It was the best day ever.", 2), (" The end.", 1), (" {He} would never forget that day.", 1)),
-    "closing_sad": ((" Next time, {he} would be more careful.", 2), (" The end.", 1),
-                    (" {He} hoped tomorrow would be better.", 1)),
+    "closing_happy": (
+        (" It was the best day ever.", 2),
+        (" The end.", 1),
+        (" {He} would never forget that day.", 1),
+    ),
+    "closing_sad": (
+        (" Next time, {he} would be more careful.", 2),
+        (" The end.", 1),
+        (" {He} hoped tomorrow would be better.", 1),
+    ),
 }
-DEFAULT_PRONOUNS = {"Mia": "she", "Tom": "he", "Lily": "she", "Ben": "he", "Anna": "she", "Max": "he",
-                    "Sara": "she", "Leo": "he", "Zoe": "she", "Sam": "he", "Ella": "she", "Jack": "he",
-                    "Lucy": "she", "Finn": "he", "Rosa": "she", "Otto": "he"}
-_FORMS = {"she": dict(he="she", his="her", him="her"), "he": dict(he="he", his="his", him="him")}
+DEFAULT_PRONOUNS = {
+    "Mia": "she",
+    "Tom": "he",
+    "Lily": "she",
+    "Ben": "he",
+    "Anna": "she",
+    "Max": "he",
+    "Sara": "she",
+    "Leo": "he",
+    "Zoe": "she",
+    "Sam": "he",
+    "Ella": "she",
+    "Jack": "he",
+    "Lucy": "she",
+    "Finn": "he",
+    "Rosa": "she",
+    "Otto": "he",
+}
+_FORMS = {
+    "she": dict(he="she", his="her", him="her"),
+    "he": dict(he="he", his="his", him="him"),
+}
 
-_EVENT_OPENINGS = {"lost": " But when {he} looked again, the {object} was gone!", "friend": " There {he} met",
-                   "rain": " Suddenly, dark clouds came and it began to rain.", "broken": " Oh no! The {object} fell and broke."}
+_EVENT_OPENINGS = {
+    "lost": " But when {he} looked again, the {object} was gone!",
+    "friend": " There {he} met",
+    "rain": " Suddenly, dark clouds came and it began to rain.",
+    "broken": " Oh no! The {object} fell and broke.",
+}
 
-def _an(word): return ("an " if word[0].lower() in "aeiou" else "a ") + word
-def _cap(s): return s[:1].upper() + s[1:]
+
+def _an(word):
+    return ("an " if word[0].lower() in "aeiou" else "a ") + word
+
+
+def _cap(s):
+    return s[:1].upper() + s[1:]
 
 # %% ../nbs/01_data.ipynb #26b42f3a
 @functools.lru_cache(maxsize=4096)
@@ -68,43 +211,77 @@ def _stats(table):
     total = sum(w for _, w in table)
     return total, -sum(w / total * math.log(w / total) for _, w in table)
 
-class _Mismatch(Exception): "The text being parsed does not continue as this derivation would."
+
+class _Mismatch(Exception):
+    "The text being parsed does not continue as this derivation would."
+
 
 class _Teller:
     "Runs the story program once: drawing each choice from `rng`, or following `text` (parsing)."
+
     def __init__(self, rng=None, text=None, path=(), fixed=None):
         self.rng, self.text, self.path, self.fixed = rng, text, path, fixed or {}
-        self.parts, self.pos, self.k = [], 0, 0  # telling: output; parsing: position in text, decisions used
-        self.taken, self.untried = [], []  # parsing: decisions made at branch points; paths not yet tried
+        self.parts, self.pos, self.k = (
+            [],
+            0,
+            0,
+        )  # telling: output; parsing: position in text, decisions used
+        self.taken, self.untried = (
+            [],
+            [],
+        )  # parsing: decisions made at branch points; paths not yet tried
         self.log_prob, self.entropy, self.steps, self.env = 0.0, 0.0, [], {}
 
     def emit(self, s):
-        if self.text is None: self.parts.append(s)
-        elif self.text.startswith(s, self.pos): self.pos += len(s)
-        else: raise _Mismatch
+        if self.text is None:
+            self.parts.append(s)
+        elif self.text.startswith(s, self.pos):
+            self.pos += len(s)
+        else:
+            raise _Mismatch
 
-    def say(self, template): self.emit(template.format(**self.env))
+    def say(self, template):
+        self.emit(template.format(**self.env))
 
     def pick(self, field, table, show=None):
         "Choose a value of `table` for `field`; `show(value)` is the text it prints (None: prints nothing)."
         total, entropy = _stats(table)
         if self.text is None:
             if field in self.fixed:
-                i = next((j for j, (v, _) in enumerate(table) if v == self.fixed[field]), None)
-                if i is None: raise ValueError(f"{field}={self.fixed[field]!r} is not a possible {field} here; "
-                                               f"choose one of {[v for v, _ in table]}.")
+                i = next(
+                    (j for j, (v, _) in enumerate(table) if v == self.fixed[field]),
+                    None,
+                )
+                if i is None:
+                    raise ValueError(
+                        f"{field}={self.fixed[field]!r} is not a possible {field} here; "
+                        f"choose one of {[v for v, _ in table]}."
+                    )
             else:
                 u, i = self.rng.random() * total, 0
-                while i < len(table) - 1 and u >= table[i][1]: u -= table[i][1]; i += 1
+                while i < len(table) - 1 and u >= table[i][1]:
+                    u -= table[i][1]
+                    i += 1
         else:
-            cands = [j for j, (v, _) in enumerate(table) if show is None or self.text.startswith(show(v), self.pos)]
-            if not cands: raise _Mismatch
-            if len(cands) > 1:  # ambiguous so far: follow the recorded decision, or take the first candidate
-                if self.k < len(self.path): j = self.path[self.k]
+            cands = [
+                j
+                for j, (v, _) in enumerate(table)
+                if show is None or self.text.startswith(show(v), self.pos)
+            ]
+            if not cands:
+                raise _Mismatch
+            if (
+                len(cands) > 1
+            ):  # ambiguous so far: follow the recorded decision, or take the first candidate
+                if self.k < len(self.path):
+                    j = self.path[self.k]
                 else:  # a new branch point: try candidate 0 now, the others in later runs
                     j = 0
-                    self.untried += [tuple(self.taken) + (alt,) for alt in range(1, len(cands))]
-                self.taken.append(j); self.k += 1
+                    self.untried += [
+                        tuple(self.taken) + (alt,) for alt in range(1, len(cands))
+                    ]
+                self.taken.append(j)
+                self.k += 1
                 cands = [cands[j]]
             i = cands[0]
         v, w = table[i]
@@ -112,65 +289,114 @@ class _Teller:
         self.entropy += entropy
         self.steps.append((field, v, w / total))
         self.env[field] = v
-        if show is not None: self.emit(show(v))
+        if show is not None:
+            self.emit(show(v))
         return v
 
 # %% ../nbs/01_data.ipynb #7c42b60f
 @dataclass(frozen=True)
 class Story:
     "A story of the story world: its text, the exact log-probability of its derivation, and the choices made."
+
     text: str
     log_prob: float  # natural log of the probability of this derivation (= of this text: the grammar is unambiguous)
     steps: tuple  # the derivation: ((field, value, probability), ...) in the order the choices were made
-    entropy_terms: float = 0.0  # sum of the entropies (nats) of the tables the choices were drawn from
+    entropy_terms: float = (
+        0.0  # sum of the entropies (nats) of the tables the choices were drawn from
+    )
+
     @property
-    def fields(self) -> dict: return {f: v for f, v, _ in self.steps}
-    def get(self, field, default=None): return self.fields.get(field, default)
+    def fields(self) -> dict:
+        return {f: v for f, v, _ in self.steps}
+
+    def get(self, field, default=None):
+        return self.fields.get(field, default)
+
     hero = property(lambda self: self.fields["hero"], doc="the hero's name")
-    animal = property(lambda self: self.fields["animal"], doc="what kind of animal the hero is")
-    colour = property(lambda self: self.fields["colour"], doc="the colour of the hero's object")
-    object = property(lambda self: self.fields["object"], doc="the hero's object (ball, kite, ...)")
+    animal = property(
+        lambda self: self.fields["animal"], doc="what kind of animal the hero is"
+    )
+    colour = property(
+        lambda self: self.fields["colour"], doc="the colour of the hero's object"
+    )
+    object = property(
+        lambda self: self.fields["object"], doc="the hero's object (ball, kite, ...)"
+    )
     place = property(lambda self: self.fields["place"], doc="where the hero goes")
-    event = property(lambda self: self.fields["event"], doc="lost, friend, rain or broken")
+    event = property(
+        lambda self: self.fields["event"], doc="lost, friend, rain or broken"
+    )
     ending = property(lambda self: self.fields["ending"], doc="happy or sad")
-    feeling = property(lambda self: self.fields["feeling"], doc="how the hero feels at the end")
-    friend = property(lambda self: self.fields.get("friend"), doc="the friend's name (None unless event is friend)")
+    feeling = property(
+        lambda self: self.fields["feeling"], doc="how the hero feels at the end"
+    )
+    friend = property(
+        lambda self: self.fields.get("friend"),
+        doc="the friend's name (None unless event is friend)",
+    )
 
 # %% ../nbs/01_data.ipynb #c2a45e42
 class StoryWorld:
     "A probabilistic grammar of short stories whose every text has exactly one derivation."
-    def __init__(self,
-                 tables: dict | None = None,  # replaces tables of DEFAULT_TABLES by name: {name: ((value, weight), ...)}
-                 pronouns: dict | None = None,  # {hero name: "she" | "he"} for names added to the hero table
-                ):
+
+    def __init__(
+        self,
+        tables: dict
+        | None = None,  # replaces tables of DEFAULT_TABLES by name: {name: ((value, weight), ...)}
+        pronouns: dict
+        | None = None,  # {hero name: "she" | "he"} for names added to the hero table
+    ):
         self.tables = dict(DEFAULT_TABLES)
         for name, table in (tables or {}).items():
             if name not in DEFAULT_TABLES:
-                raise ValueError(f"there is no table {name!r} in the story world; the tables are {sorted(DEFAULT_TABLES)}.")
+                raise ValueError(
+                    f"there is no table {name!r} in the story world; the tables are {sorted(DEFAULT_TABLES)}."
+                )
             self.tables[name] = tuple((v, w) for v, w in table)
         self.pronouns = {**DEFAULT_PRONOUNS, **(pronouns or {})}
         self._validate()
 
     def _validate(self):
         for name, table in self.tables.items():
-            if not table: raise ValueError(f"table {name!r} is empty; give it at least one (value, weight).")
+            if not table:
+                raise ValueError(
+                    f"table {name!r} is empty; give it at least one (value, weight)."
+                )
             values = [v for v, _ in table]
             if len(set(values)) != len(values):
-                raise ValueError(f"table {name!r} lists a value twice; each value may appear once.")
+                raise ValueError(
+                    f"table {name!r} lists a value twice; each value may appear once."
+                )
             for v, w in table:
-                if not isinstance(v, str): raise ValueError(f"table {name!r}: value {v!r} is not a string.")
-                if isinstance(w, bool) or not (isinstance(w, (int, float)) and w > 0 and math.isfinite(w)):
-                    raise ValueError(f"table {name!r}: the weight of {v!r} must be a positive number, got {w!r}.")
-        missing = [h for h, _ in self.tables["hero"] if self.pronouns.get(h) not in _FORMS]
-        if missing: raise ValueError(f"hero names {missing} have no pronoun; pass pronouns={{name: 'she' or 'he'}}.")
+                if not isinstance(v, str):
+                    raise ValueError(f"table {name!r}: value {v!r} is not a string.")
+                if isinstance(w, bool) or not (
+                    isinstance(w, (int, float)) and w > 0 and math.isfinite(w)
+                ):
+                    raise ValueError(
+                        f"table {name!r}: the weight of {v!r} must be a positive number, got {w!r}."
+                    )
+        missing = [
+            h for h, _ in self.tables["hero"] if self.pronouns.get(h) not in _FORMS
+        ]
+        if missing:
+            raise ValueError(
+                f"hero names {missing} have no pronoun; pass pronouns={{name: 'she' or 'he'}}."
+            )
         if len(self.tables["hero"]) < 2:
-            raise ValueError("the hero table needs at least two names (the friend is a different name).")
+            raise ValueError(
+                "the hero table needs at least two names (the friend is a different name)."
+            )
         for e, _ in self.tables["event"]:
             if e not in ("lost", "friend", "rain", "broken"):
-                raise ValueError(f"unknown event {e!r}: the story program knows lost, friend, rain and broken.")
+                raise ValueError(
+                    f"unknown event {e!r}: the story program knows lost, friend, rain and broken."
+                )
         for name in ("ending_lost", "ending_friend", "ending_rain", "ending_broken"):
             if not {v for v, _ in self.tables[name]} <= {"happy", "sad"}:
-                raise ValueError(f"table {name!r} may only hold the endings 'happy' and 'sad'.")
+                raise ValueError(
+                    f"table {name!r} may only hold the endings 'happy' and 'sad'."
+                )
 
     def _tell(self, t: _Teller):
         "The story program: every random choice goes through `t.pick`, every fixed word through `t.emit`/`t.say`."
@@ -200,7 +426,9 @@ class StoryWorld:
         t.pick("place", T["place"], show=str)
         t.emit(".")
         event = t.pick("event", T["event"], show=lambda e: fmt(_EVENT_OPENINGS[e]))
-        ending = t.pick("ending", T["ending_" + event])  # prints nothing by itself: the next sentence tells
+        ending = t.pick(
+            "ending", T["ending_" + event]
+        )  # prints nothing by itself: the next sentence tells
         if event == "lost":
             if ending == "happy":
                 t.emit(" ")
@@ -216,11 +444,17 @@ class StoryWorld:
             t.emit(" named ")
             t.pick("friend", tuple((n, w) for n, w in T["hero"] if n != hero), show=str)
             t.say('. "Can I play too?" asked {friend}.')
-            if ending == "happy": t.say(" {hero} shared the {object}, and they played together all day.")
-            else: t.say(" But {hero} did not want to share, so {friend} walked away.")
+            if ending == "happy":
+                t.say(" {hero} shared the {object}, and they played together all day.")
+            else:
+                t.say(" But {hero} did not want to share, so {friend} walked away.")
         elif event == "rain":
-            if ending == "happy": t.say(" {hero} hid under a big tree with the {object} until the sun came back.")
-            else: t.say(" The {object} got all wet, and {hero} had to go home.")
+            if ending == "happy":
+                t.say(
+                    " {hero} hid under a big tree with the {object} until the sun came back."
+                )
+            else:
+                t.say(" The {object} got all wet, and {hero} had to go home.")
         else:
             if ending == "happy":
                 t.say(" {His} ")
@@ -240,8 +474,11 @@ class StoryWorld:
         t = _Teller(rng=rng, fixed=fixed)
         self._tell(t)
         unused = set(fixed) - {f for f, _, _ in t.steps}
-        if unused: raise ValueError(f"{sorted(unused)} are not choices this story made; "
-                                    f"its fields are {[f for f, _, _ in t.steps]}.")
+        if unused:
+            raise ValueError(
+                f"{sorted(unused)} are not choices this story made; "
+                f"its fields are {[f for f, _, _ in t.steps]}."
+            )
         return Story("".join(t.parts), t.log_prob, tuple(t.steps), t.entropy)
 
     def sample(self, n: int, seed: int | str = 0, **fixed) -> list[Story]:
@@ -253,14 +490,17 @@ class StoryWorld:
 
     def derivations(self, text: str) -> list[Story]:
         "Every derivation of `text` (an exhaustive search): one for a story of this world, none for other text."
-        if not isinstance(text, str): raise ValueError(f"text must be a string, got {type(text).__name__}.")
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}.")
         found, stack = [], [()]
         while stack:  # depth-first over the decisions at branch points
             t = _Teller(text=text, path=stack.pop())
             try:
                 self._tell(t)
-                if t.pos == len(text): found.append(Story(text, t.log_prob, tuple(t.steps), t.entropy))
-            except _Mismatch: pass
+                if t.pos == len(text):
+                    found.append(Story(text, t.log_prob, tuple(t.steps), t.entropy))
+            except _Mismatch:
+                pass
             stack.extend(reversed(t.untried))
         return found
 
@@ -268,10 +508,14 @@ class StoryWorld:
         "The derivation of `text`; ValueError if the grammar cannot produce it."
         found = self.derivations(text)
         if not found:
-            raise ValueError(f"the story world cannot produce this text: {text[:60]!r}...; "
-                             "only stories from StoryWorld.sample have a log-probability.")
+            raise ValueError(
+                f"the story world cannot produce this text: {text[:60]!r}...; "
+                "only stories from StoryWorld.sample have a log-probability."
+            )
         if len(found) > 1:
-            raise ValueError(f"this text has {len(found)} derivations: the grammar is ambiguous.")
+            raise ValueError(
+                f"this text has {len(found)} derivations: the grammar is ambiguous."
+            )
         return found[0]
 
     def log_prob(self, text: str) -> float:
@@ -281,87 +525,124 @@ class StoryWorld:
 # %% ../nbs/01_data.ipynb #2e35bef3
 _DEFAULT_WORLD = None
 
+
 def default_world() -> StoryWorld:
     "The story world with the default tables (built once)."
     global _DEFAULT_WORLD
-    if _DEFAULT_WORLD is None: _DEFAULT_WORLD = StoryWorld()
+    if _DEFAULT_WORLD is None:
+        _DEFAULT_WORLD = StoryWorld()
     return _DEFAULT_WORLD
 
-def verify_unambiguous(stories: Sequence[Story],  # samples of `world`
-                       world: StoryWorld | None = None,
-                      ) -> int:  # the number of stories checked
+
+def verify_unambiguous(
+    stories: Sequence[Story],  # samples of `world`
+    world: StoryWorld | None = None,
+) -> int:  # the number of stories checked
     "Assert that each text has exactly one derivation, the one that produced it."
     world = world or default_world()
     by_text = {}
     for s in stories:
         other = by_text.setdefault(s.text, s)
         if other.steps != s.steps:
-            raise AssertionError(f"two derivations print the same text:\n{s.text}\n{other.steps}\n{s.steps}")
+            raise AssertionError(
+                f"two derivations print the same text:\n{s.text}\n{other.steps}\n{s.steps}"
+            )
         found = world.derivations(s.text)
         if len(found) != 1:
-            raise AssertionError(f"{len(found)} derivations of:\n{s.text}\n" + "\n".join(str(d.steps) for d in found))
-        if found[0].steps != s.steps or not math.isclose(found[0].log_prob, s.log_prob, abs_tol=1e-9):
-            raise AssertionError(f"the parser recovered a different derivation of:\n{s.text}")
+            raise AssertionError(
+                f"{len(found)} derivations of:\n{s.text}\n"
+                + "\n".join(str(d.steps) for d in found)
+            )
+        if found[0].steps != s.steps or not math.isclose(
+            found[0].log_prob, s.log_prob, abs_tol=1e-9
+        ):
+            raise AssertionError(
+                f"the parser recovered a different derivation of:\n{s.text}"
+            )
     return len(stories)
 
 # %% ../nbs/01_data.ipynb #37e929d7
 class Estimate(NamedTuple):
     "A mean with its 95% confidence interval."
+
     mean: float
     lo: float
     hi: float
-    def __str__(self): return f"{self.mean:.4f} (95% CI {self.lo:.4f} to {self.hi:.4f})"
+
+    def __str__(self):
+        return f"{self.mean:.4f} (95% CI {self.lo:.4f} to {self.hi:.4f})"
+
 
 def mean_ci(values: Sequence[float], z: float = 1.96) -> Estimate:
     "Mean ± z·sd/√n of `values` (the normal-approximation confidence interval)."
     values = [float(v) for v in values]
     n = len(values)
-    if n < 2: raise ValueError(f"a confidence interval needs at least 2 values, got {n}.")
+    if n < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {n}.")
     m = sum(values) / n
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
     return Estimate(m, m - z * sd / math.sqrt(n), m + z * sd / math.sqrt(n))
 
-def ratio_ci(numer: Sequence[float], denom: Sequence[float], z: float = 1.96) -> Estimate:
+
+def ratio_ci(
+    numer: Sequence[float], denom: Sequence[float], z: float = 1.96
+) -> Estimate:
     "Σnumer / Σdenom with a delta-method 95% interval (e.g. nats per token: story NLLs over token counts)."
     a, b = [float(v) for v in numer], [float(v) for v in denom]
-    if len(a) != len(b) or len(a) < 2: raise ValueError("numer and denom need the same length, at least 2.")
-    if sum(b) <= 0: raise ValueError("the denominators must add up to a positive number.")
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("numer and denom need the same length, at least 2.")
+    if sum(b) <= 0:
+        raise ValueError("the denominators must add up to a positive number.")
     r, mb = sum(a) / sum(b), sum(b) / len(b)
     e = mean_ci([x - r * y for x, y in zip(a, b)], z)  # residuals have mean 0 at r
     half = (e.hi - e.mean) / mb
     return Estimate(r, r - half, r + half)
 
-def entropy_estimate(n: int = 5000,  # number of stories
-                     seed: int = 0,
-                     world: StoryWorld | None = None,
-                     method: str = "sample",  # "sample": mean of -log p(x); "chain": mean of the table entropies
-                     per: str = "story",  # "story": nats per story; "char": nats per character
-                    ) -> Estimate:
+
+def entropy_estimate(
+    n: int = 5000,  # number of stories
+    seed: int = 0,
+    world: StoryWorld | None = None,
+    method: str = "sample",  # "sample": mean of -log p(x); "chain": mean of the table entropies
+    per: str = "story",  # "story": nats per story; "char": nats per character
+) -> Estimate:
     "The entropy of the story world (the loss floor), estimated from `n` stories, with a 95% interval."
-    if method not in ("sample", "chain"): raise ValueError(f"method must be 'sample' or 'chain', got {method!r}.")
-    if per not in ("story", "char"): raise ValueError(f"per must be 'story' or 'char', got {per!r}.")
+    if method not in ("sample", "chain"):
+        raise ValueError(f"method must be 'sample' or 'chain', got {method!r}.")
+    if per not in ("story", "char"):
+        raise ValueError(f"per must be 'story' or 'char', got {per!r}.")
     stories = (world or default_world()).sample(n, seed)
     nll = [-s.log_prob if method == "sample" else s.entropy_terms for s in stories]
-    return mean_ci(nll) if per == "story" else ratio_ci(nll, [len(s.text) for s in stories])
+    return (
+        mean_ci(nll)
+        if per == "story"
+        else ratio_ci(nll, [len(s.text) for s in stories])
+    )
 
 # %% ../nbs/01_data.ipynb #6f495e3b
 def sample_story(rng: random.Random, world: StoryWorld | None = None, **fixed) -> Story:
     "One story of the default (or given) world."
     return (world or default_world()).sample_story(rng, **fixed)
 
+
 def story_log_prob(text: str, world: StoryWorld | None = None) -> float:
     "Exact log-probability of a story text; ValueError if the world cannot produce it."
     return (world or default_world()).log_prob(text)
+
 
 def story_corpus(n: int, seed: int = 0, world: StoryWorld | None = None) -> list[str]:
     "The texts of `n` stories drawn with `seed`."
     return [s.text for s in (world or default_world()).sample(n, seed)]
 
-def train_heldout(n_train: int, n_heldout: int, seed: int | str = 0,
-                  world: StoryWorld | None = None) -> tuple[list[Story], list[Story]]:
+
+def train_heldout(
+    n_train: int, n_heldout: int, seed: int | str = 0, world: StoryWorld | None = None
+) -> tuple[list[Story], list[Story]]:
     "Training and held-out stories from two independent random streams of `seed`."
     world = world or default_world()
-    return world.sample(n_train, seed=f"{seed}/train"), world.sample(n_heldout, seed=f"{seed}/heldout")
+    return world.sample(n_train, seed=f"{seed}/train"), world.sample(
+        n_heldout, seed=f"{seed}/heldout"
+    )
 
 # %% ../nbs/01_data.ipynb #4a45502b
 TINYSTORIES_URLS = {
@@ -370,79 +651,123 @@ TINYSTORIES_URLS = {
 }
 STORY_SEPARATOR = "<|endoftext|>"
 
+
 class DownloadError(OSError):
     "A file could not be downloaded (offline, unreachable, or not the expected bytes)."
 
+
 def default_cache_dir() -> Path:
     "$TINYLLAMA_CACHE, else ~/.cache/tinyllama."
-    return Path(os.environ.get("TINYLLAMA_CACHE") or Path.home() / ".cache" / "tinyllama")
+    return Path(
+        os.environ.get("TINYLLAMA_CACHE") or Path.home() / ".cache" / "tinyllama"
+    )
+
 
 def sha256_of(path, chunk: int = 1 << 20) -> str:
     "Hex SHA-256 digest of a file."
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while b := f.read(chunk): h.update(b)
+        while b := f.read(chunk):
+            h.update(b)
     return h.hexdigest()
 
-def download(url: str,  # http(s):// or file:// address
-             path,  # where the file goes; nothing is left there unless the download completes
-             sha256: str | None = None,  # expected hex digest; None: trust the first download and record its digest
-             timeout: float = 30.0,  # seconds to wait for the server
-             progress: bool = True,  # show a progress bar
-            ) -> Path:
+
+def download(
+    url: str,  # http(s):// or file:// address
+    path,  # where the file goes; nothing is left there unless the download completes
+    sha256: str
+    | None = None,  # expected hex digest; None: trust the first download and record its digest
+    timeout: float = 30.0,  # seconds to wait for the server
+    progress: bool = True,  # show a progress bar
+) -> Path:
     "Download `url` to `path` once: later calls check the cached file's SHA-256 and return it."
     path = Path(path)
     digest_file = path.with_name(path.name + ".sha256")
     if path.is_file():
-        want = sha256 or (digest_file.read_text().strip() if digest_file.is_file() else None)
-        if want is None or sha256_of(path) == want.lower(): return path
+        want = sha256 or (
+            digest_file.read_text().strip() if digest_file.is_file() else None
+        )
+        if want is None or sha256_of(path) == want.lower():
+            return path
         path.unlink()  # truncated or altered: fetch it again
     path.parent.mkdir(parents=True, exist_ok=True)
     part, h = path.with_name(path.name + ".part"), hashlib.sha256()
     try:
         from tqdm.auto import tqdm
+
         with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress) as bar:
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=path.name,
+                disable=not progress,
+            ) as bar:
                 while b := r.read(1 << 20):
-                    f.write(b); h.update(b); bar.update(len(b))
+                    f.write(b)
+                    h.update(b)
+                    bar.update(len(b))
         if total is not None and part.stat().st_size != total:
-            raise DownloadError(f"the download of {url} stopped early ({part.stat().st_size} of {total} bytes); try again.")
+            raise DownloadError(
+                f"the download of {url} stopped early ({part.stat().st_size} of {total} bytes); try again."
+            )
     except (OSError, ValueError) as e:
         part.unlink(missing_ok=True)
-        if isinstance(e, DownloadError): raise
-        raise DownloadError(f"could not download {url} ({e}). Are you offline? Without the internet, use the "
-                            "built-in story world instead: StoryWorld().sample(n) or story_corpus(n).") from None
+        if isinstance(e, DownloadError):
+            raise
+        raise DownloadError(
+            f"could not download {url} ({e}). Are you offline? Without the internet, use the "
+            "built-in story world instead: StoryWorld().sample(n) or story_corpus(n)."
+        ) from None
     got = h.hexdigest()
     if sha256 is not None and got != sha256.lower():
         part.unlink()
-        raise DownloadError(f"{url} does not have the expected SHA-256 (expected {sha256}, got {got}); "
-                            "the file was removed: try again, or check the address.")
+        raise DownloadError(
+            f"{url} does not have the expected SHA-256 (expected {sha256}, got {got}); "
+            "the file was removed: try again, or check the address."
+        )
     part.replace(path)
     digest_file.write_text(got + "\n")
     return path
+
 
 def parse_tinystories(text: str) -> list[str]:
     "The stories of a TinyStories text file: split at <|endoftext|>, surrounding whitespace stripped."
     text = text.replace("\r\n", "\n")
     return [s.strip() for s in text.split(STORY_SEPARATOR) if s.strip()]
 
-def load_tinystories(split: str = "validation",  # "validation" (about 22 MB) or "train" (about 2 GB)
-                     cache_dir=None,  # where the file is kept; default: default_cache_dir()
-                     max_stories: int | None = None,  # keep only the first max_stories stories
-                     url: str | None = None,  # another address of a file in the same format
-                     sha256: str | None = None,  # the file's SHA-256, when you know it
-                     timeout: float = 30.0,  # seconds to wait for the server
-                     progress: bool = True,
-                    ) -> list[str]:
+
+def load_tinystories(
+    split: str = "validation",  # "validation" (about 22 MB) or "train" (about 2 GB)
+    cache_dir=None,  # where the file is kept; default: default_cache_dir()
+    max_stories: int | None = None,  # keep only the first max_stories stories
+    url: str | None = None,  # another address of a file in the same format
+    sha256: str | None = None,  # the file's SHA-256, when you know it
+    timeout: float = 30.0,  # seconds to wait for the server
+    progress: bool = True,
+) -> list[str]:
     "TinyStories (Eldan & Li, 2023) as a list of stories, downloaded once and cached."
     if url is None:
         if split not in TINYSTORIES_URLS:
-            raise ValueError(f"split must be one of {list(TINYSTORIES_URLS)}, got {split!r}.")
+            raise ValueError(
+                f"split must be one of {list(TINYSTORIES_URLS)}, got {split!r}."
+            )
         url = TINYSTORIES_URLS[split]
-    if max_stories is not None and (isinstance(max_stories, bool) or not isinstance(max_stories, int) or max_stories < 1):
-        raise ValueError(f"max_stories must be a positive integer or None, got {max_stories!r}.")
-    path = download(url, Path(cache_dir or default_cache_dir()) / url.rsplit("/", 1)[-1],
-                    sha256=sha256, timeout=timeout, progress=progress)
+    if max_stories is not None and (
+        isinstance(max_stories, bool)
+        or not isinstance(max_stories, int)
+        or max_stories < 1
+    ):
+        raise ValueError(
+            f"max_stories must be a positive integer or None, got {max_stories!r}."
+        )
+    path = download(
+        url,
+        Path(cache_dir or default_cache_dir()) / url.rsplit("/", 1)[-1],
+        sha256=sha256,
+        timeout=timeout,
+        progress=progress,
+    )
     stories = parse_tinystories(path.read_text(encoding="utf-8", errors="replace"))
     return stories[:max_stories] if max_stories else stories

@@ -7,23 +7,32 @@ __all__ = ['get_device', 'supports_bf16', 'autocast_dtype', 'needs_grad_scaler',
 import torch
 from .profiles import get_profile
 
-def get_device(prefer: str | None = None,  # "cuda", "mps" or "cpu"; None picks for you
-               ) -> torch.device:
+
+def get_device(
+    prefer: str | None = None,  # "cuda", "mps" or "cpu"; None picks for you
+) -> torch.device:
     "The device runs use: CUDA; Apple's MPS in the `gpu` profile only; else the CPU."
     if prefer is None:
-        if torch.cuda.is_available(): return torch.device("cuda")
-        if _mps_available() and get_profile().name == "gpu": return torch.device("mps")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available() and get_profile().name == "gpu":
+            return torch.device("mps")
         return torch.device("cpu")
     kind = str(prefer).split(":")[0]
     if kind not in ("cuda", "mps", "cpu"):
         raise ValueError(f"device {prefer!r} is not one of 'cuda', 'mps', 'cpu'.")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {prefer!r} was requested but this machine has no CUDA "
-                         "GPU; use get_device() to pick what is available.")
+        raise ValueError(
+            f"device {prefer!r} was requested but this machine has no CUDA "
+            "GPU; use get_device() to pick what is available."
+        )
     if kind == "mps" and not _mps_available():
-        raise ValueError("device 'mps' was requested but Apple's MPS backend is not "
-                         "available here; use get_device() to pick what is available.")
+        raise ValueError(
+            "device 'mps' was requested but Apple's MPS backend is not "
+            "available here; use get_device() to pick what is available."
+        )
     return torch.device(prefer)
+
 
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
@@ -33,24 +42,36 @@ def _mps_available() -> bool:
 def supports_bf16(device: torch.device | str) -> bool:
     "Whether `device` computes in bfloat16 natively (a CUDA GPU of compute capability 8+)."
     device = torch.device(device)
-    if device.type != "cuda": return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)  # emulation does not count
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (
+        8,
+        0,
+    )  # emulation does not count
+
 
 def autocast_dtype(device: torch.device | str) -> torch.dtype:
-    "The dtype \"auto\" precision trains in: bf16 or fp16 on CUDA, else fp32."
+    'The dtype "auto" precision trains in: bf16 or fp16 on CUDA, else fp32.'
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if supports_bf16(device) else torch.float16
     return torch.float32  # CPU: no faster at our sizes; MPS: see the text above
 
+
 def needs_grad_scaler(device: torch.device | str) -> bool:
     "Whether training on `device` needs a gradient scaler (float16 autocast)."
     return autocast_dtype(device) == torch.float16
+
 
 def device_report(device: torch.device | str | None = None) -> dict:
     "What a run on `device` will use, as a small dict for printing."
     device = get_device() if device is None else torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     dtype = str(autocast_dtype(device)).replace("torch.", "")
-    return dict(device=str(device), name=name, dtype=dtype,
-                grad_scaler=needs_grad_scaler(device), threads=torch.get_num_threads())
+    return dict(
+        device=str(device),
+        name=name,
+        dtype=dtype,
+        grad_scaler=needs_grad_scaler(device),
+        threads=torch.get_num_threads(),
+    )

@@ -8,19 +8,38 @@ import math
 from dataclasses import dataclass
 import torch
 
+
 @dataclass
 class CheckResult:
     "The verdict of `check`: whether it passed, and what it found, in plain words."
+
     passed: bool
     message: str
-    def __bool__(self): return self.passed
-    def __repr__(self): return self.message
+
+    def __bool__(self):
+        return self.passed
+
+    def __repr__(self):
+        return self.message
+
 
 def describe(x) -> str:
     "A short description of a value: shape and dtype for tensors."
-    if isinstance(x, torch.Tensor): return f"tensor of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')})"
-    if isinstance(x, (tuple, list)): return f"{type(x).__name__} of {len(x)}: [" + ", ".join(describe(o) for o in x) + "]"
-    return f"{type(x).__name__} {x!r}" if isinstance(x, (int, float, bool, str)) else type(x).__name__
+    if isinstance(x, torch.Tensor):
+        return (
+            f"tensor of shape {tuple(x.shape)} ({str(x.dtype).replace('torch.', '')})"
+        )
+    if isinstance(x, (tuple, list)):
+        return (
+            f"{type(x).__name__} of {len(x)}: ["
+            + ", ".join(describe(o) for o in x)
+            + "]"
+        )
+    return (
+        f"{type(x).__name__} {x!r}"
+        if isinstance(x, (int, float, bool, str))
+        else type(x).__name__
+    )
 
 # %% ../nbs/92_exercises.ipynb #7247f566
 def compare(got, expected, atol=1e-5, rtol=1e-4, where="the result") -> str | None:
@@ -31,7 +50,7 @@ def compare(got, expected, atol=1e-5, rtol=1e-4, where="the result") -> str | No
         if got.shape != expected.shape:
             return f"{where} has shape {tuple(got.shape)}, but the expected shape is {tuple(expected.shape)}."
         if expected.dtype == torch.bool or not expected.is_floating_point():
-            bad = (got != expected)
+            bad = got != expected
             if bad.any():
                 idx = tuple(int(i) for i in bad.nonzero()[0])
                 return f"{where} differs at index {idx}: yours is {got[idx].item()}, expected {expected[idx].item()}."
@@ -48,59 +67,86 @@ def compare(got, expected, atol=1e-5, rtol=1e-4, where="the result") -> str | No
         if (err > 0).any():
             idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
             diff = (g - e).abs().max().item()
-            return (f"{where} has the right shape but wrong values: at index {idx} yours is {g[idx].item():.6g}, "
-                    f"expected {e[idx].item():.6g} (largest difference {diff:.3g}).")
+            return (
+                f"{where} has the right shape but wrong values: at index {idx} yours is {g[idx].item():.6g}, "
+                f"expected {e[idx].item():.6g} (largest difference {diff:.3g})."
+            )
         return None
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             return f"{where} should be a {type(expected).__name__} of {len(expected)} items, but yours is a {describe(got)}."
         for i, (a, b) in enumerate(zip(got, expected)):
             msg = compare(a, b, atol, rtol, where=f"item {i} of {where}")
-            if msg: return msg
+            if msg:
+                return msg
         return None
-    if isinstance(expected, float) or (isinstance(expected, int) and isinstance(got, float)):
-        if isinstance(got, torch.Tensor) and got.numel() == 1: got = got.item()
-        if not isinstance(got, (int, float)): return f"{where} should be a number, but yours is a {describe(got)}."
+    if isinstance(expected, float) or (
+        isinstance(expected, int) and isinstance(got, float)
+    ):
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, (int, float)):
+            return f"{where} should be a number, but yours is a {describe(got)}."
         if not math.isclose(got, expected, rel_tol=rtol, abs_tol=atol):
             return f"{where} is {got:.6g}, expected {expected:.6g}."
         return None
-    if got != expected: return f"{where} is {got!r}, expected {expected!r}."
+    if got != expected:
+        return f"{where} is {got!r}, expected {expected!r}."
     return None
 
 # %% ../nbs/92_exercises.ipynb #87b1f913
 def _clone(x):
-    if isinstance(x, torch.Tensor): return x.clone()
-    if isinstance(x, (tuple, list)): return type(x)(_clone(o) for o in x)
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_clone(o) for o in x)
     return x
 
-def check(fn,              # your function
-          reference,       # the course's function with the same signature
-          inputs,          # `inputs(g: torch.Generator) -> tuple` of arguments for one trial
-          n_trials=10,     # how many random trials
-          atol=1e-5, rtol=1e-4, # tolerance for floating-point results
-          name=None,       # the name shown in the verdict
-          seed=0,          # trial i uses a generator seeded with seed + i
-          quiet=False,     # don't print the verdict
-         ) -> CheckResult:
+
+def check(
+    fn,  # your function
+    reference,  # the course's function with the same signature
+    inputs,  # `inputs(g: torch.Generator) -> tuple` of arguments for one trial
+    n_trials=10,  # how many random trials
+    atol=1e-5,
+    rtol=1e-4,  # tolerance for floating-point results
+    name=None,  # the name shown in the verdict
+    seed=0,  # trial i uses a generator seeded with seed + i
+    quiet=False,  # don't print the verdict
+) -> CheckResult:
     "Run `fn` and `reference` on random inputs; print and return a plain-words verdict."
     name = name or getattr(fn, "__name__", "your function")
+
     def done(passed, message):
-        if not quiet: print(("✅ " if passed else "❌ ") + message)
+        if not quiet:
+            print(("✅ " if passed else "❌ ") + message)
         return CheckResult(passed, message)
+
     for trial in range(n_trials):
         g = torch.Generator().manual_seed(seed + trial)
         args = inputs(g)
-        if not isinstance(args, tuple): args = (args,)
+        if not isinstance(args, tuple):
+            args = (args,)
         expected = reference(*_clone(args))
         mine = _clone(args)
         try:
             got = fn(*mine)
         except NotImplementedError:
-            return done(False, f"{name}: not implemented yet — replace the `raise NotImplementedError` with your code and run the cell again.")
+            return done(
+                False,
+                f"{name}: not implemented yet — replace the `raise NotImplementedError` with your code and run the cell again.",
+            )
         except Exception as e:
-            return done(False, f"{name} raised {type(e).__name__}: {e}\n   on inputs: {describe(args)}")
+            return done(
+                False,
+                f"{name} raised {type(e).__name__}: {e}\n   on inputs: {describe(args)}",
+            )
         if compare(mine, args, atol=0, rtol=0) is not None:
-            return done(False, f"{name} changed its input in place (trial {trial}); compute a new tensor instead.")
+            return done(
+                False,
+                f"{name} changed its input in place (trial {trial}); compute a new tensor instead.",
+            )
         msg = compare(got, expected, atol, rtol, where=f"the result of {name}")
-        if msg: return done(False, f"{msg}\n   trial {trial}, inputs: {describe(args)}")
+        if msg:
+            return done(False, f"{msg}\n   trial {trial}, inputs: {describe(args)}")
     return done(True, f"{name} matches the reference on {n_trials} random trials.")

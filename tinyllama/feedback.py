@@ -16,43 +16,75 @@ __all__ = ['CHOICES', 'DECISION_FIELDS', 'KEYS', 'FEELING_SCALE', 'Comparison', 
 
 # %% ../nbs/12_human_feedback.ipynb #cdfe8456
 CHOICES = ("a", "b", "tie", "skip")  # what a labeler can answer for one pair
-DECISION_FIELDS = ("id", "prompt", "a", "b", "choice", "model_id", "time", "labeler")  # every decision record has these
+DECISION_FIELDS = (
+    "id",
+    "prompt",
+    "a",
+    "b",
+    "choice",
+    "model_id",
+    "time",
+    "labeler",
+)  # every decision record has these
+
 
 @dataclass(frozen=True)
 class Comparison:
     "One pair to label: a prompt and two completions of it."
+
     prompt: str
     a: str  # completion shown on the left
     b: str  # completion shown on the right
     model_id: str = "unknown"  # which model or checkpoint wrote the completions
-    meta: dict = field(default_factory=dict, compare=False, hash=False)  # anything else to keep with the label
+    meta: dict = field(
+        default_factory=dict, compare=False, hash=False
+    )  # anything else to keep with the label
 
     def __post_init__(self):
         for name in ("prompt", "a", "b", "model_id"):
             v = getattr(self, name)
             if not isinstance(v, str):
-                raise ValueError(f"Comparison.{name} must be a string, got {type(v).__name__}.")
-        if not isinstance(self.meta, dict): raise ValueError("Comparison.meta must be a dict.")
+                raise ValueError(
+                    f"Comparison.{name} must be a string, got {type(v).__name__}."
+                )
+        if not isinstance(self.meta, dict):
+            raise ValueError("Comparison.meta must be a dict.")
 
     @property
     def key(self) -> str:
         "A fingerprint of (prompt, a, b): a pair with this key counts as labelled once it has a decision."
         return pair_key(self.prompt, self.a, self.b)
 
+
 def pair_key(prompt: str, a: str, b: str) -> str:
     "SHA-256 (first 16 hex digits) of the prompt and the two completions."
     return hashlib.sha256(json.dumps([prompt, a, b]).encode()).hexdigest()[:16]
 
+
 def as_comparison(x) -> Comparison:
     "A `Comparison` from a Comparison, a dict with prompt/a/b (model_id, meta optional) or a (prompt, a, b) tuple."
-    if isinstance(x, Comparison): return x
+    if isinstance(x, Comparison):
+        return x
     if isinstance(x, dict):
         missing = [k for k in ("prompt", "a", "b") if k not in x]
-        if missing: raise ValueError(f"a pair needs the keys prompt, a and b; this one lacks {missing}.")
-        return Comparison(x["prompt"], x["a"], x["b"], x.get("model_id", "unknown"), dict(x.get("meta") or {}))
-    if isinstance(x, (tuple, list)) and len(x) == 3: return Comparison(*x)
-    raise ValueError(f"cannot read a pair from {type(x).__name__}; give a Comparison, a dict with "
-                     "prompt/a/b or a (prompt, a, b) tuple.")
+        if missing:
+            raise ValueError(
+                f"a pair needs the keys prompt, a and b; this one lacks {missing}."
+            )
+        return Comparison(
+            x["prompt"],
+            x["a"],
+            x["b"],
+            x.get("model_id", "unknown"),
+            dict(x.get("meta") or {}),
+        )
+    if isinstance(x, (tuple, list)) and len(x) == 3:
+        return Comparison(*x)
+    raise ValueError(
+        f"cannot read a pair from {type(x).__name__}; give a Comparison, a dict with "
+        "prompt/a/b or a (prompt, a, b) tuple."
+    )
+
 
 def utc_now() -> str:
     "The current time, ISO 8601 in UTC (e.g. 2026-01-31T12:00:00.123456+00:00)."
@@ -61,60 +93,109 @@ def utc_now() -> str:
 # %% ../nbs/12_human_feedback.ipynb #d061bf27
 class Problem(NamedTuple):
     "A line of a label file that was skipped, and why."
+
     line: int  # 1-based line number in the file
     reason: str
-    def __str__(self): return f"line {self.line}: {self.reason}"
+
+    def __str__(self):
+        return f"line {self.line}: {self.reason}"
+
 
 class Labels(NamedTuple):
     "What a label file holds once undos are applied."
-    decisions: list  # the decisions still in force, in file order (dicts with DECISION_FIELDS)
+
+    decisions: (
+        list  # the decisions still in force, in file order (dicts with DECISION_FIELDS)
+    )
     problems: list  # `Problem`s: lines skipped as malformed
+
 
 def _decision_problem(rec: dict) -> str | None:
     "Why `rec` is not a valid decision record (None if it is)."
     missing = [k for k in DECISION_FIELDS if k not in rec]
-    if missing: return f"missing field(s) {', '.join(missing)}"
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
     for k in ("id", "prompt", "a", "b", "model_id", "time", "labeler"):
-        if not isinstance(rec[k], str): return f"field {k!r} should be a string, got {type(rec[k]).__name__}"
-    if rec["choice"] not in CHOICES: return f"unknown choice {rec['choice']!r} (expected one of {', '.join(CHOICES)})"
-    try: _dt.datetime.fromisoformat(rec["time"])
-    except ValueError: return f"time {rec['time']!r} is not an ISO 8601 date"
+        if not isinstance(rec[k], str):
+            return f"field {k!r} should be a string, got {type(rec[k]).__name__}"
+    if rec["choice"] not in CHOICES:
+        return (
+            f"unknown choice {rec['choice']!r} (expected one of {', '.join(CHOICES)})"
+        )
+    try:
+        _dt.datetime.fromisoformat(rec["time"])
+    except ValueError:
+        return f"time {rec['time']!r} is not an ISO 8601 date"
     return None
+
 
 def read_labels(path) -> Labels:
     "Read a JSONL label file: apply the undo records, skip (and report) every malformed line; never raises on content."
     path = Path(path)
-    if not path.exists(): return Labels([], [])
+    if not path.exists():
+        return Labels([], [])
     active, undone, problems = {}, set(), []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            try: line = raw.decode("utf-8")
-            except UnicodeDecodeError: problems.append(Problem(n, "not UTF-8 text")); continue
-            if not line.strip(): continue  # blank lines are harmless
-            try: rec = json.loads(line)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(Problem(n, "not UTF-8 text"))
+                continue
+            if not line.strip():
+                continue  # blank lines are harmless
+            try:
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
-                tail = "" if line.endswith("\n") else " (the last line is cut off: the writer stopped mid-line)"
-                problems.append(Problem(n, f"not valid JSON ({e.msg} at column {e.colno}){tail}")); continue
-            if not isinstance(rec, dict): problems.append(Problem(n, "not a JSON object")); continue
-            if "undo" in rec:  # {"id": ..., "undo": <decision id>, "time": ..., "labeler": ...}
+                tail = (
+                    ""
+                    if line.endswith("\n")
+                    else " (the last line is cut off: the writer stopped mid-line)"
+                )
+                problems.append(
+                    Problem(n, f"not valid JSON ({e.msg} at column {e.colno}){tail}")
+                )
+                continue
+            if not isinstance(rec, dict):
+                problems.append(Problem(n, "not a JSON object"))
+                continue
+            if (
+                "undo" in rec
+            ):  # {"id": ..., "undo": <decision id>, "time": ..., "labeler": ...}
                 target = rec["undo"]
-                if target in active: del active[target]; undone.add(target)
-                elif target in undone: problems.append(Problem(n, f"undo of {target!r}, which is already undone"))
-                else: problems.append(Problem(n, f"undo of {target!r}, which no earlier line decided"))
+                if target in active:
+                    del active[target]
+                    undone.add(target)
+                elif target in undone:
+                    problems.append(
+                        Problem(n, f"undo of {target!r}, which is already undone")
+                    )
+                else:
+                    problems.append(
+                        Problem(n, f"undo of {target!r}, which no earlier line decided")
+                    )
                 continue
             why = _decision_problem(rec)
-            if why is None and (rec["id"] in active or rec["id"] in undone): why = f"id {rec['id']!r} was used before"
-            if why: problems.append(Problem(n, why)); continue
+            if why is None and (rec["id"] in active or rec["id"] in undone):
+                why = f"id {rec['id']!r} was used before"
+            if why:
+                problems.append(Problem(n, why))
+                continue
             active[rec["id"]] = rec
     return Labels(list(active.values()), problems)
 
 # %% ../nbs/12_human_feedback.ipynb #a0151022
 class LabelStore:
     "An append-only JSONL file of preference labels; every write is flushed and fsynced before it returns."
-    def __init__(self, path):  # the .jsonl file (created, with its folder, on the first label)
+
+    def __init__(
+        self, path
+    ):  # the .jsonl file (created, with its folder, on the first label)
         self.path = Path(path)
         if self.path.exists() and self.path.is_dir():
-            raise ValueError(f"{self.path} is a folder; give the path of a .jsonl file for the labels.")
+            raise ValueError(
+                f"{self.path} is a folder; give the path of a .jsonl file for the labels."
+            )
         self.refresh()
 
     def refresh(self) -> Labels:
@@ -123,54 +204,90 @@ class LabelStore:
         return self._labels
 
     @property
-    def decisions(self) -> list: return self._labels.decisions
+    def decisions(self) -> list:
+        return self._labels.decisions
+
     @property
-    def problems(self) -> list: return self._labels.problems
-    def __len__(self): return len(self.decisions)
-    def __repr__(self): return f"LabelStore({str(self.path)!r}: {len(self)} labels, {len(self.problems)} problems)"
+    def problems(self) -> list:
+        return self._labels.problems
+
+    def __len__(self):
+        return len(self.decisions)
+
+    def __repr__(self):
+        return f"LabelStore({str(self.path)!r}: {len(self)} labels, {len(self.problems)} problems)"
 
     def append(self, record: dict) -> dict:
         "Write one record as a line, then flush and fsync: when this returns, the record survives a crash."
         line = json.dumps(record, ensure_ascii=False)
         new = not self.path.exists()
-        if new: self.path.parent.mkdir(parents=True, exist_ok=True)
+        if new:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as f:
             f.seek(0, os.SEEK_END)
             if f.tell() > 0:  # a line cut off by a crash must not swallow this record
                 f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n": f.write(b"\n")
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
             f.write(line.encode("utf-8") + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        if new and hasattr(os, "O_DIRECTORY"):  # make the new file's directory entry durable as well
+        if new and hasattr(
+            os, "O_DIRECTORY"
+        ):  # make the new file's directory entry durable as well
             fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try: os.fsync(fd)
-            finally: os.close(fd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return record
 
     def record(self, pair, choice: str, labeler: str = "anonymous") -> dict:
         "Append the decision `choice` ('a', 'b', 'tie' or 'skip') about `pair`; returns the record written."
         pair = as_comparison(pair)
         if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {', '.join(CHOICES)}; got {choice!r}.")
+            raise ValueError(
+                f"choice must be one of {', '.join(CHOICES)}; got {choice!r}."
+            )
         if not isinstance(labeler, str) or not labeler:
-            raise ValueError("labeler must be a non-empty string (a name for whoever gives the labels).")
-        rec = dict(id=uuid.uuid4().hex, prompt=pair.prompt, a=pair.a, b=pair.b, choice=choice,
-                   model_id=pair.model_id, time=utc_now(), labeler=labeler)
-        if pair.meta: rec["meta"] = pair.meta
+            raise ValueError(
+                "labeler must be a non-empty string (a name for whoever gives the labels)."
+            )
+        rec = dict(
+            id=uuid.uuid4().hex,
+            prompt=pair.prompt,
+            a=pair.a,
+            b=pair.b,
+            choice=choice,
+            model_id=pair.model_id,
+            time=utc_now(),
+            labeler=labeler,
+        )
+        if pair.meta:
+            rec["meta"] = pair.meta
         self.append(rec)
         self._labels.decisions.append(rec)
         return rec
 
-    def undo(self, decision_id: str | None = None, labeler: str = "anonymous") -> dict | None:
+    def undo(
+        self, decision_id: str | None = None, labeler: str = "anonymous"
+    ) -> dict | None:
         "Withdraw a decision (the last one in force by default) by appending an undo record; returns it, or None."
         if decision_id is None:
-            if not self.decisions: return None
+            if not self.decisions:
+                return None
             target = self.decisions[-1]
         else:
             target = next((d for d in self.decisions if d["id"] == decision_id), None)
-            if target is None: raise ValueError(f"no decision in force has id {decision_id!r}; nothing was undone.")
-        self.append(dict(id=uuid.uuid4().hex, undo=target["id"], time=utc_now(), labeler=labeler))
+            if target is None:
+                raise ValueError(
+                    f"no decision in force has id {decision_id!r}; nothing was undone."
+                )
+        self.append(
+            dict(
+                id=uuid.uuid4().hex, undo=target["id"], time=utc_now(), labeler=labeler
+            )
+        )
         self._labels.decisions.remove(target)
         return target
 
@@ -181,50 +298,75 @@ class LabelStore:
     def counts(self) -> dict:
         "How many decisions of each kind are in force, and in all."
         c = {k: 0 for k in CHOICES}
-        for d in self.decisions: c[d["choice"]] += 1
+        for d in self.decisions:
+            c[d["choice"]] += 1
         c["total"] = len(self.decisions)
         return c
 
     def preference_pairs(self) -> list:
         "The decisions as `PreferencePair(prompt, chosen, rejected)` for the reward model; ties and skips left out."
         from tinyllama.reward import PreferencePair  # chapter 10's type
-        return [PreferencePair(d["prompt"], d[d["choice"]], d["b" if d["choice"] == "a" else "a"])
-                for d in self.decisions if d["choice"] in ("a", "b")]
+
+        return [
+            PreferencePair(
+                d["prompt"], d[d["choice"]], d["b" if d["choice"] == "a" else "a"]
+            )
+            for d in self.decisions
+            if d["choice"] in ("a", "b")
+        ]
 
 # %% ../nbs/12_human_feedback.ipynb #8a95a718
 class LabelingSession:
     "The queue of pairs still to label over a `LabelStore`: the logic the widget and the terminal share."
-    def __init__(self,
-                 pairs: Iterable,  # Comparisons (or dicts / (prompt, a, b) tuples) to label, in order
-                 store,  # a LabelStore or the path of its .jsonl file
-                 labeler: str = "anonymous",  # the name written with every label
-                ):
+
+    def __init__(
+        self,
+        pairs: Iterable,  # Comparisons (or dicts / (prompt, a, b) tuples) to label, in order
+        store,  # a LabelStore or the path of its .jsonl file
+        labeler: str = "anonymous",  # the name written with every label
+    ):
         if not isinstance(labeler, str) or not labeler.strip():
             raise ValueError("labeler must be a non-empty name, e.g. labeler='ada'.")
         self.store = store if isinstance(store, LabelStore) else LabelStore(store)
         self.labeler = labeler
         seen, self.pairs = set(), []
         for p in map(as_comparison, pairs):  # the same pair twice is shown once
-            if p.key not in seen: seen.add(p.key); self.pairs.append(p)
+            if p.key not in seen:
+                seen.add(p.key)
+                self.pairs.append(p)
         done = self.store.labelled_keys()
-        self.queue = [p for p in self.pairs if p.key not in done]  # what is still to label, front first
+        self.queue = [
+            p for p in self.pairs if p.key not in done
+        ]  # what is still to label, front first
         self.message = ""
 
     @property
-    def current(self) -> Comparison | None: return self.queue[0] if self.queue else None
+    def current(self) -> Comparison | None:
+        return self.queue[0] if self.queue else None
+
     @property
-    def remaining(self) -> int: return len(self.queue)
-    def counts(self) -> dict: return self.store.counts()
+    def remaining(self) -> int:
+        return len(self.queue)
+
+    def counts(self) -> dict:
+        return self.store.counts()
 
     def choose(self, choice: str) -> dict | None:
         "Record `choice` for the current pair (written and fsynced first), then move on; None if nothing is left."
-        if choice not in CHOICES: raise ValueError(f"choice must be one of {', '.join(CHOICES)}; got {choice!r}.")
+        if choice not in CHOICES:
+            raise ValueError(
+                f"choice must be one of {', '.join(CHOICES)}; got {choice!r}."
+            )
         if not self.queue:
             self.message = "No pairs left to label: every pair has a decision. Undo to change the last one."
             return None
-        rec = self.store.record(self.queue[0], choice, self.labeler)  # durable before the next pair shows
+        rec = self.store.record(
+            self.queue[0], choice, self.labeler
+        )  # durable before the next pair shows
         self.queue.pop(0)
-        self.message = f"Saved: {choice}." + ("" if self.queue else " That was the last pair.")
+        self.message = f"Saved: {choice}." + (
+            "" if self.queue else " That was the last pair."
+        )
         return rec
 
     def undo(self) -> dict | None:
@@ -234,169 +376,280 @@ class LabelingSession:
             self.message = "Nothing to undo: there is no label in force."
             return None
         key = pair_key(rec["prompt"], rec["a"], rec["b"])
-        if key not in self.store.labelled_keys():  # put it back unless another decision still covers it
+        if (
+            key not in self.store.labelled_keys()
+        ):  # put it back unless another decision still covers it
             pair = next((p for p in self.pairs if p.key == key), None) or Comparison(
-                rec["prompt"], rec["a"], rec["b"], rec["model_id"], dict(rec.get("meta") or {}))
-            if all(p.key != key for p in self.queue): self.queue.insert(0, pair)
+                rec["prompt"],
+                rec["a"],
+                rec["b"],
+                rec["model_id"],
+                dict(rec.get("meta") or {}),
+            )
+            if all(p.key != key for p in self.queue):
+                self.queue.insert(0, pair)
         self.message = f"Undone: the {rec['choice']!r} label of this pair."
         return rec
 
 # %% ../nbs/12_human_feedback.ipynb #fb0184b3
-_BOX = ("border:1px solid #bbb;border-radius:6px;padding:8px;margin:4px;white-space:pre-wrap;"
-        "font-family:system-ui,sans-serif;font-size:14px;")
+_BOX = (
+    "border:1px solid #bbb;border-radius:6px;padding:8px;margin:4px;white-space:pre-wrap;"
+    "font-family:system-ui,sans-serif;font-size:14px;"
+)
+
 
 def _box(title: str, text: str, colour: str = "#fafafa") -> str:
-    return (f'<div style="{_BOX}background:{colour}"><b>{html.escape(title)}</b><br>'
-            f'{html.escape(text)}</div>')
+    return (
+        f'<div style="{_BOX}background:{colour}"><b>{html.escape(title)}</b><br>'
+        f"{html.escape(text)}</div>"
+    )
+
 
 class PreferenceCollector:
     "A widget that shows a prompt and two completions side by side and records which one the labeler prefers."
-    LABELS = {"a": "A is better", "b": "B is better", "tie": "tie", "skip": "skip", "undo": "undo"}
 
-    def __init__(self,
-                 pairs: Iterable,  # Comparisons (or dicts / (prompt, a, b) tuples) to label
-                 store,  # a LabelStore or the path of its .jsonl file; reopening the same file resumes
-                 labeler: str = "anonymous",  # the name written with every label
-                ):
+    LABELS = {
+        "a": "A is better",
+        "b": "B is better",
+        "tie": "tie",
+        "skip": "skip",
+        "undo": "undo",
+    }
+
+    def __init__(
+        self,
+        pairs: Iterable,  # Comparisons (or dicts / (prompt, a, b) tuples) to label
+        store,  # a LabelStore or the path of its .jsonl file; reopening the same file resumes
+        labeler: str = "anonymous",  # the name written with every label
+    ):
         import ipywidgets as W
+
         self.session = LabelingSession(pairs, store, labeler)
         self.store = self.session.store
-        self.buttons = {k: W.Button(description=v, layout=W.Layout(width="120px"),
-                                    button_style={"a": "info", "b": "info", "undo": "warning"}.get(k, ""))
-                        for k, v in self.LABELS.items()}
+        self.buttons = {
+            k: W.Button(
+                description=v,
+                layout=W.Layout(width="120px"),
+                button_style={"a": "info", "b": "info", "undo": "warning"}.get(k, ""),
+            )
+            for k, v in self.LABELS.items()
+        }
         for k, btn in self.buttons.items():
             btn.on_click(lambda _b, k=k: self._on_click(k))
         self.prompt_html = W.HTML()
-        self.a_html, self.b_html = W.HTML(layout=W.Layout(width="50%")), W.HTML(layout=W.Layout(width="50%"))
+        self.a_html, self.b_html = (
+            W.HTML(layout=W.Layout(width="50%")),
+            W.HTML(layout=W.Layout(width="50%")),
+        )
         self.count_html, self.status_html = W.HTML(), W.HTML()
         problems = self.store.problems
-        self.problems_html = W.HTML("" if not problems else
-            f'<span style="color:#a60">{len(problems)} line(s) of {html.escape(self.store.path.name)} could not be '
-            f'read and were skipped: {html.escape("; ".join(map(str, problems[:5])))}'
-            + (" ..." if len(problems) > 5 else "") + "</span>")
-        self.widget = W.VBox([self.prompt_html, W.HBox([self.a_html, self.b_html]),
-                              W.HBox([self.buttons[k] for k in self.LABELS]), self.count_html,
-                              self.status_html, self.problems_html])
+        self.problems_html = W.HTML(
+            ""
+            if not problems
+            else f'<span style="color:#a60">{len(problems)} line(s) of {html.escape(self.store.path.name)} could not be '
+            f"read and were skipped: {html.escape('; '.join(map(str, problems[:5])))}"
+            + (" ..." if len(problems) > 5 else "")
+            + "</span>"
+        )
+        self.widget = W.VBox(
+            [
+                self.prompt_html,
+                W.HBox([self.a_html, self.b_html]),
+                W.HBox([self.buttons[k] for k in self.LABELS]),
+                self.count_html,
+                self.status_html,
+                self.problems_html,
+            ]
+        )
         self._render()
 
     @property
-    def current(self) -> Comparison | None: return self.session.current
+    def current(self) -> Comparison | None:
+        return self.session.current
+
     @property
-    def remaining(self) -> int: return self.session.remaining
-    def counts(self) -> dict: return self.session.counts()
+    def remaining(self) -> int:
+        return self.session.remaining
+
+    def counts(self) -> dict:
+        return self.session.counts()
 
     def _on_click(self, key: str):
         try:
-            if key == "undo": self.session.undo()
-            else: self.session.choose(key)
-        except OSError as e:  # the disk refused the write: say so, keep the pair on screen
-            self.session.message = f"Could not save the label ({e}); the pair stays on screen, try again."
+            if key == "undo":
+                self.session.undo()
+            else:
+                self.session.choose(key)
+        except (
+            OSError
+        ) as e:  # the disk refused the write: say so, keep the pair on screen
+            self.session.message = (
+                f"Could not save the label ({e}); the pair stays on screen, try again."
+            )
         self._render()
 
     def _render(self):
         p = self.session.current
         if p is None:
-            self.prompt_html.value = _box("All done", "No pairs left to label. Undo brings back the last one.", "#eef7ee")
+            self.prompt_html.value = _box(
+                "All done",
+                "No pairs left to label. Undo brings back the last one.",
+                "#eef7ee",
+            )
             self.a_html.value = self.b_html.value = ""
         else:
             self.prompt_html.value = _box("Prompt", p.prompt, "#f0f4ff")
             self.a_html.value, self.b_html.value = _box("A", p.a), _box("B", p.b)
         c = self.session.counts()
-        self.count_html.value = (f"<b>{c['total']}</b> labels in {html.escape(str(self.store.path))} "
-                                 f"(A {c['a']} · B {c['b']} · tie {c['tie']} · skip {c['skip']}) · "
-                                 f"<b>{self.session.remaining}</b> to go")
+        self.count_html.value = (
+            f"<b>{c['total']}</b> labels in {html.escape(str(self.store.path))} "
+            f"(A {c['a']} · B {c['b']} · tie {c['tie']} · skip {c['skip']}) · "
+            f"<b>{self.session.remaining}</b> to go"
+        )
         self.status_html.value = html.escape(self.session.message)
 
-    def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)  # display(collector)
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)  # display(collector)
 
 # %% ../nbs/12_human_feedback.ipynb #b95ca4a3
 def story_prompt(story) -> str:
     "The beginning of a story-world story up to (and including) the sentence that starts its event."
     from tinyllama.data import DEFAULT_PRONOUNS, _EVENT_OPENINGS, _FORMS
+
     f = story.fields
     forms = _FORMS[DEFAULT_PRONOUNS.get(f["hero"], "she")]
     opening = _EVENT_OPENINGS[f["event"]].format(object=f["object"], **forms)
     i = story.text.find(opening)
-    if i < 0: raise ValueError("this story does not contain its event sentence; give a story from StoryWorld.sample.")
-    return story.text[:i + len(opening)]
+    if i < 0:
+        raise ValueError(
+            "this story does not contain its event sentence; give a story from StoryWorld.sample."
+        )
+    return story.text[: i + len(opening)]
 
-def story_comparisons(n: int,  # how many pairs
-                      seed: int = 0,
-                      world=None,  # a StoryWorld (default: the default world)
-                      model_id: str = "story-world",
-                     ) -> list:
+
+def story_comparisons(
+    n: int,  # how many pairs
+    seed: int = 0,
+    world=None,  # a StoryWorld (default: the default world)
+    model_id: str = "story-world",
+) -> list:
     "`n` demo pairs: one story opening, and two different endings the story world could give it."
     from tinyllama.data import default_world
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ValueError(f"n must be an integer >= 0, got {n!r}.")
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}.")
     world, rng, out = world or default_world(), random.Random(seed), []
     while len(out) < n:
         s = world.sample_story(rng)
         fixed = {}
-        for f, v, _ in s.steps:  # force every choice made up to the event; the ending stays free
+        for (
+            f,
+            v,
+            _,
+        ) in s.steps:  # force every choice made up to the event; the ending stays free
             fixed[f] = v
-            if f == "event": break
+            if f == "event":
+                break
         prompt = story_prompt(s)
         for _ in range(20):
             t = world.sample_story(rng, **fixed)
-            if t.text != s.text: break
-        else: continue  # this opening has (almost) only one ending: draw another
-        out.append(Comparison(prompt, s.text[len(prompt):], t.text[len(prompt):], model_id))
+            if t.text != s.text:
+                break
+        else:
+            continue  # this opening has (almost) only one ending: draw another
+        out.append(
+            Comparison(prompt, s.text[len(prompt) :], t.text[len(prompt) :], model_id)
+        )
     return out
 
 # %% ../nbs/12_human_feedback.ipynb #5dcb60b4
-KEYS = {"a": "a", "b": "b", "t": "tie", "s": "skip", "u": "undo", "q": "quit"}  # terminal key -> action
+KEYS = {
+    "a": "a",
+    "b": "b",
+    "t": "tie",
+    "s": "skip",
+    "u": "undo",
+    "q": "quit",
+}  # terminal key -> action
 
-def run_terminal_labeler(pairs: Iterable,  # Comparisons (or dicts / tuples) to label
-                         store,  # a LabelStore or the path of its .jsonl file
-                         labeler: str = "terminal",  # the name written with every label
-                         input: Callable | None = None,  # reads one answer (default: the built-in input)
-                         output: Callable | None = None,  # shows one block of text (default: print)
-                        ) -> dict:
+
+def run_terminal_labeler(
+    pairs: Iterable,  # Comparisons (or dicts / tuples) to label
+    store,  # a LabelStore or the path of its .jsonl file
+    labeler: str = "terminal",  # the name written with every label
+    input: Callable | None = None,  # reads one answer (default: the built-in input)
+    output: Callable | None = None,  # shows one block of text (default: print)
+) -> dict:
     "Label pairs in a terminal with the keys a/b/t/s/u/q; returns the counts in the store when it stops."
     import builtins
+
     input, output = input or builtins.input, output or print
     s = LabelingSession(pairs, store, labeler)
-    for p in s.store.problems: output(f"warning: {s.store.path.name} {p} (skipped)")
-    output(f"{s.store.counts()['total']} labels already in {s.store.path}; {s.remaining} pairs to label.")
+    for p in s.store.problems:
+        output(f"warning: {s.store.path.name} {p} (skipped)")
+    output(
+        f"{s.store.counts()['total']} labels already in {s.store.path}; {s.remaining} pairs to label."
+    )
     shown = None
     while True:
         p = s.current
         if p is None and shown != "done":
-            output("No pairs left to label. u undoes the last label, q quits."); shown = "done"
+            output("No pairs left to label. u undoes the last label, q quits.")
+            shown = "done"
         elif p is not None and p is not shown:
             c = s.counts()
-            output(f"\n--- {c['total']} labelled, {s.remaining} to go ---\nPROMPT: {p.prompt}\n\n"
-                   f"[A] {p.a}\n\n[B] {p.b}")
+            output(
+                f"\n--- {c['total']} labelled, {s.remaining} to go ---\nPROMPT: {p.prompt}\n\n"
+                f"[A] {p.a}\n\n[B] {p.b}"
+            )
             shown = p
-        try: ans = input("a = A better, b = B better, t = tie, s = skip, u = undo, q = quit > ")
-        except EOFError: ans = "q"  # the input ended (Ctrl-D, or a file of answers ran out)
+        try:
+            ans = input(
+                "a = A better, b = B better, t = tie, s = skip, u = undo, q = quit > "
+            )
+        except EOFError:
+            ans = "q"  # the input ended (Ctrl-D, or a file of answers ran out)
         action = KEYS.get(ans.strip().lower()[:1]) if ans.strip() else None
         if action is None:
-            output(f"unknown answer {ans.strip()!r}: type one of a, b, t, s, u, q."); continue
-        if action == "quit": break
+            output(f"unknown answer {ans.strip()!r}: type one of a, b, t, s, u, q.")
+            continue
+        if action == "quit":
+            break
         if action == "undo":
             rec = s.undo()
             output(s.message)
-            if rec is not None: shown = None
-        elif s.choose(action) is None: output(s.message)
+            if rec is not None:
+                shown = None
+        elif s.choose(action) is None:
+            output(s.message)
     c = s.counts()
-    output(f"{c['total']} labels saved in {s.store.path} (A {c['a']}, B {c['b']}, tie {c['tie']}, skip {c['skip']}).")
+    output(
+        f"{c['total']} labels saved in {s.store.path} (A {c['a']}, B {c['b']}, tie {c['tie']}, skip {c['skip']})."
+    )
     return c
 
 # %% ../nbs/12_human_feedback.ipynb #64c20f5d
 def read_pairs(path) -> list:
-    "The pairs in a JSONL file with one {\"prompt\", \"a\", \"b\"[, \"model_id\", \"meta\"]} object per line."
+    'The pairs in a JSONL file with one {"prompt", "a", "b"[, "model_id", "meta"]} object per line.'
     path = Path(path)
-    if not path.is_file(): raise ValueError(f"no pairs file at {path}; write one JSON object per line with "
-                                            "prompt, a and b (write_pairs does this).")
+    if not path.is_file():
+        raise ValueError(
+            f"no pairs file at {path}; write one JSON object per line with "
+            "prompt, a and b (write_pairs does this)."
+        )
     pairs = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip(): continue
-        try: pairs.append(as_comparison(json.loads(line)))
+        if not line.strip():
+            continue
+        try:
+            pairs.append(as_comparison(json.loads(line)))
         except (json.JSONDecodeError, ValueError, TypeError) as e:
-            raise ValueError(f"{path}, line {n}: not a pair ({e}); each line must be a JSON object "
-                             "with prompt, a and b.") from None
+            raise ValueError(
+                f"{path}, line {n}: not a pair ({e}); each line must be a JSON object "
+                "with prompt, a and b."
+            ) from None
     return pairs
+
 
 def write_pairs(path, pairs: Iterable) -> Path:
     "Write pairs as JSONL for `read_pairs` (and `tinyllama label --pairs`)."
@@ -404,65 +657,121 @@ def write_pairs(path, pairs: Iterable) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for p in map(as_comparison, pairs):
-            f.write(json.dumps(dict(prompt=p.prompt, a=p.a, b=p.b, model_id=p.model_id, meta=p.meta),
-                               ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    dict(
+                        prompt=p.prompt, a=p.a, b=p.b, model_id=p.model_id, meta=p.meta
+                    ),
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     return path
 
 # %% ../nbs/12_human_feedback.ipynb #32457f75
 def add_label_subcommand(subparsers) -> argparse.ArgumentParser:
     "Register `label` on an argparse subparsers object; the handler is `args.func(args)` (returns an exit code)."
-    p = subparsers.add_parser("label", help="label pairs of completions in the terminal (a/b/t/s/u/q)",
-                              description="Shows a prompt and two completions; your answers are appended to "
-                                          "a JSONL file as you give them. Run it again on the same file to resume.")
+    p = subparsers.add_parser(
+        "label",
+        help="label pairs of completions in the terminal (a/b/t/s/u/q)",
+        description="Shows a prompt and two completions; your answers are appended to "
+        "a JSONL file as you give them. Run it again on the same file to resume.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pairs", help="JSONL file of pairs: one {\"prompt\", \"a\", \"b\"} object per line")
-    src.add_argument("--demo", type=int, metavar="N", help="label N demo pairs drawn from the story world")
-    p.add_argument("--out", default="labels.jsonl", help="the label file (appended to; default labels.jsonl)")
-    p.add_argument("--labeler", default=os.environ.get("USER") or "terminal", help="your name, saved with each label")
+    src.add_argument(
+        "--pairs", help='JSONL file of pairs: one {"prompt", "a", "b"} object per line'
+    )
+    src.add_argument(
+        "--demo",
+        type=int,
+        metavar="N",
+        help="label N demo pairs drawn from the story world",
+    )
+    p.add_argument(
+        "--out",
+        default="labels.jsonl",
+        help="the label file (appended to; default labels.jsonl)",
+    )
+    p.add_argument(
+        "--labeler",
+        default=os.environ.get("USER") or "terminal",
+        help="your name, saved with each label",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for --demo")
     p.set_defaults(func=_label_command)
     return p
 
+
 def _label_command(args, input=None, output=None) -> int:
     output = output or print
     try:
-        pairs = read_pairs(args.pairs) if args.pairs else story_comparisons(args.demo, seed=args.seed)
-        run_terminal_labeler(pairs, LabelStore(args.out), args.labeler, input=input, output=output)
+        pairs = (
+            read_pairs(args.pairs)
+            if args.pairs
+            else story_comparisons(args.demo, seed=args.seed)
+        )
+        run_terminal_labeler(
+            pairs, LabelStore(args.out), args.labeler, input=input, output=output
+        )
     except ValueError as e:
-        output(f"tinyllama label: {e}"); return 2
+        output(f"tinyllama label: {e}")
+        return 2
     except KeyboardInterrupt:
-        output("\nstopped; every label given so far is saved."); return 130
+        output("\nstopped; every label given so far is saved.")
+        return 130
     return 0
 
-def label_main(argv: Sequence[str] | None = None,  # e.g. ["--pairs", "pairs.jsonl", "--out", "labels.jsonl"]
-               input: Callable | None = None, output: Callable | None = None,  # as in run_terminal_labeler
-              ) -> int:  # exit code: 0 done, 2 bad input, 130 interrupted
+
+def label_main(
+    argv: Sequence[str]
+    | None = None,  # e.g. ["--pairs", "pairs.jsonl", "--out", "labels.jsonl"]
+    input: Callable | None = None,
+    output: Callable | None = None,  # as in run_terminal_labeler
+) -> int:  # exit code: 0 done, 2 bad input, 130 interrupted
     "`tinyllama label ...` as a function: parses `argv` (default sys.argv[1:]) and runs the terminal labeler."
     parser = argparse.ArgumentParser(prog="tinyllama")
     add_label_subcommand(parser.add_subparsers(dest="command", required=True))
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "label": argv = ["label", *argv]
+    if not argv or argv[0] != "label":
+        argv = ["label", *argv]
     args = parser.parse_args(argv)
     return _label_command(args, input=input, output=output)
 
 # %% ../nbs/12_human_feedback.ipynb #7a2dd212
-FEELING_SCALE = {"proud": 4, "happy": 3, "glad": 2, "calm": 1,  # the scripted labeler's taste: how happy
-                 "grumpy": -1, "lonely": -2, "upset": -3, "sad": -4}  # the hero ends, word by word
+FEELING_SCALE = {
+    "proud": 4,
+    "happy": 3,
+    "glad": 2,
+    "calm": 1,  # the scripted labeler's taste: how happy
+    "grumpy": -1,
+    "lonely": -2,
+    "upset": -3,
+    "sad": -4,
+}  # the hero ends, word by word
+
 
 class ScriptedLabeler:
     "A labeler with a fixed taste, who gives its answers by clicking a `PreferenceCollector`'s buttons."
+
     def __init__(self, world=None, name: str = "scripted:happy-ending"):
         from tinyllama.data import default_world
+
         self.world, self.name = world or default_world(), name
         self._words = sorted(FEELING_SCALE, key=len, reverse=True)
 
     def score(self, prompt: str, completion: str) -> float:
         """How much this labeler likes `completion`: the final feeling of a story the world can parse
         (FEELING_SCALE), that minus 0.5 for text it cannot parse (judged by its last feeling word), -5 without one."""
-        for text in (completion, prompt + completion):  # a chat answer is the whole story; a continuation is not
-            try: return float(FEELING_SCALE[self.world.parse(text).feeling])
-            except ValueError: pass
+        for text in (
+            completion,
+            prompt + completion,
+        ):  # a chat answer is the whole story; a continuation is not
+            try:
+                return float(FEELING_SCALE[self.world.parse(text).feeling])
+            except ValueError:
+                pass
         import re
+
         words = re.findall(r"\b(" + "|".join(self._words) + r")\b", completion)
         return FEELING_SCALE[words[-1]] - 0.5 if words else -5.0
 
@@ -475,91 +784,153 @@ class ScriptedLabeler:
     def label(self, collector, max_clicks: int | None = None) -> dict:
         "Label every pair left in `collector` by clicking its buttons, as a person would; returns the counts."
         clicks = 0
-        while collector.current is not None and (max_clicks is None or clicks < max_clicks):
+        while collector.current is not None and (
+            max_clicks is None or clicks < max_clicks
+        ):
             collector.buttons[self.prefer(collector.current)].click()
             clicks += 1
         return collector.counts()
 
 # %% ../nbs/12_human_feedback.ipynb #ff16ac5a
-def story_requests(n: int,  # how many requests
-                   seed=0,  # seed of the stories they are drawn from
-                   world=None,  # a StoryWorld (default: the built-in one)
-                  ) -> list:
+def story_requests(
+    n: int,  # how many requests
+    seed=0,  # seed of the stories they are drawn from
+    world=None,  # a StoryWorld (default: the built-in one)
+) -> list:
     """`n` chapter-09 story requests ("Write a story about Mia and a red kite.") that leave the ending open: the
     labeler's taste is about the ending, so a request for a sad story would set the person against the instruction."""
     from tinyllama.data import default_world
     from tinyllama.sft import story_request
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"n must be a positive integer, got {n!r}.")
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}.")
     world, rng, out = world or default_world(), random.Random(f"{seed}/requests"), []
     while len(out) < n:
         r = story_request(world.sample_story(rng), rng)
-        if "ending" not in dict(r.constraints): out.append(r.instruction)
+        if "ending" not in dict(r.constraints):
+            out.append(r.instruction)
     return out
+
 
 def chat_prompt_ids(tokenizer, prompts: Sequence[str]) -> list:
     "Token ids asking for the assistant's reply to each prompt, sent as the user's message (chapter 09's template)."
     from tinyllama.sft import format_chat
-    if isinstance(prompts, str): raise ValueError("prompts must be a list of strings; wrap one prompt in a list.")
-    return [format_chat([{"role": "user", "content": p}], tokenizer, add_generation_prompt=True)[0] for p in prompts]
 
-def sample_completions(model,  # an LLM
-                       tokenizer,
-                       prompts: Sequence[str],
-                       max_new_tokens: int = 72,
-                       temperature: float = 1.0,
-                       seed=0,  # int: row i uses seed + i; or one seed per prompt
-                       chat: bool = False,  # True: each prompt is a user message and the completion is the reply
-                      ) -> list:
+    if isinstance(prompts, str):
+        raise ValueError(
+            "prompts must be a list of strings; wrap one prompt in a list."
+        )
+    return [
+        format_chat(
+            [{"role": "user", "content": p}], tokenizer, add_generation_prompt=True
+        )[0]
+        for p in prompts
+    ]
+
+
+def sample_completions(
+    model,  # an LLM
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 72,
+    temperature: float = 1.0,
+    seed=0,  # int: row i uses seed + i; or one seed per prompt
+    chat: bool = False,  # True: each prompt is a user message and the completion is the reply
+) -> list:
     "One sampled completion per prompt: a continuation of the text, or (chat=True) the assistant's reply, up to <|end|>."
     from tinyllama.generate import generate, generate_text
-    if isinstance(prompts, str) or not prompts: raise ValueError("prompts must be a non-empty list of strings.")
-    if not chat: return generate_text(model, tokenizer, list(prompts), max_new_tokens, temperature, seed=seed)
-    new = generate(model, chat_prompt_ids(tokenizer, prompts), max_new_tokens, temperature,
-                   eos_id=tokenizer.end_id, pad_id=tokenizer.pad_id, seed=seed)
+
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings.")
+    if not chat:
+        return generate_text(
+            model, tokenizer, list(prompts), max_new_tokens, temperature, seed=seed
+        )
+    new = generate(
+        model,
+        chat_prompt_ids(tokenizer, prompts),
+        max_new_tokens,
+        temperature,
+        eos_id=tokenizer.end_id,
+        pad_id=tokenizer.pad_id,
+        seed=seed,
+    )
     return [tokenizer.decode(ids).strip() for ids in new]
 
-def sample_comparisons(model,  # an LLM: the policy whose outputs are judged
-                       tokenizer,
-                       prompts: Sequence[str],  # texts to continue, or (chat=True) user messages to answer
-                       model_id: str = "policy",  # saved with each label
-                       max_new_tokens: int = 72,
-                       temperature: float = 1.0,
-                       seed: int = 0,  # the two samples of prompt i use seeds derived from (seed, i)
-                       chat: bool = False,  # as in sample_completions
-                      ) -> list:
+
+def sample_comparisons(
+    model,  # an LLM: the policy whose outputs are judged
+    tokenizer,
+    prompts: Sequence[str],  # texts to continue, or (chat=True) user messages to answer
+    model_id: str = "policy",  # saved with each label
+    max_new_tokens: int = 72,
+    temperature: float = 1.0,
+    seed: int = 0,  # the two samples of prompt i use seeds derived from (seed, i)
+    chat: bool = False,  # as in sample_completions
+) -> list:
     "Two sampled completions per prompt, as `Comparison`s; prompts whose two samples are equal are left out."
-    if isinstance(prompts, str) or not prompts: raise ValueError("prompts must be a non-empty list of strings.")
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings.")
     n = len(prompts)
-    a, b = (sample_completions(model, tokenizer, prompts, max_new_tokens, temperature,
-                               [seed * 7919 + 2 * i + k for i in range(n)], chat) for k in (0, 1))
+    a, b = (
+        sample_completions(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            temperature,
+            [seed * 7919 + 2 * i + k for i in range(n)],
+            chat,
+        )
+        for k in (0, 1)
+    )
     return [Comparison(p, x, y, model_id) for p, x, y in zip(prompts, a, b) if x != y]
 
-def head_to_head(labeler,  # anything with prefer(pair) -> 'a' | 'b' | 'tie' (e.g. a ScriptedLabeler)
-                 prompts: Sequence[str], xs: Sequence[str], ys: Sequence[str],  # completion x and y of each prompt
-                 seed: int = 0,  # which side each completion is shown on (random, against position bias)
-                ) -> dict:
+
+def head_to_head(
+    labeler,  # anything with prefer(pair) -> 'a' | 'b' | 'tie' (e.g. a ScriptedLabeler)
+    prompts: Sequence[str],
+    xs: Sequence[str],
+    ys: Sequence[str],  # completion x and y of each prompt
+    seed: int = 0,  # which side each completion is shown on (random, against position bias)
+) -> dict:
     "How often `labeler` prefers x to y: wins, ties, losses and win_rate = (wins + ties / 2) / n."
     if not (len(prompts) == len(xs) == len(ys)) or not prompts:
-        raise ValueError("give one x and one y completion for each prompt (and at least one prompt).")
+        raise ValueError(
+            "give one x and one y completion for each prompt (and at least one prompt)."
+        )
     rng, w, t, l = random.Random(seed), 0, 0, 0
     for p, x, y in zip(prompts, xs, ys):
         swap = rng.random() < 0.5
         c = labeler.prefer(Comparison(p, y, x) if swap else Comparison(p, x, y))
-        if c == "tie": t += 1
-        elif (c == "a") != swap: w += 1
-        else: l += 1
-    return dict(wins=w, ties=t, losses=l, n=len(prompts), win_rate=(w + t / 2) / len(prompts))
+        if c == "tie":
+            t += 1
+        elif (c == "a") != swap:
+            w += 1
+        else:
+            l += 1
+    return dict(
+        wins=w, ties=t, losses=l, n=len(prompts), win_rate=(w + t / 2) / len(prompts)
+    )
 
-def text_reward_fn(rm,  # a tinyllama.reward.RewardModel trained on labels
-                   tokenizer,
-                  ) -> Callable:
+
+def text_reward_fn(
+    rm,  # a tinyllama.reward.RewardModel trained on labels
+    tokenizer,
+) -> Callable:
     """A `PPOTrainer` reward function: decode prompt and response (special tokens dropped, so a chat prompt becomes
     the user's message), score the text with `rm` (one score per row)."""
     import torch
     from tinyllama.reward import score_texts
-    def reward_fn(prompt_ids, response_ids):  # (B, Tp) left-padded, (B, Tr) padded after EOS
+
+    def reward_fn(
+        prompt_ids, response_ids
+    ):  # (B, Tp) left-padded, (B, Tr) padded after EOS
         prompts = tokenizer.decode_batch(prompt_ids.tolist())
         full = tokenizer.decode_batch(torch.cat([prompt_ids, response_ids], 1).tolist())
-        completions = [f[len(p):] if f.startswith(p) else f for p, f in zip(prompts, full)]
+        completions = [
+            f[len(p) :] if f.startswith(p) else f for p, f in zip(prompts, full)
+        ]
         return score_texts(rm, tokenizer, prompts, completions).to(response_ids.device)
+
     return reward_fn

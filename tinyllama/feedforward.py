@@ -16,8 +16,10 @@ def _check_positive_int(**sizes) -> None:
 
 def _check_last_dim(x: torch.Tensor, dim: int, who: str) -> None:
     if x.dim() == 0 or x.shape[-1] != dim:
-        raise ValueError(f"{who} expects inputs whose last dimension is {dim}; got shape {tuple(x.shape)}. "
-                         f"Check that the layer was built with the model's dim_emb.")
+        raise ValueError(
+            f"{who} expects inputs whose last dimension is {dim}; got shape {tuple(x.shape)}. "
+            f"Check that the layer was built with the model's dim_emb."
+        )
 
 # %% auto #0
 __all__ = ['RegularSwiGLU', 'SwiGLU', 'llama_hidden_dim']
@@ -25,19 +27,23 @@ __all__ = ['RegularSwiGLU', 'SwiGLU', 'llama_hidden_dim']
 # %% ../nbs/04_swiglu.ipynb #c7bd4230
 class RegularSwiGLU(nn.Module):
     "The SwiGLU activation with biases, Swish_beta(x W + b) * (x V + c); no output projection."
-    def __init__(self,
-                 dim_in: int,  # input features
-                 dim_out: int,  # output features (both projections)
-                 beta: float = 1.0,  # Swish parameter; 1 gives SiLU
-                ):
+
+    def __init__(
+        self,
+        dim_in: int,  # input features
+        dim_out: int,  # output features (both projections)
+        beta: float = 1.0,  # Swish parameter; 1 gives SiLU
+    ):
         super().__init__()
         _check_positive_int(dim_in=dim_in, dim_out=dim_out)
         self.beta = beta
         self.linear_gate = nn.Linear(dim_in, dim_out)  # W, b
-        self.linear = nn.Linear(dim_in, dim_out)       # V, c
+        self.linear = nn.Linear(dim_in, dim_out)  # V, c
 
-    def forward(self, x: torch.Tensor,  # (..., dim_in)
-               ) -> torch.Tensor:  # (..., dim_out)
+    def forward(
+        self,
+        x: torch.Tensor,  # (..., dim_in)
+    ) -> torch.Tensor:  # (..., dim_out)
         _check_last_dim(x, self.linear.in_features, type(self).__name__)
         gate = self.linear_gate(x)
         return gate * torch.sigmoid(self.beta * gate) * self.linear(x)
@@ -45,10 +51,12 @@ class RegularSwiGLU(nn.Module):
 # %% ../nbs/04_swiglu.ipynb #3992d560
 class SwiGLU(nn.Module):
     "Llama's feed-forward network: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases."
-    def __init__(self,
-                 dim: int,  # model width d
-                 hidden_dim: int,  # hidden width h, see `llama_hidden_dim`
-                ):
+
+    def __init__(
+        self,
+        dim: int,  # model width d
+        hidden_dim: int,  # hidden width h, see `llama_hidden_dim`
+    ):
         super().__init__()
         _check_positive_int(dim=dim, hidden_dim=hidden_dim)
         self.dim, self.hidden_dim = dim, hidden_dim
@@ -56,21 +64,28 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor,  # (..., dim)
-               ) -> torch.Tensor:  # (..., dim)
+    def forward(
+        self,
+        x: torch.Tensor,  # (..., dim)
+    ) -> torch.Tensor:  # (..., dim)
         _check_last_dim(x, self.dim, type(self).__name__)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (..., hidden) -> (..., dim)
+        return self.down_proj(
+            F.silu(self.gate_proj(x)) * self.up_proj(x)
+        )  # (..., hidden) -> (..., dim)
 
 # %% ../nbs/04_swiglu.ipynb #0f28188f
-def llama_hidden_dim(dim: int,  # model width d
-                     multiple_of: int = 256,  # round the hidden width up to a multiple of this
-                     ffn_dim_multiplier: float | None = None,  # optional factor applied before rounding
-                    ) -> int:  # the hidden width of Llama's SwiGLU
+def llama_hidden_dim(
+    dim: int,  # model width d
+    multiple_of: int = 256,  # round the hidden width up to a multiple of this
+    ffn_dim_multiplier: float | None = None,  # optional factor applied before rounding
+) -> int:  # the hidden width of Llama's SwiGLU
     "Meta's rule for the SwiGLU hidden width: int(2*4*dim/3), times the multiplier, rounded up."
     _check_positive_int(dim=dim, multiple_of=multiple_of)
     hidden = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier is not None:
         if not ffn_dim_multiplier > 0:
-            raise ValueError(f"ffn_dim_multiplier must be a positive number or None; got {ffn_dim_multiplier!r}.")
+            raise ValueError(
+                f"ffn_dim_multiplier must be a positive number or None; got {ffn_dim_multiplier!r}."
+            )
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * -(-hidden // multiple_of)  # ceiling division

@@ -19,75 +19,130 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
+
 def hf_name(name: str) -> str:
     "The `LlamaForCausalLM` name of one of `LLM`'s parameter names."
     return name if name.startswith("lm_head.") else "model." + name
 
+
 def our_name(hf_key: str) -> str:
     "The `LLM` parameter name of a `LlamaForCausalLM` weight name."
-    if hf_key.startswith("lm_head."): return hf_key
-    if hf_key.startswith("model."): return hf_key[len("model."):]
-    raise ValueError(f"{hf_key!r} is not a LlamaForCausalLM weight name (those start with 'model.' or 'lm_head.').")
+    if hf_key.startswith("lm_head."):
+        return hf_key
+    if hf_key.startswith("model."):
+        return hf_key[len("model.") :]
+    raise ValueError(
+        f"{hf_key!r} is not a LlamaForCausalLM weight name (those start with 'model.' or 'lm_head.')."
+    )
 
 # %% ../nbs/06b_interop.ipynb #4b0ba37b
-def to_hf_config(config: LLMConfig,
-                 dtype: torch.dtype = torch.float32,  # dtype the weights are stored in
-                 bos_token_id: int | None = None,  # the tokenizer's special ids, when known
-                 eos_token_id: int | None = None,
-                 pad_token_id: int | None = None,
-                ) -> dict:
+def to_hf_config(
+    config: LLMConfig,
+    dtype: torch.dtype = torch.float32,  # dtype the weights are stored in
+    bos_token_id: int | None = None,  # the tokenizer's special ids, when known
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> dict:
     "The `config.json` of a `LlamaForCausalLM` with the shape of `config`."
     c = config
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": c.vocab_size, "max_position_embeddings": c.context_size,
-        "hidden_size": c.dim_emb, "intermediate_size": c.ffd_hidden_dim,
-        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-        "hidden_act": "silu", "rms_norm_eps": c.norm_eps,
-        "rope_theta": c.rope_theta, "rope_scaling": None,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.context_size,
+        "hidden_size": c.dim_emb,
+        "intermediate_size": c.ffd_hidden_dim,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
-        "tie_word_embeddings": c.tie_embeddings, "initializer_range": 0.02, "use_cache": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": c.tie_embeddings,
+        "initializer_range": 0.02,
+        "use_cache": True,
         "torch_dtype": str(dtype).replace("torch.", ""),
-        "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
     }
+
 
 def from_hf_config(hf: dict) -> LLMConfig:
     "The `LLMConfig` of a Llama `config.json`; refuses, by name, features `LLM` does not have."
     if not isinstance(hf, dict):
-        raise ValueError(f"a config must be a dict (the parsed config.json), got {type(hf).__name__}.")
+        raise ValueError(
+            f"a config must be a dict (the parsed config.json), got {type(hf).__name__}."
+        )
     if hf.get("model_type") != "llama":
-        raise ValueError(f"config.json has model_type={hf.get('model_type')!r}; only Llama checkpoints "
-                         "(model_type 'llama', architecture LlamaForCausalLM) can be loaded into LLM.")
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in hf]
+        raise ValueError(
+            f"config.json has model_type={hf.get('model_type')!r}; only Llama checkpoints "
+            "(model_type 'llama', architecture LlamaForCausalLM) can be loaded into LLM."
+        )
+    missing = [
+        k
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        if k not in hf
+    ]
     if missing:
-        raise ValueError(f"config.json lacks {', '.join(missing)}; a Llama config needs them to fix the model's shape.")
+        raise ValueError(
+            f"config.json lacks {', '.join(missing)}; a Llama config needs them to fix the model's shape."
+        )
     unsupported = []
     rope_params = hf.get("rope_parameters") or {}
     if hf.get("rope_scaling"):
-        unsupported.append(f"rope_scaling={hf['rope_scaling']!r} (RoPE frequency scaling)")
+        unsupported.append(
+            f"rope_scaling={hf['rope_scaling']!r} (RoPE frequency scaling)"
+        )
     elif rope_params.get("rope_type", "default") != "default":
-        unsupported.append(f"rope_parameters with rope_type={rope_params['rope_type']!r} (RoPE frequency scaling)")
+        unsupported.append(
+            f"rope_parameters with rope_type={rope_params['rope_type']!r} (RoPE frequency scaling)"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
-            unsupported.append(f"{flag}=True (biases in the {'attention' if flag == 'attention_bias' else 'MLP'} projections)")
+            unsupported.append(
+                f"{flag}=True (biases in the {'attention' if flag == 'attention_bias' else 'MLP'} projections)"
+            )
     if hf.get("hidden_act", "silu") != "silu":
         unsupported.append(f"hidden_act={hf['hidden_act']!r} (LLM's SwiGLU uses silu)")
     head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim != hf["hidden_size"] // hf["num_attention_heads"]:
+    if (
+        head_dim is not None
+        and head_dim != hf["hidden_size"] // hf["num_attention_heads"]
+    ):
         unsupported.append(f"head_dim={head_dim} != hidden_size // num_attention_heads")
     if unsupported:
-        raise ValueError("this Llama checkpoint uses features LLM does not implement: " + "; ".join(unsupported)
-                         + ". Loading it would give wrong outputs, so it is refused.")
+        raise ValueError(
+            "this Llama checkpoint uses features LLM does not implement: "
+            + "; ".join(unsupported)
+            + ". Loading it would give wrong outputs, so it is refused."
+        )
     theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return LLMConfig(vocab_size=hf["vocab_size"], context_size=hf.get("max_position_embeddings", 2048),
-                     dim_emb=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-                     num_heads=hf["num_attention_heads"],
-                     num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                     ffd_hidden_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                     rope_theta=float(theta), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    return LLMConfig(
+        vocab_size=hf["vocab_size"],
+        context_size=hf.get("max_position_embeddings", 2048),
+        dim_emb=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        ffd_hidden_dim=hf["intermediate_size"],
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
 
 # %% ../nbs/06b_interop.ipynb #b12f38fa
 def to_hf_state_dict(model: LLM) -> dict[str, torch.Tensor]:
@@ -98,6 +153,7 @@ def to_hf_state_dict(model: LLM) -> dict[str, torch.Tensor]:
             continue
         sd[hf_name(name)] = t.detach().to("cpu").contiguous()
     return sd
+
 
 def _atomic_write(dest: Path, write) -> None:
     "Call `write(tmp_path)`, then rename the temporary file over `dest` (a crash leaves no half file)."
@@ -112,35 +168,57 @@ def _atomic_write(dest: Path, write) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
-def save_hf(model: LLM,
-            path,  # folder to write config.json and model.safetensors into (created if needed)
-            bos_token_id: int | None = None,  # the tokenizer's special ids, recorded in config.json when given
-            eos_token_id: int | None = None,
-            pad_token_id: int | None = None,
-           ) -> Path:
+
+def save_hf(
+    model: LLM,
+    path,  # folder to write config.json and model.safetensors into (created if needed)
+    bos_token_id: int
+    | None = None,  # the tokenizer's special ids, recorded in config.json when given
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Path:
     "Save `model` as a Hugging Face Llama checkpoint that `AutoModelForCausalLM.from_pretrained(path)` loads."
     from safetensors.torch import save_file
+
     if not isinstance(model, LLM):
         raise ValueError(f"save_hf saves an LLM, got {type(model).__name__}.")
-    for name, value in [("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)]:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or not 0 <= value < model.config.vocab_size):
-            raise ValueError(f"{name}={value!r} must be a token id in [0, {model.config.vocab_size}) or None.")
+    for name, value in [
+        ("bos_token_id", bos_token_id),
+        ("eos_token_id", eos_token_id),
+        ("pad_token_id", pad_token_id),
+    ]:
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 0 <= value < model.config.vocab_size
+        ):
+            raise ValueError(
+                f"{name}={value!r} must be a token id in [0, {model.config.vocab_size}) or None."
+            )
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is a file; save_hf writes a checkpoint folder, so give a folder path.")
+        raise ValueError(
+            f"{path} is a file; save_hf writes a checkpoint folder, so give a folder path."
+        )
     path.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)
     dtype = model.embed_tokens.weight.dtype
     config = to_hf_config(model.config, dtype, bos_token_id, eos_token_id, pad_token_id)
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    _atomic_write(
+        path / WEIGHTS_NAME,
+        lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+    )
+    _atomic_write(
+        path / CONFIG_NAME,
+        lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
+    )
     return path
 
 # %% ../nbs/06b_interop.ipynb #0f98e894
 def read_hf_weights(path) -> dict[str, torch.Tensor]:
     "All tensors of a checkpoint folder: `model.safetensors`, or the shards of `model.safetensors.index.json`."
     from safetensors.torch import load_file
+
     path = Path(path)
     if (path / WEIGHTS_NAME).is_file():
         return load_file(path / WEIGHTS_NAME)
@@ -149,24 +227,35 @@ def read_hf_weights(path) -> dict[str, torch.Tensor]:
         shards = sorted(set(index.get("weight_map", {}).values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if not shards or missing:
-            raise FileNotFoundError(f"{path / WEIGHTS_INDEX_NAME} lists shards that are not in {path}: "
-                                    f"{', '.join(missing) or '(none listed)'}; download the missing files.")
+            raise FileNotFoundError(
+                f"{path / WEIGHTS_INDEX_NAME} lists shards that are not in {path}: "
+                f"{', '.join(missing) or '(none listed)'}; download the missing files."
+            )
         state = {}
         for s in shards:
             state.update(load_file(path / s))
         return state
-    if any((path / n).exists() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise ValueError(f"{path} holds PyTorch pickle weights (pytorch_model.bin); load_hf reads only safetensors. "
-                         "Convert it with transformers: from_pretrained(path).save_pretrained(new_path).")
+    if any(
+        (path / n).exists()
+        for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+    ):
+        raise ValueError(
+            f"{path} holds PyTorch pickle weights (pytorch_model.bin); load_hf reads only safetensors. "
+            "Convert it with transformers: from_pretrained(path).save_pretrained(new_path)."
+        )
     present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-    raise FileNotFoundError(f"no weights in {path}: expected {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME} with its "
-                            f"shards); the folder holds {present}.")
+    raise FileNotFoundError(
+        f"no weights in {path}: expected {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME} with its "
+        f"shards); the folder holds {present}."
+    )
 
-def from_hf_state_dict(config: LLMConfig,
-                       state: dict[str, torch.Tensor],  # LlamaForCausalLM weight names -> tensors
-                       dtype: torch.dtype | None = None,  # None: the dtype of the checkpoint's embeddings
-                       device=None,  # where the model lives; None: the CPU
-                      ) -> LLM:
+
+def from_hf_state_dict(
+    config: LLMConfig,
+    state: dict[str, torch.Tensor],  # LlamaForCausalLM weight names -> tensors
+    dtype: torch.dtype | None = None,  # None: the dtype of the checkpoint's embeddings
+    device=None,  # where the model lives; None: the CPU
+) -> LLM:
     "An `LLM` holding the weights of a `LlamaForCausalLM` state dict (checked by name and shape first)."
     device = torch.device(device or "cpu")
     with torch.device("meta"):
@@ -187,13 +276,17 @@ def from_hf_state_dict(config: LLMConfig,
             unexpected.append(key)
     missing = [hf_name(n) for n in expected if n not in ours]
     if missing or unexpected:
-        raise ValueError(f"the checkpoint's weights do not match its config: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}.")
+        raise ValueError(
+            f"the checkpoint's weights do not match its config: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}."
+        )
     for name, t in ours.items():
         if tuple(t.shape) != tuple(expected[name]):
-            raise ValueError(f"{hf_name(name)} has shape {tuple(t.shape)} but the config needs "
-                             f"{tuple(expected[name])}; the weights and config.json are from different models.")
+            raise ValueError(
+                f"{hf_name(name)} has shape {tuple(t.shape)} but the config needs "
+                f"{tuple(expected[name])}; the weights and config.json are from different models."
+            )
     dtype = dtype or ours["embed_tokens.weight"].dtype
     ours = {n: t.to(device=device, dtype=dtype) for n, t in ours.items()}
     if config.tie_embeddings:
@@ -202,23 +295,33 @@ def from_hf_state_dict(config: LLMConfig,
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     with torch.device(device):
-        model.rope = RotaryPositionalEncoding(config.head_dim, config.context_size, config.rope_theta)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        model.rope = RotaryPositionalEncoding(
+            config.head_dim, config.context_size, config.rope_theta
+        )
+    left = [
+        n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+    ]
     assert not left, f"internal error: {left} were not loaded"
     return model.eval()
 
-def load_hf(path,  # a Hugging Face Llama checkpoint folder (config.json + safetensors)
-            dtype: torch.dtype | None = None,  # None: the checkpoint's dtype
-            device=None,  # None: the CPU
-           ) -> LLM:
+
+def load_hf(
+    path,  # a Hugging Face Llama checkpoint folder (config.json + safetensors)
+    dtype: torch.dtype | None = None,  # None: the checkpoint's dtype
+    device=None,  # None: the CPU
+) -> LLM:
     "Load a Hugging Face Llama checkpoint folder into an `LLM` (in eval mode, like `from_pretrained`)."
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder; load_hf expects a checkpoint folder with {CONFIG_NAME} "
-                                f"and {WEIGHTS_NAME} (what save_hf or save_pretrained writes).")
+        raise FileNotFoundError(
+            f"{path} is not a folder; load_hf expects a checkpoint folder with {CONFIG_NAME} "
+            f"and {WEIGHTS_NAME} (what save_hf or save_pretrained writes)."
+        )
     if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; a Hugging Face checkpoint folder needs it to describe "
-                                "the model's shape.")
+        raise FileNotFoundError(
+            f"{path} has no {CONFIG_NAME}; a Hugging Face checkpoint folder needs it to describe "
+            "the model's shape."
+        )
     try:
         hf = json.loads((path / CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:

@@ -17,17 +17,29 @@ __all__ = ['INIT_STD', 'LLMConfig', 'TransformerBlock', 'init_weights', 'LLM', '
            'parameter_breakdown', 'parameter_count', 'published_configs']
 
 # %% ../nbs/06_model.ipynb #c3fb7beb
-_INT_FIELDS = ("vocab_size", "context_size", "dim_emb", "num_layers", "num_heads", "num_kv_heads", "ffd_hidden_dim")
+_INT_FIELDS = (
+    "vocab_size",
+    "context_size",
+    "dim_emb",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "ffd_hidden_dim",
+)
+
 
 @dataclass
 class LLMConfig:
     "The shape of a Llama-style model; the defaults are a small working model."
+
     vocab_size: int = 4096  # V: number of token ids
     context_size: int = 256  # longest sequence (prompt + generated) the model accepts
     dim_emb: int = 256  # d: width of the residual stream
     num_layers: int = 4  # L: transformer blocks
     num_heads: int = 8  # H: query heads; must divide dim_emb
-    num_kv_heads: int = 4  # K: key/value heads; must divide num_heads (K = H: MHA, K = 1: MQA)
+    num_kv_heads: int = (
+        4  # K: key/value heads; must divide num_heads (K = H: MHA, K = 1: MQA)
+    )
     ffd_hidden_dim: int = 768  # SwiGLU hidden width (Llama rule for d=256, chapter 04)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
@@ -38,70 +50,112 @@ class LLMConfig:
         for name in _INT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LLMConfig.{name} must be a positive integer, got {value!r}.")
+                raise ValueError(
+                    f"LLMConfig.{name} must be a positive integer, got {value!r}."
+                )
         if self.dim_emb % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} does not divide dim_emb={self.dim_emb}: every head gets "
-                             f"dim_emb // num_heads dimensions, so pick a number of heads that divides the width "
-                             f"(e.g. {_divisors_near(self.dim_emb, self.num_heads)}).")
+            raise ValueError(
+                f"num_heads={self.num_heads} does not divide dim_emb={self.dim_emb}: every head gets "
+                f"dim_emb // num_heads dimensions, so pick a number of heads that divides the width "
+                f"(e.g. {_divisors_near(self.dim_emb, self.num_heads)})."
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}: each "
-                             f"key/value head must serve the same number of query heads; pick a divisor of "
-                             f"num_heads (e.g. {_divisors_near(self.num_heads, self.num_kv_heads)}).")
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}: each "
+                f"key/value head must serve the same number of query heads; pick a divisor of "
+                f"num_heads (e.g. {_divisors_near(self.num_heads, self.num_kv_heads)})."
+            )
         if self.head_dim % 2:
-            raise ValueError(f"the head dimension dim_emb // num_heads = {self.head_dim} is odd, but RoPE rotates "
-                             "pairs of dimensions; choose dim_emb and num_heads so that it is even.")
+            raise ValueError(
+                f"the head dimension dim_emb // num_heads = {self.head_dim} is odd, but RoPE rotates "
+                "pairs of dimensions; choose dim_emb and num_heads so that it is even."
+            )
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-                raise ValueError(f"LLMConfig.{name} must be a positive finite number, got {value!r}.")
-        if isinstance(self.emb_dropout, bool) or not isinstance(self.emb_dropout, (int, float)) \
-                or not 0.0 <= self.emb_dropout < 1.0:
-            raise ValueError(f"LLMConfig.emb_dropout is a probability in [0, 1), got {self.emb_dropout!r}.")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not value > 0
+                or math.isinf(value)
+            ):
+                raise ValueError(
+                    f"LLMConfig.{name} must be a positive finite number, got {value!r}."
+                )
+        if (
+            isinstance(self.emb_dropout, bool)
+            or not isinstance(self.emb_dropout, (int, float))
+            or not 0.0 <= self.emb_dropout < 1.0
+        ):
+            raise ValueError(
+                f"LLMConfig.emb_dropout is a probability in [0, 1), got {self.emb_dropout!r}."
+            )
         if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"LLMConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}.")
+            raise ValueError(
+                f"LLMConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}."
+            )
 
     @property
     def head_dim(self) -> int:
         "Dimensions per attention head, D = dim_emb // num_heads."
         return self.dim_emb // self.num_heads
 
+
 def _divisors_near(n, k):
     "Up to three divisors of n closest to k, as text."
-    divs = sorted((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))[:3]
+    divs = sorted(
+        (d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d)
+    )[:3]
     return ", ".join(str(d) for d in sorted(divs))
 
 # %% ../nbs/06_model.ipynb #4c5b839a
 class TransformerBlock(nn.Module):
     "Pre-norm Llama block: h + Attn(RMSNorm(h)), then h + MLP(RMSNorm(h))."
+
     def __init__(self, config: LLMConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.dim_emb, eps=config.norm_eps)
-        self.self_attn = GroupedQueryAttention(config.dim_emb, config.num_heads, config.num_kv_heads)
+        self.self_attn = GroupedQueryAttention(
+            config.dim_emb, config.num_heads, config.num_kv_heads
+        )
         self.post_attention_layernorm = RMSNorm(config.dim_emb, eps=config.norm_eps)
         self.mlp = SwiGLU(config.dim_emb, config.ffd_hidden_dim)
 
-    def forward(self,
-                h: torch.Tensor,  # residual stream (B, T, dim_emb)
-                rope: nn.Module,  # the model's RotaryPositionalEncoding
-                start_pos: int = 0,  # position of h's first token
-                position_ids: torch.Tensor | None = None,  # (B, T) explicit positions
-                attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, 0 = padding
-                kv_cache: KVCache | None = None,  # this block's cache, updated in place
-               ) -> torch.Tensor:  # (B, T, dim_emb)
-        h = h + self.self_attn(self.input_layernorm(h), rope, start_pos=start_pos, position_ids=position_ids,
-                               attention_mask=attention_mask, kv_cache=kv_cache)
+    def forward(
+        self,
+        h: torch.Tensor,  # residual stream (B, T, dim_emb)
+        rope: nn.Module,  # the model's RotaryPositionalEncoding
+        start_pos: int = 0,  # position of h's first token
+        position_ids: torch.Tensor | None = None,  # (B, T) explicit positions
+        attention_mask: torch.Tensor
+        | None = None,  # (B, S) 1 = real token, 0 = padding
+        kv_cache: KVCache | None = None,  # this block's cache, updated in place
+    ) -> torch.Tensor:  # (B, T, dim_emb)
+        h = h + self.self_attn(
+            self.input_layernorm(h),
+            rope,
+            start_pos=start_pos,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            kv_cache=kv_cache,
+        )
         return h + self.mlp(self.post_attention_layernorm(h))
 
 # %% ../nbs/06_model.ipynb #268dbfb8
 INIT_STD = 0.02  # std of every weight matrix at initialisation (GPT-2, Llama's initializer_range)
 
-def init_weights(model: nn.Module,  # an LLM (or any module with the Llama parameter names)
-                 num_layers: int,  # L: the residual projections get std / sqrt(2 L)
-                 std: float = INIT_STD,  # std of every other weight matrix
-                 scale_residual: bool = True,  # False: o_proj and down_proj get plain `std` too
-                ) -> nn.Module:
+
+def init_weights(
+    model: nn.Module,  # an LLM (or any module with the Llama parameter names)
+    num_layers: int,  # L: the residual projections get std / sqrt(2 L)
+    std: float = INIT_STD,  # std of every other weight matrix
+    scale_residual: bool = True,  # False: o_proj and down_proj get plain `std` too
+) -> nn.Module:
     "Normal(0, std) weights, std/sqrt(2L) for o_proj and down_proj (GPT-2), RMSNorm gains at one."
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+    if (
+        isinstance(num_layers, bool)
+        or not isinstance(num_layers, int)
+        or num_layers < 1
+    ):
         raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}.")
     resid_std = std / math.sqrt(2 * num_layers) if scale_residual else std
     for name, module in model.named_modules():
@@ -109,7 +163,9 @@ def init_weights(model: nn.Module,  # an LLM (or any module with the Llama param
             continue  # a meta tensor has no values to draw (and drawing them would import torch's compiler)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             is_residual = name.endswith("o_proj") or name.endswith("down_proj")
-            nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_residual else std)
+            nn.init.normal_(
+                module.weight, mean=0.0, std=resid_std if is_residual else std
+            )
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
@@ -119,16 +175,24 @@ def init_weights(model: nn.Module,  # an LLM (or any module with the Llama param
 # %% ../nbs/06_model.ipynb #825ef3fd
 class LLM(nn.Module):
     "A Llama-style decoder: embeddings, `num_layers` pre-norm blocks, final RMSNorm, `lm_head`."
+
     def __init__(self, config: LLMConfig):
         super().__init__()
         if not isinstance(config, LLMConfig):
-            raise ValueError(f"LLM expects an LLMConfig, got {type(config).__name__}; build one with LLMConfig(...).")
+            raise ValueError(
+                f"LLM expects an LLMConfig, got {type(config).__name__}; build one with LLMConfig(...)."
+            )
         self.config = config
         # An uninitialised table (init_weights fills it): nn.Embedding's own init would draw it twice.
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim_emb,
-                                         _weight=torch.empty(config.vocab_size, config.dim_emb))
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size,
+            config.dim_emb,
+            _weight=torch.empty(config.vocab_size, config.dim_emb),
+        )
         self.emb_dropout = nn.Dropout(config.emb_dropout)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(config) for _ in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.dim_emb, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.dim_emb, config.vocab_size, bias=False)
         # One rotary table for all blocks; its cos/sin are buffers that are not saved. A model built on
@@ -136,107 +200,187 @@ class LLM(nn.Module):
         # meta would make PyTorch import its compiler, which takes seconds.
         on_meta = torch.empty(0).device.type == "meta"
         with torch.device("cpu") if on_meta else contextlib.nullcontext():
-            self.rope = RotaryPositionalEncoding(config.head_dim, config.context_size, config.rope_theta)
+            self.rope = RotaryPositionalEncoding(
+                config.head_dim, config.context_size, config.rope_theta
+            )
         init_weights(self, config.num_layers)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one matrix, two uses
 
-    def forward(self,
-                input_ids: torch.Tensor,  # (B, T) token ids in [0, vocab_size)
-                attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, 0 = padding; S = start_pos + T with caches, T without
-                position_ids: torch.Tensor | None = None,  # (B, T) explicit positions; default from start_pos and the mask
-                kv_caches: list[KVCache] | None = None,  # one per block (new_kv_caches); updated in place
-                start_pos: int = 0,  # position of input_ids[:, 0] (number of tokens already in the caches)
-               ) -> torch.Tensor:  # logits (B, T, vocab_size)
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) token ids in [0, vocab_size)
+        attention_mask: torch.Tensor
+        | None = None,  # (B, S) 1 = real token, 0 = padding; S = start_pos + T with caches, T without
+        position_ids: torch.Tensor
+        | None = None,  # (B, T) explicit positions; default from start_pos and the mask
+        kv_caches: list[KVCache]
+        | None = None,  # one per block (new_kv_caches); updated in place
+        start_pos: int = 0,  # position of input_ids[:, 0] (number of tokens already in the caches)
+    ) -> torch.Tensor:  # logits (B, T, vocab_size)
         "Next-token logits for every position of `input_ids`."
-        B, T = self._check_inputs(input_ids, attention_mask, position_ids, kv_caches, start_pos)
+        B, T = self._check_inputs(
+            input_ids, attention_mask, position_ids, kv_caches, start_pos
+        )
         if position_ids is None and attention_mask is not None:
             # Count only real tokens so that a left-padded row sees the positions it would see alone.
             pos = position_ids_from_mask(attention_mask)  # (B, S)
             position_ids = pos[:, -T:] if kv_caches is not None else pos + start_pos
         h = self.emb_dropout(self.embed_tokens(input_ids))  # (B, T, d)
         for i, layer in enumerate(self.layers):
-            h = layer(h, self.rope, start_pos=start_pos, position_ids=position_ids, attention_mask=attention_mask,
-                      kv_cache=None if kv_caches is None else kv_caches[i])
+            h = layer(
+                h,
+                self.rope,
+                start_pos=start_pos,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                kv_cache=None if kv_caches is None else kv_caches[i],
+            )
         return self.lm_head(self.norm(h))  # (B, T, V)
 
-    def new_kv_caches(self,
-                      batch_size: int,  # rows that will be decoded together
-                      max_seq_len: int | None = None,  # prompt + new tokens; default context_size
-                     ) -> list[KVCache]:
+    def new_kv_caches(
+        self,
+        batch_size: int,  # rows that will be decoded together
+        max_seq_len: int | None = None,  # prompt + new tokens; default context_size
+    ) -> list[KVCache]:
         "One empty KV cache per block, on the model's device and dtype."
         c = self.config
         max_seq_len = c.context_size if max_seq_len is None else max_seq_len
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 1 <= max_seq_len <= c.context_size:
-            raise ValueError(f"max_seq_len must be an integer between 1 and context_size={c.context_size}, "
-                             f"got {max_seq_len!r}; the model cannot attend further back than its context.")
+        if (
+            isinstance(max_seq_len, bool)
+            or not isinstance(max_seq_len, int)
+            or not 1 <= max_seq_len <= c.context_size
+        ):
+            raise ValueError(
+                f"max_seq_len must be an integer between 1 and context_size={c.context_size}, "
+                f"got {max_seq_len!r}; the model cannot attend further back than its context."
+            )
         w = self.embed_tokens.weight
-        return [KVCache(batch_size, c.num_kv_heads, max_seq_len, c.head_dim, device=w.device, dtype=w.dtype)
-                for _ in range(c.num_layers)]
+        return [
+            KVCache(
+                batch_size,
+                c.num_kv_heads,
+                max_seq_len,
+                c.head_dim,
+                device=w.device,
+                dtype=w.dtype,
+            )
+            for _ in range(c.num_layers)
+        ]
 
     def summary(self) -> "ModelSummary":
         "Parameter counts per part and size in memory (see `model_summary`)."
         return model_summary(self)
 
-    def _check_inputs(self, input_ids, attention_mask, position_ids, kv_caches, start_pos):
+    def _check_inputs(
+        self, input_ids, attention_mask, position_ids, kv_caches, start_pos
+    ):
         c = self.config
         if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(f"input_ids must be a tensor of token ids of shape (batch, seq), got {type(input_ids).__name__}.")
+            raise ValueError(
+                f"input_ids must be a tensor of token ids of shape (batch, seq), got {type(input_ids).__name__}."
+            )
         if input_ids.dim() != 2:
-            hint = " (for a single sequence use input_ids[None])" if input_ids.dim() == 1 else ""
-            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}{hint}.")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+            hint = (
+                " (for a single sequence use input_ids[None])"
+                if input_ids.dim() == 1
+                else ""
+            )
+            raise ValueError(
+                f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}{hint}."
+            )
+        if (
+            input_ids.dtype.is_floating_point
+            or input_ids.dtype == torch.bool
+            or input_ids.is_complex()
+        ):
+            raise ValueError(
+                f"input_ids must hold integer token ids, got dtype {input_ids.dtype}."
+            )
         B, T = input_ids.shape
         if B == 0 or T == 0:
-            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per row.")
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-            raise ValueError(f"start_pos must be a non-negative integer, got {start_pos!r}.")
+            raise ValueError(
+                f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per row."
+            )
+        if (
+            isinstance(start_pos, bool)
+            or not isinstance(start_pos, int)
+            or start_pos < 0
+        ):
+            raise ValueError(
+                f"start_pos must be a non-negative integer, got {start_pos!r}."
+            )
         if start_pos + T > c.context_size:
-            where = f"start_pos={start_pos} plus {T} new tokens need {start_pos + T} positions" if start_pos \
+            where = (
+                f"start_pos={start_pos} plus {T} new tokens need {start_pos + T} positions"
+                if start_pos
                 else f"the input has {T} tokens"
-            raise ValueError(f"context_size={c.context_size} but {where}; shorten the "
-                             f"prompt (e.g. keep its last {max(c.context_size - start_pos, 1)} tokens) or use a model "
-                             "with a larger context_size.")
+            )
+            raise ValueError(
+                f"context_size={c.context_size} but {where}; shorten the "
+                f"prompt (e.g. keep its last {max(c.context_size - start_pos, 1)} tokens) or use a model "
+                "with a larger context_size."
+            )
         # Reading the ids' range is free on the CPU; on a GPU it would stall every forward
         # (a host sync) and break compiled graphs, so there the embedding's own check stands.
-        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist() if input_ids.device.type == "cpu" \
+        lo, hi = (
+            torch.stack(torch.aminmax(input_ids)).tolist()
+            if input_ids.device.type == "cpu"
             else (0, 0)
+        )
         if lo < 0 or hi >= c.vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {c.vocab_size}); the tokenizer and the "
-                             "model must agree on vocab_size.")
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary [0, {c.vocab_size}); the tokenizer and the "
+                "model must agree on vocab_size."
+            )
         if kv_caches is not None:
             if len(kv_caches) != c.num_layers:
-                raise ValueError(f"kv_caches must hold one cache per layer ({c.num_layers}), got {len(kv_caches)}; "
-                                 "make them with model.new_kv_caches(batch_size).")
+                raise ValueError(
+                    f"kv_caches must hold one cache per layer ({c.num_layers}), got {len(kv_caches)}; "
+                    "make them with model.new_kv_caches(batch_size)."
+                )
             if kv_caches[0].batch_size != B:
-                raise ValueError(f"the KV caches were made for batch_size={kv_caches[0].batch_size} but input_ids "
-                                 f"has {B} rows; make new ones with model.new_kv_caches({B}).")
+                raise ValueError(
+                    f"the KV caches were made for batch_size={kv_caches[0].batch_size} but input_ids "
+                    f"has {B} rows; make new ones with model.new_kv_caches({B})."
+                )
         S = start_pos + T if kv_caches is not None else T
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise ValueError(f"attention_mask must have shape (batch={B}, {S}) — one entry per key position "
-                             f"(start_pos + T with KV caches, T without) — got {tuple(attention_mask.shape)}.")
+            raise ValueError(
+                f"attention_mask must have shape (batch={B}, {S}) — one entry per key position "
+                f"(start_pos + T with KV caches, T without) — got {tuple(attention_mask.shape)}."
+            )
         if position_ids is not None and tuple(position_ids.shape) != (B, T):
-            raise ValueError(f"position_ids must have shape (batch={B}, seq={T}), got {tuple(position_ids.shape)}.")
+            raise ValueError(
+                f"position_ids must have shape (batch={B}, seq={T}), got {tuple(position_ids.shape)}."
+            )
         if position_ids is not None:
             if position_ids.is_floating_point() or position_ids.is_complex():
-                raise ValueError("position_ids must be an integer tensor (token positions).")
+                raise ValueError(
+                    "position_ids must be an integer tensor (token positions)."
+                )
             self.rope.check_positions(position_ids)  # once here, not in every layer
         return B, T
 
 # %% ../nbs/06_model.ipynb #29b9ad2d
 def _group(name: str) -> str:
     "The part of the model a parameter belongs to."
-    if name.startswith("embed_tokens"): return "embeddings"
-    if ".self_attn." in name: return "attention"
-    if ".mlp." in name: return "mlp"
-    if name.startswith("lm_head"): return "lm_head"
+    if name.startswith("embed_tokens"):
+        return "embeddings"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    if name.startswith("lm_head"):
+        return "lm_head"
     return "norms"
+
 
 @dataclass
 class ModelSummary:
     "Parameter counts per part and the size of the weights."
+
     groups: dict  # part -> number of parameters (embeddings, attention, mlp, norms, lm_head)
     total: int  # all parameters, shared ones once
     trainable: int  # parameters with requires_grad
@@ -250,33 +394,53 @@ class ModelSummary:
             label = part + (" (tied)" if part == "lm_head" and self.tied else "")
             rows.append(f"{label:<15}{n:>16,}{n / max(self.total, 1):>8.1%}")
         rows.append(f"{'total':<15}{self.total:>16,}")
-        rows.append(f"trainable {self.trainable:,} · {self.size_mb:,.1f} MiB of weights in {self.dtype}")
+        rows.append(
+            f"trainable {self.trainable:,} · {self.size_mb:,.1f} MiB of weights in {self.dtype}"
+        )
         return "\n".join(rows)
-    def _repr_pretty_(self, p, cycle): p.text(str(self))
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(str(self))
+
 
 def model_summary(model: nn.Module) -> ModelSummary:
     "Count the parameters of an `LLM` per part (shared ones once) and the memory of its weights."
     groups = {g: 0 for g in ("embeddings", "attention", "mlp", "norms", "lm_head")}
     size, trainable, by_dtype = 0, 0, {}
-    for name, p in model.named_parameters():  # a tied lm_head.weight is listed once, as embed_tokens.weight
+    for (
+        name,
+        p,
+    ) in (
+        model.named_parameters()
+    ):  # a tied lm_head.weight is listed once, as embed_tokens.weight
         groups[_group(name)] += p.numel()
         size += p.numel() * p.element_size()
         trainable += p.numel() if p.requires_grad else 0
         by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
-    dtype = str(max(by_dtype, key=by_dtype.get)).replace("torch.", "") if by_dtype else "-"
-    tied = getattr(getattr(model, "lm_head", None), "weight", None) is getattr(getattr(model, "embed_tokens", None), "weight", 0)
-    return ModelSummary(groups, sum(groups.values()), trainable, size / 2**20, dtype, tied)
+    dtype = (
+        str(max(by_dtype, key=by_dtype.get)).replace("torch.", "") if by_dtype else "-"
+    )
+    tied = getattr(getattr(model, "lm_head", None), "weight", None) is getattr(
+        getattr(model, "embed_tokens", None), "weight", 0
+    )
+    return ModelSummary(
+        groups, sum(groups.values()), trainable, size / 2**20, dtype, tied
+    )
 
 # %% ../nbs/06_model.ipynb #502e0cf7
 def parameter_breakdown(config: LLMConfig) -> dict:
     "Parameters per part of an `LLM` with this config, by formula (no model is built)."
     c = config
     d, D = c.dim_emb, c.head_dim
-    return {"embeddings": c.vocab_size * d,
-            "attention": c.num_layers * (2 * d * c.num_heads * D + 2 * d * c.num_kv_heads * D),
-            "mlp": c.num_layers * 3 * d * c.ffd_hidden_dim,
-            "norms": c.num_layers * 2 * d + d,
-            "lm_head": 0 if c.tie_embeddings else c.vocab_size * d}
+    return {
+        "embeddings": c.vocab_size * d,
+        "attention": c.num_layers
+        * (2 * d * c.num_heads * D + 2 * d * c.num_kv_heads * D),
+        "mlp": c.num_layers * 3 * d * c.ffd_hidden_dim,
+        "norms": c.num_layers * 2 * d + d,
+        "lm_head": 0 if c.tie_embeddings else c.vocab_size * d,
+    }
+
 
 def parameter_count(config: LLMConfig) -> int:
     "Total parameters of an `LLM` with this config (shared weights once), by formula."
@@ -286,12 +450,48 @@ def parameter_count(config: LLMConfig) -> int:
 def published_configs() -> dict[str, LLMConfig]:
     "Configurations of published Llama models (from their papers and model cards)."
     return {
-        "TinyLlama-1.1B": LLMConfig(vocab_size=32000, context_size=2048, dim_emb=2048, num_layers=22, num_heads=32,
-                                    num_kv_heads=4, ffd_hidden_dim=5632, norm_eps=1e-5, rope_theta=10000.0),
-        "Llama-2-7B": LLMConfig(vocab_size=32000, context_size=4096, dim_emb=4096, num_layers=32, num_heads=32,
-                                num_kv_heads=32, ffd_hidden_dim=11008, norm_eps=1e-5, rope_theta=10000.0),
-        "Llama-3-8B": LLMConfig(vocab_size=128256, context_size=8192, dim_emb=4096, num_layers=32, num_heads=32,
-                                num_kv_heads=8, ffd_hidden_dim=14336, norm_eps=1e-5, rope_theta=500000.0),
-        "Llama-2-70B": LLMConfig(vocab_size=32000, context_size=4096, dim_emb=8192, num_layers=80, num_heads=64,
-                                 num_kv_heads=8, ffd_hidden_dim=28672, norm_eps=1e-5, rope_theta=10000.0),
+        "TinyLlama-1.1B": LLMConfig(
+            vocab_size=32000,
+            context_size=2048,
+            dim_emb=2048,
+            num_layers=22,
+            num_heads=32,
+            num_kv_heads=4,
+            ffd_hidden_dim=5632,
+            norm_eps=1e-5,
+            rope_theta=10000.0,
+        ),
+        "Llama-2-7B": LLMConfig(
+            vocab_size=32000,
+            context_size=4096,
+            dim_emb=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=32,
+            ffd_hidden_dim=11008,
+            norm_eps=1e-5,
+            rope_theta=10000.0,
+        ),
+        "Llama-3-8B": LLMConfig(
+            vocab_size=128256,
+            context_size=8192,
+            dim_emb=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            ffd_hidden_dim=14336,
+            norm_eps=1e-5,
+            rope_theta=500000.0,
+        ),
+        "Llama-2-70B": LLMConfig(
+            vocab_size=32000,
+            context_size=4096,
+            dim_emb=8192,
+            num_layers=80,
+            num_heads=64,
+            num_kv_heads=8,
+            ffd_hidden_dim=28672,
+            norm_eps=1e-5,
+            rope_theta=10000.0,
+        ),
     }

@@ -18,53 +18,72 @@ __all__ = ['masked_mean', 'whiten', 'compute_gae', 'ValueModel', 'FixedKLControl
            'LetterTokenizer']
 
 # %% ../nbs/11_ppo.ipynb #f7bd5218
-def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
-def masked_mean(x: torch.Tensor,  # values
-                mask: torch.Tensor,  # same shape; 1 = valid, 0 = padding
-                dim: int | None = None,  # None: one mean over all valid entries
-               ) -> torch.Tensor:
+
+def masked_mean(
+    x: torch.Tensor,  # values
+    mask: torch.Tensor,  # same shape; 1 = valid, 0 = padding
+    dim: int | None = None,  # None: one mean over all valid entries
+) -> torch.Tensor:
     "Mean of `x` over the entries where `mask` is 1."
     mask = mask.to(x.dtype)
-    if dim is None: return (x * mask).sum() / mask.sum().clamp(min=1)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
-def whiten(x: torch.Tensor,  # values, e.g. advantages (B, T)
-           mask: torch.Tensor,  # same shape; 1 = valid
-           shift_mean: bool = True,  # False keeps the mean (only rescales)
-           eps: float = 1e-8,
-          ) -> torch.Tensor:  # same shape; exactly 0 where mask is 0
+
+def whiten(
+    x: torch.Tensor,  # values, e.g. advantages (B, T)
+    mask: torch.Tensor,  # same shape; 1 = valid
+    shift_mean: bool = True,  # False keeps the mean (only rescales)
+    eps: float = 1e-8,
+) -> torch.Tensor:  # same shape; exactly 0 where mask is 0
     "Standardise `x` to mean 0, variance 1 over its valid entries."
     if x.shape != mask.shape:
-        raise ValueError(f"x has shape {tuple(x.shape)} but mask has {tuple(mask.shape)}; give one mask entry per value.")
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but mask has {tuple(mask.shape)}; give one mask entry per value."
+        )
     m = mask.bool()
     n = int(m.sum())
-    if n == 0: raise ValueError("the mask selects no entries, so there is nothing to whiten.")
+    if n == 0:
+        raise ValueError("the mask selects no entries, so there is nothing to whiten.")
     mean = x[m].mean()
     var = x[m].var() if n > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
     out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean: out = out + mean
+    if not shift_mean:
+        out = out + mean
     return out.masked_fill(~m, 0.0)
 
 # %% ../nbs/11_ppo.ipynb #859cca7e
-def compute_gae(rewards: torch.Tensor,  # (B, T) per-token rewards
-                values: torch.Tensor,  # (B, T) V(s_t) before each token
-                mask: torch.Tensor,  # (B, T) 1 up to and including each row's last token, then 0
-                gamma: float = 1.0,  # discount γ
-                lam: float = 0.95,  # GAE λ
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # advantages (B, T), returns (B, T); 0 where mask is 0
+def compute_gae(
+    rewards: torch.Tensor,  # (B, T) per-token rewards
+    values: torch.Tensor,  # (B, T) V(s_t) before each token
+    mask: torch.Tensor,  # (B, T) 1 up to and including each row's last token, then 0
+    gamma: float = 1.0,  # discount γ
+    lam: float = 0.95,  # GAE λ
+) -> tuple[
+    torch.Tensor, torch.Tensor
+]:  # advantages (B, T), returns (B, T); 0 where mask is 0
     "GAE advantages Â_t = Σ_l (γλ)^l δ_{t+l} and returns Â_t + V(s_t) (Schulman et al. 2016)."
     if not (rewards.shape == values.shape == mask.shape) or rewards.dim() != 2:
-        raise ValueError(f"rewards, values and mask must share one (batch, steps) shape, got {tuple(rewards.shape)}, "
-                         f"{tuple(values.shape)} and {tuple(mask.shape)}.")
+        raise ValueError(
+            f"rewards, values and mask must share one (batch, steps) shape, got {tuple(rewards.shape)}, "
+            f"{tuple(values.shape)} and {tuple(mask.shape)}."
+        )
     m = mask.to(values.dtype)
     if (m[:, 1:] > m[:, :-1]).any():
-        raise ValueError("each row of mask must be ones then zeros (the response up to its EOS, then padding).")
+        raise ValueError(
+            "each row of mask must be ones then zeros (the response up to its EOS, then padding)."
+        )
     B, T = rewards.shape
     adv = torch.zeros_like(values)
     running = torch.zeros(B, dtype=values.dtype, device=values.device)  # Â_{t+1}
     for t in reversed(range(T)):
-        next_value = values[:, t + 1] * m[:, t + 1] if t + 1 < T else torch.zeros_like(running)
+        next_value = (
+            values[:, t + 1] * m[:, t + 1] if t + 1 < T else torch.zeros_like(running)
+        )
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         running = (delta + gamma * lam * running) * m[:, t]
         adv[:, t] = running
@@ -73,48 +92,72 @@ def compute_gae(rewards: torch.Tensor,  # (B, T) per-token rewards
 # %% ../nbs/11_ppo.ipynb #58236d4f
 class ValueModel(nn.Module):
     "A transformer trunk with a scalar value head on every position (the head starts at zero)."
+
     def __init__(self, config: LLMConfig):
         super().__init__()
         if not isinstance(config, LLMConfig):
-            raise ValueError(f"ValueModel expects an LLMConfig, got {type(config).__name__}.")
+            raise ValueError(
+                f"ValueModel expects an LLMConfig, got {type(config).__name__}."
+            )
         self.config = config
         self.trunk = LLM(config)
-        self.trunk.lm_head = nn.Identity()  # no vocabulary projection: the trunk returns its final hidden states
+        self.trunk.lm_head = (
+            nn.Identity()
+        )  # no vocabulary projection: the trunk returns its final hidden states
         self.value_head = nn.Linear(config.dim_emb, 1)
-        nn.init.zeros_(self.value_head.weight); nn.init.zeros_(self.value_head.bias)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
 
     @classmethod
     def from_llm(cls, llm: LLM) -> "ValueModel":
         "A value model whose trunk starts from a copy of `llm`'s weights (`llm` is not touched)."
-        if not isinstance(llm, LLM): raise ValueError(f"from_llm expects an LLM, got {type(llm).__name__}.")
+        if not isinstance(llm, LLM):
+            raise ValueError(f"from_llm expects an LLM, got {type(llm).__name__}.")
         w = llm.embed_tokens.weight
         vm = cls(llm.config).to(device=w.device, dtype=w.dtype)
-        vm.trunk.load_state_dict({k: v for k, v in llm.state_dict().items() if not k.startswith("lm_head.")})
+        vm.trunk.load_state_dict(
+            {k: v for k, v in llm.state_dict().items() if not k.startswith("lm_head.")}
+        )
         return vm
 
-    def forward(self,
-                input_ids: torch.Tensor,  # (B, T)
-                attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token
-                position_ids: torch.Tensor | None = None,  # (B, T)
-               ) -> torch.Tensor:  # (B, T) V(s_t) at every position
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real token
+        position_ids: torch.Tensor | None = None,  # (B, T)
+    ) -> torch.Tensor:  # (B, T) V(s_t) at every position
         "The value of every prefix of `input_ids`."
-        h = self.trunk(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # (B, T, d)
+        h = self.trunk(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )  # (B, T, d)
         return self.value_head(h).squeeze(-1)
 
 # %% ../nbs/11_ppo.ipynb #b5e8fe76
 class FixedKLController:
     "β stays at its initial value."
-    def __init__(self, kl_coef: float): self.value = float(kl_coef)
-    def update(self, current_kl: float, n_steps: int): pass
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int):
+        pass
+
 
 class AdaptiveKLController:
     "Ziegler et al. (2019): β ← β·(1 + K·e), e = clip(KL/target − 1, ±0.2), K = n_steps / horizon."
-    def __init__(self,
-                 init_kl_coef: float,  # starting β
-                 target: float,  # KL (nats per response) to aim at
-                 horizon: float,  # responses over which β may change by a factor of about e^0.2
-                ):
-        self.value, self.target, self.horizon = float(init_kl_coef), float(target), float(horizon)
+
+    def __init__(
+        self,
+        init_kl_coef: float,  # starting β
+        target: float,  # KL (nats per response) to aim at
+        horizon: float,  # responses over which β may change by a factor of about e^0.2
+    ):
+        self.value, self.target, self.horizon = (
+            float(init_kl_coef),
+            float(target),
+            float(horizon),
+        )
+
     def update(self, current_kl: float, n_steps: int):
         "Move β up when the KL is above target, down when below (at most ±20% per horizon)."
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
@@ -124,106 +167,161 @@ class AdaptiveKLController:
 @dataclass
 class PPOConfig:
     "Hyper-parameters of `PPOTrainer`."
+
     batch_size: int = 64  # prompts per rollout (one PPO step)
     mini_batch_size: int = 16  # rows per gradient step
     ppo_epochs: int = 4  # passes over each rollout batch
     lr: float = 3e-4  # AdamW learning rate of the policy
     value_lr: float | None = None  # of the value model (None: lr)
     max_new_tokens: int = 16  # response length at most
-    temperature: float = 1.0  # sampling temperature (> 0); the log-probabilities use the same one
+    temperature: float = (
+        1.0  # sampling temperature (> 0); the log-probabilities use the same one
+    )
     gamma: float = 1.0  # discount γ
     lam: float = 0.95  # GAE λ
     cliprange: float = 0.2  # ε of the clipped policy loss
     cliprange_value: float = 0.2  # ε_v of the clipped value loss
     vf_coef: float = 0.1  # weight of the value loss in the total loss
     init_kl_coef: float = 0.05  # β of the per-token KL penalty (fixed by default)
-    adaptive_kl: bool = False  # True: Ziegler et al.'s controller moves β towards target_kl
+    adaptive_kl: bool = (
+        False  # True: Ziegler et al.'s controller moves β towards target_kl
+    )
     target_kl: float = 6.0  # nats per response the adaptive controller aims at
     kl_horizon: float = 10000.0  # the adaptive controller's horizon, in responses
-    whiten_advantages: bool = True  # standardise the advantages over the valid tokens of each batch
+    whiten_advantages: bool = (
+        True  # standardise the advantages over the valid tokens of each batch
+    )
     max_grad_norm: float | None = 1.0  # gradient clipping (None: off)
     seed: int = 0  # rollouts and minibatch order are deterministic for a seed
 
     def __post_init__(self):
         def number(name, lo, lo_open=True, hi=math.inf):
             v = getattr(self, name)
-            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and (v > lo if lo_open else v >= lo) and v <= hi
+            ok = (
+                not isinstance(v, bool)
+                and isinstance(v, (int, float))
+                and (v > lo if lo_open else v >= lo)
+                and v <= hi
+            )
             if not ok or v == math.inf:
-                raise ValueError(f"PPOConfig.{name} must be a number {'>' if lo_open else '>='} {lo}"
-                                 + (f" and <= {hi}" if hi < math.inf else "") + f", got {v!r}.")
+                raise ValueError(
+                    f"PPOConfig.{name} must be a number {'>' if lo_open else '>='} {lo}"
+                    + (f" and <= {hi}" if hi < math.inf else "")
+                    + f", got {v!r}."
+                )
+
         for name in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1: raise ValueError(f"PPOConfig.{name} must be a positive integer, got {v!r}.")
+            if not _is_int(v) or v < 1:
+                raise ValueError(
+                    f"PPOConfig.{name} must be a positive integer, got {v!r}."
+                )
         if self.mini_batch_size > self.batch_size:
-            raise ValueError(f"mini_batch_size={self.mini_batch_size} is larger than batch_size={self.batch_size}; "
-                             "a minibatch is a part of the rollout batch.")
-        for name in ("lr", "temperature", "cliprange", "cliprange_value", "target_kl", "kl_horizon"): number(name, 0)
-        for name in ("vf_coef", "init_kl_coef"): number(name, 0, lo_open=False)
-        for name in ("gamma", "lam"): number(name, 0, lo_open=False, hi=1)
-        if self.value_lr is not None: number("value_lr", 0)
-        if self.max_grad_norm is not None: number("max_grad_norm", 0)
-        if not _is_int(self.seed): raise ValueError(f"PPOConfig.seed must be an integer, got {self.seed!r}.")
+            raise ValueError(
+                f"mini_batch_size={self.mini_batch_size} is larger than batch_size={self.batch_size}; "
+                "a minibatch is a part of the rollout batch."
+            )
+        for name in (
+            "lr",
+            "temperature",
+            "cliprange",
+            "cliprange_value",
+            "target_kl",
+            "kl_horizon",
+        ):
+            number(name, 0)
+        for name in ("vf_coef", "init_kl_coef"):
+            number(name, 0, lo_open=False)
+        for name in ("gamma", "lam"):
+            number(name, 0, lo_open=False, hi=1)
+        if self.value_lr is not None:
+            number("value_lr", 0)
+        if self.max_grad_norm is not None:
+            number("max_grad_norm", 0)
+        if not _is_int(self.seed):
+            raise ValueError(f"PPOConfig.seed must be an integer, got {self.seed!r}.")
 
 # %% ../nbs/11_ppo.ipynb #2610a306
-def token_logprobs(logits: torch.Tensor,  # (B, T, V)
-                   tokens: torch.Tensor,  # (B, T) the tokens that were sampled
-                   temperature: float = 1.0,  # the sampling temperature
-                  ) -> tuple[torch.Tensor, torch.Tensor]:  # log π(token) (B, T), entropy of π (B, T)
+def token_logprobs(
+    logits: torch.Tensor,  # (B, T, V)
+    tokens: torch.Tensor,  # (B, T) the tokens that were sampled
+    temperature: float = 1.0,  # the sampling temperature
+) -> tuple[torch.Tensor, torch.Tensor]:  # log π(token) (B, T), entropy of π (B, T)
     "log π(token) and the entropy of π at each position, for π = softmax(logits / temperature)."
-    logp_all = F.log_softmax(apply_temperature(logits, temperature), dim=-1)  # (B, T, V) float32
+    logp_all = F.log_softmax(
+        apply_temperature(logits, temperature), dim=-1
+    )  # (B, T, V) float32
     logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
 # %% ../nbs/11_ppo.ipynb #23a94a0f
-def kl_penalised_rewards(scores: torch.Tensor,  # (B, T) the reward model's per-token rewards
-                         logprobs: torch.Tensor,  # (B, T) log π of the sampled tokens
-                         ref_logprobs: torch.Tensor,  # (B, T) log π_ref of the same tokens
-                         mask: torch.Tensor,  # (B, T) 1 = valid response token
-                         kl_coef: float,  # β
-                        ) -> tuple[torch.Tensor, torch.Tensor]:  # rewards (B, T), per-token KL (B, T); 0 after EOS
+def kl_penalised_rewards(
+    scores: torch.Tensor,  # (B, T) the reward model's per-token rewards
+    logprobs: torch.Tensor,  # (B, T) log π of the sampled tokens
+    ref_logprobs: torch.Tensor,  # (B, T) log π_ref of the same tokens
+    mask: torch.Tensor,  # (B, T) 1 = valid response token
+    kl_coef: float,  # β
+) -> tuple[
+    torch.Tensor, torch.Tensor
+]:  # rewards (B, T), per-token KL (B, T); 0 after EOS
     "r_t = score_t − β (log π − log π_ref), and the per-token KL estimate log π − log π_ref."
     m = mask.to(logprobs.dtype)
     kl = (logprobs - ref_logprobs) * m
     return (scores - kl_coef * kl) * m, kl
 
-def policy_loss(logprobs: torch.Tensor,  # (B, T) log π_θ, with gradient
-                old_logprobs: torch.Tensor,  # (B, T) log π_old from the rollout
-                advantages: torch.Tensor,  # (B, T)
-                mask: torch.Tensor,  # (B, T) 1 = valid
-                cliprange: float = 0.2,  # ε
-               ) -> tuple[torch.Tensor, dict]:  # loss, statistics
+
+def policy_loss(
+    logprobs: torch.Tensor,  # (B, T) log π_θ, with gradient
+    old_logprobs: torch.Tensor,  # (B, T) log π_old from the rollout
+    advantages: torch.Tensor,  # (B, T)
+    mask: torch.Tensor,  # (B, T) 1 = valid
+    cliprange: float = 0.2,  # ε
+) -> tuple[torch.Tensor, dict]:  # loss, statistics
     "The clipped surrogate −E[min(ρA, clip(ρ, 1−ε, 1+ε)A)] over valid tokens (Schulman et al. 2017)."
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
-    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    unclipped, clipped = (
+        -advantages * ratio,
+        -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange),
+    )
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     with torch.no_grad():
-        stats = {"policy/approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
-                 "policy/policykl": masked_mean(-log_ratio, mask),
-                 "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                 "policy/ratio_mean": masked_mean(ratio, mask)}
+        stats = {
+            "policy/approxkl": 0.5 * masked_mean(log_ratio**2, mask),
+            "policy/policykl": masked_mean(-log_ratio, mask),
+            "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "policy/ratio_mean": masked_mean(ratio, mask),
+        }
     return loss, stats
 
-def value_loss(values: torch.Tensor,  # (B, T) V_φ, with gradient
-               old_values: torch.Tensor,  # (B, T) V_old from the rollout
-               returns: torch.Tensor,  # (B, T) the targets
-               mask: torch.Tensor,  # (B, T) 1 = valid
-               cliprange_value: float = 0.2,  # ε_v
-              ) -> tuple[torch.Tensor, dict]:  # loss, statistics
+
+def value_loss(
+    values: torch.Tensor,  # (B, T) V_φ, with gradient
+    old_values: torch.Tensor,  # (B, T) V_old from the rollout
+    returns: torch.Tensor,  # (B, T) the targets
+    mask: torch.Tensor,  # (B, T) 1 = valid
+    cliprange_value: float = 0.2,  # ε_v
+) -> tuple[torch.Tensor, dict]:  # loss, statistics
     "½ E[max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)] over valid tokens."
-    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    v_clipped = old_values + torch.clamp(
+        values - old_values, -cliprange_value, cliprange_value
+    )
     err, err_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(err, err_clipped), mask)
     with torch.no_grad():
-        stats = {"val/error": masked_mean(err, mask), "val/clipfrac": masked_mean((err_clipped > err).float(), mask),
-                 "val/vpred": masked_mean(values, mask)}
+        stats = {
+            "val/error": masked_mean(err, mask),
+            "val/clipfrac": masked_mean((err_clipped > err).float(), mask),
+            "val/vpred": masked_mean(values, mask),
+        }
     return loss, stats
 
 # %% ../nbs/11_ppo.ipynb #b4ab4e23
 @dataclass
 class Rollout:
     "One batch of experience: prompts, sampled responses, and what PPO computes from them."
+
     prompt_ids: torch.Tensor  # (B, Tp) left-padded with PAD
     prompt_mask: torch.Tensor  # (B, Tp) 1 = real token
     response_ids: torch.Tensor  # (B, Tr) PAD after each row's EOS
@@ -231,96 +329,175 @@ class Rollout:
     logprobs: torch.Tensor  # (B, Tr) log π_old of each response token
     ref_logprobs: torch.Tensor  # (B, Tr) log π_ref of each response token
     values: torch.Tensor  # (B, Tr) V_old of the state before each token
-    scores: torch.Tensor  # (B, Tr) the reward function's rewards (a score sits on the last token)
+    scores: (
+        torch.Tensor
+    )  # (B, Tr) the reward function's rewards (a score sits on the last token)
     rewards: torch.Tensor  # (B, Tr) scores − β·KL per token
     advantages: torch.Tensor  # (B, Tr) GAE (whitened); 0 after EOS
     returns: torch.Tensor  # (B, Tr) GAE + V_old: the value targets
 
     @property
-    def input_ids(self) -> torch.Tensor: return torch.cat([self.prompt_ids, self.response_ids], 1)
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], 1)
+
     @property
-    def attention_mask(self) -> torch.Tensor: return torch.cat([self.prompt_mask, self.response_mask], 1)
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], 1)
+
 
 def _check_model(name, m):
-    if not isinstance(m, nn.Module) or not isinstance(getattr(m, "config", None), LLMConfig):
-        raise ValueError(f"{name} must be a tinyllama model with an LLMConfig (an LLM, or a ValueModel for the "
-                         f"value model), got {type(m).__name__}.")
+    if not isinstance(m, nn.Module) or not isinstance(
+        getattr(m, "config", None), LLMConfig
+    ):
+        raise ValueError(
+            f"{name} must be a tinyllama model with an LLMConfig (an LLM, or a ValueModel for the "
+            f"value model), got {type(m).__name__}."
+        )
+
 
 class PPOTrainer:
     "PPO for a language model: rollouts, a KL-penalised reward, GAE, clipped policy and value losses."
-    def __init__(self,
-                 policy: LLM,  # the model being trained
-                 ref_policy: LLM | None,  # the frozen reference for the KL penalty (None: a frozen copy of policy)
-                 value_model: ValueModel,  # V(s_t) at every position (e.g. ValueModel.from_llm(policy))
-                 reward_fn: Callable,  # (prompt_ids (B,Tp), response_ids (B,Tr)) -> rewards (B,Tr) or scores (B,)
-                 config: PPOConfig | None = None,  # hyper-parameters (None: PPOConfig())
-                 eos_id: int = 2,  # ends a response (the tokenizer's eos_id)
-                 pad_id: int = 3,  # pads prompts (left) and responses (after EOS); must differ from eos_id
-                ):
+
+    def __init__(
+        self,
+        policy: LLM,  # the model being trained
+        ref_policy: LLM
+        | None,  # the frozen reference for the KL penalty (None: a frozen copy of policy)
+        value_model: ValueModel,  # V(s_t) at every position (e.g. ValueModel.from_llm(policy))
+        reward_fn: Callable,  # (prompt_ids (B,Tp), response_ids (B,Tr)) -> rewards (B,Tr) or scores (B,)
+        config: PPOConfig | None = None,  # hyper-parameters (None: PPOConfig())
+        eos_id: int = 2,  # ends a response (the tokenizer's eos_id)
+        pad_id: int = 3,  # pads prompts (left) and responses (after EOS); must differ from eos_id
+    ):
         config = PPOConfig() if config is None else config
-        if not isinstance(config, PPOConfig): raise ValueError(f"config must be a PPOConfig, got {type(config).__name__}.")
+        if not isinstance(config, PPOConfig):
+            raise ValueError(
+                f"config must be a PPOConfig, got {type(config).__name__}."
+            )
         _check_model("policy", policy)
-        if ref_policy is None: ref_policy = copy.deepcopy(policy)
-        _check_model("ref_policy", ref_policy); _check_model("value_model", value_model)
+        if ref_policy is None:
+            ref_policy = copy.deepcopy(policy)
+        _check_model("ref_policy", ref_policy)
+        _check_model("value_model", value_model)
         if ref_policy is policy:
-            raise ValueError("ref_policy is the policy itself, so the KL penalty would always be 0; give a frozen "
-                             "copy (copy.deepcopy(policy)) or None.")
-        if not callable(reward_fn): raise ValueError("reward_fn must be callable: reward_fn(prompt_ids, response_ids).")
+            raise ValueError(
+                "ref_policy is the policy itself, so the KL penalty would always be 0; give a frozen "
+                "copy (copy.deepcopy(policy)) or None."
+            )
+        if not callable(reward_fn):
+            raise ValueError(
+                "reward_fn must be callable: reward_fn(prompt_ids, response_ids)."
+            )
         V = policy.config.vocab_size
         for name, v in (("eos_id", eos_id), ("pad_id", pad_id)):
-            if not _is_int(v) or not 0 <= v < V: raise ValueError(f"{name} must be a token id in [0, {V}), got {v!r}.")
+            if not _is_int(v) or not 0 <= v < V:
+                raise ValueError(f"{name} must be a token id in [0, {V}), got {v!r}.")
         if eos_id == pad_id:
-            raise ValueError(f"eos_id and pad_id are both {eos_id}: PAD must differ from EOS, or the padding after a "
-                             "response could not be told from its end (use the tokenizer's pad_id).")
+            raise ValueError(
+                f"eos_id and pad_id are both {eos_id}: PAD must differ from EOS, or the padding after a "
+                "response could not be told from its end (use the tokenizer's pad_id)."
+            )
         if ref_policy.config.vocab_size != V or value_model.config.vocab_size != V:
-            raise ValueError("policy, ref_policy and value_model must share one vocabulary (the same tokenizer).")
+            raise ValueError(
+                "policy, ref_policy and value_model must share one vocabulary (the same tokenizer)."
+            )
         self.policy, self.ref_policy, self.value_model = policy, ref_policy, value_model
-        self.reward_fn, self.config, self.eos_id, self.pad_id = reward_fn, config, eos_id, pad_id
+        self.reward_fn, self.config, self.eos_id, self.pad_id = (
+            reward_fn,
+            config,
+            eos_id,
+            pad_id,
+        )
         self.ref_policy.requires_grad_(False)
-        groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.lr},
-                  {"params": [p for p in value_model.parameters() if p.requires_grad],
-                   "lr": config.value_lr or config.lr}]
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-        self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
-                       if config.adaptive_kl else FixedKLController(config.init_kl_coef))
+        groups = [
+            {
+                "params": [p for p in policy.parameters() if p.requires_grad],
+                "lr": config.lr,
+            },
+            {
+                "params": [p for p in value_model.parameters() if p.requires_grad],
+                "lr": config.value_lr or config.lr,
+            },
+        ]
+        self.optimizer = torch.optim.AdamW(
+            groups, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0
+        )
+        self.kl_ctl = (
+            AdaptiveKLController(
+                config.init_kl_coef, config.target_kl, config.kl_horizon
+            )
+            if config.adaptive_kl
+            else FixedKLController(config.init_kl_coef)
+        )
         self.generator = torch.Generator().manual_seed(config.seed)  # minibatch order
         self.n_steps = 0
         self.history: list[dict] = []  # the statistics of every step
-        self.minibatch_stats: list[dict] = []  # the last step's statistics, one dict per minibatch
+        self.minibatch_stats: list[
+            dict
+        ] = []  # the last step's statistics, one dict per minibatch
         self.last_rollout: Rollout | None = None
 
     @property
-    def device(self) -> torch.device: return self.policy.embed_tokens.weight.device
+    def device(self) -> torch.device:
+        return self.policy.embed_tokens.weight.device
 
     def eval_mode(self):
         "Dropout off in every model: the policy that samples and the policy that is scored must be one."
-        for m in (self.policy, self.ref_policy, self.value_model): m.eval()
+        for m in (self.policy, self.ref_policy, self.value_model):
+            m.eval()
 
     def _forward(self, model, ids, mask, n_prompt):
         "The model's outputs at the positions that predict the response tokens: (B, Tr, ...)."
-        pos = position_ids_from_mask(mask)  # left padding: every row's real tokens start at position 0
-        return model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1])[:, n_prompt - 1:]
+        pos = position_ids_from_mask(
+            mask
+        )  # left padding: every row's real tokens start at position 0
+        return model(
+            ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1]
+        )[:, n_prompt - 1 :]
 
     def _check_prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (torch.Tensor, str)) or not isinstance(prompts, (list, tuple)):
-            raise ValueError("prompts must be a list of prompts, each a list of token ids.")
-        if len(prompts) == 0: raise ValueError("prompts is empty: give at least one prompt.")
-        V, ctx, n_new = self.policy.config.vocab_size, self.policy.config.context_size, self.config.max_new_tokens
+        if isinstance(prompts, (torch.Tensor, str)) or not isinstance(
+            prompts, (list, tuple)
+        ):
+            raise ValueError(
+                "prompts must be a list of prompts, each a list of token ids."
+            )
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: give at least one prompt.")
+        V, ctx, n_new = (
+            self.policy.config.vocab_size,
+            self.policy.config.context_size,
+            self.config.max_new_tokens,
+        )
         out = []
         for i, p in enumerate(prompts):
             p = p.tolist() if isinstance(p, torch.Tensor) else p
-            if isinstance(p, str) or not isinstance(p, (list, tuple)) or not all(_is_int(t) for t in p):
-                raise ValueError(f"prompt {i} must be a list of integer token ids, got {p!r:.80}.")
+            if (
+                isinstance(p, str)
+                or not isinstance(p, (list, tuple))
+                or not all(_is_int(t) for t in p)
+            ):
+                raise ValueError(
+                    f"prompt {i} must be a list of integer token ids, got {p!r:.80}."
+                )
             if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty: the policy needs at least one token to condition on.")
+                raise ValueError(
+                    f"prompt {i} is empty: the policy needs at least one token to condition on."
+                )
             if len(p) + n_new > ctx:
-                raise ValueError(f"prompt {i} has {len(p)} tokens and max_new_tokens={n_new} more would need "
-                                 f"{len(p) + n_new} positions, but context_size={ctx}; keep prompts to at most "
-                                 f"{ctx - n_new} tokens or lower max_new_tokens.")
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens and max_new_tokens={n_new} more would need "
+                    f"{len(p) + n_new} positions, but context_size={ctx}; keep prompts to at most "
+                    f"{ctx - n_new} tokens or lower max_new_tokens."
+                )
             if any(not 0 <= t < V for t in p):
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {V}).")
+                raise ValueError(
+                    f"prompt {i} has token ids outside the vocabulary [0, {V})."
+                )
             if self.pad_id in p:
-                raise ValueError(f"prompt {i} contains pad_id={self.pad_id}, which is reserved for padding.")
+                raise ValueError(
+                    f"prompt {i} contains pad_id={self.pad_id}, which is reserved for padding."
+                )
             out.append(list(p))
         return out
 
@@ -333,66 +510,142 @@ class PPOTrainer:
         r = r.to(self.device, torch.float32)
         if r.shape == (B,):
             last = response_mask.sum(1) - 1  # (B,)
-            r = torch.zeros(B, Tr, device=self.device).scatter(1, last[:, None], r[:, None])
+            r = torch.zeros(B, Tr, device=self.device).scatter(
+                1, last[:, None], r[:, None]
+            )
         elif r.shape != (B, Tr):
-            raise ValueError(f"reward_fn returned shape {tuple(r.shape)}; expected per-token rewards ({B}, {Tr}) "
-                             f"or one score per response ({B},).")
-        if not torch.isfinite(r).all(): raise ValueError("reward_fn returned a non-finite reward.")
+            raise ValueError(
+                f"reward_fn returned shape {tuple(r.shape)}; expected per-token rewards ({B}, {Tr}) "
+                f"or one score per response ({B},)."
+            )
+        if not torch.isfinite(r).all():
+            raise ValueError("reward_fn returned a non-finite reward.")
         return r * response_mask
 
     @torch.no_grad()
-    def rollout(self,
-                prompts: Sequence[Sequence[int]],  # B prompts, lists of token ids (no PAD inside)
-               ) -> Rollout:
+    def rollout(
+        self,
+        prompts: Sequence[
+            Sequence[int]
+        ],  # B prompts, lists of token ids (no PAD inside)
+    ) -> Rollout:
         "Sample one response per prompt from π; compute log-probs, values, rewards, GAE advantages."
         c, dev = self.config, self.device
         prompts = self._check_prompts(prompts)
         self.eval_mode()
-        seed = (c.seed * 1_000_003 + self.n_steps * len(prompts)) % 2**62  # row i of step s: its own stream
+        seed = (
+            c.seed * 1_000_003 + self.n_steps * len(prompts)
+        ) % 2**62  # row i of step s: its own stream
         tokens, active = [], []
-        for nxt, act in decode_steps(self.policy, prompts, c.max_new_tokens, c.temperature,
-                                     eos_id=self.eos_id, pad_id=self.pad_id, seed=seed):
-            tokens.append(nxt); active.append(act)
+        for nxt, act in decode_steps(
+            self.policy,
+            prompts,
+            c.max_new_tokens,
+            c.temperature,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            seed=seed,
+        ):
+            tokens.append(nxt)
+            active.append(act)
         response_ids = torch.stack(tokens, 1)  # (B, Tr)
-        response_mask = torch.stack(active, 1).long()  # (B, Tr): 1 up to and including EOS
+        response_mask = torch.stack(
+            active, 1
+        ).long()  # (B, Tr): 1 up to and including EOS
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, dev)  # (B, Tp)
         Tp = prompt_ids.shape[1]
-        ids, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+        ids, mask = (
+            torch.cat([prompt_ids, response_ids], 1),
+            torch.cat([prompt_mask, response_mask], 1),
+        )
         m = response_mask.float()
-        logprobs = token_logprobs(self._forward(self.policy, ids, mask, Tp), response_ids, c.temperature)[0] * m
-        ref_logprobs = token_logprobs(self._forward(self.ref_policy, ids, mask, Tp), response_ids, c.temperature)[0] * m
+        logprobs = (
+            token_logprobs(
+                self._forward(self.policy, ids, mask, Tp), response_ids, c.temperature
+            )[0]
+            * m
+        )
+        ref_logprobs = (
+            token_logprobs(
+                self._forward(self.ref_policy, ids, mask, Tp),
+                response_ids,
+                c.temperature,
+            )[0]
+            * m
+        )
         values = self._forward(self.value_model, ids, mask, Tp) * m
         scores = self._scores(prompt_ids, response_ids, response_mask)
         self.eval_mode()  # in case the reward function switched a shared model to training mode
-        rewards, _ = kl_penalised_rewards(scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value)
-        advantages, returns = compute_gae(rewards, values, response_mask, c.gamma, c.lam)
-        if c.whiten_advantages: advantages = whiten(advantages, response_mask)
-        return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, logprobs, ref_logprobs, values,
-                       scores, rewards, advantages, returns)
+        rewards, _ = kl_penalised_rewards(
+            scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value
+        )
+        advantages, returns = compute_gae(
+            rewards, values, response_mask, c.gamma, c.lam
+        )
+        if c.whiten_advantages:
+            advantages = whiten(advantages, response_mask)
+        return Rollout(
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            logprobs,
+            ref_logprobs,
+            values,
+            scores,
+            rewards,
+            advantages,
+            returns,
+        )
 
     def _update(self, ro: Rollout, idx: torch.Tensor) -> dict:
         "One gradient step on the rows `idx` of the rollout."
         c = self.config
-        ids, mask, Tp, m = ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_ids.shape[1], ro.response_mask[idx]
-        logprobs, entropy = token_logprobs(self._forward(self.policy, ids, mask, Tp), ro.response_ids[idx],
-                                           c.temperature)
+        ids, mask, Tp, m = (
+            ro.input_ids[idx],
+            ro.attention_mask[idx],
+            ro.prompt_ids.shape[1],
+            ro.response_mask[idx],
+        )
+        logprobs, entropy = token_logprobs(
+            self._forward(self.policy, ids, mask, Tp),
+            ro.response_ids[idx],
+            c.temperature,
+        )
         values = self._forward(self.value_model, ids, mask, Tp)
-        pg_loss, pg_stats = policy_loss(logprobs, ro.logprobs[idx], ro.advantages[idx], m, c.cliprange)
-        vf_loss, vf_stats = value_loss(values, ro.values[idx], ro.returns[idx], m, c.cliprange_value)
+        pg_loss, pg_stats = policy_loss(
+            logprobs, ro.logprobs[idx], ro.advantages[idx], m, c.cliprange
+        )
+        vf_loss, vf_stats = value_loss(
+            values, ro.values[idx], ro.returns[idx], m, c.cliprange_value
+        )
         loss = pg_loss + c.vf_coef * vf_loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if c.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           c.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]],
+                c.max_grad_norm,
+            )
         self.optimizer.step()
-        stats = {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
-                 "policy/entropy": masked_mean(entropy, m), **pg_stats, **vf_stats}
-        return {k: v.detach() for k, v in stats.items()}  # tensors: no host sync per minibatch
+        stats = {
+            "loss/policy": pg_loss,
+            "loss/value": vf_loss,
+            "loss/total": loss,
+            "policy/entropy": masked_mean(entropy, m),
+            **pg_stats,
+            **vf_stats,
+        }
+        return {
+            k: v.detach() for k, v in stats.items()
+        }  # tensors: no host sync per minibatch
 
-    def step(self,
-             prompts: Sequence[Sequence[int]],  # this step's prompts (batch_size of them, typically)
-            ) -> dict:  # statistics, named as in TRL (loss/policy, policy/approxkl, env/reward_mean, ...)
+    def step(
+        self,
+        prompts: Sequence[
+            Sequence[int]
+        ],  # this step's prompts (batch_size of them, typically)
+    ) -> dict:  # statistics, named as in TRL (loss/policy, policy/approxkl, env/reward_mean, ...)
         "One PPO step: a rollout, then ppo_epochs passes of minibatch updates."
         c = self.config
         t0 = time.perf_counter()
@@ -404,17 +657,28 @@ class PPOTrainer:
         for _ in range(c.ppo_epochs):
             order = torch.randperm(B, generator=self.generator).to(self.device)
             for start in range(0, B, c.mini_batch_size):
-                mb_stats.append(self._update(ro, order[start:start + c.mini_batch_size]))
+                mb_stats.append(
+                    self._update(ro, order[start : start + c.mini_batch_size])
+                )
         t2 = time.perf_counter()
-        keys = list(mb_stats[0])  # every minibatch's statistics, copied to the host at once
-        mb_stats = [dict(zip(keys, row)) for row in
-                    torch.stack([torch.stack([s[k] for k in keys]) for s in mb_stats]).tolist()]
+        keys = list(
+            mb_stats[0]
+        )  # every minibatch's statistics, copied to the host at once
+        mb_stats = [
+            dict(zip(keys, row))
+            for row in torch.stack(
+                [torch.stack([s[k] for k in keys]) for s in mb_stats]
+            ).tolist()
+        ]
         m = ro.response_mask.float()
-        kl_seq = ((ro.logprobs - ro.ref_logprobs) * m).sum(1)  # (B,) KL estimate per response
+        kl_seq = ((ro.logprobs - ro.ref_logprobs) * m).sum(
+            1
+        )  # (B,) KL estimate per response
         score_seq = ro.scores.sum(1)  # (B,) the reward function's total per response
         n_valid = m.sum()
-        returns_var = ((ro.returns - masked_mean(ro.returns, m)).square() * m).sum() \
-            / (n_valid - 1).clamp(min=1)  # over valid tokens, as torch.var
+        returns_var = ((ro.returns - masked_mean(ro.returns, m)).square() * m).sum() / (
+            n_valid - 1
+        ).clamp(min=1)  # over valid tokens, as torch.var
         zero = torch.zeros((), device=m.device)
         rollout_stats = {
             "env/reward_mean": score_seq.mean(),
@@ -428,67 +692,104 @@ class PPOTrainer:
             "returns/mean": masked_mean(ro.returns, m),
             "returns/var": returns_var,
             "val/mean": masked_mean(ro.values, m),
-            "tokens/response_len_mean": m.sum(1).mean()}
-        values = torch.stack([v.float() for v in rollout_stats.values()]).tolist()  # one copy
+            "tokens/response_len_mean": m.sum(1).mean(),
+        }
+        values = torch.stack(
+            [v.float() for v in rollout_stats.values()]
+        ).tolist()  # one copy
         stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in keys}
         stats.update(zip(rollout_stats, values))
-        stats.update({"objective/kl_coef": self.kl_ctl.value, "time/ppo/rollout": t1 - t0,
-                      "time/ppo/optimize": t2 - t1, "ppo/step": self.n_steps})
+        stats.update(
+            {
+                "objective/kl_coef": self.kl_ctl.value,
+                "time/ppo/rollout": t1 - t0,
+                "time/ppo/optimize": t2 - t1,
+                "ppo/step": self.n_steps,
+            }
+        )
         self.kl_ctl.update(stats["objective/kl"], B)
         self.n_steps += 1
         self.history.append(stats)
         self.minibatch_stats, self.last_rollout = mb_stats, ro
         return stats
 
-    def train(self,
-              prompt_fn: Callable[[int], Sequence[Sequence[int]]],  # step number -> that step's prompts
-              steps: int,  # PPO steps to run
-              callback: Callable[[dict], object] | None = None,  # called with each step's statistics (e.g. a PPOPlot)
-              progress: bool = True,  # show a tqdm progress bar
-             ) -> list[dict]:  # the statistics of these steps (also appended to self.history)
+    def train(
+        self,
+        prompt_fn: Callable[
+            [int], Sequence[Sequence[int]]
+        ],  # step number -> that step's prompts
+        steps: int,  # PPO steps to run
+        callback: Callable[[dict], object]
+        | None = None,  # called with each step's statistics (e.g. a PPOPlot)
+        progress: bool = True,  # show a tqdm progress bar
+    ) -> list[dict]:  # the statistics of these steps (also appended to self.history)
         "Run `steps` PPO steps on prompts from `prompt_fn`."
-        if not _is_int(steps) or steps < 1: raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+        if not _is_int(steps) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}.")
         from tqdm.auto import tqdm
+
         out = []
         with tqdm(total=steps, disable=not progress, desc="PPO") as bar:
             for _ in range(steps):
                 stats = self.step(prompt_fn(self.n_steps))
                 out.append(stats)
-                if callback is not None: callback(stats)
-                bar.set_postfix(reward=f"{stats['env/reward_mean']:.2f}", kl=f"{stats['objective/kl']:.2f}")
+                if callback is not None:
+                    callback(stats)
+                bar.set_postfix(
+                    reward=f"{stats['env/reward_mean']:.2f}",
+                    kl=f"{stats['objective/kl']:.2f}",
+                )
                 bar.update()
         return out
 
 # %% ../nbs/11_ppo.ipynb #577787c3
 class PPOPlot:
     "Live plot of PPO statistics; use as `trainer.train(..., callback=PPOPlot())`."
-    KEYS = (("env/reward_mean", "reward per response"), ("objective/kl", "KL(π‖π_ref), nats"),
-            ("policy/approxkl", "approx. KL per update"), ("policy/clipfrac", "clip fraction"),
-            ("val/error", "value error"))
 
-    def __init__(self,
-                 every: int = 10,  # redraw every `every` steps
-                 keys=KEYS,  # (statistic, title) pairs, one panel each
-                 extra: dict | None = None,  # name -> list of (step, value) drawn on the first panel (e.g. accuracy)
-                ):
-        self.every, self.keys, self.history, self.extra = every, tuple(keys), [], extra if extra is not None else {}
+    KEYS = (
+        ("env/reward_mean", "reward per response"),
+        ("objective/kl", "KL(π‖π_ref), nats"),
+        ("policy/approxkl", "approx. KL per update"),
+        ("policy/clipfrac", "clip fraction"),
+        ("val/error", "value error"),
+    )
+
+    def __init__(
+        self,
+        every: int = 10,  # redraw every `every` steps
+        keys=KEYS,  # (statistic, title) pairs, one panel each
+        extra: dict
+        | None = None,  # name -> list of (step, value) drawn on the first panel (e.g. accuracy)
+    ):
+        self.every, self.keys, self.history, self.extra = (
+            every,
+            tuple(keys),
+            [],
+            extra if extra is not None else {},
+        )
         self._handle, self.fig = None, None
 
     def __call__(self, stats: dict):
         self.history.append(stats)
-        if len(self.history) % self.every == 0: self.draw()
+        if len(self.history) % self.every == 0:
+            self.draw()
 
     def draw(self):
         "Redraw the panels (in a notebook: in place)."
         import matplotlib.pyplot as plt
+
         if self.fig is None:
-            self.fig, self.axes = plt.subplots(1, len(self.keys), figsize=(3.2 * len(self.keys), 2.8))
+            self.fig, self.axes = plt.subplots(
+                1, len(self.keys), figsize=(3.2 * len(self.keys), 2.8)
+            )
             plt.close(self.fig)  # shown through display() only, never twice
         steps = [s.get("ppo/step", i) for i, s in enumerate(self.history)]
         for ax, (key, title) in zip(self.axes, self.keys):
             ax.clear()
             ax.plot(steps, [s.get(key, float("nan")) for s in self.history], lw=1.2)
-            ax.set_title(title, fontsize=10); ax.set_xlabel("PPO step"); ax.grid(alpha=0.3)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("PPO step")
+            ax.grid(alpha=0.3)
         for name, points in self.extra.items():
             if points:
                 xs, ys = zip(*points)
@@ -497,8 +798,11 @@ class PPOPlot:
         self.fig.tight_layout()
         try:
             from IPython.display import display
-            if self._handle is None: self._handle = display(self.fig, display_id=True)
-            else: self._handle.update(self.fig)
+
+            if self._handle is None:
+                self._handle = display(self.fig, display_id=True)
+            else:
+                self._handle.update(self.fig)
         except ImportError:
             pass
         return self.fig
@@ -506,23 +810,50 @@ class PPOPlot:
 # %% ../nbs/11_ppo.ipynb #a70c66dc
 class LetterTokenizer:
     "One id per letter after the four special ids of the course tokenizer: <unk>, <s>, </s>, <pad> = 0, 1, 2, 3."
-    def __init__(self, alphabet: str = "abcdefghijklmnopqrstuvwxyz"):  # the letters, in id order
-        if not isinstance(alphabet, str) or not alphabet or len(set(alphabet)) != len(alphabet):
-            raise ValueError(f"alphabet must be a non-empty string of distinct characters, got {alphabet!r}.")
+
+    def __init__(
+        self, alphabet: str = "abcdefghijklmnopqrstuvwxyz"
+    ):  # the letters, in id order
+        if (
+            not isinstance(alphabet, str)
+            or not alphabet
+            or len(set(alphabet)) != len(alphabet)
+        ):
+            raise ValueError(
+                f"alphabet must be a non-empty string of distinct characters, got {alphabet!r}."
+            )
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 3
         self.specials = ["<unk>", "<s>", "</s>", "<pad>"]
         self.alphabet = alphabet
         self._ids = {c: i + len(self.specials) for i, c in enumerate(alphabet)}
         self.vocab_size = len(self.specials) + len(alphabet)
 
-    def __len__(self): return self.vocab_size
-    def __repr__(self): return f"LetterTokenizer({self.alphabet!r})"
+    def __len__(self):
+        return self.vocab_size
+
+    def __repr__(self):
+        return f"LetterTokenizer({self.alphabet!r})"
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         "One id per character (<unk> for characters outside the alphabet)."
-        return [self.bos_id] * bos + [self._ids.get(c, self.unk_id) for c in text] + [self.eos_id] * eos
+        return (
+            [self.bos_id] * bos
+            + [self._ids.get(c, self.unk_id) for c in text]
+            + [self.eos_id] * eos
+        )
+
     def id_to_piece(self, i: int) -> str:
         i = int(i)
-        return self.specials[i] if i < len(self.specials) else self.alphabet[i - len(self.specials)]
+        return (
+            self.specials[i]
+            if i < len(self.specials)
+            else self.alphabet[i - len(self.specials)]
+        )
+
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         "The text of `ids` (special tokens dropped, or written out with skip_special=False)."
-        return "".join(self.id_to_piece(i) for i in ids if not (skip_special and int(i) < len(self.specials)))
+        return "".join(
+            self.id_to_piece(i)
+            for i in ids
+            if not (skip_special and int(i) < len(self.specials))
+        )

@@ -14,28 +14,42 @@ DESCRIPTIONS = {
     "gpu": "about ten minutes per chapter on a free Colab T4",
 }
 
+
 @dataclass(frozen=True)
 class Profile:
     "A named run size; `pick` chooses the value for this profile."
+
     name: str
+
     def __post_init__(self):
         if self.name not in PROFILES:
-            raise ValueError(f"profile {self.name!r} is not one of {', '.join(PROFILES)}; "
-                             "set TINYLLAMA_PROFILE to ci, cpu or gpu (or leave it unset).")
+            raise ValueError(
+                f"profile {self.name!r} is not one of {', '.join(PROFILES)}; "
+                "set TINYLLAMA_PROFILE to ci, cpu or gpu (or leave it unset)."
+            )
+
     def pick(self, ci, cpu, gpu):
         "The value of `ci`, `cpu` or `gpu` that belongs to this profile."
         return {"ci": ci, "cpu": cpu, "gpu": gpu}[self.name]
+
     @property
-    def description(self) -> str: return DESCRIPTIONS[self.name]
-    def __str__(self): return f"{self.name} ({self.description})"
+    def description(self) -> str:
+        return DESCRIPTIONS[self.name]
+
+    def __str__(self):
+        return f"{self.name} ({self.description})"
+
 
 def default_profile_name() -> str:
     "`gpu` when a CUDA GPU is present, else `cpu`."
     import torch
+
     return "gpu" if torch.cuda.is_available() else "cpu"
 
-def get_profile(name: str | None = None, # ci | cpu | gpu; None reads TINYLLAMA_PROFILE
-               ) -> Profile:
+
+def get_profile(
+    name: str | None = None,  # ci | cpu | gpu; None reads TINYLLAMA_PROFILE
+) -> Profile:
     "The profile that sizes runs: `name`, else $TINYLLAMA_PROFILE, else the default for this machine."
     name = name or os.environ.get("TINYLLAMA_PROFILE") or default_profile_name()
     return Profile(name.strip().lower())

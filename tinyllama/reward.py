@@ -17,24 +17,39 @@ __all__ = ['pad_batch', 'GoldenRewardModel', 'copy_task_words', 'copy_prompts', 
            'pair_accuracy', 'train_reward_model']
 
 # %% ../nbs/10_reward.ipynb #235cf5f1
-def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
-def pad_batch(seqs: Sequence[Sequence[int]],  # token-id lists of any lengths
-              pad_id: int,  # the id written into the padding
-              side: str = "right",  # "right": real tokens first; "left": real tokens last (prompts to generate from)
-             ) -> tuple[torch.Tensor, torch.Tensor]:  # ids (B, T_max) long, mask (B, T_max) long: 1 real, 0 padding
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]],  # token-id lists of any lengths
+    pad_id: int,  # the id written into the padding
+    side: str = "right",  # "right": real tokens first; "left": real tokens last (prompts to generate from)
+) -> tuple[
+    torch.Tensor, torch.Tensor
+]:  # ids (B, T_max) long, mask (B, T_max) long: 1 real, 0 padding
     "Stack token-id lists into one padded batch and its attention mask."
-    if side not in ("left", "right"): raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
     if isinstance(seqs, torch.Tensor) or isinstance(seqs, str):
-        raise ValueError("pad_batch takes a list of token-id lists (one per row), e.g. [[5, 6, 2], [7, 2]].")
+        raise ValueError(
+            "pad_batch takes a list of token-id lists (one per row), e.g. [[5, 6, 2], [7, 2]]."
+        )
     seqs = [[int(t) for t in s] for s in seqs]
-    if not seqs: raise ValueError("there are no sequences to pad: give at least one list of token ids.")
+    if not seqs:
+        raise ValueError(
+            "there are no sequences to pad: give at least one list of token ids."
+        )
     T = max(len(s) for s in seqs)
-    if T == 0: raise ValueError("every sequence is empty: give at least one token in some row.")
+    if T == 0:
+        raise ValueError(
+            "every sequence is empty: give at least one token in some row."
+        )
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)
     for i, s in enumerate(seqs):
-        if not s: continue
+        if not s:
+            continue
         cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
         ids[i, cols] = torch.tensor(s, dtype=torch.long)
         mask[i, cols] = 1
@@ -44,56 +59,99 @@ def pad_batch(seqs: Sequence[Sequence[int]],  # token-id lists of any lengths
 def _as_ids(x, pad_id: int, side: str, what: str) -> torch.Tensor:
     "A (B, T) long tensor from a tensor or a list of token-id lists (padded on `side`)."
     if isinstance(x, torch.Tensor):
-        if x.dim() != 2: raise ValueError(f"{what} must have shape (batch, seq), got {tuple(x.shape)}"
-                                          + (" (for one row use x[None])" if x.dim() == 1 else "") + ".")
-        if x.dtype.is_floating_point or x.dtype == torch.bool: raise ValueError(f"{what} must hold integer token ids, got {x.dtype}.")
+        if x.dim() != 2:
+            raise ValueError(
+                f"{what} must have shape (batch, seq), got {tuple(x.shape)}"
+                + (" (for one row use x[None])" if x.dim() == 1 else "")
+                + "."
+            )
+        if x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise ValueError(f"{what} must hold integer token ids, got {x.dtype}.")
         return x.long()
-    if isinstance(x, (list, tuple)) and x and all(isinstance(r, (list, tuple)) for r in x):
+    if (
+        isinstance(x, (list, tuple))
+        and x
+        and all(isinstance(r, (list, tuple)) for r in x)
+    ):
         return pad_batch(x, pad_id, side)[0]
-    raise ValueError(f"{what} must be a (batch, seq) tensor of token ids or a non-empty list of token-id lists.")
+    raise ValueError(
+        f"{what} must be a (batch, seq) tensor of token ids or a non-empty list of token-id lists."
+    )
+
 
 class GoldenRewardModel:
     "The copy task's reward: +1 at each response position that repeats the prompt (word, then EOS), up to the first mismatch."
-    def __init__(self,
-                 eos_id: int,  # ends the word in the prompt; the response must end with it too
-                 pad_id: int,  # padding: ignored in prompts, never rewarded in responses
-                 bos_id: int | None = None,  # if given, a BOS in the prompt is not part of the word
-                ):
-        for name, v in (("eos_id", eos_id), ("pad_id", pad_id)) + ((("bos_id", bos_id),) if bos_id is not None else ()):
-            if not _is_int(v) or v < 0: raise ValueError(f"{name} must be a non-negative token id, got {v!r}.")
-        if eos_id == pad_id: raise ValueError(f"eos_id and pad_id are both {eos_id}: the copy task needs them distinct, "
-                                              "or a padded response would look like a copied EOS.")
+
+    def __init__(
+        self,
+        eos_id: int,  # ends the word in the prompt; the response must end with it too
+        pad_id: int,  # padding: ignored in prompts, never rewarded in responses
+        bos_id: int
+        | None = None,  # if given, a BOS in the prompt is not part of the word
+    ):
+        for name, v in (("eos_id", eos_id), ("pad_id", pad_id)) + (
+            (("bos_id", bos_id),) if bos_id is not None else ()
+        ):
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{name} must be a non-negative token id, got {v!r}.")
+        if eos_id == pad_id:
+            raise ValueError(
+                f"eos_id and pad_id are both {eos_id}: the copy task needs them distinct, "
+                "or a padded response would look like a copied EOS."
+            )
         self.eos_id, self.pad_id, self.bos_id = eos_id, pad_id, bos_id
 
-    def targets(self, prompt_ids) -> tuple[torch.Tensor, torch.Tensor]:  # target (B, Tp) with -1 past the end, lengths (B,)
+    def targets(
+        self, prompt_ids
+    ) -> tuple[
+        torch.Tensor, torch.Tensor
+    ]:  # target (B, Tp) with -1 past the end, lengths (B,)
         "What each response should be: the prompt without padding (and BOS), i.e. the word's tokens and EOS."
         p = _as_ids(prompt_ids, self.pad_id, "left", "prompt_ids")
         keep = p != self.pad_id
-        if self.bos_id is not None: keep &= p != self.bos_id
+        if self.bos_id is not None:
+            keep &= p != self.bos_id
         n = keep.sum(1)  # (B,)
-        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept tokens first, in their order
-        target = p.gather(1, order).masked_fill(torch.arange(p.shape[1], device=p.device) >= n[:, None], -1)
+        order = torch.argsort(
+            (~keep).to(torch.int8), dim=1, stable=True
+        )  # kept tokens first, in their order
+        target = p.gather(1, order).masked_fill(
+            torch.arange(p.shape[1], device=p.device) >= n[:, None], -1
+        )
         last = target.gather(1, (n - 1).clamp(min=0)[:, None]).squeeze(1)
         bad = ((n < 2) | (last != self.eos_id)).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(f"prompt rows {bad[:5]} are not a word followed by EOS (id {self.eos_id}): a copy-task "
-                             "prompt is the word's tokens and then EOS, with PAD only as padding; make prompts with "
-                             "copy_prompts(words, tokenizer).")
+            raise ValueError(
+                f"prompt rows {bad[:5]} are not a word followed by EOS (id {self.eos_id}): a copy-task "
+                "prompt is the word's tokens and then EOS, with PAD only as padding; make prompts with "
+                "copy_prompts(words, tokenizer)."
+            )
         return target, n
 
-    def rewards(self,
-                prompt_ids,  # (B, Tp) left-padded prompts (word tokens, EOS), or a list of token-id lists
-                response_ids,  # (B, Tr) right-padded responses, or a list of token-id lists
-               ) -> torch.Tensor:  # (B, Tr) float: 1 at each position of the correct prefix, 0 elsewhere
+    def rewards(
+        self,
+        prompt_ids,  # (B, Tp) left-padded prompts (word tokens, EOS), or a list of token-id lists
+        response_ids,  # (B, Tr) right-padded responses, or a list of token-id lists
+    ) -> (
+        torch.Tensor
+    ):  # (B, Tr) float: 1 at each position of the correct prefix, 0 elsewhere
         "Per-token rewards: 1 at response position t if tokens 0..t all equal the target, else 0."
         target, _ = self.targets(prompt_ids)
-        r = _as_ids(response_ids, self.pad_id, "right", "response_ids").to(target.device)
+        r = _as_ids(response_ids, self.pad_id, "right", "response_ids").to(
+            target.device
+        )
         if r.shape[0] != target.shape[0]:
-            raise ValueError(f"{target.shape[0]} prompts but {r.shape[0]} responses: give one response per prompt.")
+            raise ValueError(
+                f"{target.shape[0]} prompts but {r.shape[0]} responses: give one response per prompt."
+            )
         Tp, Tr = target.shape[1], r.shape[1]
         target = F.pad(target, (0, Tr - Tp), value=-1) if Tr > Tp else target[:, :Tr]
-        match = (r == target) & (target >= 0)  # padding never matches: targets hold no PAD
-        return match.long().cumprod(1).float()  # stays 1 until the first mismatch, then 0
+        match = (r == target) & (
+            target >= 0
+        )  # padding never matches: targets hold no PAD
+        return (
+            match.long().cumprod(1).float()
+        )  # stays 1 until the first mismatch, then 0
 
     __call__ = rewards
 
@@ -107,69 +165,102 @@ class GoldenRewardModel:
         return self.score(prompt_ids, response_ids) == n.to(torch.float32)
 
 # %% ../nbs/10_reward.ipynb #1f255dac
-def copy_task_words(n: int,  # training words
-                    seed: int = 0,  # the same seed gives the same words
-                    n_heldout: int = 0,  # further words for evaluation, none of them among the training words
-                    min_len: int = 3,  # shortest word (letters)
-                    max_len: int = 6,  # longest word (letters)
-                    alphabet: str = string.ascii_lowercase,  # letters to draw from
-                   ) -> tuple[list[str], list[str]]:  # (train words, held-out words), all distinct
+def copy_task_words(
+    n: int,  # training words
+    seed: int = 0,  # the same seed gives the same words
+    n_heldout: int = 0,  # further words for evaluation, none of them among the training words
+    min_len: int = 3,  # shortest word (letters)
+    max_len: int = 6,  # longest word (letters)
+    alphabet: str = string.ascii_lowercase,  # letters to draw from
+) -> tuple[list[str], list[str]]:  # (train words, held-out words), all distinct
     "Distinct random letter strings for the copy task, with a held-out set disjoint from the training set."
     for name, v in (("n", n), ("n_heldout", n_heldout)):
-        if not _is_int(v) or v < 0: raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
+        if not _is_int(v) or v < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
     if not (_is_int(min_len) and _is_int(max_len) and 1 <= min_len <= max_len):
-        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len!r}, max_len={max_len!r}.")
-    if not isinstance(alphabet, str) or not alphabet or len(set(alphabet)) != len(alphabet) \
-            or any(c.isspace() for c in alphabet):
-        raise ValueError(f"alphabet must be a non-empty string of distinct, non-space characters, got {alphabet!r}.")
+        raise ValueError(
+            f"need 1 <= min_len <= max_len, got min_len={min_len!r}, max_len={max_len!r}."
+        )
+    if (
+        not isinstance(alphabet, str)
+        or not alphabet
+        or len(set(alphabet)) != len(alphabet)
+        or any(c.isspace() for c in alphabet)
+    ):
+        raise ValueError(
+            f"alphabet must be a non-empty string of distinct, non-space characters, got {alphabet!r}."
+        )
     capacity = sum(len(alphabet) ** k for k in range(min_len, max_len + 1))
     if n + n_heldout > capacity // 2:
-        raise ValueError(f"{n + n_heldout} distinct words of {min_len}-{max_len} letters from {len(alphabet)} letters "
-                         f"are too many (there are only {capacity}); ask for fewer or allow longer words.")
+        raise ValueError(
+            f"{n + n_heldout} distinct words of {min_len}-{max_len} letters from {len(alphabet)} letters "
+            f"are too many (there are only {capacity}); ask for fewer or allow longer words."
+        )
     rng, seen, words = random.Random(seed), set(), []
     while len(words) < n + n_heldout:
         w = "".join(rng.choice(alphabet) for _ in range(rng.randint(min_len, max_len)))
-        if w not in seen: seen.add(w); words.append(w)
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
     return words[:n], words[n:]
 
-def copy_prompts(words: Sequence[str],  # the words to copy
-                 tokenizer,  # a tinyllama Tokenizer (encode, eos_id)
-                 bos: bool = False,  # start each prompt with BOS (GoldenRewardModel(bos_id=...) then ignores it)
-                ) -> list[list[int]]:  # one prompt per word: its tokens followed by EOS (unpadded)
+
+def copy_prompts(
+    words: Sequence[str],  # the words to copy
+    tokenizer,  # a tinyllama Tokenizer (encode, eos_id)
+    bos: bool = False,  # start each prompt with BOS (GoldenRewardModel(bos_id=...) then ignores it)
+) -> list[list[int]]:  # one prompt per word: its tokens followed by EOS (unpadded)
     "Copy-task prompts: each word's tokens followed by EOS."
-    if isinstance(words, str): raise ValueError("words must be a list of strings, not one string; wrap it: [word].")
+    if isinstance(words, str):
+        raise ValueError(
+            "words must be a list of strings, not one string; wrap it: [word]."
+        )
     out = []
     for w in words:
-        if not isinstance(w, str) or not w: raise ValueError(f"every word must be a non-empty string, got {w!r}.")
+        if not isinstance(w, str) or not w:
+            raise ValueError(f"every word must be a non-empty string, got {w!r}.")
         out.append([tokenizer.bos_id] * bos + tokenizer.encode(w) + [tokenizer.eos_id])
     return out
 
 # %% ../nbs/10_reward.ipynb #e5794090
-def bradley_terry_loss(r_chosen: torch.Tensor,  # (N,) scores of the preferred responses
-                       r_rejected: torch.Tensor,  # (N,) scores of the rejected ones
-                      ) -> torch.Tensor:  # scalar
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,  # (N,) scores of the preferred responses
+    r_rejected: torch.Tensor,  # (N,) scores of the rejected ones
+) -> torch.Tensor:  # scalar
     "The Bradley–Terry negative log-likelihood -log σ(r⁺ − r⁻), averaged over pairs."
-    if not isinstance(r_chosen, torch.Tensor) or not isinstance(r_rejected, torch.Tensor):
+    if not isinstance(r_chosen, torch.Tensor) or not isinstance(
+        r_rejected, torch.Tensor
+    ):
         raise ValueError("r_chosen and r_rejected must be tensors of scores.")
     if r_chosen.shape != r_rejected.shape:
-        raise ValueError(f"r_chosen has shape {tuple(r_chosen.shape)} but r_rejected has {tuple(r_rejected.shape)}; "
-                         "there must be one rejected score per chosen score.")
-    if r_chosen.numel() == 0: raise ValueError("no pairs: the loss of an empty batch is undefined.")
+        raise ValueError(
+            f"r_chosen has shape {tuple(r_chosen.shape)} but r_rejected has {tuple(r_rejected.shape)}; "
+            "there must be one rejected score per chosen score."
+        )
+    if r_chosen.numel() == 0:
+        raise ValueError("no pairs: the loss of an empty batch is undefined.")
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 # %% ../nbs/10_reward.ipynb #78c5cc6e
 class RewardModel(nn.Module):
     "A transformer trunk with a scalar head, read at each row's last non-padding token."
-    def __init__(self,
-                 config: LLMConfig,  # the trunk's shape (an LLM's config)
-                 pad_id: int | None = None,  # if given, forward without a mask treats this id as padding
-                ):
+
+    def __init__(
+        self,
+        config: LLMConfig,  # the trunk's shape (an LLM's config)
+        pad_id: int
+        | None = None,  # if given, forward without a mask treats this id as padding
+    ):
         super().__init__()
         if not isinstance(config, LLMConfig):
-            raise ValueError(f"RewardModel expects an LLMConfig, got {type(config).__name__}.")
+            raise ValueError(
+                f"RewardModel expects an LLMConfig, got {type(config).__name__}."
+            )
         self.config, self.pad_id = config, pad_id
         self.trunk = LLM(config)
-        self.trunk.lm_head = nn.Identity()  # no vocabulary projection: the trunk returns its final hidden states
+        self.trunk.lm_head = (
+            nn.Identity()
+        )  # no vocabulary projection: the trunk returns its final hidden states
         # hidden state -> one number. No bias: the Bradley–Terry loss sees only differences of scores,
         # so a constant would get no gradient at all.
         self.score_head = nn.Linear(config.dim_emb, 1, bias=False)
@@ -178,73 +269,118 @@ class RewardModel(nn.Module):
     @classmethod
     def from_llm(cls, llm: LLM, pad_id: int | None = None) -> "RewardModel":
         "A reward model whose trunk starts from a copy of `llm`'s weights (`llm` itself is not touched)."
-        if not isinstance(llm, LLM): raise ValueError(f"from_llm expects an LLM, got {type(llm).__name__}.")
+        if not isinstance(llm, LLM):
+            raise ValueError(f"from_llm expects an LLM, got {type(llm).__name__}.")
         w = llm.embed_tokens.weight
         rm = cls(llm.config, pad_id).to(device=w.device, dtype=w.dtype)
-        rm.trunk.load_state_dict({k: v for k, v in llm.state_dict().items() if not k.startswith("lm_head.")})
+        rm.trunk.load_state_dict(
+            {k: v for k, v in llm.state_dict().items() if not k.startswith("lm_head.")}
+        )
         return rm
 
-    def forward(self,
-                input_ids: torch.Tensor,  # (B, T) token ids, left- or right-padded
-                attention_mask: torch.Tensor | None = None,  # (B, T) 1 real token, 0 padding; default from pad_id
-               ) -> torch.Tensor:  # (B,) one score per row
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) token ids, left- or right-padded
+        attention_mask: torch.Tensor
+        | None = None,  # (B, T) 1 real token, 0 padding; default from pad_id
+    ) -> torch.Tensor:  # (B,) one score per row
         "The score of each row: score_head(hidden state at the row's last real token)."
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a (batch, seq) tensor of token ids"
-                             + (f", got shape {tuple(input_ids.shape)}." if isinstance(input_ids, torch.Tensor) else "."))
+            raise ValueError(
+                "input_ids must be a (batch, seq) tensor of token ids"
+                + (
+                    f", got shape {tuple(input_ids.shape)}."
+                    if isinstance(input_ids, torch.Tensor)
+                    else "."
+                )
+            )
         if attention_mask is None:
-            attention_mask = input_ids != self.pad_id if self.pad_id is not None else torch.ones_like(input_ids)
+            attention_mask = (
+                input_ids != self.pad_id
+                if self.pad_id is not None
+                else torch.ones_like(input_ids)
+            )
         if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                             f"{tuple(input_ids.shape)}; give one mask entry per token.")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                f"{tuple(input_ids.shape)}; give one mask entry per token."
+            )
         mask = attention_mask.bool()
         full = False  # on a GPU the mask is always passed: reading it on the host would stall
         if mask.device.type == "cpu":  # the checks that read the mask are free here
             empty = (~mask.any(1)).nonzero().flatten().tolist()
             if empty:
-                raise ValueError(f"rows {empty[:5]} have no non-padding token (their mask is all zeros), so there is "
-                                 "nothing to score; drop those rows or give each row at least one real token.")
+                raise ValueError(
+                    f"rows {empty[:5]} have no non-padding token (their mask is all zeros), so there is "
+                    "nothing to score; drop those rows or give each row at least one real token."
+                )
             full = bool(mask.all())
-        h = self.trunk(input_ids, attention_mask=None if full else mask.long())  # (B, T, d)
-        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # (B,) index of each row's last real token
-        return self.score_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(-1)
+        h = self.trunk(
+            input_ids, attention_mask=None if full else mask.long()
+        )  # (B, T, d)
+        last = (
+            mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+        )  # (B,) index of each row's last real token
+        return self.score_head(
+            h[torch.arange(h.shape[0], device=h.device), last]
+        ).squeeze(-1)
 
 # %% ../nbs/10_reward.ipynb #6ed05de1
 @dataclass(frozen=True)
 class PreferencePair:
     "One judgement: after `prompt`, the completion `chosen` was preferred to `rejected`."
+
     prompt: str
     chosen: str
     rejected: str
+
     def __post_init__(self):
         for f in ("prompt", "chosen", "rejected"):
             if not isinstance(getattr(self, f), str):
-                raise ValueError(f"PreferencePair.{f} must be a string, got {type(getattr(self, f)).__name__}.")
+                raise ValueError(
+                    f"PreferencePair.{f} must be a string, got {type(getattr(self, f)).__name__}."
+                )
 
-def encode_completion(tokenizer,  # a tinyllama Tokenizer
-                      prompt: str,  # text before the completion
-                      completion: str,  # the text being judged
-                     ) -> list[int]:  # BOS, the tokens of prompt + completion, EOS
+
+def encode_completion(
+    tokenizer,  # a tinyllama Tokenizer
+    prompt: str,  # text before the completion
+    completion: str,  # the text being judged
+) -> list[int]:  # BOS, the tokens of prompt + completion, EOS
     "The tokens a reward model reads for one completion: the whole text framed as in pretraining."
-    return [tokenizer.bos_id] + tokenizer.encode(prompt + completion) + [tokenizer.eos_id]
+    return (
+        [tokenizer.bos_id] + tokenizer.encode(prompt + completion) + [tokenizer.eos_id]
+    )
 
 # %% ../nbs/10_reward.ipynb #b51def1e
-_FIRST_SENTENCE_FIELDS = ("opening", "trait", "animal", "hero")  # the prompt: "Once upon a time, ... named Mia."
+_FIRST_SENTENCE_FIELDS = (
+    "opening",
+    "trait",
+    "animal",
+    "hero",
+)  # the prompt: "Once upon a time, ... named Mia."
+
 
 def split_story(text: str, hero: str) -> tuple[str, str]:
     "(prompt, completion): the story's first sentence (up to the hero's name) and the rest."
     key = f" named {hero}."
     i = text.find(key)
-    if i < 0: raise ValueError(f"the text does not introduce a hero named {hero!r} in its first sentence.")
-    return text[:i + len(key)], text[i + len(key):]
+    if i < 0:
+        raise ValueError(
+            f"the text does not introduce a hero named {hero!r} in its first sentence."
+        )
+    return text[: i + len(key)], text[i + len(key) :]
 
-def story_preference_pairs(n: int,  # number of pairs
-                           seed: int | str = 0,  # the same seed gives the same pairs
-                           world: StoryWorld | None = None,  # default: the default story world
-                           p_matched: float = 0.5,  # share of pairs whose stories differ only from the ending on
-                          ) -> list[PreferencePair]:
+
+def story_preference_pairs(
+    n: int,  # number of pairs
+    seed: int | str = 0,  # the same seed gives the same pairs
+    world: StoryWorld | None = None,  # default: the default story world
+    p_matched: float = 0.5,  # share of pairs whose stories differ only from the ending on
+) -> list[PreferencePair]:
     "Pairs judged by a labeler who prefers stories where the hero ends happy (`Story.ending == 'happy'`)."
-    if not _is_int(n) or n < 0: raise ValueError(f"n must be a non-negative integer, got {n!r}.")
+    if not _is_int(n) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}.")
     if not (isinstance(p_matched, (int, float)) and 0 <= p_matched <= 1):
         raise ValueError(f"p_matched is a probability in [0, 1], got {p_matched!r}.")
     world, rng = world or default_world(), random.Random(seed)
@@ -253,8 +389,11 @@ def story_preference_pairs(n: int,  # number of pairs
         happy = world.sample_story(rng, ending="happy")
         f = happy.fields
         # Both stories open the same way (the prompt); a matched pair also shares everything up to the event.
-        same = _FIRST_SENTENCE_FIELDS + (("home", "colour", "object", "bond", "when", "trip", "place", "event")
-                                         if rng.random() < p_matched else ())
+        same = _FIRST_SENTENCE_FIELDS + (
+            ("home", "colour", "object", "bond", "when", "trip", "place", "event")
+            if rng.random() < p_matched
+            else ()
+        )
         sad = world.sample_story(rng, ending="sad", **{k: f[k] for k in same})
         prompt, chosen = split_story(happy.text, happy.hero)
         _, rejected = split_story(sad.text, sad.hero)
@@ -264,80 +403,124 @@ def story_preference_pairs(n: int,  # number of pairs
 # %% ../nbs/10_reward.ipynb #ea1335b1
 def _encode_pairs(rm, tokenizer, pairs, what="pairs"):
     "Token lists of the chosen and rejected texts; plain-words errors for bad pairs."
-    if isinstance(pairs, PreferencePair) or not isinstance(pairs, (list, tuple)) or not pairs:
+    if (
+        isinstance(pairs, PreferencePair)
+        or not isinstance(pairs, (list, tuple))
+        or not pairs
+    ):
         raise ValueError(f"{what} must be a non-empty list of PreferencePair.")
     chosen, rejected = [], []
     for i, p in enumerate(pairs):
         if not isinstance(p, PreferencePair):
-            raise ValueError(f"{what}[{i}] is a {type(p).__name__}, not a PreferencePair(prompt, chosen, rejected).")
+            raise ValueError(
+                f"{what}[{i}] is a {type(p).__name__}, not a PreferencePair(prompt, chosen, rejected)."
+            )
         for out, text in ((chosen, p.chosen), (rejected, p.rejected)):
             ids = encode_completion(tokenizer, p.prompt, text)
             if len(ids) > rm.config.context_size:
-                raise ValueError(f"{what}[{i}] is {len(ids)} tokens long but the reward model reads at most "
-                                 f"context_size={rm.config.context_size}; shorten it or use a larger context_size.")
+                raise ValueError(
+                    f"{what}[{i}] is {len(ids)} tokens long but the reward model reads at most "
+                    f"context_size={rm.config.context_size}; shorten it or use a larger context_size."
+                )
             out.append(ids)
     return chosen, rejected
 
-def _device_of(model): return next(model.parameters()).device
+
+def _device_of(model):
+    return next(model.parameters()).device
+
 
 @torch.no_grad()
-def score_texts(rm: RewardModel, tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                batch_size: int = 64) -> torch.Tensor:  # (N,) scores on the CPU
+def score_texts(
+    rm: RewardModel,
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int = 64,
+) -> torch.Tensor:  # (N,) scores on the CPU
     "Reward-model scores of `completions` (each after its prompt)."
-    if len(prompts) != len(completions): raise ValueError("give one prompt per completion.")
+    if len(prompts) != len(completions):
+        raise ValueError("give one prompt per completion.")
     was_training, dev = rm.training, _device_of(rm)
     rm.eval()
     seqs = [encode_completion(tokenizer, p, c) for p, c in zip(prompts, completions)]
     out = []
     for i in range(0, len(seqs), batch_size):
-        ids, mask = pad_batch(seqs[i:i + batch_size], tokenizer.pad_id, "right")
+        ids, mask = pad_batch(seqs[i : i + batch_size], tokenizer.pad_id, "right")
         out.append(rm(ids.to(dev), mask.to(dev)).float().cpu())
     rm.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
-def score_pairs(rm: RewardModel, tokenizer, pairs: Sequence[PreferencePair],
-                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:  # (r_chosen (N,), r_rejected (N,))
+
+def score_pairs(
+    rm: RewardModel, tokenizer, pairs: Sequence[PreferencePair], batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:  # (r_chosen (N,), r_rejected (N,))
     "Scores of the chosen and the rejected completion of every pair."
     _encode_pairs(rm, tokenizer, pairs)  # validates
     prompts = [p.prompt for p in pairs]
-    return (score_texts(rm, tokenizer, prompts, [p.chosen for p in pairs], batch_size),
-            score_texts(rm, tokenizer, prompts, [p.rejected for p in pairs], batch_size))
+    return (
+        score_texts(rm, tokenizer, prompts, [p.chosen for p in pairs], batch_size),
+        score_texts(rm, tokenizer, prompts, [p.rejected for p in pairs], batch_size),
+    )
 
-def pair_accuracy(rm: RewardModel, tokenizer, pairs: Sequence[PreferencePair], batch_size: int = 64) -> float:
+
+def pair_accuracy(
+    rm: RewardModel, tokenizer, pairs: Sequence[PreferencePair], batch_size: int = 64
+) -> float:
     "Fraction of pairs whose chosen completion scores higher than the rejected one (a tie counts half)."
     return _agreement(*score_pairs(rm, tokenizer, pairs, batch_size))
 
-def _agreement(rc, rr) -> float: return float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
+
+def _agreement(rc, rr) -> float:
+    return float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
 
 # %% ../nbs/10_reward.ipynb #39f53368
-def train_reward_model(rm: RewardModel,
-                       tokenizer,  # encodes the texts (encode_completion)
-                       pairs: Sequence[PreferencePair],  # training judgements
-                       steps: int = 200,  # optimizer steps
-                       batch_size: int = 16,  # pairs per step
-                       lr: float = 3e-4,  # peak learning rate (AdamW), after a linear warm-up, then cosine to lr/10
-                       weight_decay: float = 0.0,
-                       grad_clip: float = 1.0,  # clip the gradient norm (0: off)
-                       eval_pairs: Sequence[PreferencePair] | None = None,  # held-out pairs for eval_accuracy
-                       eval_every: int = 50,  # steps between evaluations (and at the last step)
-                       seed: int = 0,  # order of the pairs
-                       progress: bool = True,  # show a progress bar
-                       callback: Callable[[dict], None] | None = None,  # called with each step's metrics
-                      ) -> list[dict]:  # one dict per step: step, loss, accuracy, lr (+ eval_loss, eval_accuracy)
+def train_reward_model(
+    rm: RewardModel,
+    tokenizer,  # encodes the texts (encode_completion)
+    pairs: Sequence[PreferencePair],  # training judgements
+    steps: int = 200,  # optimizer steps
+    batch_size: int = 16,  # pairs per step
+    lr: float = 3e-4,  # peak learning rate (AdamW), after a linear warm-up, then cosine to lr/10
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,  # clip the gradient norm (0: off)
+    eval_pairs: Sequence[PreferencePair]
+    | None = None,  # held-out pairs for eval_accuracy
+    eval_every: int = 50,  # steps between evaluations (and at the last step)
+    seed: int = 0,  # order of the pairs
+    progress: bool = True,  # show a progress bar
+    callback: Callable[[dict], None] | None = None,  # called with each step's metrics
+) -> list[
+    dict
+]:  # one dict per step: step, loss, accuracy, lr (+ eval_loss, eval_accuracy)
     "Fit `rm` to preference pairs with the Bradley–Terry loss; returns the metrics of every step."
-    for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("eval_every", eval_every, 1)):
-        if not _is_int(v) or v < lo: raise ValueError(f"{name} must be a positive integer, got {v!r}.")
-    if not (isinstance(lr, (int, float)) and lr > 0): raise ValueError(f"lr must be a positive number, got {lr!r}.")
+    for name, v, lo in (
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("eval_every", eval_every, 1),
+    ):
+        if not _is_int(v) or v < lo:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}.")
     chosen, rejected = _encode_pairs(rm, tokenizer, pairs)
-    if eval_pairs is not None: _encode_pairs(rm, tokenizer, eval_pairs, "eval_pairs")
+    if eval_pairs is not None:
+        _encode_pairs(rm, tokenizer, eval_pairs, "eval_pairs")
     dev, g = _device_of(rm), torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(rm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    opt = torch.optim.AdamW(
+        rm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay
+    )
     warmup = max(1, steps // 10)
-    lr_at = lambda s: lr * (s + 1) / warmup if s < warmup else \
-        lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    lr_at = lambda s: (
+        lr * (s + 1) / warmup
+        if s < warmup
+        else lr
+        * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    )
     order, pos, history = torch.randperm(len(pairs), generator=g), 0, []
     try:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=steps, desc="reward model", disable=not progress)
     except ImportError:
         bar = None
@@ -345,28 +528,53 @@ def train_reward_model(rm: RewardModel,
     for step in range(steps):
         if pos + batch_size > len(order) and pos > 0:  # a new epoch: a new order
             order, pos = torch.randperm(len(pairs), generator=g), 0
-        idx = order[pos:pos + batch_size].tolist(); pos += batch_size
-        ids, mask = pad_batch([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_id, "right")
+        idx = order[pos : pos + batch_size].tolist()
+        pos += batch_size
+        ids, mask = pad_batch(
+            [chosen[i] for i in idx] + [rejected[i] for i in idx],
+            tokenizer.pad_id,
+            "right",
+        )
         r = rm(ids.to(dev), mask.to(dev)).float()
-        rc, rr = r[:len(idx)], r[len(idx):]
+        rc, rr = r[: len(idx)], r[len(idx) :]
         loss = bradley_terry_loss(rc, rr)
-        for group in opt.param_groups: group["lr"] = lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip: torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
         opt.step()
         if not math.isfinite(loss.item()):
-            raise RuntimeError(f"the reward-model loss became {loss.item()} at step {step}; lower lr (now {lr}).")
-        m = dict(step=step + 1, loss=loss.item(), accuracy=_agreement(rc, rr), lr=lr_at(step))
-        if eval_pairs is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            raise RuntimeError(
+                f"the reward-model loss became {loss.item()} at step {step}; lower lr (now {lr})."
+            )
+        m = dict(
+            step=step + 1, loss=loss.item(), accuracy=_agreement(rc, rr), lr=lr_at(step)
+        )
+        if eval_pairs is not None and (
+            (step + 1) % eval_every == 0 or step + 1 == steps
+        ):
             ec, er = score_pairs(rm, tokenizer, eval_pairs)
-            m.update(eval_loss=bradley_terry_loss(ec, er).item(),
-                     eval_accuracy=_agreement(ec, er))
+            m.update(
+                eval_loss=bradley_terry_loss(ec, er).item(),
+                eval_accuracy=_agreement(ec, er),
+            )
             rm.train()
         history.append(m)
-        if callback is not None: callback(m)
+        if callback is not None:
+            callback(m)
         if bar is not None:
-            bar.update(1); bar.set_postfix(loss=f"{m['loss']:.3f}", **({"eval_acc": f"{m['eval_accuracy']:.2f}"} if "eval_accuracy" in m else {}))
-    if bar is not None: bar.close()
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{m['loss']:.3f}",
+                **(
+                    {"eval_acc": f"{m['eval_accuracy']:.2f}"}
+                    if "eval_accuracy" in m
+                    else {}
+                ),
+            )
+    if bar is not None:
+        bar.close()
     rm.eval()
     return history

@@ -10,26 +10,36 @@ from torch import nn
 # %% ../nbs/03_rmsnorm.ipynb #39cc3b6e
 class RMSNorm(nn.Module):
     "Root-mean-square normalisation over the last dimension, with a learned gain `weight`."
-    def __init__(self,
-                 dim: int,  # size of the last dimension of the inputs
-                 eps: float = 1e-5,  # added to the mean square, keeps zero vectors finite
-                ):
+
+    def __init__(
+        self,
+        dim: int,  # size of the last dimension of the inputs
+        eps: float = 1e-5,  # added to the mean square, keeps zero vectors finite
+    ):
         super().__init__()
         if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-            raise ValueError(f"RMSNorm needs a positive integer dim (the size of the last dimension); got {dim!r}.")
+            raise ValueError(
+                f"RMSNorm needs a positive integer dim (the size of the last dimension); got {dim!r}."
+            )
         if not eps >= 0:
             raise ValueError(f"eps must be a non-negative number; got {eps!r}.")
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor,  # (..., dim)
-               ) -> torch.Tensor:  # (..., dim), x's dtype
+    def forward(
+        self,
+        x: torch.Tensor,  # (..., dim)
+    ) -> torch.Tensor:  # (..., dim), x's dtype
         if x.shape[-1:] != (self.dim,):
-            raise ValueError(f"RMSNorm(dim={self.dim}) got an input of shape {tuple(x.shape)}: its last "
-                             f"dimension must be {self.dim}. Normalise the feature dimension, or build "
-                             f"RMSNorm with dim={x.shape[-1] if x.dim() else 'the feature size'}.")
+            raise ValueError(
+                f"RMSNorm(dim={self.dim}) got an input of shape {tuple(x.shape)}: its last "
+                f"dimension must be {self.dim}. Normalise the feature dimension, or build "
+                f"RMSNorm with dim={x.shape[-1] if x.dim() else 'the feature size'}."
+            )
         if not x.is_floating_point():
-            raise ValueError(f"RMSNorm needs a floating-point input; got dtype {x.dtype}. Convert it with .float().")
+            raise ValueError(
+                f"RMSNorm needs a floating-point input; got dtype {x.dtype}. Convert it with .float()."
+            )
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -12,31 +12,41 @@ __all__ = ['rope_frequencies', 'rope_cos_sin', 'rotate_half', 'apply_rotary', 'R
 
 # %% ../nbs/02_rope.ipynb #36a41097
 def _check_head_dim(head_dim) -> None:
-    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 2:
+    if (
+        not isinstance(head_dim, int)
+        or isinstance(head_dim, bool)
+        or head_dim <= 0
+        or head_dim % 2
+    ):
         raise ValueError(
             f"head_dim must be a positive even integer (RoPE rotates the dimensions of a head in pairs); "
-            f"got {head_dim!r}. Choose dim_emb and num_heads so that dim_emb // num_heads is even.")
+            f"got {head_dim!r}. Choose dim_emb and num_heads so that dim_emb // num_heads is even."
+        )
 
 
-def rope_frequencies(head_dim: int,  # dimensions per attention head (even)
-                     theta: float = 10000.0,  # the base b of the frequencies b^(-2i/d)
-                    ) -> torch.Tensor:  # (head_dim//2,) float32 angles per position
+def rope_frequencies(
+    head_dim: int,  # dimensions per attention head (even)
+    theta: float = 10000.0,  # the base b of the frequencies b^(-2i/d)
+) -> torch.Tensor:  # (head_dim//2,) float32 angles per position
     "The inverse frequencies theta^(-2i/head_dim) for i = 0 .. head_dim/2 - 1."
     _check_head_dim(head_dim)
     if not theta > 0:
-        raise ValueError(f"theta must be positive (it is the base of the RoPE frequencies); got {theta!r}.")
+        raise ValueError(
+            f"theta must be positive (it is the base of the RoPE frequencies); got {theta!r}."
+        )
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
 # %% ../nbs/02_rope.ipynb #f7ff7129
-def rope_cos_sin(positions,  # integer positions, any shape (..., T)
-                 head_dim: int,  # dimensions per head (even)
-                 theta: float = 10000.0,  # RoPE base
-                ) -> tuple[torch.Tensor, torch.Tensor]:  # cos, sin: float32 (..., T, head_dim)
+def rope_cos_sin(
+    positions,  # integer positions, any shape (..., T)
+    head_dim: int,  # dimensions per head (even)
+    theta: float = 10000.0,  # RoPE base
+) -> tuple[torch.Tensor, torch.Tensor]:  # cos, sin: float32 (..., T, head_dim)
     "cos and sin of the rotation angles in the rotate-half layout (the half-size angles written twice)."
     positions = torch.as_tensor(positions)
     inv_freq = rope_frequencies(head_dim, theta).to(positions.device)
     angles = positions[..., None].to(torch.float32) * inv_freq  # (..., T, head_dim//2)
-    angles = torch.cat([angles, angles], dim=-1)                # (..., T, head_dim)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, head_dim)
     return angles.cos(), angles.sin()
 
 
@@ -46,30 +56,39 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor,  # (B, H, T, D) queries or keys
-                 cos: torch.Tensor,  # (T, D) or (B, 1, T, D), from rope_cos_sin
-                 sin: torch.Tensor,  # same shape as cos
-                ) -> torch.Tensor:  # x rotated, same shape and dtype
+def apply_rotary(
+    x: torch.Tensor,  # (B, H, T, D) queries or keys
+    cos: torch.Tensor,  # (T, D) or (B, 1, T, D), from rope_cos_sin
+    sin: torch.Tensor,  # same shape as cos
+) -> torch.Tensor:  # x rotated, same shape and dtype
     "Rotate each pair (i, i + D/2) of x by its angle: x*cos + rotate_half(x)*sin, in x's dtype."
     if cos.shape[-1] != x.shape[-1] or sin.shape != cos.shape:
-        raise ValueError(f"cos/sin of shape {tuple(cos.shape)}/{tuple(sin.shape)} do not fit x of shape "
-                         f"{tuple(x.shape)}: their last dimension must equal the head dimension {x.shape[-1]}.")
+        raise ValueError(
+            f"cos/sin of shape {tuple(cos.shape)}/{tuple(sin.shape)} do not fit x of shape "
+            f"{tuple(x.shape)}: their last dimension must equal the head dimension {x.shape[-1]}."
+        )
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 # %% ../nbs/02_rope.ipynb #7363f9f7
 class RotaryPositionalEncoding(nn.Module):
     "Rotary positional embeddings (rotate-half layout) with tables precomputed for 0..context_size-1."
-    def __init__(self,
-                 head_dim: int,  # dimensions per attention head (even)
-                 context_size: int,  # number of positions the tables cover
-                 theta: float = 10000.0,  # RoPE base
-                ):
+
+    def __init__(
+        self,
+        head_dim: int,  # dimensions per attention head (even)
+        context_size: int,  # number of positions the tables cover
+        theta: float = 10000.0,  # RoPE base
+    ):
         super().__init__()
         _check_head_dim(head_dim)
         if not isinstance(context_size, int) or context_size <= 0:
-            raise ValueError(f"context_size must be a positive integer; got {context_size!r}.")
+            raise ValueError(
+                f"context_size must be a positive integer; got {context_size!r}."
+            )
         self.head_dim, self.context_size, self.theta = head_dim, context_size, theta
-        cos, sin = rope_cos_sin(torch.arange(context_size), head_dim, theta)  # (context_size, head_dim)
+        cos, sin = rope_cos_sin(
+            torch.arange(context_size), head_dim, theta
+        )  # (context_size, head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -77,38 +96,54 @@ class RotaryPositionalEncoding(nn.Module):
         return ValueError(
             f"positions {first}..{last} are outside the rotary table, which covers positions "
             f"0..{self.context_size - 1} (context_size={self.context_size}). Shorten the input, or build "
-            f"the model with a larger context_size.")
+            f"the model with a larger context_size."
+        )
 
     def check_positions(self, position_ids: torch.Tensor):
         "Raise a clear error for positions outside the table (read on the CPU only: free there)."
-        if position_ids.device.type != "cpu": return  # on a GPU the read would stall every call
+        if position_ids.device.type != "cpu":
+            return  # on a GPU the read would stall every call
         lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()
-        if lo < 0 or hi >= self.context_size: raise self._too_far(lo, hi)
+        if lo < 0 or hi >= self.context_size:
+            raise self._too_far(lo, hi)
 
-    def forward(self,
-                x: torch.Tensor,  # (B, H, T, head_dim) queries or keys
-                start_pos: int = 0,  # position of x's first token (cached decoding)
-                position_ids: torch.Tensor | None = None,  # (B, T) explicit positions; override start_pos
-                check: bool = True,  # False: the caller checked position_ids' range (LLM.forward does, once)
-               ) -> torch.Tensor:  # (B, H, T, head_dim) rotated, x's dtype
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, H, T, head_dim) queries or keys
+        start_pos: int = 0,  # position of x's first token (cached decoding)
+        position_ids: torch.Tensor
+        | None = None,  # (B, T) explicit positions; override start_pos
+        check: bool = True,  # False: the caller checked position_ids' range (LLM.forward does, once)
+    ) -> torch.Tensor:  # (B, H, T, head_dim) rotated, x's dtype
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
-            raise ValueError(f"expected x of shape (batch, heads, seq, head_dim={self.head_dim}); "
-                             f"got {tuple(x.shape)}.")
+            raise ValueError(
+                f"expected x of shape (batch, heads, seq, head_dim={self.head_dim}); "
+                f"got {tuple(x.shape)}."
+            )
         T = x.shape[2]
         if position_ids is None:
             start_pos = int(start_pos)
             if start_pos < 0 or start_pos + T > self.context_size:
                 raise self._too_far(start_pos, start_pos + T - 1)
-            cos = self.cos[start_pos:start_pos + T]  # (T, D)
-            sin = self.sin[start_pos:start_pos + T]
+            cos = self.cos[start_pos : start_pos + T]  # (T, D)
+            sin = self.sin[start_pos : start_pos + T]
         else:
-            if position_ids.dim() != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, x.shape[0]):
-                raise ValueError(f"position_ids must have shape (batch={x.shape[0]}, seq={T}); "
-                                 f"got {tuple(position_ids.shape)}.")
+            if (
+                position_ids.dim() != 2
+                or position_ids.shape[1] != T
+                or position_ids.shape[0] not in (1, x.shape[0])
+            ):
+                raise ValueError(
+                    f"position_ids must have shape (batch={x.shape[0]}, seq={T}); "
+                    f"got {tuple(position_ids.shape)}."
+                )
             if position_ids.is_floating_point() or position_ids.is_complex():
-                raise ValueError("position_ids must be an integer tensor (token positions).")
+                raise ValueError(
+                    "position_ids must be an integer tensor (token positions)."
+                )
             # The range check reads the ids on the host: only where that is free (the CPU).
-            if check: self.check_positions(position_ids)
+            if check:
+                self.check_positions(position_ids)
             cos = self.cos[position_ids].unsqueeze(1)  # (B, 1, T, D)
             sin = self.sin[position_ids].unsqueeze(1)
         return apply_rotary(x, cos, sin)
@@ -117,19 +152,24 @@ class RotaryPositionalEncoding(nn.Module):
         return f"head_dim={self.head_dim}, context_size={self.context_size}, theta={self.theta}"
 
 # %% ../nbs/02_rope.ipynb #4ef70516
-def interleaved_to_half_permutation(head_dim: int) -> torch.Tensor:  # (head_dim,) indices
+def interleaved_to_half_permutation(
+    head_dim: int,
+) -> torch.Tensor:  # (head_dim,) indices
     "Permutation p of a head's dims with x_half = x_interleaved[..., p]: even dims first, then odd."
     _check_head_dim(head_dim)
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
 
-def apply_rotary_interleaved(x: torch.Tensor,  # (..., T, D) queries or keys, interleaved layout
-                             positions,  # (T,) integer positions
-                             theta: float = 10000.0,  # RoPE base
-                            ) -> torch.Tensor:  # x rotated, same shape and dtype
+def apply_rotary_interleaved(
+    x: torch.Tensor,  # (..., T, D) queries or keys, interleaved layout
+    positions,  # (T,) integer positions
+    theta: float = 10000.0,  # RoPE base
+) -> torch.Tensor:  # x rotated, same shape and dtype
     "RoPE in the interleaved (Meta / RoFormer) layout: pairs (2i, 2i+1) rotate by position * theta_i."
     D = x.shape[-1]
-    angles = torch.as_tensor(positions)[:, None].to(torch.float32) * rope_frequencies(D, theta).to(x.device)
+    angles = torch.as_tensor(positions)[:, None].to(torch.float32) * rope_frequencies(
+        D, theta
+    ).to(x.device)
     c, s = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (T, D//2)
     xe, xo = x[..., 0::2], x[..., 1::2]
     return torch.stack([xe * c - xo * s, xe * s + xo * c], dim=-1).flatten(-2)

@@ -11,8 +11,15 @@ import torch.nn.functional as F
 from .data import Story, StoryWorld, default_world
 from .generate import generate
 from .checkpoint import unwrap_model
-from .train import (NextTokenPredictionDataset, TrainingConfig, TrainResult, PretrainPreset, train,
-                             pretrain_preset, _mix)
+from tinyllama.train import (
+    NextTokenPredictionDataset,
+    TrainingConfig,
+    TrainResult,
+    PretrainPreset,
+    train,
+    pretrain_preset,
+    _mix,
+)
 
 # %% auto #0
 __all__ = ['ROLES', 'IGNORE_INDEX', 'CHAT_TEMPLATE', 'QUESTION_KINDS', 'SFTPreset', 'sft_preset', 'check_messages', 'format_chat',
@@ -26,121 +33,283 @@ __all__ = ['ROLES', 'IGNORE_INDEX', 'CHAT_TEMPLATE', 'QUESTION_KINDS', 'SFTPrese
 @dataclass
 class SFTPreset:
     "The sizes of a profile's SFT run, and of the chapter-07 pretraining it starts from."
+
     pretrain: PretrainPreset  # model and pretraining sizes (tinyllama.train.pretrain takes it)
     train: TrainingConfig  # the fine-tuning run
     n_train_stories: int  # stories that become SFT chats
     n_heldout_stories: int  # held-out stories for the Q/A evaluation
     n_requests: int  # held-out "write a story ..." requests
     write_fraction: float = 0.2  # share of training chats that ask for a story
-    max_questions: int | None = 5  # questions per Q/A chat at most; None: every question the story answers
+    max_questions: int | None = (
+        5  # questions per Q/A chat at most; None: every question the story answers
+    )
     band: tuple = (0.8, 1.0)  # exact-match accuracy after SFT this profile promises
 
-def sft_preset(profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
-              ) -> SFTPreset:
+
+def sft_preset(
+    profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
+) -> SFTPreset:
     "Pretraining and SFT sizes for a profile (the model's context holds a story and its questions)."
     from tinyllama.profiles import Profile, get_profile
+
     P = profile if isinstance(profile, Profile) else get_profile(profile)
     base = pretrain_preset(P)
     model = P.pick(  # with 1024 pieces every name, colour, animal, object and place is one token (stories ~78 tokens)
-        ci=dict(vocab_size=1024, context_size=192, dim_emb=64, num_layers=2, num_heads=4, num_kv_heads=2, ffd_hidden_dim=192),
-        cpu=dict(vocab_size=1024, context_size=256, dim_emb=128, num_layers=4, num_heads=4, num_kv_heads=2, ffd_hidden_dim=384),
-        gpu=dict(vocab_size=1024, context_size=256, dim_emb=256, num_layers=6, num_heads=8, num_kv_heads=4, ffd_hidden_dim=768))
+        ci=dict(
+            vocab_size=1024,
+            context_size=192,
+            dim_emb=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            ffd_hidden_dim=192,
+        ),
+        cpu=dict(
+            vocab_size=1024,
+            context_size=256,
+            dim_emb=128,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            ffd_hidden_dim=384,
+        ),
+        gpu=dict(
+            vocab_size=1024,
+            context_size=256,
+            dim_emb=256,
+            num_layers=6,
+            num_heads=8,
+            num_kv_heads=4,
+            ffd_hidden_dim=768,
+        ),
+    )
     pre_train = P.pick(
-        ci=TrainingConfig(steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=0, eval_batches=2, log_every=10),
-        cpu=TrainingConfig(steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50, eval_every=0, eval_batches=4, log_every=10),
-        gpu=TrainingConfig(steps=2000, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=100, eval_every=500, eval_batches=10, log_every=25))
-    pre = PretrainPreset(model, pre_train, profile=P.name, corpus="story_world",
-                         n_train_stories=P.pick(ci=1500, cpu=6000, gpu=20000), n_heldout_stories=P.pick(ci=20, cpu=200, gpu=500),
-                         num_threads=P.pick(ci=1, cpu=1, gpu=None), band=base.band)  # one thread: a shared CPU
+        ci=TrainingConfig(
+            steps=30,
+            batch_size=8,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=5,
+            eval_every=0,
+            eval_batches=2,
+            log_every=10,
+        ),
+        cpu=TrainingConfig(
+            steps=500,
+            batch_size=16,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=50,
+            eval_every=0,
+            eval_batches=4,
+            log_every=10,
+        ),
+        gpu=TrainingConfig(
+            steps=2000,
+            batch_size=64,
+            lr=2e-3,
+            min_lr=1e-4,
+            warmup_steps=100,
+            eval_every=500,
+            eval_batches=10,
+            log_every=25,
+        ),
+    )
+    pre = PretrainPreset(
+        model,
+        pre_train,
+        profile=P.name,
+        corpus="story_world",
+        n_train_stories=P.pick(ci=1500, cpu=6000, gpu=20000),
+        n_heldout_stories=P.pick(ci=20, cpu=200, gpu=500),
+        num_threads=P.pick(ci=1, cpu=1, gpu=None),
+        band=base.band,
+    )  # one thread: a shared CPU
     sft = P.pick(
-        ci=TrainingConfig(steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=0, eval_batches=2, log_every=5),
-        cpu=TrainingConfig(steps=400, batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=20, eval_every=0, eval_batches=4, log_every=10),
-        gpu=TrainingConfig(steps=1500, batch_size=64, lr=1e-3, min_lr=5e-5, warmup_steps=100, eval_every=250, eval_batches=10, log_every=25))
-    return SFTPreset(pre, sft, n_train_stories=P.pick(ci=300, cpu=8000, gpu=20000),
-                     n_heldout_stories=P.pick(ci=8, cpu=150, gpu=300), n_requests=P.pick(ci=2, cpu=40, gpu=100),
-                     write_fraction=P.pick(ci=0.2, cpu=0.25, gpu=0.2), max_questions=P.pick(ci=5, cpu=None, gpu=None),
-                     band=P.pick(ci=(0.0, 1.0), cpu=(0.35, 1.0), gpu=(0.9, 1.0)))  # cpu: measured 0.64 and 0.68 (0.47 with half the pretraining), not the 0.8 aimed at
+        ci=TrainingConfig(
+            steps=30,
+            batch_size=8,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=5,
+            eval_every=0,
+            eval_batches=2,
+            log_every=5,
+        ),
+        cpu=TrainingConfig(
+            steps=400,
+            batch_size=16,
+            lr=3e-3,
+            min_lr=1e-4,
+            warmup_steps=20,
+            eval_every=0,
+            eval_batches=4,
+            log_every=10,
+        ),
+        gpu=TrainingConfig(
+            steps=1500,
+            batch_size=64,
+            lr=1e-3,
+            min_lr=5e-5,
+            warmup_steps=100,
+            eval_every=250,
+            eval_batches=10,
+            log_every=25,
+        ),
+    )
+    return SFTPreset(
+        pre,
+        sft,
+        n_train_stories=P.pick(ci=300, cpu=8000, gpu=20000),
+        n_heldout_stories=P.pick(ci=8, cpu=150, gpu=300),
+        n_requests=P.pick(ci=2, cpu=40, gpu=100),
+        write_fraction=P.pick(ci=0.2, cpu=0.25, gpu=0.2),
+        max_questions=P.pick(ci=5, cpu=None, gpu=None),
+        band=P.pick(ci=(0.0, 1.0), cpu=(0.35, 1.0), gpu=(0.9, 1.0)),
+    )  # cpu: measured 0.64 and 0.68 (0.47 with half the pretraining), not the 0.8 aimed at
 
 # %% ../nbs/09_sft.ipynb #0ebe04c9
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # the label of a position that adds nothing to the loss (F.cross_entropy's default ignore_index)
 CHAT_TEMPLATE = "<|{role}|>{content}<|end|>"  # one message; a chat is "<s>" + its messages (+ "<|assistant|>" to ask for a reply)
 
-def _role_id(tokenizer, role: str) -> int:
-    return {"system": tokenizer.system_id, "user": tokenizer.user_id, "assistant": tokenizer.assistant_id}[role]
 
-def check_messages(messages: Sequence[dict],  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
-                   add_generation_prompt: bool = False,  # the chat will end by asking the assistant for a reply
-                  ) -> list[dict]:
+def _role_id(tokenizer, role: str) -> int:
+    return {
+        "system": tokenizer.system_id,
+        "user": tokenizer.user_id,
+        "assistant": tokenizer.assistant_id,
+    }[role]
+
+
+def check_messages(
+    messages: Sequence[
+        dict
+    ],  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
+    add_generation_prompt: bool = False,  # the chat will end by asking the assistant for a reply
+) -> list[dict]:
     "Validate a chat: a non-empty list of messages with known roles and non-empty text."
     example = "[{'role': 'user', 'content': 'Who is the hero of the story?'}]"
     if isinstance(messages, (str, dict)) or not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, e.g. {example}; "
-                         f"got {type(messages).__name__}.")
+        raise ValueError(
+            f"messages must be a list of {{'role', 'content'}} dicts, e.g. {example}; "
+            f"got {type(messages).__name__}."
+        )
     if len(messages) == 0:
-        raise ValueError(f"the chat is empty: give at least one message, e.g. {example}.")
+        raise ValueError(
+            f"the chat is empty: give at least one message, e.g. {example}."
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}.")
+            raise ValueError(
+                f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}."
+            )
         if m["role"] not in ROLES:
-            raise ValueError(f"message {i} has role {m['role']!r}; the roles are {', '.join(ROLES)}.")
+            raise ValueError(
+                f"message {i} has role {m['role']!r}; the roles are {', '.join(ROLES)}."
+            )
         if not isinstance(m["content"], str):
-            raise ValueError(f"message {i} ({m['role']}) has content of type {type(m['content']).__name__}; "
-                             "the content must be text.")
+            raise ValueError(
+                f"message {i} ({m['role']}) has content of type {type(m['content']).__name__}; "
+                "the content must be text."
+            )
         if not m["content"].strip():
-            raise ValueError(f"message {i} ({m['role']}) is empty; write some text (a question, an instruction, "
-                             "a story) or leave the message out.")
+            raise ValueError(
+                f"message {i} ({m['role']}) is empty; write some text (a question, an instruction, "
+                "a story) or leave the message out."
+            )
         if m["role"] == "system" and i > 0:
-            raise ValueError(f"message {i} is a system message; a system message may only come first.")
+            raise ValueError(
+                f"message {i} is a system message; a system message may only come first."
+            )
     if add_generation_prompt and messages[-1]["role"] == "assistant":
-        raise ValueError("the chat already ends with the assistant's message; to ask for a reply, end it with a "
-                         "user message.")
+        raise ValueError(
+            "the chat already ends with the assistant's message; to ask for a reply, end it with a "
+            "user message."
+        )
     return list(messages)
 
-def format_chat(messages: Sequence[dict],  # [{"role": ..., "content": ...}, ...]
-                tokenizer,  # a tinyllama Tokenizer (bos_id and the chat-role ids)
-                add_generation_prompt: bool = False,  # end with <|assistant|>: the prompt for a reply
-                max_tokens: int | None = None,  # raise a ValueError if the chat is longer than this
-               ) -> tuple[list[int], list[int]]:  # ids, loss_mask (1 on the assistant's text and its <|end|>)
+
+def format_chat(
+    messages: Sequence[dict],  # [{"role": ..., "content": ...}, ...]
+    tokenizer,  # a tinyllama Tokenizer (bos_id and the chat-role ids)
+    add_generation_prompt: bool = False,  # end with <|assistant|>: the prompt for a reply
+    max_tokens: int | None = None,  # raise a ValueError if the chat is longer than this
+) -> tuple[
+    list[int], list[int]
+]:  # ids, loss_mask (1 on the assistant's text and its <|end|>)
     "Token ids of a chat, `<s><|role|>text<|end|>...`, and the mask of the tokens the assistant wrote."
     messages = check_messages(messages, add_generation_prompt)
     ids, mask = [tokenizer.bos_id], [0]
     for m in messages:
-        text = tokenizer.encode(m["content"])  # allow_special=False: "<|end|>" typed in a message stays plain text
+        text = tokenizer.encode(
+            m["content"]
+        )  # allow_special=False: "<|end|>" typed in a message stays plain text
         a = int(m["role"] == "assistant")
         ids += [_role_id(tokenizer, m["role"])] + text + [tokenizer.end_id]
-        mask += [0] + [a] * len(text) + [a]  # the assistant learns its words and when to stop
+        mask += (
+            [0] + [a] * len(text) + [a]
+        )  # the assistant learns its words and when to stop
     if add_generation_prompt:
-        ids.append(tokenizer.assistant_id); mask.append(0)
+        ids.append(tokenizer.assistant_id)
+        mask.append(0)
     if max_tokens is not None and len(ids) > max_tokens:
-        raise ValueError(f"the chat has {len(ids)} tokens but at most {max_tokens} fit; shorten the messages "
-                         "(a shorter story or question) or start a new chat.")
+        raise ValueError(
+            f"the chat has {len(ids)} tokens but at most {max_tokens} fit; shorten the messages "
+            "(a shorter story or question) or start a new chat."
+        )
     return ids, mask
+
 
 def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
     "The chat as text with its special tokens written out; `encode(..., allow_special=True)` gives `format_chat`'s ids."
     messages = check_messages(messages, add_generation_prompt)
-    return "<s>" + "".join(CHAT_TEMPLATE.format(**m) for m in messages) + "<|assistant|>" * add_generation_prompt
+    return (
+        "<s>"
+        + "".join(CHAT_TEMPLATE.format(**m) for m in messages)
+        + "<|assistant|>" * add_generation_prompt
+    )
 
-def fits_context(chat: Sequence[dict], tokenizer, context_size: int, reply_tokens: int = 0) -> bool:
+
+def fits_context(
+    chat: Sequence[dict], tokenizer, context_size: int, reply_tokens: int = 0
+) -> bool:
     "True when the chat (plus `reply_tokens` more) fits a model of this context size."
     gen = chat[-1]["role"] != "assistant"
     n = len(format_chat(chat, tokenizer, add_generation_prompt=gen)[0])
     return n + reply_tokens - (0 if gen else 1) <= context_size
 
+
 def pretty_chat(messages: Sequence[dict], width: int = 100) -> str:
     "The chat for people to read: one paragraph per message, the role in front."
     import textwrap
+
     out = []
     for m in check_messages(messages):
         head = f"{m['role']:>9}: "
-        lines = [textwrap.fill(p, width, initial_indent=head if i == 0 else " " * len(head),
-                               subsequent_indent=" " * len(head)) for i, p in enumerate(m["content"].split("\n"))]
+        lines = [
+            textwrap.fill(
+                p,
+                width,
+                initial_indent=head if i == 0 else " " * len(head),
+                subsequent_indent=" " * len(head),
+            )
+            for i, p in enumerate(m["content"].split("\n"))
+        ]
         out.append("\n".join(lines))
     return "\n".join(out)
 
 # %% ../nbs/09_sft.ipynb #0c893ee9
-QUESTION_KINDS = ("hero", "animal", "colour", "object", "place", "friend", "feeling", "ending")
+QUESTION_KINDS = (
+    "hero",
+    "animal",
+    "colour",
+    "object",
+    "place",
+    "friend",
+    "feeling",
+    "ending",
+)
 _QUESTIONS = {  # kind: (question template over the story's fields, the field or rule that answers it)
     "hero": "Who is the hero of the story?",
     "animal": "What kind of animal was {hero}?",
@@ -152,27 +321,39 @@ _QUESTIONS = {  # kind: (question template over the story's fields, the field or
     "ending": "Was the ending happy or sad?",
 }
 
-def answer_from_fields(kind: str,  # one of QUESTION_KINDS
-                       fields: dict,  # a story's choices (Story.fields)
-                      ) -> str | None:  # None when the story has no answer to this kind of question
+
+def answer_from_fields(
+    kind: str,  # one of QUESTION_KINDS
+    fields: dict,  # a story's choices (Story.fields)
+) -> str | None:  # None when the story has no answer to this kind of question
     "The one correct answer to a question of this kind, read off the story's derivation."
-    if kind not in _QUESTIONS: raise ValueError(f"unknown question kind {kind!r}; the kinds are {', '.join(QUESTION_KINDS)}.")
+    if kind not in _QUESTIONS:
+        raise ValueError(
+            f"unknown question kind {kind!r}; the kinds are {', '.join(QUESTION_KINDS)}."
+        )
     return fields.get(kind)
+
 
 @dataclass(frozen=True)
 class QAItem:
     "A question about a story with exactly one correct answer."
+
     story: str  # the story text
     question: str
     answer: str
     kind: str  # which question (QUESTION_KINDS)
+
     def messages(self) -> list[dict]:
         "The chat that asks it: the story, a newline, the question."
         return [{"role": "user", "content": f"{self.story}\n{self.question}"}]
 
-def story_questions(story: Story,  # a story of the story world (with its derivation)
-                    kinds: Sequence[str] = QUESTION_KINDS,  # which questions to ask (those the story can answer)
-                   ) -> list[QAItem]:
+
+def story_questions(
+    story: Story,  # a story of the story world (with its derivation)
+    kinds: Sequence[
+        str
+    ] = QUESTION_KINDS,  # which questions to ask (those the story can answer)
+) -> list[QAItem]:
     "Every question of `kinds` that this story answers, each with its one answer."
     f = story.fields
     out = []
@@ -182,15 +363,23 @@ def story_questions(story: Story,  # a story of the story world (with its deriva
             out.append(QAItem(story.text, _QUESTIONS[kind].format(**f), answer, kind))
     return out
 
-def qa_items(stories: Sequence[Story], kinds: Sequence[str] = QUESTION_KINDS) -> list[QAItem]:
+
+def qa_items(
+    stories: Sequence[Story], kinds: Sequence[str] = QUESTION_KINDS
+) -> list[QAItem]:
     "All questions of `kinds` about each story."
     return [q for s in stories for q in story_questions(s, kinds)]
 
 # %% ../nbs/09_sft.ipynb #46e752f4
-def _an(word: str) -> str: return ("an " if word[0] in "aeiou" else "a ") + word
+def _an(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
 
 _REQUESTS = (  # (fields the instruction fixes, how it asks)
-    (("hero", "colour", "object"), "Write a story about {hero} and {a_colour} {object}."),
+    (
+        ("hero", "colour", "object"),
+        "Write a story about {hero} and {a_colour} {object}.",
+    ),
     (("hero", "animal"), "Write a story about {a_animal} named {hero}."),
     (("hero", "place"), "Write a story in which {hero} goes to the {place}."),
     (("colour", "object"), "Write a story about {a_colour} {object}."),
@@ -198,39 +387,52 @@ _REQUESTS = (  # (fields the instruction fixes, how it asks)
     (("hero",), "Write a story about {hero}."),
 )
 
+
 @dataclass(frozen=True)
 class StoryRequest:
     "An instruction to write a story, and the story fields it fixes."
+
     instruction: str  # e.g. "Write a story about Mia and a red kite."
     constraints: tuple  # ((field, value), ...) the story must honour
-    def messages(self) -> list[dict]: return [{"role": "user", "content": self.instruction}]
 
-def story_request(story: Story,  # the story that will answer the request
-                  rng: random.Random,  # chooses which fields the instruction names
-                 ) -> StoryRequest:
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.instruction}]
+
+
+def story_request(
+    story: Story,  # the story that will answer the request
+    rng: random.Random,  # chooses which fields the instruction names
+) -> StoryRequest:
     "An instruction that `story` honours: it names some of the story's fields."
     keys, template = _REQUESTS[rng.randrange(len(_REQUESTS))]
     f = story.fields
     words = {**f, "a_colour": _an(f["colour"]), "a_animal": _an(f["animal"])}
     return StoryRequest(template.format(**words), tuple((k, f[k]) for k in keys))
 
-def follows_request(text: str,  # a story the model wrote
-                    request: StoryRequest,
-                    world: StoryWorld | None = None,
-                   ) -> bool:
+
+def follows_request(
+    text: str,  # a story the model wrote
+    request: StoryRequest,
+    world: StoryWorld | None = None,
+) -> bool:
     "True when `text` is a story of the world (it parses) whose fields are those the request names."
-    try: story = (world or default_world()).parse(text.strip())
-    except ValueError: return False
+    try:
+        story = (world or default_world()).parse(text.strip())
+    except ValueError:
+        return False
     f = story.fields
     return all(f.get(k) == v for k, v in request.constraints)
 
 # %% ../nbs/09_sft.ipynb #8601c409
-def sft_split(n_train: int,  # stories for SFT training
-              n_heldout: int,  # stories for evaluation, none of whose texts is among the training stories
-              seed: int = 0,
-              exclude: Sequence[str] = (),  # more texts the held-out stories must avoid (e.g. the pretraining corpus)
-              world: StoryWorld | None = None,
-             ) -> tuple[list[Story], list[Story]]:
+def sft_split(
+    n_train: int,  # stories for SFT training
+    n_heldout: int,  # stories for evaluation, none of whose texts is among the training stories
+    seed: int = 0,
+    exclude: Sequence[
+        str
+    ] = (),  # more texts the held-out stories must avoid (e.g. the pretraining corpus)
+    world: StoryWorld | None = None,
+) -> tuple[list[Story], list[Story]]:
     "Training and held-out stories from two random streams; a held-out text never occurs among the training ones."
     for name, v in (("n_train", n_train), ("n_heldout", n_heldout)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -239,25 +441,40 @@ def sft_split(n_train: int,  # stories for SFT training
     train_stories = world.sample(n_train, seed=f"{seed}/sft-train")
     seen = {s.text for s in train_stories} | set(getattr(t, "text", t) for t in exclude)
     rng, held = random.Random(f"{seed}/sft-heldout"), []
-    for _ in range(100 * n_heldout + 100):  # a collision is rare (a story carries about 25 nats), so this ends fast
-        if len(held) == n_heldout: break
+    for _ in range(
+        100 * n_heldout + 100
+    ):  # a collision is rare (a story carries about 25 nats), so this ends fast
+        if len(held) == n_heldout:
+            break
         s = world.sample_story(rng)
         if s.text not in seen:
-            held.append(s); seen.add(s.text)
+            held.append(s)
+            seen.add(s.text)
     else:
-        raise ValueError(f"could not find {n_heldout} new stories; the world has too few distinct stories.")
+        raise ValueError(
+            f"could not find {n_heldout} new stories; the world has too few distinct stories."
+        )
     return train_stories, held
 
-def sft_conversations(stories: Sequence[Story],  # training stories
-                      seed: int = 0,
-                      write_fraction: float = 0.2,  # share of stories that become "write a story ..." chats
-                      max_questions: int | None = 5,  # a Q/A chat asks 1..max_questions questions about its story; None: all
-                     ) -> list[list[dict]]:
+
+def sft_conversations(
+    stories: Sequence[Story],  # training stories
+    seed: int = 0,
+    write_fraction: float = 0.2,  # share of stories that become "write a story ..." chats
+    max_questions: int
+    | None = 5,  # a Q/A chat asks 1..max_questions questions about its story; None: all
+) -> list[list[dict]]:
     "Chats for SFT: story-writing requests, and questions about a story (the first turn holds the story)."
-    if not 0 <= write_fraction <= 1: raise ValueError(f"write_fraction must be in [0, 1], got {write_fraction!r}.")
-    if max_questions is not None and (isinstance(max_questions, bool) or not isinstance(max_questions, int)
-                                      or max_questions < 1):
-        raise ValueError(f"max_questions must be a positive integer or None (every question), got {max_questions!r}.")
+    if not 0 <= write_fraction <= 1:
+        raise ValueError(f"write_fraction must be in [0, 1], got {write_fraction!r}.")
+    if max_questions is not None and (
+        isinstance(max_questions, bool)
+        or not isinstance(max_questions, int)
+        or max_questions < 1
+    ):
+        raise ValueError(
+            f"max_questions must be a positive integer or None (every question), got {max_questions!r}."
+        )
     rng, chats = random.Random(f"{seed}/sft-chats"), []
     for s in stories:
         if rng.random() < write_fraction:
@@ -265,60 +482,104 @@ def sft_conversations(stories: Sequence[Story],  # training stories
             chats.append(req.messages() + [{"role": "assistant", "content": s.text}])
         else:
             qs = story_questions(s)
-            n = len(qs) if max_questions is None else min(len(qs), rng.randint(1, max_questions))
-            qs = rng.sample(qs, n)  # a random subset (None: all of them) in random order
+            n = (
+                len(qs)
+                if max_questions is None
+                else min(len(qs), rng.randint(1, max_questions))
+            )
+            qs = rng.sample(
+                qs, n
+            )  # a random subset (None: all of them) in random order
             chat = []
             for i, q in enumerate(qs):
-                chat += q.messages() if i == 0 else [{"role": "user", "content": q.question}]
+                chat += (
+                    q.messages()
+                    if i == 0
+                    else [{"role": "user", "content": q.question}]
+                )
                 chat.append({"role": "assistant", "content": q.answer})
             chats.append(chat)
     return chats
 
 # %% ../nbs/09_sft.ipynb #80f0a0a8
-def masked_labels(ids: Sequence[int],  # token ids of a chat
-                  loss_mask: Sequence[int],  # 1 where the assistant wrote the token
-                 ) -> tuple[list[int], list[int]]:  # inputs ids[:-1], labels: ids[1:] or IGNORE_INDEX
+def masked_labels(
+    ids: Sequence[int],  # token ids of a chat
+    loss_mask: Sequence[int],  # 1 where the assistant wrote the token
+) -> tuple[list[int], list[int]]:  # inputs ids[:-1], labels: ids[1:] or IGNORE_INDEX
     "Next-token inputs and labels where only the assistant's tokens are targets."
-    if len(ids) != len(loss_mask): raise ValueError(f"ids has {len(ids)} tokens but loss_mask has {len(loss_mask)}.")
-    if len(ids) < 2: raise ValueError("a chat needs at least two tokens to predict one.")
-    return list(ids[:-1]), [t if m else IGNORE_INDEX for t, m in zip(ids[1:], loss_mask[1:])]
+    if len(ids) != len(loss_mask):
+        raise ValueError(
+            f"ids has {len(ids)} tokens but loss_mask has {len(loss_mask)}."
+        )
+    if len(ids) < 2:
+        raise ValueError("a chat needs at least two tokens to predict one.")
+    return list(ids[:-1]), [
+        t if m else IGNORE_INDEX for t, m in zip(ids[1:], loss_mask[1:])
+    ]
 
-def sft_loss(logits: torch.Tensor,  # (B, T, V)
-             labels: torch.Tensor,  # (B, T) next-token ids, IGNORE_INDEX where nothing is learned
-            ) -> torch.Tensor:  # scalar: mean cross-entropy over the labelled positions
+
+def sft_loss(
+    logits: torch.Tensor,  # (B, T, V)
+    labels: torch.Tensor,  # (B, T) next-token ids, IGNORE_INDEX where nothing is learned
+) -> torch.Tensor:  # scalar: mean cross-entropy over the labelled positions
     "Cross-entropy averaged over the assistant's tokens only (the loss `train` computes)."
     if not (labels != IGNORE_INDEX).any():
-        raise ValueError("no position has a label: every token is masked, so there is nothing to learn; "
-                         "include at least one assistant message.")
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        raise ValueError(
+            "no position has a label: every token is masked, so there is nothing to learn; "
+            "include at least one assistant message."
+        )
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+    )
+
 
 class SFTDataset(NextTokenPredictionDataset):
     "Chats as (inputs, labels) rows with labels = -100 off the assistant's tokens; `train` can use it as it is."
-    def __init__(self,
-                 conversations: Sequence[Sequence[dict]],  # chats, each a list of messages
-                 tokenizer,
-                 context_size: int | None = None,  # longest row allowed (the model's context_size); None: no limit
-                 seed: int = 0,  # which rows each step's batch takes
-                ):
+
+    def __init__(
+        self,
+        conversations: Sequence[Sequence[dict]],  # chats, each a list of messages
+        tokenizer,
+        context_size: int
+        | None = None,  # longest row allowed (the model's context_size); None: no limit
+        seed: int = 0,  # which rows each step's batch takes
+    ):
         if isinstance(conversations, (str, dict)) or len(conversations) == 0:
-            raise ValueError("conversations must be a non-empty list of chats (each a list of messages).")
-        if isinstance(seed, bool) or not isinstance(seed, int): raise ValueError(f"seed must be an integer, got {seed!r}.")
+            raise ValueError(
+                "conversations must be a non-empty list of chats (each a list of messages)."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
         self.inputs, self.labels = [], []
         for i, chat in enumerate(conversations):
-            try: ids, mask = format_chat(chat, tokenizer)
-            except ValueError as e: raise ValueError(f"chat {i}: {e}") from None
-            if not any(mask): raise ValueError(f"chat {i} has no assistant message, so nothing to learn from it.")
+            try:
+                ids, mask = format_chat(chat, tokenizer)
+            except ValueError as e:
+                raise ValueError(f"chat {i}: {e}") from None
+            if not any(mask):
+                raise ValueError(
+                    f"chat {i} has no assistant message, so nothing to learn from it."
+                )
             if context_size is not None and len(ids) - 1 > context_size:
-                raise ValueError(f"chat {i} has {len(ids)} tokens, more than context_size + 1 = {context_size + 1}; "
-                                 "drop long chats or use a model with a larger context.")
+                raise ValueError(
+                    f"chat {i} has {len(ids)} tokens, more than context_size + 1 = {context_size + 1}; "
+                    "drop long chats or use a model with a larger context."
+                )
             x, y = masked_labels(ids, mask)
-            self.inputs.append(torch.tensor(x)); self.labels.append(torch.tensor(y))
+            self.inputs.append(torch.tensor(x))
+            self.labels.append(torch.tensor(y))
         self.pad_id, self.seed = tokenizer.pad_id, seed
-        self.context_size = max(len(x) for x in self.inputs)  # the longest row (train checks it fits the model)
+        self.context_size = max(
+            len(x) for x in self.inputs
+        )  # the longest row (train checks it fits the model)
         self.num_windows = len(self.inputs)
 
-    def __len__(self): return len(self.inputs)
-    def __repr__(self): return f"SFTDataset({len(self)} chats, longest {self.context_size} tokens, seed={self.seed})"
+    def __len__(self):
+        return len(self.inputs)
+
+    def __repr__(self):
+        return f"SFTDataset({len(self)} chats, longest {self.context_size} tokens, seed={self.seed})"
+
     def __getitem__(self, i: int):
         "Row `i`: (inputs, labels), unpadded."
         return self.inputs[i], self.labels[i]
@@ -329,30 +590,60 @@ class SFTDataset(NextTokenPredictionDataset):
         x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
         for r, i in enumerate(rows):
-            n = len(self.inputs[i]); x[r, :n] = self.inputs[i]; y[r, :n] = self.labels[i]
+            n = len(self.inputs[i])
+            x[r, :n] = self.inputs[i]
+            y[r, :n] = self.labels[i]
         return x, y  # causal attention: a real position never sees the padding after it
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
         "Rows rank::world_size of the global batch of `step` (random chats fixed by (seed, step)), padded."
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}.")
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or batch_size < 1
+        ):
+            raise ValueError(
+                f"batch_size must be a positive integer, got {batch_size!r}."
+            )
+        if not (
+            isinstance(world_size, int)
+            and world_size >= 1
+            and isinstance(rank, int)
+            and 0 <= rank < world_size
+        ):
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}."
+            )
         g = torch.Generator().manual_seed(_mix(self.seed, 5, step))
         rows = torch.randint(0, len(self), (batch_size,), generator=g)[rank::world_size]
         return self.collate(rows.tolist())
 
-def sft_train(model: nn.Module,  # a pretrained LLM
-              data: SFTDataset,  # training chats
-              config: TrainingConfig,  # steps, batch, lr, ... (chapter 07)
-              eval_data: SFTDataset | None = None,  # held-out chats: eval_loss is their assistant-token loss
-              callback=None, stop_event=None, progress: bool = True,
-             ) -> TrainResult:
+
+def sft_train(
+    model: nn.Module,  # a pretrained LLM
+    data: SFTDataset,  # training chats
+    config: TrainingConfig,  # steps, batch, lr, ... (chapter 07)
+    eval_data: SFTDataset
+    | None = None,  # held-out chats: eval_loss is their assistant-token loss
+    callback=None,
+    stop_event=None,
+    progress: bool = True,
+) -> TrainResult:
     "Supervised fine-tuning: chapter 07's `train` on chats, the loss on the assistant's tokens only."
     for name, d in (("data", data), ("eval_data", eval_data)):
         if d is not None and not isinstance(d, SFTDataset):
-            raise ValueError(f"{name} must be an SFTDataset (labels masked to the assistant), got {type(d).__name__}.")
-    return train(model, data, config, eval_data, callback=callback, stop_event=stop_event, progress=progress)
+            raise ValueError(
+                f"{name} must be an SFTDataset (labels masked to the assistant), got {type(d).__name__}."
+            )
+    return train(
+        model,
+        data,
+        config,
+        eval_data,
+        callback=callback,
+        stop_event=stop_event,
+        progress=progress,
+    )
 
 # %% ../nbs/09_sft.ipynb #9f0cf991
 def _reply_prompts(model, tokenizer, chats, max_new_tokens):
@@ -361,40 +652,74 @@ def _reply_prompts(model, tokenizer, chats, max_new_tokens):
     for i, chat in enumerate(chats):
         ids, _ = format_chat(chat, tokenizer, add_generation_prompt=True)
         if len(ids) + max_new_tokens > ctx:
-            raise ValueError(f"chat {i} has {len(ids)} tokens and the reply may take {max_new_tokens} more, but the "
-                             f"model's context_size is {ctx}; shorten the chat (at most {ctx - max_new_tokens} "
-                             "tokens) or ask for fewer new tokens.")
+            raise ValueError(
+                f"chat {i} has {len(ids)} tokens and the reply may take {max_new_tokens} more, but the "
+                f"model's context_size is {ctx}; shorten the chat (at most {ctx - max_new_tokens} "
+                "tokens) or ask for fewer new tokens."
+            )
         prompts.append(ids)
     return prompts
 
-def chat_replies(model: nn.Module,  # an LLM (SFT-trained to follow the template)
-                 tokenizer,
-                 chats: Sequence[Sequence[dict]],  # chats that end with a user message
-                 max_new_tokens: int = 16,  # the reply's length at most (it stops at <|end|>)
-                 temperature: float = 0.0,  # 0: greedy
-                 top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None,
-                 batch_size: int = 32,  # chats decoded together
-                ) -> list[str]:
+
+def chat_replies(
+    model: nn.Module,  # an LLM (SFT-trained to follow the template)
+    tokenizer,
+    chats: Sequence[Sequence[dict]],  # chats that end with a user message
+    max_new_tokens: int = 16,  # the reply's length at most (it stops at <|end|>)
+    temperature: float = 0.0,  # 0: greedy
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    batch_size: int = 32,  # chats decoded together
+) -> list[str]:
     "The assistant's reply to each chat, decoded until <|end|>."
-    if isinstance(chats, (str, dict)) or not isinstance(chats, (list, tuple)) or not chats:
-        raise ValueError("chats must be a non-empty list of chats (each a list of messages).")
+    if (
+        isinstance(chats, (str, dict))
+        or not isinstance(chats, (list, tuple))
+        or not chats
+    ):
+        raise ValueError(
+            "chats must be a non-empty list of chats (each a list of messages)."
+        )
     if chats and isinstance(chats[0], dict):
-        raise ValueError("chats must be a list of chats; for one chat wrap it in a list: [messages].")
+        raise ValueError(
+            "chats must be a list of chats; for one chat wrap it in a list: [messages]."
+        )
     prompts = _reply_prompts(model, tokenizer, chats, max_new_tokens)
     out = []
     for i in range(0, len(prompts), batch_size):
-        new = generate(model, prompts[i:i + batch_size], max_new_tokens, temperature, top_k, top_p,
-                       eos_id=tokenizer.end_id, pad_id=tokenizer.pad_id,
-                       seed=None if seed is None else seed + i)
-        out += [tokenizer.decode([t for t in n if t != tokenizer.end_id]).strip() for n in new]
+        new = generate(
+            model,
+            prompts[i : i + batch_size],
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos_id=tokenizer.end_id,
+            pad_id=tokenizer.pad_id,
+            seed=None if seed is None else seed + i,
+        )
+        out += [
+            tokenizer.decode([t for t in n if t != tokenizer.end_id]).strip()
+            for n in new
+        ]
     return out
 
-def chat_reply(model: nn.Module, tokenizer, messages: Sequence[dict], max_new_tokens: int = 64,
-               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None) -> str:
+
+def chat_reply(
+    model: nn.Module,
+    tokenizer,
+    messages: Sequence[dict],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> str:
     "The assistant's reply to one chat (a list of messages ending with a user message)."
-    return chat_replies(model, tokenizer, [messages], max_new_tokens, temperature, top_k, top_p, seed)[0]
+    return chat_replies(
+        model, tokenizer, [messages], max_new_tokens, temperature, top_k, top_p, seed
+    )[0]
 
 # %% ../nbs/09_sft.ipynb #7122d8c6
 def normalize_answer(text: str) -> str:
@@ -402,81 +727,128 @@ def normalize_answer(text: str) -> str:
     t = text.strip().lower().rstrip(".!?").strip()
     return re.sub(r"^(a|an|the)\s+", "", t)
 
+
 def exact_match(prediction: str, answer: str) -> bool:
     "The prediction is the answer, up to case, spaces, a final full stop and a leading article."
     return normalize_answer(prediction) == normalize_answer(answer)
 
+
 @dataclass
 class QAResult:
     "Exact-match accuracy over questions, overall and per kind of question."
+
     accuracy: float  # share of questions answered exactly
     n: int  # questions asked
     by_kind: dict  # kind -> accuracy
     count_by_kind: dict  # kind -> questions asked
     rows: list  # (QAItem, prediction, correct) for each question
+
     def __str__(self):
         kinds = ", ".join(f"{k} {v:.0%}" for k, v in self.by_kind.items())
         return f"exact match {self.accuracy:.1%} of {self.n} questions ({kinds})"
 
+
 def score_answers(items: Sequence[QAItem], predictions: Sequence[str]) -> QAResult:
     "Exact-match accuracy of `predictions` against the items' answers."
     if len(items) != len(predictions):
-        raise ValueError(f"got {len(predictions)} predictions for {len(items)} questions; give one per question.")
-    if not items: raise ValueError("no questions to score: give at least one QAItem.")
+        raise ValueError(
+            f"got {len(predictions)} predictions for {len(items)} questions; give one per question."
+        )
+    if not items:
+        raise ValueError("no questions to score: give at least one QAItem.")
     rows = [(q, p, exact_match(p, q.answer)) for q, p in zip(items, predictions)]
     kinds = [k for k in QUESTION_KINDS if any(q.kind == k for q in items)]
     count = {k: sum(q.kind == k for q in items) for k in kinds}
     by_kind = {k: sum(ok for q, _, ok in rows if q.kind == k) / count[k] for k in kinds}
-    return QAResult(sum(ok for *_, ok in rows) / len(rows), len(rows), by_kind, count, rows)
+    return QAResult(
+        sum(ok for *_, ok in rows) / len(rows), len(rows), by_kind, count, rows
+    )
 
-def answer_accuracy(model: nn.Module, tokenizer,
-                    qa_items: Sequence[QAItem],  # questions about held-out stories
-                    batch_size: int = 32,
-                    max_new_tokens: int = 8,  # answers are a word or two
-                   ) -> QAResult:
+
+def answer_accuracy(
+    model: nn.Module,
+    tokenizer,
+    qa_items: Sequence[QAItem],  # questions about held-out stories
+    batch_size: int = 32,
+    max_new_tokens: int = 8,  # answers are a word or two
+) -> QAResult:
     "Ask each question (greedy decoding) and score the replies by exact match."
-    if not qa_items: raise ValueError("qa_items is empty: give at least one question (see qa_items(stories)).")
-    preds = chat_replies(model, tokenizer, [q.messages() for q in qa_items], max_new_tokens, 0.0,
-                         batch_size=batch_size)
+    if not qa_items:
+        raise ValueError(
+            "qa_items is empty: give at least one question (see qa_items(stories))."
+        )
+    preds = chat_replies(
+        model,
+        tokenizer,
+        [q.messages() for q in qa_items],
+        max_new_tokens,
+        0.0,
+        batch_size=batch_size,
+    )
     return score_answers(qa_items, preds)
+
 
 @dataclass
 class FollowResult:
     "How often written stories honour their requests."
+
     rate: float  # share of stories that parse and have every requested field
     parse_rate: float  # share of stories the story world can derive at all
     n: int
     rows: list  # (StoryRequest, story text, parses, follows)
-    def __str__(self): return f"followed {self.rate:.1%} of {self.n} requests ({self.parse_rate:.0%} well-formed stories)"
 
-def score_stories(requests: Sequence[StoryRequest], texts: Sequence[str], world: StoryWorld | None = None) -> FollowResult:
+    def __str__(self):
+        return f"followed {self.rate:.1%} of {self.n} requests ({self.parse_rate:.0%} well-formed stories)"
+
+
+def score_stories(
+    requests: Sequence[StoryRequest],
+    texts: Sequence[str],
+    world: StoryWorld | None = None,
+) -> FollowResult:
     "Parse each story and compare its fields with the request."
-    if len(requests) != len(texts): raise ValueError(f"got {len(texts)} stories for {len(requests)} requests.")
-    if not requests: raise ValueError("no requests to score.")
+    if len(requests) != len(texts):
+        raise ValueError(f"got {len(texts)} stories for {len(requests)} requests.")
+    if not requests:
+        raise ValueError("no requests to score.")
     world = world or default_world()
     rows = []
     for r, t in zip(requests, texts):
         parses = bool(world.derivations(t.strip()))
         rows.append((r, t, parses, parses and follows_request(t, r, world)))
     n = len(rows)
-    return FollowResult(sum(r[3] for r in rows) / n, sum(r[2] for r in rows) / n, n, rows)
+    return FollowResult(
+        sum(r[3] for r in rows) / n, sum(r[2] for r in rows) / n, n, rows
+    )
 
-def instruction_following(model: nn.Module, tokenizer, requests: Sequence[StoryRequest],
-                          temperature: float = 0.0,  # 0: greedy
-                          seed: int | None = 0, batch_size: int = 32,
-                          world: StoryWorld | None = None) -> FollowResult:
+
+def instruction_following(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[StoryRequest],
+    temperature: float = 0.0,  # 0: greedy
+    seed: int | None = 0,
+    batch_size: int = 32,
+    world: StoryWorld | None = None,
+) -> FollowResult:
     "Ask for each story and check that what comes back is a story of the world with the requested fields."
-    if not requests: raise ValueError("requests is empty: give at least one StoryRequest.")
+    if not requests:
+        raise ValueError("requests is empty: give at least one StoryRequest.")
     chats = [r.messages() for r in requests]
-    longest = max(len(format_chat(c, tokenizer, add_generation_prompt=True)[0]) for c in chats)
+    longest = max(
+        len(format_chat(c, tokenizer, add_generation_prompt=True)[0]) for c in chats
+    )
     room = unwrap_model(model).config.context_size - longest
-    texts = chat_replies(model, tokenizer, chats, room, temperature, seed=seed, batch_size=batch_size)
+    texts = chat_replies(
+        model, tokenizer, chats, room, temperature, seed=seed, batch_size=batch_size
+    )
     return score_stories(requests, texts, world)
 
 # %% ../nbs/09_sft.ipynb #3e7efdd2
 @dataclass
 class SFTRun:
     "Everything an SFT run made and measured."
+
     model: nn.Module  # the fine-tuned LLM (the model passed in, trained in place)
     tokenizer: object
     result: TrainResult  # the SFT loss history
@@ -490,31 +862,72 @@ class SFTRun:
     n_dropped: int  # training chats too long for the model's context
     wall_s: float = 0.0
 
-def run_sft(model: nn.Module,  # a pretrained LLM (chapter 07), fine-tuned in place
-            tokenizer,  # its tokenizer
-            preset: SFTPreset | str | None = None,  # sizes; a profile name; None: the current profile
-            seed: int = 0,
-            exclude: Sequence[str] = (),  # texts the held-out stories must avoid (e.g. the pretraining stories)
-            evaluate_before: bool = True,  # measure the model before SFT too
-            callback=None, progress: bool = True,
-            **train_overrides,  # TrainingConfig fields to change, e.g. steps=100
-           ) -> SFTRun:
+
+def run_sft(
+    model: nn.Module,  # a pretrained LLM (chapter 07), fine-tuned in place
+    tokenizer,  # its tokenizer
+    preset: SFTPreset
+    | str
+    | None = None,  # sizes; a profile name; None: the current profile
+    seed: int = 0,
+    exclude: Sequence[
+        str
+    ] = (),  # texts the held-out stories must avoid (e.g. the pretraining stories)
+    evaluate_before: bool = True,  # measure the model before SFT too
+    callback=None,
+    progress: bool = True,
+    **train_overrides,  # TrainingConfig fields to change, e.g. steps=100
+) -> SFTRun:
     "Chats from the story world → SFT (loss on the assistant's tokens) → held-out accuracy and instruction following."
     t0 = time.perf_counter()
     preset = preset if isinstance(preset, SFTPreset) else sft_preset(preset)
     ctx = unwrap_model(model).config.context_size
-    train_stories, held = sft_split(preset.n_train_stories, preset.n_heldout_stories + preset.n_requests, seed, exclude)
-    chats = sft_conversations(train_stories, seed, preset.write_fraction, preset.max_questions)
+    train_stories, held = sft_split(
+        preset.n_train_stories,
+        preset.n_heldout_stories + preset.n_requests,
+        seed,
+        exclude,
+    )
+    chats = sft_conversations(
+        train_stories, seed, preset.write_fraction, preset.max_questions
+    )
     kept = [c for c in chats if fits_context(c, tokenizer, ctx)]
-    items = [q for q in qa_items(held[:preset.n_heldout_stories]) if fits_context(q.messages(), tokenizer, ctx, 8)]
+    items = [
+        q
+        for q in qa_items(held[: preset.n_heldout_stories])
+        if fits_context(q.messages(), tokenizer, ctx, 8)
+    ]
     rng = random.Random(f"{seed}/sft-requests")
-    requests = [story_request(s, rng) for s in held[preset.n_heldout_stories:]]
-    if not kept or not items: raise ValueError(f"the model's context_size={ctx} is too small for the chats; use a larger one.")
+    requests = [story_request(s, rng) for s in held[preset.n_heldout_stories :]]
+    if not kept or not items:
+        raise ValueError(
+            f"the model's context_size={ctx} is too small for the chats; use a larger one."
+        )
     before = answer_accuracy(model, tokenizer, items) if evaluate_before else None
-    follow_before = instruction_following(model, tokenizer, requests) if evaluate_before else None
+    follow_before = (
+        instruction_following(model, tokenizer, requests) if evaluate_before else None
+    )
     cfg = TrainingConfig(**{**asdict(preset.train), "seed": seed, **train_overrides})
-    result = sft_train(model, SFTDataset(kept, tokenizer, ctx, seed=seed), cfg, callback=callback, progress=progress)
+    result = sft_train(
+        model,
+        SFTDataset(kept, tokenizer, ctx, seed=seed),
+        cfg,
+        callback=callback,
+        progress=progress,
+    )
     after = answer_accuracy(model, tokenizer, items)
     follow_after = instruction_following(model, tokenizer, requests)
-    return SFTRun(model, tokenizer, result, items, requests, before, after, follow_before, follow_after,
-                  len(kept), len(chats) - len(kept), time.perf_counter() - t0)
+    return SFTRun(
+        model,
+        tokenizer,
+        result,
+        items,
+        requests,
+        before,
+        after,
+        follow_before,
+        follow_after,
+        len(kept),
+        len(chats) - len(kept),
+        time.perf_counter() - t0,
+    )

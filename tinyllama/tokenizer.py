@@ -14,67 +14,115 @@ __all__ = ['CHAT_TOKENS', 'UNK', 'BOS', 'EOS', 'PAD', 'Tokenizer', 'train_tokeni
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 
+
 class Tokenizer:
     "A SentencePiece model with bos/eos/pad and the chat-role tokens; decode(encode(s)) == s."
-    def __init__(self, model_proto: bytes):  # the serialized SentencePiece model (the bytes of a .model file)
+
+    def __init__(
+        self, model_proto: bytes
+    ):  # the serialized SentencePiece model (the bytes of a .model file)
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.model_proto = model_proto
         self.vocab_size = self.sp.get_piece_size()
-        self.unk_id, self.bos_id, self.eos_id, self.pad_id = (self.sp.piece_to_id(p) for p in (UNK, BOS, EOS, PAD))
-        self.special_ids = {p: self.sp.piece_to_id(p) for p in (BOS, EOS, PAD, *CHAT_TOKENS)}
-        if len(set(self.special_ids.values())) != len(self.special_ids) or self.unk_id in self.special_ids.values():
-            raise ValueError("this SentencePiece model lacks tinyllama's special tokens; train one with train_tokenizer.")
-        self.system_id, self.user_id, self.assistant_id, self.end_id = (self.special_ids[p] for p in CHAT_TOKENS)
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = (
+            self.sp.piece_to_id(p) for p in (UNK, BOS, EOS, PAD)
+        )
+        self.special_ids = {
+            p: self.sp.piece_to_id(p) for p in (BOS, EOS, PAD, *CHAT_TOKENS)
+        }
+        if (
+            len(set(self.special_ids.values())) != len(self.special_ids)
+            or self.unk_id in self.special_ids.values()
+        ):
+            raise ValueError(
+                "this SentencePiece model lacks tinyllama's special tokens; train one with train_tokenizer."
+            )
+        self.system_id, self.user_id, self.assistant_id, self.end_id = (
+            self.special_ids[p] for p in CHAT_TOKENS
+        )
         self._id_to_special = {i: p for p, i in self.special_ids.items()}
-        self._special_re = re.compile("(" + "|".join(re.escape(p) for p in self.special_ids) + ")")
+        self._special_re = re.compile(
+            "(" + "|".join(re.escape(p) for p in self.special_ids) + ")"
+        )
 
-    def __len__(self): return self.vocab_size
-    def __repr__(self): return f"Tokenizer(vocab_size={self.vocab_size})"
+    def __len__(self):
+        return self.vocab_size
 
-    def encode(self, text: str,
-               bos: bool = False,  # start with <s>
-               eos: bool = False,  # end with </s>
-               allow_special: bool = False,  # turn "<|user|>", "</s>", ... written in the text into their ids
-              ) -> list[int]:
+    def __repr__(self):
+        return f"Tokenizer(vocab_size={self.vocab_size})"
+
+    def encode(
+        self,
+        text: str,
+        bos: bool = False,  # start with <s>
+        eos: bool = False,  # end with </s>
+        allow_special: bool = False,  # turn "<|user|>", "</s>", ... written in the text into their ids
+    ) -> list[int]:
         "Token ids of `text`."
         if not isinstance(text, str):
-            raise ValueError(f"encode takes a string, got {type(text).__name__}; use encode_batch for a list.")
+            raise ValueError(
+                f"encode takes a string, got {type(text).__name__}; use encode_batch for a list."
+            )
         if allow_special:
             ids = []
-            for i, part in enumerate(self._special_re.split(text)):  # odd parts are the markers
-                if i % 2: ids.append(self.special_ids[part])
-                elif part: ids.extend(self.sp.encode(part))
+            for i, part in enumerate(
+                self._special_re.split(text)
+            ):  # odd parts are the markers
+                if i % 2:
+                    ids.append(self.special_ids[part])
+                elif part:
+                    ids.extend(self.sp.encode(part))
         else:
             ids = self.sp.encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False
+    ) -> list[list[int]]:
         "`encode` of each text."
-        if isinstance(texts, str): raise ValueError("encode_batch takes a list of strings; use encode for one string.")
+        if isinstance(texts, str):
+            raise ValueError(
+                "encode_batch takes a list of strings; use encode for one string."
+            )
         return [self.encode(t, bos, eos) for t in texts]
 
-    def decode(self, ids: Sequence[int],
-               skip_special: bool = True,  # drop bos/eos/pad/chat tokens; False writes them out as text
-              ) -> str:
+    def decode(
+        self,
+        ids: Sequence[int],
+        skip_special: bool = True,  # drop bos/eos/pad/chat tokens; False writes them out as text
+    ) -> str:
         "The text of `ids`."
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad: raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}).")
+        if bad:
+            raise ValueError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})."
+            )
         out, run = [], []
-        for i in ids:  # decode the runs between special tokens separately, as encode wrote them
+        for i in (
+            ids
+        ):  # decode the runs between special tokens separately, as encode wrote them
             if i in self._id_to_special:
-                out.append(self.sp.decode(run)); run = []
-                if not skip_special: out.append(self._id_to_special[i])
-            else: run.append(i)
+                out.append(self.sp.decode(run))
+                run = []
+                if not skip_special:
+                    out.append(self._id_to_special[i])
+            else:
+                run.append(i)
         return "".join(out + [self.sp.decode(run)])
 
-    def decode_batch(self, batch: Sequence[Sequence[int]], skip_special: bool = True) -> list[str]:
+    def decode_batch(
+        self, batch: Sequence[Sequence[int]], skip_special: bool = True
+    ) -> list[str]:
         "`decode` of each row."
         return [self.decode(ids, skip_special) for ids in batch]
 
-    def id_to_piece(self, i: int) -> str: return self.sp.id_to_piece(int(i))
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
     @property
-    def pieces(self) -> list[str]: return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+    def pieces(self) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
 
     def save(self, path) -> Path:
         "Write the model file (a plain SentencePiece .model, which sentencepiece itself can load)."
@@ -88,45 +136,83 @@ class Tokenizer:
         "The tokenizer saved at `path`."
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"no tokenizer file at {path}; train one with train_tokenizer(texts, vocab_size, path).")
-        try: return cls(path.read_bytes())
-        except RuntimeError as e: raise ValueError(f"{path} is not a SentencePiece model file ({e}).") from None
+            raise ValueError(
+                f"no tokenizer file at {path}; train one with train_tokenizer(texts, vocab_size, path)."
+            )
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError as e:
+            raise ValueError(
+                f"{path} is not a SentencePiece model file ({e})."
+            ) from None
 
     from_file = load
 
 # %% ../nbs/01b_tokenizer.ipynb #d3c02aa6
-def train_tokenizer(texts: Iterable[str],  # training texts (stories); each is one SentencePiece "sentence"
-                    vocab_size: int = 512,  # pieces in all, special tokens and the 256 byte pieces included
-                    path=None,  # also save the model file here
-                    model_type: str = "bpe",  # "bpe" or "unigram"
-                    max_texts: int | None = None,  # train on the first max_texts texts only
-                    num_threads: int = 2,
-                   ) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[
+        str
+    ],  # training texts (stories); each is one SentencePiece "sentence"
+    vocab_size: int = 512,  # pieces in all, special tokens and the 256 byte pieces included
+    path=None,  # also save the model file here
+    model_type: str = "bpe",  # "bpe" or "unigram"
+    max_texts: int | None = None,  # train on the first max_texts texts only
+    num_threads: int = 2,
+) -> Tokenizer:
     "Train a SentencePiece tokenizer whose decode(encode(s)) == s."
-    if isinstance(texts, str): raise ValueError("texts must be a list of strings, not one string; wrap it: [text].")
+    if isinstance(texts, str):
+        raise ValueError(
+            "texts must be a list of strings, not one string; wrap it: [text]."
+        )
     texts = list(texts)[:max_texts] if max_texts else list(texts)
-    if not all(isinstance(t, str) for t in texts): raise ValueError("every text must be a string.")
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("every text must be a string.")
     texts = [t for t in texts if t]
-    if not texts: raise ValueError("the corpus is empty: pass a non-empty list of non-empty strings.")
+    if not texts:
+        raise ValueError(
+            "the corpus is empty: pass a non-empty list of non-empty strings."
+        )
     n_fixed = 4 + len(CHAT_TOKENS) + 256
     n_chars = len(set().union(*map(set, texts)) - {" "}) + 1  # + "▁", the space piece
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < n_fixed + n_chars:
-        raise ValueError(f"vocab_size={vocab_size!r} is too small: the special tokens, the 256 byte pieces and the "
-                         f"{n_chars} characters of this corpus take {n_fixed + n_chars}; use a larger vocab_size.")
+    if (
+        isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, int)
+        or vocab_size < n_fixed + n_chars
+    ):
+        raise ValueError(
+            f"vocab_size={vocab_size!r} is too small: the special tokens, the 256 byte pieces and the "
+            f"{n_chars} characters of this corpus take {n_fixed + n_chars}; use a larger vocab_size."
+        )
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=list(CHAT_TOKENS),
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            control_symbols=list(CHAT_TOKENS),
             byte_fallback=True,  # unknown characters become bytes: every string encodes
-            normalization_rule_name="identity", remove_extra_whitespaces=False,  # keep the text exactly
-            split_digits=True, character_coverage=1.0, max_sentence_length=1 << 16,
-            num_threads=num_threads, minloglevel=2)
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,  # keep the text exactly
+            split_digits=True,
+            character_coverage=1.0,
+            max_sentence_length=1 << 16,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
     except RuntimeError as e:
         m = re.search(r"value <= (\d+)", str(e))
-        if m: raise ValueError(f"vocab_size={vocab_size} is more than this corpus can fill (at most {m.group(1)} "
-                               "pieces); use a smaller vocab_size or more text.") from None
+        if m:
+            raise ValueError(
+                f"vocab_size={vocab_size} is more than this corpus can fill (at most {m.group(1)} "
+                "pieces); use a smaller vocab_size or more text."
+            ) from None
         raise ValueError(f"SentencePiece could not train on this corpus: {e}") from None
     tok = Tokenizer(model.getvalue())
-    if path is not None: tok.save(path)
+    if path is not None:
+        tok.save(path)
     return tok

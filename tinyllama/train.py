@@ -13,7 +13,14 @@ from .model import LLM, LLMConfig
 from .rmsnorm import RMSNorm
 from .device import get_device, autocast_dtype
 from .data import Estimate, mean_ci
-from .checkpoint import save_checkpoint, load_checkpoint, has_checkpoint, unwrap_model, set_rng_state, CheckpointError
+from tinyllama.checkpoint import (
+    save_checkpoint,
+    load_checkpoint,
+    has_checkpoint,
+    unwrap_model,
+    set_rng_state,
+    CheckpointError,
+)
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'METRICS_FILE', 'tokenize_stories', 'NextTokenPredictionDataset', 'heldout_split', 'TrainingConfig',
@@ -24,19 +31,27 @@ __all__ = ['PRECISIONS', 'METRICS_FILE', 'tokenize_stories', 'NextTokenPredictio
 
 # %% ../nbs/07_pretraining.ipynb #2b0cff22
 def _texts(stories) -> list[str]:
-    if isinstance(stories, str): raise ValueError("pass a list of stories, not one string; wrap it: [text].")
+    if isinstance(stories, str):
+        raise ValueError("pass a list of stories, not one string; wrap it: [text].")
     texts = [getattr(s, "text", s) for s in stories]
     bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
-    if bad: raise ValueError(f"stories must be strings (or Story objects with .text), got {bad[0]}.")
-    if not texts: raise ValueError("no stories given: pass a non-empty list.")
+    if bad:
+        raise ValueError(
+            f"stories must be strings (or Story objects with .text), got {bad[0]}."
+        )
+    if not texts:
+        raise ValueError("no stories given: pass a non-empty list.")
     return texts
 
-def tokenize_stories(texts: Sequence,  # stories: strings or Story objects
-                     tokenizer,  # a tinyllama Tokenizer (bos_id, eos_id)
-                    ) -> torch.Tensor:  # (N,) int64: BOS story EOS BOS story EOS ...
+
+def tokenize_stories(
+    texts: Sequence,  # stories: strings or Story objects
+    tokenizer,  # a tinyllama Tokenizer (bos_id, eos_id)
+) -> torch.Tensor:  # (N,) int64: BOS story EOS BOS story EOS ...
     "One stream of token ids: every story between BOS and EOS, one after another."
     ids = []
-    for ids_one in tokenizer.encode_batch(_texts(texts), bos=True, eos=True): ids.extend(ids_one)
+    for ids_one in tokenizer.encode_batch(_texts(texts), bos=True, eos=True):
+        ids.extend(ids_one)
     return torch.tensor(ids, dtype=torch.long)
 
 # %% ../nbs/07_pretraining.ipynb #433ead86
@@ -44,34 +59,58 @@ def _mix(*xs: int) -> int:
     "A 63-bit seed from integers (splitmix64-style), so (seed, step) pairs give unrelated streams."
     h = 0x9E3779B97F4A7C15
     for x in xs:
-        h = (h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (
+            h ^ (int(x) & 0xFFFFFFFFFFFFFFFF)
+        ) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
 
+
 class NextTokenPredictionDataset(torch.utils.data.Dataset):
     "Random windows of context_size + 1 tokens from a token stream: x = w[:-1], y = w[1:]."
-    def __init__(self,
-                 tokens,  # 1-D token stream (tensor or list of ints), e.g. from tokenize_stories
-                 context_size: int,  # T: tokens the model sees per row
-                 seed: int = 0,  # the windows are a function of (seed, index) / (seed, step)
-                ):
-        if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size < 1:
-            raise ValueError(f"context_size must be a positive integer, got {context_size!r}.")
+
+    def __init__(
+        self,
+        tokens,  # 1-D token stream (tensor or list of ints), e.g. from tokenize_stories
+        context_size: int,  # T: tokens the model sees per row
+        seed: int = 0,  # the windows are a function of (seed, index) / (seed, step)
+    ):
+        if (
+            isinstance(context_size, bool)
+            or not isinstance(context_size, int)
+            or context_size < 1
+        ):
+            raise ValueError(
+                f"context_size must be a positive integer, got {context_size!r}."
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
         tokens = torch.as_tensor(tokens)
-        if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be a 1-D stream of integer ids, got dtype {tokens.dtype} and shape "
-                             f"{tuple(tokens.shape)}; build one with tokenize_stories(texts, tokenizer).")
+        if (
+            tokens.dim() != 1
+            or tokens.dtype.is_floating_point
+            or tokens.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"tokens must be a 1-D stream of integer ids, got dtype {tokens.dtype} and shape "
+                f"{tuple(tokens.shape)}; build one with tokenize_stories(texts, tokenizer)."
+            )
         if len(tokens) < context_size + 1:
-            raise ValueError(f"the token stream has {len(tokens)} tokens but one window needs context_size + 1 = "
-                             f"{context_size + 1}; give more text or use a smaller context_size.")
+            raise ValueError(
+                f"the token stream has {len(tokens)} tokens but one window needs context_size + 1 = "
+                f"{context_size + 1}; give more text or use a smaller context_size."
+            )
         self.tokens, self.context_size, self.seed = tokens.long(), context_size, seed
         self.num_windows = len(tokens) - context_size  # distinct start positions
 
-    def __len__(self): return self.num_windows
-    def __repr__(self): return (f"NextTokenPredictionDataset({len(self.tokens):,} tokens, context_size="
-                                f"{self.context_size}, seed={self.seed})")
+    def __len__(self):
+        return self.num_windows
+
+    def __repr__(self):
+        return (
+            f"NextTokenPredictionDataset({len(self.tokens):,} tokens, context_size="
+            f"{self.context_size}, seed={self.seed})"
+        )
 
     def _window(self, starts: torch.Tensor):
         idx = starts[:, None] + torch.arange(self.context_size + 1)  # (B, T + 1)
@@ -80,63 +119,93 @@ class NextTokenPredictionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         "Window number `i`: (x, y), each (context_size,), a random start fixed by (seed, i)."
-        if not -len(self) <= i < len(self): raise IndexError(f"index {i} out of range for {len(self)} windows.")
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} windows.")
         g = torch.Generator().manual_seed(_mix(self.seed, 1, i % len(self)))
         x, y = self._window(torch.randint(0, self.num_windows, (1,), generator=g))
         return x[0], y[0]
 
-    def batch(self,
-              step: int,  # optimizer step: the global batch depends only on (seed, step)
-              batch_size: int,  # rows in the global batch
-              rank: int = 0,  # this process's rank under DDP
-              world_size: int = 1,  # processes sharing the global batch
-             ):
+    def batch(
+        self,
+        step: int,  # optimizer step: the global batch depends only on (seed, step)
+        batch_size: int,  # rows in the global batch
+        rank: int = 0,  # this process's rank under DDP
+        world_size: int = 1,  # processes sharing the global batch
+    ):
         "The rows rank::world_size of the global batch of `step`: (x, y), each (batch_size // world_size, T)."
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}.")
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or batch_size < 1
+        ):
+            raise ValueError(
+                f"batch_size must be a positive integer, got {batch_size!r}."
+            )
+        if not (
+            isinstance(world_size, int)
+            and world_size >= 1
+            and isinstance(rank, int)
+            and 0 <= rank < world_size
+        ):
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}."
+            )
         if batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} is not divisible by world_size={world_size}; every process "
-                             "must get the same number of rows.")
+            raise ValueError(
+                f"batch_size={batch_size} is not divisible by world_size={world_size}; every process "
+                "must get the same number of rows."
+            )
         g = torch.Generator().manual_seed(_mix(self.seed, 2, step))
         starts = torch.randint(0, self.num_windows, (batch_size,), generator=g)
         return self._window(starts[rank::world_size])
 
 # %% ../nbs/07_pretraining.ipynb #5113b8c2
-def heldout_split(tokens,  # 1-D token stream
-                  fraction: float = 0.1,  # share of the tokens kept out of training
-                  bos_id: int | None = None,  # cut at a BOS so no story is split between the two parts
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def heldout_split(
+    tokens,  # 1-D token stream
+    fraction: float = 0.1,  # share of the tokens kept out of training
+    bos_id: int
+    | None = None,  # cut at a BOS so no story is split between the two parts
+) -> tuple[torch.Tensor, torch.Tensor]:
     "Split a token stream into (train, held-out); the held-out part is the end of the stream."
     tokens = torch.as_tensor(tokens)
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
-        raise ValueError(f"fraction must be between 0 and 1 (e.g. 0.1), got {fraction!r}.")
+        raise ValueError(
+            f"fraction must be between 0 and 1 (e.g. 0.1), got {fraction!r}."
+        )
     cut = int(round(len(tokens) * (1 - fraction)))
     if bos_id is not None:
-        starts = (tokens[:cut + 1] == bos_id).nonzero().flatten()
+        starts = (tokens[: cut + 1] == bos_id).nonzero().flatten()
         if len(starts) == 0 or starts[-1] == 0:
-            raise ValueError("no story boundary (BOS) before the cut point: give more stories or a larger fraction.")
+            raise ValueError(
+                "no story boundary (BOS) before the cut point: give more stories or a larger fraction."
+            )
         cut = int(starts[-1])
-    if cut < 1 or cut >= len(tokens): raise ValueError(f"the stream of {len(tokens)} tokens is too short to split.")
+    if cut < 1 or cut >= len(tokens):
+        raise ValueError(f"the stream of {len(tokens)} tokens is too short to split.")
     return tokens[:cut], tokens[cut:]
 
 # %% ../nbs/07_pretraining.ipynb #b9f4d695
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
+
 @dataclass
 class TrainingConfig:
     "How to train: steps, batch, optimizer, schedule, precision, logging and checkpoints."
+
     steps: int = 1000  # optimizer steps
     batch_size: int = 32  # rows per optimizer step (the global batch, all processes and micro-batches together)
     lr: float = 1e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-4  # the cosine ends here at the last step
     warmup_steps: int = 100  # linear warmup from lr / warmup_steps to lr
-    weight_decay: float = 0.1  # AdamW decay of the weight matrices (not of norms and embeddings)
+    weight_decay: float = (
+        0.1  # AdamW decay of the weight matrices (not of norms and embeddings)
+    )
     beta1: float = 0.9  # AdamW momentum
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (each batch_size // grad_accum_steps rows)
+    grad_accum_steps: int = (
+        1  # micro-batches per optimizer step (each batch_size // grad_accum_steps rows)
+    )
     eval_every: int = 100  # held-out loss every this many steps (0 = only at the end)
     eval_batches: int = 10  # batches per held-out evaluation
     precision: str = "auto"  # "auto" (bf16 where supported, fp16 + GradScaler on older GPUs, fp32 on CPU), "fp32", "bf16", "fp16"
@@ -144,41 +213,76 @@ class TrainingConfig:
     device: str | None = None  # None = get_device()
     seed: int = 0  # model-independent randomness: data order, dropout
     log_every: int = 10  # metrics (and the callback) every this many steps
-    checkpoint_every: int = 0  # save every this many steps (0 = only at the end); needs out_dir
+    checkpoint_every: int = (
+        0  # save every this many steps (0 = only at the end); needs out_dir
+    )
     out_dir: str | None = None  # checkpoint and metrics.jsonl go here (None = no files)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum_steps", "eval_batches", "log_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum_steps",
+            "eval_batches",
+            "log_every",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainingConfig.{name} must be a positive integer, got {v!r}.")
+                raise ValueError(
+                    f"TrainingConfig.{name} must be a positive integer, got {v!r}."
+                )
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"TrainingConfig.{name} must be a non-negative integer, got {v!r}.")
+                raise ValueError(
+                    f"TrainingConfig.{name} must be a non-negative integer, got {v!r}."
+                )
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ValueError(f"TrainingConfig.{name} must be a finite number >= 0, got {v!r}.")
-        if self.lr <= 0: raise ValueError(f"TrainingConfig.lr must be positive, got {self.lr!r} (try 1e-3).")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not 0 <= v < math.inf
+            ):
+                raise ValueError(
+                    f"TrainingConfig.{name} must be a finite number >= 0, got {v!r}."
+                )
+        if self.lr <= 0:
+            raise ValueError(
+                f"TrainingConfig.lr must be positive, got {self.lr!r} (try 1e-3)."
+            )
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}: the cosine decays from lr down to min_lr.")
+            raise ValueError(
+                f"min_lr={self.min_lr} is above lr={self.lr}: the cosine decays from lr down to min_lr."
+            )
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-                raise ValueError(f"TrainingConfig.{name} must be in [0, 1), got {v!r} (typical: 0.9 and 0.95).")
+                raise ValueError(
+                    f"TrainingConfig.{name} must be in [0, 1), got {v!r} (typical: 0.9 and 0.95)."
+                )
         if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} is more than steps={self.steps}; use fewer warmup steps.")
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} is more than steps={self.steps}; use fewer warmup steps."
+            )
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum_steps="
-                             f"{self.grad_accum_steps}; every micro-batch must have the same number of rows.")
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by grad_accum_steps="
+                f"{self.grad_accum_steps}; every micro-batch must have the same number of rows."
+            )
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
-        if not isinstance(self.compile, bool): raise ValueError(f"compile must be True or False, got {self.compile!r}.")
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."
+            )
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}.")
         if self.device is not None:
             self.device = str(self.device)
-            get_device(self.device)  # raises a clear ValueError if the device is not there
-        if self.out_dir is not None: self.out_dir = str(self.out_dir)
+            get_device(
+                self.device
+            )  # raises a clear ValueError if the device is not there
+        if self.out_dir is not None:
+            self.out_dir = str(self.out_dir)
 
     @property
     def micro_batch_size(self) -> int:
@@ -186,18 +290,29 @@ class TrainingConfig:
         return self.batch_size // self.grad_accum_steps
 
 # %% ../nbs/07_pretraining.ipynb #b4e43e7e
-def lr_at(step: int,  # optimizer steps done before this one (0 for the first step)
-          lr: float, min_lr: float, warmup_steps: int, steps: int) -> float:
+def lr_at(
+    step: int,  # optimizer steps done before this one (0 for the first step)
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    steps: int,
+) -> float:
     "Linear warmup to `lr` over `warmup_steps`, then cosine decay reaching `min_lr` at the last step."
-    if step < warmup_steps: return lr * (step + 1) / warmup_steps
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
     span = steps - 1 - warmup_steps
-    if span <= 0: return lr  # no room to decay
+    if span <= 0:
+        return lr  # no room to decay
     progress = min((step - warmup_steps) / span, 1.0)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
+
 def lr_schedule(config: TrainingConfig) -> list[float]:
     "The learning rate of every step of a run."
-    return [lr_at(s, config.lr, config.min_lr, config.warmup_steps, config.steps) for s in range(config.steps)]
+    return [
+        lr_at(s, config.lr, config.min_lr, config.warmup_steps, config.steps)
+        for s in range(config.steps)
+    ]
 
 # %% ../nbs/07_pretraining.ipynb #cbebd52f
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -205,76 +320,125 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay, seen = [], [], set()
     for module in unwrap_model(model).modules():
         for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen: continue
+            if not p.requires_grad or id(p) in seen:
+                continue
             seen.add(id(p))
-            skip = isinstance(module, (nn.Embedding, RMSNorm, nn.LayerNorm)) or name == "bias" or p.dim() < 2
+            skip = (
+                isinstance(module, (nn.Embedding, RMSNorm, nn.LayerNorm))
+                or name == "bias"
+                or p.dim() < 2
+            )
             (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
 
 def make_optimizer(model: nn.Module, config: TrainingConfig):
     "AdamW on `param_groups` and its warmup + cosine scheduler (LambdaLR, stepped once per optimizer step)."
     device = next(unwrap_model(model).parameters()).device
-    opt = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2),
-                            fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(
+        param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        fused=device.type == "cuda" or None,
+    )
     c = config
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, c.lr, c.min_lr, c.warmup_steps, c.steps) / c.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_at(s, c.lr, c.min_lr, c.warmup_steps, c.steps) / c.lr
+    )
     return opt, sched
 
 # %% ../nbs/07_pretraining.ipynb #98948ce0
 def _torch_version() -> tuple[int, int]:
     return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
+
 def resolve_precision(precision: str, device) -> torch.dtype:
     "The compute dtype of a run: 'auto' asks tinyllama.device.autocast_dtype."
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
-    if precision == "auto": return autocast_dtype(device)
-    if precision in ("fp16", "bf16") and torch.device(device).type == "mps" \
-            and _torch_version() < (2, 7):
-        raise ValueError(f"precision={precision!r} on Apple's MPS needs torch 2.7 or newer "
-                         f"(this is {torch.__version__}: its MPS autocast or gradient scaler "
-                         "fails); use precision='auto' or 'fp32', or upgrade torch.")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        raise ValueError(
+            f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}."
+        )
+    if precision == "auto":
+        return autocast_dtype(device)
+    if (
+        precision in ("fp16", "bf16")
+        and torch.device(device).type == "mps"
+        and _torch_version() < (2, 7)
+    ):
+        raise ValueError(
+            f"precision={precision!r} on Apple's MPS needs torch 2.7 or newer "
+            f"(this is {torch.__version__}: its MPS autocast or gradient scaler "
+            "fails); use precision='auto' or 'fp32', or upgrade torch."
+        )
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        precision
+    ]
 
 # %% ../nbs/07_pretraining.ipynb #fd4cec6b
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite; training stopped and the last good checkpoint is kept."
 
+
 @dataclass
 class TrainResult:
     "What `train` returns."
+
     history: list  # metric dicts, one per log/eval (also in out_dir/metrics.jsonl)
     stopped_early: bool  # stop_event ended the run before config.steps
     steps_done: int  # optimizer steps completed (counting those before a resume)
     out_dir: str | None  # where the checkpoint is
     wall_s: float = 0.0  # seconds this call ran
     tokens_per_s: float = 0.0  # training tokens per second over this call
+
     @property
-    def final_loss(self): return next((h["loss"] for h in reversed(self.history) if "loss" in h), None)
+    def final_loss(self):
+        return next((h["loss"] for h in reversed(self.history) if "loss" in h), None)
+
     @property
-    def final_eval_loss(self): return next((h["eval_loss"] for h in reversed(self.history) if "eval_loss" in h), None)
-    def losses(self) -> list[float]: return [h["loss"] for h in self.history if "loss" in h]
+    def final_eval_loss(self):
+        return next(
+            (h["eval_loss"] for h in reversed(self.history) if "eval_loss" in h), None
+        )
+
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history if "loss" in h]
 
 # %% ../nbs/07_pretraining.ipynb #d6024262
 def _dist_env() -> tuple[int, int, int]:
     "(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) otherwise."
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
+
 
 def setup_distributed(device: torch.device) -> tuple[int, int, bool]:
     "Join torchrun's process group (gloo on CPU, nccl on CUDA); returns (rank, world_size, created)."
     import torch.distributed as dist
+
     rank, local_rank, world = _dist_env()
-    if world == 1: return 0, 1, False
-    if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), False
-    if device.type == "cuda": torch.cuda.set_device(local_rank)
+    if world == 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), True
 
 # %% ../nbs/07_pretraining.ipynb #121f811a
 @torch.no_grad()
-def evaluate(model: nn.Module, data: NextTokenPredictionDataset, batches: int, batch_size: int,
-             amp_dtype: torch.dtype = torch.float32) -> float:
+def evaluate(
+    model: nn.Module,
+    data: NextTokenPredictionDataset,
+    batches: int,
+    batch_size: int,
+    amp_dtype: torch.dtype = torch.float32,
+) -> float:
     "Mean next-token loss on `batches` fixed batches of `data` (the same batches at every call)."
     inner = unwrap_model(model)
     device = next(inner.parameters()).device
@@ -282,9 +446,13 @@ def evaluate(model: nn.Module, data: NextTokenPredictionDataset, batches: int, b
     inner.eval()
     total = 0.0
     for i in range(batches):
-        x, y = data.batch(-1 - i, batch_size)  # negative steps: never the training batches of the same seed
+        x, y = data.batch(
+            -1 - i, batch_size
+        )  # negative steps: never the training batches of the same seed
         x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        with torch.autocast(
+            device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32
+        ):
             logits = inner(x)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
     inner.train(was_training)
@@ -293,63 +461,117 @@ def evaluate(model: nn.Module, data: NextTokenPredictionDataset, batches: int, b
 # %% ../nbs/07_pretraining.ipynb #5353955a
 METRICS_FILE = "metrics.jsonl"
 
+
 def _metrics_log(out_dir, entry: dict):
-    with open(Path(out_dir) / METRICS_FILE, "a") as f: f.write(json.dumps(entry) + "\n")
+    with open(Path(out_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
 
 def _trim_metrics(out_dir, step: int):
     "Drop metrics logged after `step` (a run that went on past its last checkpoint before it was stopped)."
     path = Path(out_dir) / METRICS_FILE
-    if not path.is_file(): return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    if not path.is_file():
+        return
+    keep = [
+        l
+        for l in path.read_text().splitlines()
+        if l.strip() and json.loads(l).get("step", 0) <= step
+    ]
     path.write_text("".join(l + "\n" for l in keep))
+
 
 def read_metrics(out_dir) -> list[dict]:
     "The metrics a run wrote to out_dir/metrics.jsonl."
     path = Path(out_dir) / METRICS_FILE
-    if not path.is_file(): raise ValueError(f"no metrics at {path}; train with TrainingConfig(out_dir=...) to write them.")
+    if not path.is_file():
+        raise ValueError(
+            f"no metrics at {path}; train with TrainingConfig(out_dir=...) to write them."
+        )
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 # %% ../nbs/07_pretraining.ipynb #4638f403
-def train(model: nn.Module,  # an LLM, moved to config.device here
-          train_data: NextTokenPredictionDataset,  # training windows
-          config: TrainingConfig,
-          eval_data: NextTokenPredictionDataset | None = None,  # held-out windows for eval_loss
-          callback: Callable[[dict], None] | None = None,  # called with each metrics dict (e.g. a LossPlot)
-          stop_event: threading.Event | None = None,  # set it to stop cleanly at the next step (a checkpoint is kept)
-          resume: bool = False,  # continue exactly from the checkpoint in config.out_dir
-          progress: bool = True,  # show a tqdm progress bar
-         ) -> TrainResult:
+def train(
+    model: nn.Module,  # an LLM, moved to config.device here
+    train_data: NextTokenPredictionDataset,  # training windows
+    config: TrainingConfig,
+    eval_data: NextTokenPredictionDataset
+    | None = None,  # held-out windows for eval_loss
+    callback: Callable[[dict], None]
+    | None = None,  # called with each metrics dict (e.g. a LossPlot)
+    stop_event: threading.Event
+    | None = None,  # set it to stop cleanly at the next step (a checkpoint is kept)
+    resume: bool = False,  # continue exactly from the checkpoint in config.out_dir
+    progress: bool = True,  # show a tqdm progress bar
+) -> TrainResult:
     "Train `model` on next-token prediction; single process, or DDP under torchrun."
     from tqdm.auto import tqdm
+
     c = config
-    if not isinstance(c, TrainingConfig): raise ValueError(f"config must be a TrainingConfig, got {type(c).__name__}.")
+    if not isinstance(c, TrainingConfig):
+        raise ValueError(f"config must be a TrainingConfig, got {type(c).__name__}.")
     if not isinstance(train_data, NextTokenPredictionDataset):
-        raise ValueError(f"train_data must be a NextTokenPredictionDataset, got {type(train_data).__name__}.")
+        raise ValueError(
+            f"train_data must be a NextTokenPredictionDataset, got {type(train_data).__name__}."
+        )
     inner = unwrap_model(model)
     ctx = getattr(getattr(inner, "config", None), "context_size", None)
     for name, d in (("train_data", train_data), ("eval_data", eval_data)):
         if d is not None and ctx is not None and d.context_size > ctx:
-            raise ValueError(f"{name} has context_size={d.context_size} but the model's context_size is {ctx}; "
-                             f"build the dataset with context_size <= {ctx}.")
+            raise ValueError(
+                f"{name} has context_size={d.context_size} but the model's context_size is {ctx}; "
+                f"build the dataset with context_size <= {ctx}."
+            )
     if (resume or c.checkpoint_every) and c.out_dir is None:
-        raise ValueError("resume and checkpoint_every need a folder: set TrainingConfig(out_dir=...).")
+        raise ValueError(
+            "resume and checkpoint_every need a folder: set TrainingConfig(out_dir=...)."
+        )
     device = torch.device(c.device) if c.device else get_device()
     rank, world, created_group = setup_distributed(device)
-    if world > 1 and device.type == "cuda": device = torch.device("cuda", torch.cuda.current_device())
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
         if c.micro_batch_size % world:
-            raise ValueError(f"batch_size={c.batch_size} with grad_accum_steps={c.grad_accum_steps} gives micro-batches of "
-                             f"{c.micro_batch_size} rows, not divisible by the {world} processes.")
-        return _train(inner, train_data, c, eval_data, callback, stop_event, resume, progress and rank == 0,
-                      device, rank, world, tqdm)
+            raise ValueError(
+                f"batch_size={c.batch_size} with grad_accum_steps={c.grad_accum_steps} gives micro-batches of "
+                f"{c.micro_batch_size} rows, not divisible by the {world} processes."
+            )
+        return _train(
+            inner,
+            train_data,
+            c,
+            eval_data,
+            callback,
+            stop_event,
+            resume,
+            progress and rank == 0,
+            device,
+            rank,
+            world,
+            tqdm,
+        )
     finally:
         if created_group:
             import torch.distributed as dist
+
             dist.destroy_process_group()
 
 # %% ../nbs/07_pretraining.ipynb #ab807e35
-def _train(inner, train_data, c, eval_data, callback, stop_event, resume, progress, device, rank, world, tqdm):
+def _train(
+    inner,
+    train_data,
+    c,
+    eval_data,
+    callback,
+    stop_event,
+    resume,
+    progress,
+    device,
+    rank,
+    world,
+    tqdm,
+):
     import torch.distributed as dist
+
     main = rank == 0
     inner.to(device).train()
     amp_dtype = resolve_precision(c.precision, device)
@@ -358,86 +580,163 @@ def _train(inner, train_data, c, eval_data, callback, stop_event, resume, progre
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start = 0
     if resume:
-        if not has_checkpoint(c.out_dir): raise CheckpointError(f"resume=True but there is no checkpoint in {c.out_dir}.")
+        if not has_checkpoint(c.out_dir):
+            raise CheckpointError(
+                f"resume=True but there is no checkpoint in {c.out_dir}."
+            )
         _, state = load_checkpoint(c.out_dir, inner, opt, sched, map_location=device)
         start = int(state["step"])
         extra = state.get("extra", {})
         if extra.get("data_seed", train_data.seed) != train_data.seed:
-            raise ValueError(f"the checkpoint was trained on data with seed {extra['data_seed']} but train_data has "
-                             f"seed {train_data.seed}; resume with the same dataset.")
-        if extra.get("scaler"): scaler.load_state_dict(extra["scaler"])
+            raise ValueError(
+                f"the checkpoint was trained on data with seed {extra['data_seed']} but train_data has "
+                f"seed {train_data.seed}; resume with the same dataset."
+            )
+        if extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
         set_rng_state(state["rng"])
-        if main: _trim_metrics(c.out_dir, start)
+        if main:
+            _trim_metrics(c.out_dir, start)
     elif main and c.out_dir is not None:
         Path(c.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(c.out_dir) / METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
-    if not resume: torch.manual_seed(_mix(c.seed, 3, rank))  # dropout; a resumed run restored its RNG states instead
+        (Path(c.out_dir) / METRICS_FILE).unlink(
+            missing_ok=True
+        )  # a fresh run starts a fresh log
+    if not resume:
+        torch.manual_seed(
+            _mix(c.seed, 3, rank)
+        )  # dropout; a resumed run restored its RNG states instead
     model = inner
-    if c.compile: model = torch.compile(model)
+    if c.compile:
+        model = torch.compile(model)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     tokens_per_step = c.batch_size * train_data.context_size
     micro = c.micro_batch_size // world  # rows per forward pass in this process
 
     def checkpoint(step):
         if main and c.out_dir is not None:
-            save_checkpoint(c.out_dir, inner, opt, sched, step=step,
-                            extra={"data_seed": train_data.seed, "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                                   "config": {k: v for k, v in asdict(c).items() if v is not None}})
-        if world > 1: dist.barrier()
+            save_checkpoint(
+                c.out_dir,
+                inner,
+                opt,
+                sched,
+                step=step,
+                extra={
+                    "data_seed": train_data.seed,
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                    "config": {k: v for k, v in asdict(c).items() if v is not None},
+                },
+            )
+        if world > 1:
+            dist.barrier()
 
     history, t0 = [], time.perf_counter()
     t_log, tok_log, loss_sum, loss_n, stopped, step = t0, 0, 0.0, 0, False, start
-    bar = tqdm(total=c.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=c.steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for step in range(start, c.steps):
             if stop_event is not None and stop_event.is_set():
                 stopped = True
                 break
-            x_all, y_all = train_data.batch(step, c.batch_size, rank, world)  # this process's rows
+            x_all, y_all = train_data.batch(
+                step, c.batch_size, rank, world
+            )  # this process's rows
             step_loss = torch.zeros((), device=device)
             for k in range(c.grad_accum_steps):
-                x, y = x_all[k * micro:(k + 1) * micro].to(device), y_all[k * micro:(k + 1) * micro].to(device)
+                x, y = (
+                    x_all[k * micro : (k + 1) * micro].to(device),
+                    y_all[k * micro : (k + 1) * micro].to(device),
+                )
                 sync = k == c.grad_accum_steps - 1 or world == 1
-                with (model.no_sync() if not sync else contextlib.nullcontext()):
+                with model.no_sync() if not sync else contextlib.nullcontext():
                     with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                         logits = model(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / c.grad_accum_steps
+                    loss = (
+                        F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                        / c.grad_accum_steps
+                    )
                     scaler.scale(loss).backward()
                 step_loss += loss.detach()
-            if world > 1: dist.all_reduce(step_loss)  # SUM (gloo has no AVG); each rank's loss is a mean of equal-size shards
+            if world > 1:
+                dist.all_reduce(
+                    step_loss
+                )  # SUM (gloo has no AVG); each rank's loss is a mean of equal-size shards
             loss_value = step_loss.item() / world
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"the loss became {loss_value} at step {step + 1} (lr {sched.get_last_lr()[0]:.3g}); training "
-                    f"stopped before updating the weights. " + (f"The last good checkpoint in {c.out_dir} is intact. "
-                    if c.out_dir and has_checkpoint(c.out_dir) else "") + "Try a lower lr, a longer warmup or grad_clip=1.0.")
+                    f"stopped before updating the weights. "
+                    + (
+                        f"The last good checkpoint in {c.out_dir} is intact. "
+                        if c.out_dir and has_checkpoint(c.out_dir)
+                        else ""
+                    )
+                    + "Try a lower lr, a longer warmup or grad_clip=1.0."
+                )
             scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(inner.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
-            if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # (with fp16 the scaler skips such steps)
-                raise TrainingDiverged(f"the gradient norm became {float(grad_norm)} at step {step + 1}; training stopped "
-                                       "before updating the weights. Try a lower lr or grad_clip=1.0.")
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                inner.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf
+            )
+            if not scaler.is_enabled() and not torch.isfinite(
+                grad_norm
+            ):  # (with fp16 the scaler skips such steps)
+                raise TrainingDiverged(
+                    f"the gradient norm became {float(grad_norm)} at step {step + 1}; training stopped "
+                    "before updating the weights. Try a lower lr or grad_clip=1.0."
+                )
             lr_now = sched.get_last_lr()[0]
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
             done = step + 1
-            loss_sum, loss_n, tok_log = loss_sum + loss_value, loss_n + 1, tok_log + tokens_per_step
+            loss_sum, loss_n, tok_log = (
+                loss_sum + loss_value,
+                loss_n + 1,
+                tok_log + tokens_per_step,
+            )
             bar.update(1)
-            do_eval = eval_data is not None and ((c.eval_every and done % c.eval_every == 0) or done == c.steps)
+            do_eval = eval_data is not None and (
+                (c.eval_every and done % c.eval_every == 0) or done == c.steps
+            )
             if done % c.log_every == 0 or do_eval or done == c.steps:
                 now = time.perf_counter()
-                entry = {"step": done, "loss": loss_sum / loss_n, "lr": lr_now, "grad_norm": float(grad_norm),
-                         "tokens": done * tokens_per_step, "tokens_per_s": tok_log / max(now - t_log, 1e-9),
-                         "elapsed_s": now - t0}
-                if do_eval: entry["eval_loss"] = evaluate(inner, eval_data, c.eval_batches, c.micro_batch_size, amp_dtype)
+                entry = {
+                    "step": done,
+                    "loss": loss_sum / loss_n,
+                    "lr": lr_now,
+                    "grad_norm": float(grad_norm),
+                    "tokens": done * tokens_per_step,
+                    "tokens_per_s": tok_log / max(now - t_log, 1e-9),
+                    "elapsed_s": now - t0,
+                }
+                if do_eval:
+                    entry["eval_loss"] = evaluate(
+                        inner, eval_data, c.eval_batches, c.micro_batch_size, amp_dtype
+                    )
                 t_log, tok_log, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
                 history.append(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:,.0f}", refresh=False)
-                if main and c.out_dir is not None: _metrics_log(c.out_dir, entry)
-                if callback is not None and main: callback(dict(entry))
-            if c.checkpoint_every and done % c.checkpoint_every == 0 and done < c.steps: checkpoint(done)
+                bar.set_postfix(
+                    loss=f"{entry['loss']:.3f}",
+                    tok_s=f"{entry['tokens_per_s']:,.0f}",
+                    refresh=False,
+                )
+                if main and c.out_dir is not None:
+                    _metrics_log(c.out_dir, entry)
+                if callback is not None and main:
+                    callback(dict(entry))
+            if c.checkpoint_every and done % c.checkpoint_every == 0 and done < c.steps:
+                checkpoint(done)
         else:
             step = c.steps
         checkpoint(step if stopped else c.steps)
@@ -445,222 +744,418 @@ def _train(inner, train_data, c, eval_data, callback, stop_event, resume, progre
         bar.close()
     wall = time.perf_counter() - t0
     done_steps = step if stopped else c.steps
-    return TrainResult(history, stopped, done_steps, c.out_dir, wall, (done_steps - start) * tokens_per_step / max(wall, 1e-9))
+    return TrainResult(
+        history,
+        stopped,
+        done_steps,
+        c.out_dir,
+        wall,
+        (done_steps - start) * tokens_per_step / max(wall, 1e-9),
+    )
 
 # %% ../nbs/07_pretraining.ipynb #86817f74
 @torch.no_grad()
-def story_nlls(model: nn.Module,  # a trained LLM
-               tokenizer,  # the tokenizer it was trained with
-               stories: Sequence,  # held-out stories (strings or Story objects)
-               batch_size: int = 32,  # stories per forward pass
-              ) -> list[float]:
+def story_nlls(
+    model: nn.Module,  # a trained LLM
+    tokenizer,  # the tokenizer it was trained with
+    stories: Sequence,  # held-out stories (strings or Story objects)
+    batch_size: int = 32,  # stories per forward pass
+) -> list[float]:
     "Negative log-likelihood (nats) of each story: -log p(text tokens, EOS | BOS), summed over its tokens."
     inner = unwrap_model(model)
     texts = _texts(stories)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     seqs = tokenizer.encode_batch(texts, bos=True, eos=True)
     ctx = inner.config.context_size
     longest = max(len(s) for s in seqs)
     if longest - 1 > ctx:
-        raise ValueError(f"a story has {longest - 1} tokens to predict but the model's context_size is {ctx}; "
-                         "score shorter stories or use a model with a larger context.")
+        raise ValueError(
+            f"a story has {longest - 1} tokens to predict but the model's context_size is {ctx}; "
+            "score shorter stories or use a model with a larger context."
+        )
     device = next(inner.parameters()).device
     was_training = inner.training
     inner.eval()
     out = []
     for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
+        chunk = seqs[i : i + batch_size]
         T = max(len(s) for s in chunk) - 1
         ids = torch.full((len(chunk), T + 1), tokenizer.pad_id, dtype=torch.long)
-        for r, s in enumerate(chunk): ids[r, :len(s)] = torch.tensor(s)  # right padding: causal rows ignore it
+        for r, s in enumerate(chunk):
+            ids[r, : len(s)] = torch.tensor(s)  # right padding: causal rows ignore it
         ids = ids.to(device)
         logits = inner(ids[:, :-1]).float()  # (B, T, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(chunk), T)
-        mask = torch.arange(T, device=device)[None, :] < torch.tensor([len(s) - 1 for s in chunk], device=device)[:, None]
+        nll = F.cross_entropy(
+            logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
+        ).view(len(chunk), T)
+        mask = (
+            torch.arange(T, device=device)[None, :]
+            < torch.tensor([len(s) - 1 for s in chunk], device=device)[:, None]
+        )
         out.extend((nll * mask).sum(1).tolist())
     inner.train(was_training)
     return out
 
-def heldout_nll_per_story(model: nn.Module, tokenizer, stories: Sequence, batch_size: int = 32) -> Estimate:
+
+def heldout_nll_per_story(
+    model: nn.Module, tokenizer, stories: Sequence, batch_size: int = 32
+) -> Estimate:
     "Mean held-out NLL per story (nats, summed over tokens) with a 95% interval; compare with entropy_estimate()."
     return mean_ci(story_nlls(model, tokenizer, stories, batch_size))
+
 
 @dataclass
 class FloorComparison:
     "Held-out NLL per story against the story world's entropy (the floor no model can beat on average)."
+
     nll: Estimate  # model: nats per story
     floor: Estimate  # entropy_estimate(): nats per story
-    @property
-    def ratio(self) -> float: return self.nll.mean / self.floor.mean
-    @property
-    def excess(self) -> float: return self.nll.mean - self.floor.mean  # nats per story above the floor
-    def __str__(self):
-        return (f"held-out NLL {self.nll.mean:.2f} nats/story (95% CI {self.nll.lo:.2f} to {self.nll.hi:.2f}) vs "
-                f"entropy floor {self.floor.mean:.2f}: ratio {self.ratio:.3f}, {self.excess:+.2f} nats/story")
 
-def compare_to_floor(model: nn.Module, tokenizer, stories: Sequence, floor: Estimate | None = None,
-                     batch_size: int = 32) -> FloorComparison:
+    @property
+    def ratio(self) -> float:
+        return self.nll.mean / self.floor.mean
+
+    @property
+    def excess(self) -> float:
+        return self.nll.mean - self.floor.mean  # nats per story above the floor
+
+    def __str__(self):
+        return (
+            f"held-out NLL {self.nll.mean:.2f} nats/story (95% CI {self.nll.lo:.2f} to {self.nll.hi:.2f}) vs "
+            f"entropy floor {self.floor.mean:.2f}: ratio {self.ratio:.3f}, {self.excess:+.2f} nats/story"
+        )
+
+
+def compare_to_floor(
+    model: nn.Module,
+    tokenizer,
+    stories: Sequence,
+    floor: Estimate | None = None,
+    batch_size: int = 32,
+) -> FloorComparison:
     "Score held-out stories and set them against the entropy floor (default: entropy_estimate(5000))."
     from tinyllama.data import entropy_estimate
-    return FloorComparison(heldout_nll_per_story(model, tokenizer, stories, batch_size),
-                           floor if floor is not None else entropy_estimate(5000))
+
+    return FloorComparison(
+        heldout_nll_per_story(model, tokenizer, stories, batch_size),
+        floor if floor is not None else entropy_estimate(5000),
+    )
 
 # %% ../nbs/07_pretraining.ipynb #bcbe3f15
 class LossPlot:
     "A live plot of training and held-out loss in a notebook; pass it to train as the callback."
-    def __init__(self,
-                 floor: float | None = None,  # a horizontal line (e.g. the entropy floor per token)
-                 every: int = 1,  # redraw every this many calls
-                 title: str = "training",
-                 live: bool | None = None,  # None: redraw only inside a notebook
-                ):
-        self.floor, self.every, self.title, self.history, self._handle, self._calls = floor, max(int(every), 1), title, [], None, 0
+
+    def __init__(
+        self,
+        floor: float
+        | None = None,  # a horizontal line (e.g. the entropy floor per token)
+        every: int = 1,  # redraw every this many calls
+        title: str = "training",
+        live: bool | None = None,  # None: redraw only inside a notebook
+    ):
+        self.floor, self.every, self.title, self.history, self._handle, self._calls = (
+            floor,
+            max(int(every), 1),
+            title,
+            [],
+            None,
+            0,
+        )
         if live is None:
             try:
                 from IPython import get_ipython
+
                 live = get_ipython() is not None and hasattr(get_ipython(), "kernel")
-            except ImportError: live = False
+            except ImportError:
+                live = False
         self.live = live
 
     def __call__(self, metrics: dict):
         self.history.append(dict(metrics))
         self._calls += 1
-        if self.live and self._calls % self.every == 0: self.update()
+        if self.live and self._calls % self.every == 0:
+            self.update()
 
     def figure(self):
         "A matplotlib Figure of the history so far."
         from matplotlib.figure import Figure
+
         fig = Figure(figsize=(7, 3.6))
         ax = fig.add_subplot()
         tr = [(h["step"], h["loss"]) for h in self.history if "loss" in h]
         ev = [(h["step"], h["eval_loss"]) for h in self.history if "eval_loss" in h]
-        if tr: ax.plot(*zip(*tr), label="training loss", lw=1.2)
-        if ev: ax.plot(*zip(*ev), "o-", label="held-out loss", ms=3)
-        if self.floor is not None: ax.axhline(self.floor, color="k", ls="--", lw=1, label="entropy floor")
-        ax.set_xlabel("step"); ax.set_ylabel("nats per token"); ax.set_title(self.title)
-        if tr or ev: ax.set_yscale("log"); ax.legend(); ax.grid(alpha=0.3, which="both")
+        if tr:
+            ax.plot(*zip(*tr), label="training loss", lw=1.2)
+        if ev:
+            ax.plot(*zip(*ev), "o-", label="held-out loss", ms=3)
+        if self.floor is not None:
+            ax.axhline(self.floor, color="k", ls="--", lw=1, label="entropy floor")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats per token")
+        ax.set_title(self.title)
+        if tr or ev:
+            ax.set_yscale("log")
+            ax.legend()
+            ax.grid(alpha=0.3, which="both")
         fig.tight_layout()
         return fig
 
     def update(self):
         from IPython.display import display, Image
-        img = Image(data=self._repr_png_())  # a PNG shows under every matplotlib backend
-        if self._handle is None: self._handle = display(img, display_id=True)
-        else: self._handle.update(img)
+
+        img = Image(
+            data=self._repr_png_()
+        )  # a PNG shows under every matplotlib backend
+        if self._handle is None:
+            self._handle = display(img, display_id=True)
+        else:
+            self._handle.update(img)
 
     def _repr_png_(self):
         import io
-        buf = io.BytesIO(); self.figure().savefig(buf, format="png", dpi=100)
+
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png", dpi=100)
         return buf.getvalue()
 
 # %% ../nbs/07_pretraining.ipynb #9b671562
 def cpu_threads(requested="auto") -> int:
     "CPU threads for training: 'auto' takes the cores that are idle now (at least 1), an int is used as is."
     if requested != "auto":
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"threads must be a positive integer or 'auto', got {requested!r}.")
+        if (
+            isinstance(requested, bool)
+            or not isinstance(requested, int)
+            or requested < 1
+        ):
+            raise ValueError(
+                f"threads must be a positive integer or 'auto', got {requested!r}."
+            )
         return requested
     cores = os.cpu_count() or 1
-    try: busy = os.getloadavg()[0]  # runnable processes, averaged over the last minute
-    except (OSError, AttributeError): busy = 0.0  # (Windows has no load average)
+    try:
+        busy = os.getloadavg()[0]  # runnable processes, averaged over the last minute
+    except (OSError, AttributeError):
+        busy = 0.0  # (Windows has no load average)
     # Threads that wait for a busy core spin and slow everyone down: on a shared machine, one thread is faster.
     return max(1, min(cores, int(cores - busy + 0.5)))
 
+
 class PretrainPreset(tuple):
     "The sizes of a profile's pretraining run; unpacks as (model_kwargs, training_config)."
+
     def __new__(cls, model: dict, train: TrainingConfig, **more):
         self = super().__new__(cls, (model, train))
         self.model, self.train = model, train
         self.__dict__.update(more)
         return self
+
     def __repr__(self):
         more = {k: v for k, v in self.__dict__.items() if k not in ("model", "train")}
         return f"PretrainPreset(model={self.model}, train={self.train}, {more})"
 
-def pretrain_preset(profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
-                   ) -> PretrainPreset:
+
+def pretrain_preset(
+    profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
+) -> PretrainPreset:
     "Model and training sizes for a profile; `.model` (LLMConfig kwargs), `.train` (TrainingConfig) and data sizes."
     from tinyllama.profiles import Profile, get_profile
+
     P = profile if isinstance(profile, Profile) else get_profile(profile)
     model = P.pick(
-        ci=dict(vocab_size=768, context_size=128, dim_emb=64, num_layers=2, num_heads=4, num_kv_heads=2, ffd_hidden_dim=192),
-        cpu=dict(vocab_size=768, context_size=128, dim_emb=128, num_layers=4, num_heads=4, num_kv_heads=2, ffd_hidden_dim=384),
-        gpu=dict(vocab_size=4096, context_size=256, dim_emb=288, num_layers=6, num_heads=6, num_kv_heads=2, ffd_hidden_dim=768))
+        ci=dict(
+            vocab_size=768,
+            context_size=128,
+            dim_emb=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            ffd_hidden_dim=192,
+        ),
+        cpu=dict(
+            vocab_size=768,
+            context_size=128,
+            dim_emb=128,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            ffd_hidden_dim=384,
+        ),
+        gpu=dict(
+            vocab_size=4096,
+            context_size=256,
+            dim_emb=288,
+            num_layers=6,
+            num_heads=6,
+            num_kv_heads=2,
+            ffd_hidden_dim=768,
+        ),
+    )
     train = P.pick(
-        ci=TrainingConfig(steps=60, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=20, eval_batches=4, log_every=10),
-        cpu=TrainingConfig(steps=500, batch_size=32, lr=3e-3, min_lr=1e-4, warmup_steps=50, eval_every=50, eval_batches=8, log_every=10),
-        gpu=TrainingConfig(steps=2000, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=200, eval_every=250, eval_batches=20,
-                           log_every=25, compile=True))
-    return PretrainPreset(model, train, profile=P.name,
-                          corpus=P.pick(ci="story_world", cpu="story_world", gpu="tinystories"),
-                          n_train_stories=P.pick(ci=1500, cpu=20000, gpu=30000),
-                          story_world_vocab=P.pick(ci=768, cpu=768, gpu=768),  # the story world fills at most ~1280 pieces
-                          n_heldout_stories=P.pick(ci=100, cpu=500, gpu=500),
-                          num_threads=P.pick(ci=1, cpu="auto", gpu=None),  # ci: tiny matrices gain nothing from threads
-                          band=P.pick(ci=(1.0, 15.0), cpu=(1.0, 1.15), gpu=(1.0, 1.15)))  # NLL / floor on the story world
+        ci=TrainingConfig(
+            steps=60,
+            batch_size=16,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=10,
+            eval_every=20,
+            eval_batches=4,
+            log_every=10,
+        ),
+        cpu=TrainingConfig(
+            steps=500,
+            batch_size=32,
+            lr=3e-3,
+            min_lr=1e-4,
+            warmup_steps=50,
+            eval_every=50,
+            eval_batches=8,
+            log_every=10,
+        ),
+        gpu=TrainingConfig(
+            steps=2000,
+            batch_size=64,
+            lr=2e-3,
+            min_lr=1e-4,
+            warmup_steps=200,
+            eval_every=250,
+            eval_batches=20,
+            log_every=25,
+            compile=True,
+        ),
+    )
+    return PretrainPreset(
+        model,
+        train,
+        profile=P.name,
+        corpus=P.pick(ci="story_world", cpu="story_world", gpu="tinystories"),
+        n_train_stories=P.pick(ci=1500, cpu=20000, gpu=30000),
+        story_world_vocab=P.pick(
+            ci=768, cpu=768, gpu=768
+        ),  # the story world fills at most ~1280 pieces
+        n_heldout_stories=P.pick(ci=100, cpu=500, gpu=500),
+        num_threads=P.pick(
+            ci=1, cpu="auto", gpu=None
+        ),  # ci: tiny matrices gain nothing from threads
+        band=P.pick(ci=(1.0, 15.0), cpu=(1.0, 1.15), gpu=(1.0, 1.15)),
+    )  # NLL / floor on the story world
 
 # %% ../nbs/07_pretraining.ipynb #252e73b9
 def tokenizer_vocab_size(preset: PretrainPreset, corpus: str) -> int:
     "The tokenizer's size for `corpus`: the preset's, capped for the story world (its small vocabulary fills ~1280 pieces)."
     V = preset.model["vocab_size"]
-    return min(V, getattr(preset, "story_world_vocab", V)) if corpus == "story_world" else V
+    return (
+        min(V, getattr(preset, "story_world_vocab", V))
+        if corpus == "story_world"
+        else V
+    )
 
-def load_corpus(preset: PretrainPreset,  # its corpus, n_train_stories and n_heldout_stories are used
-                seed: int = 0,  # which stories (story world)
-                progress: bool = True,  # download progress bar (TinyStories)
-               ) -> tuple[str, list[str], list]:
+
+def load_corpus(
+    preset: PretrainPreset,  # its corpus, n_train_stories and n_heldout_stories are used
+    seed: int = 0,  # which stories (story world)
+    progress: bool = True,  # download progress bar (TinyStories)
+) -> tuple[str, list[str], list]:
     "(corpus name, training texts, held-out stories): the story world, or TinyStories with a fallback offline."
     from tinyllama.data import train_heldout, load_tinystories, DownloadError
+
     if preset.corpus == "tinystories":
         try:
             texts = load_tinystories("validation", progress=progress)
             n_held = min(preset.n_heldout_stories, len(texts) // 10)
-            return "tinystories", texts[n_held:][:preset.n_train_stories], texts[:n_held]
+            return (
+                "tinystories",
+                texts[n_held:][: preset.n_train_stories],
+                texts[:n_held],
+            )
         except DownloadError as e:
-            print(f"Note: TinyStories is not reachable ({str(e)[:100]}...); using the built-in story world instead.")
+            print(
+                f"Note: TinyStories is not reachable ({str(e)[:100]}...); using the built-in story world instead."
+            )
     elif preset.corpus != "story_world":
-        raise ValueError(f"corpus must be 'story_world' or 'tinystories', got {preset.corpus!r}.")
-    train_stories, heldout = train_heldout(preset.n_train_stories, preset.n_heldout_stories, seed=seed)
+        raise ValueError(
+            f"corpus must be 'story_world' or 'tinystories', got {preset.corpus!r}."
+        )
+    train_stories, heldout = train_heldout(
+        preset.n_train_stories, preset.n_heldout_stories, seed=seed
+    )
     return "story_world", [s.text for s in train_stories], heldout
+
 
 @dataclass
 class PretrainRun:
     "Everything a pretraining run made."
+
     model: nn.Module  # the trained LLM
     tokenizer: object  # the tokenizer trained on the same stories
     result: TrainResult  # history, steps, checkpoint folder
     corpus: str  # "story_world" or "tinystories"
     heldout_stories: list  # texts (or Story objects) kept out of training
-    comparison: FloorComparison | None = None  # held-out NLL per story vs the entropy floor (story world only)
+    comparison: FloorComparison | None = (
+        None  # held-out NLL per story vs the entropy floor (story world only)
+    )
     wall_s: float = 0.0  # seconds for data, tokenizer, training and scoring
 
-def pretrain(preset: PretrainPreset | str | None = None,  # a preset, a profile name, or None for the current profile
-             out_dir=None,  # checkpoint, metrics.jsonl and tokenizer.model go here
-             callback=None, stop_event=None, progress: bool = True,  # passed to train
-             seed: int = 0,  # stories, model initialisation and data order
-             resume: bool = False,  # continue the run in out_dir
-             **train_overrides,  # TrainingConfig fields to change, e.g. steps=100
-            ) -> PretrainRun:
+
+def pretrain(
+    preset: PretrainPreset
+    | str
+    | None = None,  # a preset, a profile name, or None for the current profile
+    out_dir=None,  # checkpoint, metrics.jsonl and tokenizer.model go here
+    callback=None,
+    stop_event=None,
+    progress: bool = True,  # passed to train
+    seed: int = 0,  # stories, model initialisation and data order
+    resume: bool = False,  # continue the run in out_dir
+    **train_overrides,  # TrainingConfig fields to change, e.g. steps=100
+) -> PretrainRun:
     "Stories → tokenizer → LLM → train → held-out NLL vs the entropy floor, sized by a profile."
     from tinyllama.data import entropy_estimate
     from tinyllama.tokenizer import train_tokenizer
+
     t0 = time.perf_counter()
     preset = preset if isinstance(preset, PretrainPreset) else pretrain_preset(preset)
-    cfg = TrainingConfig(**{**asdict(preset.train), "seed": seed, **train_overrides,
-                            **({"out_dir": str(out_dir)} if out_dir is not None else {})})
+    cfg = TrainingConfig(
+        **{
+            **asdict(preset.train),
+            "seed": seed,
+            **train_overrides,
+            **({"out_dir": str(out_dir)} if out_dir is not None else {}),
+        }
+    )
     device = torch.device(cfg.device) if cfg.device else get_device()
-    if device.type == "cpu" and getattr(preset, "num_threads", None): torch.set_num_threads(cpu_threads(preset.num_threads))
+    if device.type == "cpu" and getattr(preset, "num_threads", None):
+        torch.set_num_threads(cpu_threads(preset.num_threads))
     corpus, train_texts, heldout = load_corpus(preset, seed=seed, progress=progress)
     tok = train_tokenizer(train_texts, vocab_size=tokenizer_vocab_size(preset, corpus))
-    if out_dir is not None: tok.save(Path(out_dir) / "tokenizer.model")
+    if out_dir is not None:
+        tok.save(Path(out_dir) / "tokenizer.model")
     ctx = preset.model["context_size"]
-    train_ds = NextTokenPredictionDataset(tokenize_stories(train_texts, tok), ctx, seed=seed)
-    eval_ds = NextTokenPredictionDataset(tokenize_stories(heldout, tok), ctx, seed=seed + 1)
+    train_ds = NextTokenPredictionDataset(
+        tokenize_stories(train_texts, tok), ctx, seed=seed
+    )
+    eval_ds = NextTokenPredictionDataset(
+        tokenize_stories(heldout, tok), ctx, seed=seed + 1
+    )
     torch.manual_seed(seed)
     model = LLM(LLMConfig(**{**preset.model, "vocab_size": tok.vocab_size}))
-    result = train(model, train_ds, cfg, eval_ds, callback=callback, stop_event=stop_event, resume=resume, progress=progress)
+    result = train(
+        model,
+        train_ds,
+        cfg,
+        eval_ds,
+        callback=callback,
+        stop_event=stop_event,
+        resume=resume,
+        progress=progress,
+    )
     comparison = None
     if corpus == "story_world":
         comparison = compare_to_floor(model, tok, heldout, floor=entropy_estimate(5000))
-    return PretrainRun(model, tok, result, corpus, heldout, comparison, time.perf_counter() - t0)
+    return PretrainRun(
+        model, tok, result, corpus, heldout, comparison, time.perf_counter() - t0
+    )

@@ -12,8 +12,14 @@ from .model import LLM, LLMConfig, parameter_count
 from .feedforward import llama_hidden_dim
 from .data import train_heldout
 from .tokenizer import train_tokenizer
-from .train import (PRECISIONS, TrainingConfig, NextTokenPredictionDataset, tokenize_stories, train,
-                             pretrain_preset)
+from tinyllama.train import (
+    PRECISIONS,
+    TrainingConfig,
+    NextTokenPredictionDataset,
+    tokenize_stories,
+    train,
+    pretrain_preset,
+)
 
 # %% auto #0
 __all__ = ['MODEL_FIELDS', 'RUN_FIELDS', 'FFN_MULTIPLE', 'SAMPLE_PROMPTS', 'available_devices', 'panel_defaults',
@@ -21,88 +27,144 @@ __all__ = ['MODEL_FIELDS', 'RUN_FIELDS', 'FFN_MULTIPLE', 'SAMPLE_PROMPTS', 'avai
            'greedy_continue', 'sample_texts', 'story_data', 'TrainingPanel']
 
 # %% ../nbs/07c_training_panel.ipynb #92163a40
-MODEL_FIELDS = ("vocab_size", "dim_emb", "num_layers", "num_heads", "num_kv_heads", "context_size")
+MODEL_FIELDS = (
+    "vocab_size",
+    "dim_emb",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "context_size",
+)
 RUN_FIELDS = ("batch_size", "lr", "steps", "device", "precision")
+
 
 def available_devices() -> list[str]:
     "The devices this machine can train on, best first."
     found = ["cuda"] if torch.cuda.is_available() else []
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available(): found.append("mps")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        found.append("mps")
     return found + ["cpu"]
 
-def panel_defaults(profile: Profile | str | None = None, # ci | cpu | gpu; None: get_profile()
-                  ) -> tuple[dict, TrainingConfig]:  # (field values, the preset's full TrainingConfig)
+
+def panel_defaults(
+    profile: Profile | str | None = None,  # ci | cpu | gpu; None: get_profile()
+) -> tuple[dict, TrainingConfig]:  # (field values, the preset's full TrainingConfig)
     "The panel's starting field values: the profile's pretraining preset (chapter 07)."
-    preset = pretrain_preset(profile if isinstance(profile, Profile) else get_profile(profile))
+    preset = pretrain_preset(
+        profile if isinstance(profile, Profile) else get_profile(profile)
+    )
     values = {name: preset.model[name] for name in MODEL_FIELDS}
     run = preset.train
-    values.update(batch_size=run.batch_size, lr=run.lr, steps=run.steps, precision=run.precision,
-                  device=str(run.device or get_device()).split(":")[0])
+    values.update(
+        batch_size=run.batch_size,
+        lr=run.lr,
+        steps=run.steps,
+        precision=run.precision,
+        device=str(run.device or get_device()).split(":")[0],
+    )
     return values, run
+
 
 FFN_MULTIPLE = 64  # Llama's SwiGLU width rule (chapter 04) rounded to 64: gives every preset's ffd_hidden_dim
 
-def configs_from_fields(values: dict,  # field name -> value, as the panel holds them
-                        base: TrainingConfig | None = None,  # the preset the other run settings come from
-                       ) -> tuple[LLMConfig, TrainingConfig]:
+
+def configs_from_fields(
+    values: dict,  # field name -> value, as the panel holds them
+    base: TrainingConfig | None = None,  # the preset the other run settings come from
+) -> tuple[LLMConfig, TrainingConfig]:
     "The model and run configurations the fields describe; ValueError (in plain words) when they can't work."
     missing = [f for f in MODEL_FIELDS + RUN_FIELDS if f not in values]
-    if missing: raise ValueError(f"the fields {', '.join(missing)} are missing.")
+    if missing:
+        raise ValueError(f"the fields {', '.join(missing)} are missing.")
     d = values["dim_emb"]
-    hidden = llama_hidden_dim(d, FFN_MULTIPLE) if isinstance(d, int) and not isinstance(d, bool) and d > 0 else 1
-    model = LLMConfig(**{f: values[f] for f in MODEL_FIELDS}, ffd_hidden_dim=hidden)  # a bad d: LLMConfig explains
+    hidden = (
+        llama_hidden_dim(d, FFN_MULTIPLE)
+        if isinstance(d, int) and not isinstance(d, bool) and d > 0
+        else 1
+    )
+    model = LLMConfig(
+        **{f: values[f] for f in MODEL_FIELDS}, ffd_hidden_dim=hidden
+    )  # a bad d: LLMConfig explains
     if values["device"] not in available_devices():
-        raise ValueError(f"device {values['device']!r} is not available here; pick one of "
-                         f"{', '.join(available_devices())}.")
+        raise ValueError(
+            f"device {values['device']!r} is not available here; pick one of "
+            f"{', '.join(available_devices())}."
+        )
     base = base or TrainingConfig()
     steps, lr = values["steps"], values["lr"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive whole number, got {steps!r}.")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"the learning rate lr must be a positive number (such as 1e-3), got {lr!r}.")
-    run = dataclasses.replace(base, steps=steps, batch_size=values["batch_size"], lr=float(lr),
-                              min_lr=float(lr) * base.min_lr / base.lr,  # keep the preset's decay ratio
-                              warmup_steps=min(base.warmup_steps, steps // 10),
-                              eval_every=min(base.eval_every, steps),
-                              log_every=max(1, min(base.log_every, steps // 100)),  # enough points to plot
-                              device=values["device"], precision=values["precision"],
-                              compile=False)  # compiling takes a minute per new shape: not for quick runs
+        raise ValueError(
+            f"the learning rate lr must be a positive number (such as 1e-3), got {lr!r}."
+        )
+    run = dataclasses.replace(
+        base,
+        steps=steps,
+        batch_size=values["batch_size"],
+        lr=float(lr),
+        min_lr=float(lr) * base.min_lr / base.lr,  # keep the preset's decay ratio
+        warmup_steps=min(base.warmup_steps, steps // 10),
+        eval_every=min(base.eval_every, steps),
+        log_every=max(1, min(base.log_every, steps // 100)),  # enough points to plot
+        device=values["device"],
+        precision=values["precision"],
+        compile=False,
+    )  # compiling takes a minute per new shape: not for quick runs
     return model, run
 
-def training_flops(model: LLMConfig,  # the model's shape
-                   run: TrainingConfig,  # steps and batch size
-                  ) -> float:  # floating-point operations of the whole run (forward and backward)
+
+def training_flops(
+    model: LLMConfig,  # the model's shape
+    run: TrainingConfig,  # steps and batch size
+) -> float:  # floating-point operations of the whole run (forward and backward)
     "≈ 6 FLOPs per matmul weight per token, plus 6·L·T·d per token for attention scores (Kaplan et al., 2020)."
-    n_matmul = parameter_count(model) - (0 if model.tie_embeddings else model.vocab_size * model.dim_emb)
+    n_matmul = parameter_count(model) - (
+        0 if model.tie_embeddings else model.vocab_size * model.dim_emb
+    )
     per_token = 6 * n_matmul + 6 * model.num_layers * model.context_size * model.dim_emb
     return float(per_token) * run.steps * run.batch_size * model.context_size
 
+
 def field_problem(values: dict, base: TrainingConfig | None = None) -> str | None:
     "None when the fields describe a run that can start, else what is wrong, in plain words."
-    try: configs_from_fields(values, base)
-    except ValueError as e: return str(e)
+    try:
+        configs_from_fields(values, base)
+    except ValueError as e:
+        return str(e)
     return None
 
 # %% ../nbs/07c_training_panel.ipynb #91d4a0ff
-def plot_loss(history: list[dict],  # the metrics dicts train passed to its callback
-              ax,  # a matplotlib Axes
-              floor: float | None = None,  # the loss floor to draw, in nats per token
-             ):
+def plot_loss(
+    history: list[dict],  # the metrics dicts train passed to its callback
+    ax,  # a matplotlib Axes
+    floor: float | None = None,  # the loss floor to draw, in nats per token
+):
     "Draw training (and held-out) loss against the step."
     train_pts = [(m["step"], m["loss"]) for m in history if m.get("loss") is not None]
-    eval_pts = [(m["step"], m["eval_loss"]) for m in history if m.get("eval_loss") is not None]
-    if train_pts: ax.plot(*zip(*train_pts), label="training loss", lw=1.2)
-    if eval_pts: ax.plot(*zip(*eval_pts), "o-", label="held-out loss", ms=3)
-    if floor is not None: ax.axhline(floor, color="k", ls="--", lw=1, label="entropy floor (story world)")
-    ax.set_xlabel("step"); ax.set_ylabel("loss (nats per token)")
-    if train_pts or eval_pts or floor is not None: ax.legend(loc="best", fontsize=8)
+    eval_pts = [
+        (m["step"], m["eval_loss"]) for m in history if m.get("eval_loss") is not None
+    ]
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="training loss", lw=1.2)
+    if eval_pts:
+        ax.plot(*zip(*eval_pts), "o-", label="held-out loss", ms=3)
+    if floor is not None:
+        ax.axhline(floor, color="k", ls="--", lw=1, label="entropy floor (story world)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    if train_pts or eval_pts or floor is not None:
+        ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     return ax
 
+
 class LossChart:
     "A loss plot kept as one matplotlib Figure (no pyplot: safe in the training thread), rendered to PNG."
+
     def __init__(self, size=(6.0, 3.0), dpi=90):
         from matplotlib.figure import Figure
+
         self.fig = Figure(figsize=size, dpi=dpi, layout="constrained")
         self.ax = self.fig.subplots()
 
@@ -114,89 +176,141 @@ class LossChart:
         self.fig.savefig(buf, format="png")
         return buf.getvalue()
 
+
 def loss_png(history: list[dict], floor: float | None = None, size=(6.0, 3.0)) -> bytes:
     "The loss plot of `history` as PNG bytes."
     return LossChart(size).png(history, floor)
 
 # %% ../nbs/07c_training_panel.ipynb #97b142d9
 @torch.no_grad()
-def greedy_continue(model: LLM, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+def greedy_continue(
+    model: LLM, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None
+) -> list[int]:
     "Greedy continuation of one prompt with plain forward passes (no cache): the fallback sampler."
     ids = list(prompt_ids)
     device = next(model.parameters()).device
     for _ in range(max_new_tokens):
-        window = ids[-model.config.context_size:]
+        window = ids[-model.config.context_size :]
         nxt = int(model(torch.tensor([window], device=device))[0, -1].argmax())
-        if nxt == eos_id: break
+        if nxt == eos_id:
+            break
         ids.append(nxt)
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
-def sample_texts(model: LLM, tokenizer, prompts: list[str],
-                 max_new_tokens: int = 80,  # at most this many; fewer if the context is shorter
-                 temperature: float = 0.8, seed: int = 0) -> list[str]:
+
+def sample_texts(
+    model: LLM,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 80,  # at most this many; fewer if the context is shorter
+    temperature: float = 0.8,
+    seed: int = 0,
+) -> list[str]:
     "Continuations of `prompts`: chapter 08's generate_text when present, else greedy decoding."
     longest = max(len(tokenizer.encode(p, bos=True)) for p in prompts)
     n_new = min(max_new_tokens, model.config.context_size - longest)
-    if n_new < 1: raise ValueError(f"context_size={model.config.context_size} leaves no room after a prompt of {longest} tokens.")
+    if n_new < 1:
+        raise ValueError(
+            f"context_size={model.config.context_size} leaves no room after a prompt of {longest} tokens."
+        )
     was_training = model.training
     model.eval()
     try:
         try:
             from tinyllama.generate import generate_text
         except ImportError:  # chapter 08 is not installed: plain greedy decoding
-            return [tokenizer.decode(greedy_continue(model, tokenizer.encode(p, bos=True), n_new, tokenizer.eos_id))
-                    for p in prompts]
-        return generate_text(model, tokenizer, prompts, max_new_tokens=n_new, temperature=temperature, seed=seed)
+            return [
+                tokenizer.decode(
+                    greedy_continue(
+                        model, tokenizer.encode(p, bos=True), n_new, tokenizer.eos_id
+                    )
+                )
+                for p in prompts
+            ]
+        return generate_text(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=n_new,
+            temperature=temperature,
+            seed=seed,
+        )
     finally:
         model.train(was_training)
 
 # %% ../nbs/07c_training_panel.ipynb #887e547e
 @functools.lru_cache(maxsize=4)
-def story_data(n_train: int,  # training stories
-               n_heldout: int,  # held-out stories (for eval_loss)
-               vocab_size: int,  # tokenizer size (ignored when `tokenizer` is given)
-               tokenizer=None,  # a Tokenizer to use instead of training one
-              ) -> tuple:  # (tokenizer, train stream, held-out stream, floor in nats per token)
+def story_data(
+    n_train: int,  # training stories
+    n_heldout: int,  # held-out stories (for eval_loss)
+    vocab_size: int,  # tokenizer size (ignored when `tokenizer` is given)
+    tokenizer=None,  # a Tokenizer to use instead of training one
+) -> tuple:  # (tokenizer, train stream, held-out stream, floor in nats per token)
     "Story-world token streams with their tokenizer and entropy floor (cached)."
     train_s, held_s = train_heldout(n_train, n_heldout, seed=0)
     tok = tokenizer or train_tokenizer([s.text for s in train_s], vocab_size=vocab_size)
     train_t, eval_t = tokenize_stories(train_s, tok), tokenize_stories(held_s, tok)
-    floor = sum(-s.log_prob for s in train_s) / len(train_t)  # exact nats of the stories / their tokens
+    floor = sum(-s.log_prob for s in train_s) / len(
+        train_t
+    )  # exact nats of the stories / their tokens
     return tok, train_t, eval_t, floor
 
 # %% ../nbs/07c_training_panel.ipynb #62121404
 SAMPLE_PROMPTS = ("Once upon a time, there was", "")
+
 
 def _forget_frames(e: BaseException) -> BaseException:
     "`e` without its traceback, whose frames hold the model, optimizer state and activations."
     e.__traceback__, e.__context__, e.__cause__ = None, None, None
     return e
 
+
 def _free_memory():
     "Collect the frames a failed run left (they form cycles), then the GPU memory they held."
     import gc
+
     gc.collect()
-    if torch.cuda.is_available(): torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 class TrainingPanel:
     "A form to size a model and a run, with Start and Stop: training runs in a background thread."
-    def __init__(self,
-                 profile: Profile | str | None = None,  # sizes the defaults and the story corpus
-                 out_dir=None,  # each run writes run-001/, run-002/, ... here; None: a fresh temporary folder
-                 tokenizer=None,  # a Tokenizer; None: trained on the story world with the vocab_size field
-                 train_tokens: torch.Tensor | None = None,  # 1-D token stream; None: story-world stories
-                 eval_tokens: torch.Tensor | None = None,  # held-out stream for eval_loss
-                 n_stories: int | None = None,  # stories in the built-in corpus; None: the profile's
-                 prompts=SAMPLE_PROMPTS,  # the panel samples continuations of these when a run ends
-                ):
+
+    def __init__(
+        self,
+        profile: Profile | str | None = None,  # sizes the defaults and the story corpus
+        out_dir=None,  # each run writes run-001/, run-002/, ... here; None: a fresh temporary folder
+        tokenizer=None,  # a Tokenizer; None: trained on the story world with the vocab_size field
+        train_tokens: torch.Tensor
+        | None = None,  # 1-D token stream; None: story-world stories
+        eval_tokens: torch.Tensor | None = None,  # held-out stream for eval_loss
+        n_stories: int
+        | None = None,  # stories in the built-in corpus; None: the profile's
+        prompts=SAMPLE_PROMPTS,  # the panel samples continuations of these when a run ends
+    ):
         self.profile = profile if isinstance(profile, Profile) else get_profile(profile)
-        self.out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="tinyllama-panel-"))
-        self.tokenizer, self.train_tokens, self.eval_tokens = tokenizer, train_tokens, eval_tokens
-        if train_tokens is not None and not (isinstance(train_tokens, torch.Tensor) and train_tokens.dim() == 1):
-            raise ValueError("train_tokens must be a 1-D tensor of token ids (see tokenize_stories).")
+        self.out_dir = (
+            Path(out_dir)
+            if out_dir is not None
+            else Path(tempfile.mkdtemp(prefix="tinyllama-panel-"))
+        )
+        self.tokenizer, self.train_tokens, self.eval_tokens = (
+            tokenizer,
+            train_tokens,
+            eval_tokens,
+        )
+        if train_tokens is not None and not (
+            isinstance(train_tokens, torch.Tensor) and train_tokens.dim() == 1
+        ):
+            raise ValueError(
+                "train_tokens must be a 1-D tensor of token ids (see tokenize_stories)."
+            )
         preset = pretrain_preset(self.profile)
         self.n_stories = n_stories or preset.n_train_stories
-        self.n_heldout = max(20, self.n_stories // 10) if n_stories else preset.n_heldout_stories
+        self.n_heldout = (
+            max(20, self.n_stories // 10) if n_stories else preset.n_heldout_stories
+        )
         self.prompts = list(prompts)
         self.model = self.result = self.error = self.thread = self.run_dir = None
         self.history, self.samples, self.floor = [], [], None
@@ -204,12 +318,19 @@ class TrainingPanel:
         self._lock = threading.Lock()
         self._chart, self._last_plot, self._draw_s = LossChart(), 0.0, 0.0
         defaults, self.base_config = panel_defaults(self.profile)
-        if tokenizer is not None: defaults["vocab_size"] = tokenizer.vocab_size
+        if tokenizer is not None:
+            defaults["vocab_size"] = tokenizer.vocab_size
         self.fields = self._make_fields(defaults)
-        self._fixed_vocab = tokenizer is not None  # the model's vocabulary is the given tokenizer's
+        self._fixed_vocab = (
+            tokenizer is not None
+        )  # the model's vocabulary is the given tokenizer's
         self.fields["vocab_size"].disabled = self._fixed_vocab
-        self.start_button = W.Button(description="Start", button_style="success", icon="play")
-        self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
+        self.start_button = W.Button(
+            description="Start", button_style="success", icon="play"
+        )
+        self.stop_button = W.Button(
+            description="Stop", button_style="danger", icon="stop", disabled=True
+        )
         self.start_button.on_click(self._on_start)
         self.stop_button.on_click(self._on_stop)
         self.progress = W.IntProgress(value=0, min=0, max=1, description="progress")
@@ -218,33 +339,67 @@ class TrainingPanel:
         self.message = W.HTML()
         self.plot = W.Image(format="png", layout=W.Layout(width="540px"))
         self.samples_view = W.HTML()
-        for w in self.fields.values(): w.observe(self._on_field_change, names="value")
+        for w in self.fields.values():
+            w.observe(self._on_field_change, names="value")
         self._on_field_change()
         self.widget = self._layout()
 
     # -- building blocks
     def _make_fields(self, v):
         style, lay = {"description_width": "110px"}, W.Layout(width="210px")
-        ints = lambda name, label: W.IntText(value=v[name], description=label, style=style, layout=lay)
+        ints = lambda name, label: W.IntText(
+            value=v[name], description=label, style=style, layout=lay
+        )
         return {
-            "vocab_size": ints("vocab_size", "vocab size"), "dim_emb": ints("dim_emb", "width (dim_emb)"),
-            "num_layers": ints("num_layers", "layers"), "num_heads": ints("num_heads", "heads"),
-            "num_kv_heads": ints("num_kv_heads", "kv heads"), "context_size": ints("context_size", "context"),
+            "vocab_size": ints("vocab_size", "vocab size"),
+            "dim_emb": ints("dim_emb", "width (dim_emb)"),
+            "num_layers": ints("num_layers", "layers"),
+            "num_heads": ints("num_heads", "heads"),
+            "num_kv_heads": ints("num_kv_heads", "kv heads"),
+            "context_size": ints("context_size", "context"),
             "batch_size": ints("batch_size", "batch size"),
-            "lr": W.FloatText(value=v["lr"], description="learning rate", style=style, layout=lay),
+            "lr": W.FloatText(
+                value=v["lr"], description="learning rate", style=style, layout=lay
+            ),
             "steps": ints("steps", "steps"),
-            "device": W.Dropdown(options=available_devices(), value=v["device"] if v["device"] in available_devices()
-                                 else available_devices()[-1], description="device", style=style, layout=lay),
-            "precision": W.Dropdown(options=PRECISIONS, value=v["precision"], description="precision",
-                                    style=style, layout=lay),
+            "device": W.Dropdown(
+                options=available_devices(),
+                value=v["device"]
+                if v["device"] in available_devices()
+                else available_devices()[-1],
+                description="device",
+                style=style,
+                layout=lay,
+            ),
+            "precision": W.Dropdown(
+                options=PRECISIONS,
+                value=v["precision"],
+                description="precision",
+                style=style,
+                layout=lay,
+            ),
         }
 
     def _layout(self):
         f = self.fields
-        grid = lambda names: W.GridBox([f[n] for n in names], layout=W.Layout(grid_template_columns="repeat(3, 220px)"))
-        return W.VBox([W.HTML("<b>Model</b>"), grid(MODEL_FIELDS), W.HTML("<b>Run</b>"), grid(RUN_FIELDS),
-                       self.summary, W.HBox([self.start_button, self.stop_button, self.progress]),
-                       self.status, self.message, self.plot, self.samples_view])
+        grid = lambda names: W.GridBox(
+            [f[n] for n in names],
+            layout=W.Layout(grid_template_columns="repeat(3, 220px)"),
+        )
+        return W.VBox(
+            [
+                W.HTML("<b>Model</b>"),
+                grid(MODEL_FIELDS),
+                W.HTML("<b>Run</b>"),
+                grid(RUN_FIELDS),
+                self.summary,
+                W.HBox([self.start_button, self.stop_button, self.progress]),
+                self.status,
+                self.message,
+                self.plot,
+                self.samples_view,
+            ]
+        )
 
     def values(self) -> dict:
         "The fields' current values."
@@ -253,12 +408,17 @@ class TrainingPanel:
     def set(self, **values):
         "Set fields by name, as a reader typing into them would."
         unknown = set(values) - set(self.fields)
-        if unknown: raise ValueError(f"no field named {', '.join(sorted(unknown))}; the fields are {', '.join(self.fields)}.")
-        for name, value in values.items(): self.fields[name].value = value
+        if unknown:
+            raise ValueError(
+                f"no field named {', '.join(sorted(unknown))}; the fields are {', '.join(self.fields)}."
+            )
+        for name, value in values.items():
+            self.fields[name].value = value
         return self
 
     def _ipython_display_(self):
         from IPython.display import display
+
         display(self.widget)
 
     @property
@@ -269,21 +429,27 @@ class TrainingPanel:
     # -- messages
     def _say(self, text, kind="info"):
         color = {"info": "#333", "ok": "#1a7f37", "error": "#b42318"}[kind]
-        self.message.value = f'<span style="color:{color}">{html.escape(text)}</span>' if text else ""
+        self.message.value = (
+            f'<span style="color:{color}">{html.escape(text)}</span>' if text else ""
+        )
         self.message_text, self.message_kind = text, kind
 
     def _on_field_change(self, change=None):
         problem = field_problem(self.values(), self.base_config)
         if problem:
             self.summary_text = problem
-            self.summary.value = f'<span style="color:#b42318">{html.escape(problem)}</span>'
+            self.summary.value = (
+                f'<span style="color:#b42318">{html.escape(problem)}</span>'
+            )
             return
         model, run = configs_from_fields(self.values(), self.base_config)
         n = parameter_count(model)
         tokens = run.batch_size * model.context_size
-        self.summary.value = self.summary_text = (f"{n / 1e6:.2f} M parameters · {run.batch_size} × {model.context_size} = "
-                              f"{tokens:,} tokens per step · {run.steps * tokens / 1e6:.2f} M tokens in all · "
-                              f"≈ {training_flops(model, run) / 1e12:.2g} TFLOP")
+        self.summary.value = self.summary_text = (
+            f"{n / 1e6:.2f} M parameters · {run.batch_size} × {model.context_size} = "
+            f"{tokens:,} tokens per step · {run.steps * tokens / 1e6:.2f} M tokens in all · "
+            f"≈ {training_flops(model, run) / 1e12:.2g} TFLOP"
+        )
 
     # -- data
     def _data(self, vocab_size):
@@ -291,26 +457,47 @@ class TrainingPanel:
         if self.train_tokens is not None:
             return self.tokenizer, self.train_tokens, self.eval_tokens, None
         if self._fixed_vocab and self.tokenizer.vocab_size != vocab_size:
-            raise ValueError(f"vocab_size={vocab_size} but the tokenizer has {self.tokenizer.vocab_size} tokens.")
-        return story_data(self.n_stories, self.n_heldout, vocab_size, self.tokenizer if self._fixed_vocab else None)
+            raise ValueError(
+                f"vocab_size={vocab_size} but the tokenizer has {self.tokenizer.vocab_size} tokens."
+            )
+        return story_data(
+            self.n_stories,
+            self.n_heldout,
+            vocab_size,
+            self.tokenizer if self._fixed_vocab else None,
+        )
 
     # -- buttons
     def _on_start(self, button=None):
         with self._lock:
             if self.running:
-                self._say("A run is already going: press Stop first, or wait for it to end.", "error")
+                self._say(
+                    "A run is already going: press Stop first, or wait for it to end.",
+                    "error",
+                )
                 return
             try:
-                model_config, run_config = configs_from_fields(self.values(), self.base_config)
+                model_config, run_config = configs_from_fields(
+                    self.values(), self.base_config
+                )
                 run_dir = self._next_run_dir()
                 run_config = dataclasses.replace(run_config, out_dir=str(run_dir))
                 tok, train_t, eval_t, floor = self._data(model_config.vocab_size)
                 if int(train_t.max()) >= model_config.vocab_size:
-                    raise ValueError(f"vocab_size={model_config.vocab_size} is too small for the token stream, "
-                                     f"whose largest id is {int(train_t.max())}.")
-                train_data = NextTokenPredictionDataset(train_t, model_config.context_size, seed=run_config.seed)
-                eval_data = (NextTokenPredictionDataset(eval_t, model_config.context_size, seed=run_config.seed + 1)
-                             if eval_t is not None else None)
+                    raise ValueError(
+                        f"vocab_size={model_config.vocab_size} is too small for the token stream, "
+                        f"whose largest id is {int(train_t.max())}."
+                    )
+                train_data = NextTokenPredictionDataset(
+                    train_t, model_config.context_size, seed=run_config.seed
+                )
+                eval_data = (
+                    NextTokenPredictionDataset(
+                        eval_t, model_config.context_size, seed=run_config.seed + 1
+                    )
+                    if eval_t is not None
+                    else None
+                )
             except ValueError as e:
                 self._say(str(e), "error")
                 return
@@ -322,15 +509,23 @@ class TrainingPanel:
             self.progress.max, self.progress.value = run_config.steps, 0
             self.samples_view.value = ""
             self._show_running(True)
-            self._say(f"Training on {run_config.device}; the checkpoint goes to {run_dir}.", "info")
-            self.thread = threading.Thread(target=self._run, args=(train_data, eval_data, run_config),
-                                           name="tinyllama-training-panel", daemon=True)
+            self._say(
+                f"Training on {run_config.device}; the checkpoint goes to {run_dir}.",
+                "info",
+            )
+            self.thread = threading.Thread(
+                target=self._run,
+                args=(train_data, eval_data, run_config),
+                name="tinyllama-training-panel",
+                daemon=True,
+            )
             self.thread.start()
 
     def _next_run_dir(self) -> Path:
         "The first free run-NNN folder in out_dir."
         n = 1
-        while (self.out_dir / f"run-{n:03d}").exists(): n += 1
+        while (self.out_dir / f"run-{n:03d}").exists():
+            n += 1
         return self.out_dir / f"run-{n:03d}"
 
     def _on_stop(self, button=None):
@@ -346,52 +541,95 @@ class TrainingPanel:
     # -- the training thread
     def _run(self, train_data, eval_data, run_config):
         try:
-            self.result = train(self.model, train_data, run_config, eval_data=eval_data, callback=self._on_metrics,
-                                stop_event=self.stop_event, progress=False)
+            self.result = train(
+                self.model,
+                train_data,
+                run_config,
+                eval_data=eval_data,
+                callback=self._on_metrics,
+                stop_event=self.stop_event,
+                progress=False,
+            )
             r = self.result
-            how = f"Stopped at step {r.steps_done}" if r.stopped_early else f"Finished {r.steps_done} steps"
-            last = next((m["loss"] for m in reversed(self.history) if m.get("loss") is not None), None)
-            self._say(f"{how}" + (f", loss {last:.3f}" if last is not None else "") +
-                      f"; checkpoint in {self.run_dir}.", "ok")
+            how = (
+                f"Stopped at step {r.steps_done}"
+                if r.stopped_early
+                else f"Finished {r.steps_done} steps"
+            )
+            last = next(
+                (
+                    m["loss"]
+                    for m in reversed(self.history)
+                    if m.get("loss") is not None
+                ),
+                None,
+            )
+            self._say(
+                f"{how}"
+                + (f", loss {last:.3f}" if last is not None else "")
+                + f"; checkpoint in {self.run_dir}.",
+                "ok",
+            )
             self._show_samples()
-        except Exception as e:  # shown in the panel: a reader's run must never end in a traceback
-            self.error = _forget_frames(e)  # after an out-of-memory error the next Start must fit
+        except (
+            Exception
+        ) as e:  # shown in the panel: a reader's run must never end in a traceback
+            self.error = _forget_frames(
+                e
+            )  # after an out-of-memory error the next Start must fit
             self._say(f"Training stopped with an error: {e}", "error")
         finally:
-            if self.error is not None: _free_memory()  # outside the except block: its frames are gone
+            if self.error is not None:
+                _free_memory()  # outside the except block: its frames are gone
             self._draw(force=True)
             self._show_running(False)
 
     def _show_samples(self):
-        if self.tokenizer is None or not self.prompts: return
+        if self.tokenizer is None or not self.prompts:
+            return
         try:
             self.samples = sample_texts(self.model, self.tokenizer, self.prompts)
         except Exception as e:
             self.samples_view.value = f"<i>no samples: {html.escape(str(e))}</i>"
             return
         self.samples_view.value = "<b>Samples</b><br>" + "<br>".join(
-            f"<i>{html.escape(p)}</i>{html.escape(s)}" for p, s in zip(self.prompts, self.samples))
+            f"<i>{html.escape(p)}</i>{html.escape(s)}"
+            for p, s in zip(self.prompts, self.samples)
+        )
 
     def _on_metrics(self, m: dict):
         self.history.append(dict(m))
-        if m.get("step") is not None: self.progress.value = min(int(m["step"]), self.progress.max)
+        if m.get("step") is not None:
+            self.progress.value = min(int(m["step"]), self.progress.max)
         if m.get("loss") is not None:
-            self.status.value = (f"step {m['step']}/{self.progress.max} · loss {m['loss']:.3f}"
-                                 + (f" · held-out {m['eval_loss']:.3f}" if m.get("eval_loss") is not None else "")
-                                 + (f" · {m['tokens_per_s']:,.0f} tokens/s" if m.get("tokens_per_s") else ""))
+            self.status.value = (
+                f"step {m['step']}/{self.progress.max} · loss {m['loss']:.3f}"
+                + (
+                    f" · held-out {m['eval_loss']:.3f}"
+                    if m.get("eval_loss") is not None
+                    else ""
+                )
+                + (
+                    f" · {m['tokens_per_s']:,.0f} tokens/s"
+                    if m.get("tokens_per_s")
+                    else ""
+                )
+            )
         self._draw()
 
     def _draw(self, force=False, every_s=1.0):
         "Redraw the loss plot unless forced: at most every `every_s` s, and at most 20% of the run's time."
         now = time.monotonic()
-        if not force and now - self._last_plot < max(every_s, 4 * self._draw_s): return
+        if not force and now - self._last_plot < max(every_s, 4 * self._draw_s):
+            return
         self.plot.value = self._chart.png(self.history, self.floor)
         self._last_plot = time.monotonic()
         self._draw_s = self._last_plot - now
 
     def wait(self, timeout: float | None = None):
         "Block until the run ends (or `timeout` seconds pass); the TrainResult, or None if still running."
-        if self.thread is not None: self.thread.join(timeout)
+        if self.thread is not None:
+            self.thread.join(timeout)
         return None if self.running else self.result
 
     def close(self):
@@ -399,16 +637,21 @@ class TrainingPanel:
         if self.running:
             self.stop_event.set()
             self.thread.join()
+
         def close_all(w):
-            for child in getattr(w, "children", ()): close_all(child)
+            for child in getattr(w, "children", ()):
+                close_all(child)
             for part in (getattr(w, "layout", None), getattr(w, "style", None)):
-                if isinstance(part, W.Widget): part.close()
+                if isinstance(part, W.Widget):
+                    part.close()
             w.close()
+
         close_all(self.widget)
 
     def figure(self, ax=None):
         "The run's loss curve on `ax` (a new pyplot figure if None), for a static picture of the run."
         if ax is None:
             import matplotlib.pyplot as plt
+
             ax = plt.subplots(figsize=(6.5, 3.2))[1]
         return plot_loss(self.history, ax, self.floor)
