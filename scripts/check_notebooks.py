@@ -19,7 +19,7 @@ def problems(path: Path) -> list[str]:
     for i, cell in enumerate(json.loads(path.read_text())["cells"]):
         if cell["cell_type"] != "code":
             continue
-        lines = "".join(cell["source"]).split("\n")
+        lines = "".join(cell["source"]).splitlines()
         where = f"{path.name} cell {i} ({cell.get('id')})"
         exported = lines and lines[0].replace(" ", "").startswith("#|export")
         if exported and len(lines) > MAX_CELL_LINES:

@@ -19,7 +19,9 @@ from torch.overrides import TorchFunctionMode
 
 import tinyllama.attention as attention
 import tinyllama.device as device_mod
-import tinyllama.train as train_mod
+import importlib
+
+train_mod = importlib.import_module("tinyllama.train")  # tinyllama.train is the function
 from tinyllama import widgets
 from tinyllama.checkpoint import load_checkpoint, save_checkpoint
 from tinyllama.device import autocast_dtype, get_device, needs_grad_scaler, supports_bf16

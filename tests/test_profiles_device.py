@@ -13,7 +13,9 @@ def test_profile_from_environment(monkeypatch):
 
 def test_default_profile_follows_the_machine(monkeypatch):
     monkeypatch.delenv("TINYLLAMA_PROFILE", raising=False)
-    assert get_profile().name == ("gpu" if torch.cuda.is_available() else "cpu")
+    for cuda, name in ((True, "gpu"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert get_profile().name == name
 
 
 def test_unknown_profile_is_refused_with_the_valid_names(monkeypatch):

@@ -1,1 +1,59 @@
+"""tinyllama: a Llama-style language model built from its ground blocks, pretrained,
+fine-tuned and aligned with human feedback. Each name below is derived in a chapter of
+the course (https://github.com/tinyllama-course/tinyllama); its module carries the
+chapter's name.
+
+    from tinyllama import LLM, LLMConfig, Tokenizer, train, generate
+
+`tinyllama.train` and `tinyllama.generate` are the functions; their modules are
+`tinyllama.train` and `tinyllama.generate` for `from ... import ...` (for example
+`from tinyllama.train import lr_at`) and via `importlib.import_module`.
+
+This file is written by hand (nbdev generates every other module from nbs/).
+"""
+
 __version__ = "0.1.0"
+
+from .profiles import get_profile  # appendix 91
+from .device import get_device  # appendix 90
+from .data import StoryWorld, default_world  # chapter 01
+from .tokenizer import Tokenizer, train_tokenizer  # chapter 01b
+from .model import LLM, LLMConfig  # chapter 06
+from .interop import load_hf, save_hf  # chapter 06b
+from .train import NextTokenPredictionDataset, TrainingConfig, pretrain, train  # 07
+from .checkpoint import load_checkpoint, load_model, save_checkpoint  # chapter 07b
+from .generate import CompiledDecoder, generate, generate_text  # chapter 08
+from .sft import SFTDataset, run_sft, sft_train  # chapter 09
+from .reward import GoldenRewardModel, RewardModel, train_reward_model  # chapter 10
+from .ppo import PPOConfig, PPOTrainer  # chapter 11
+
+__all__ = [
+    "get_profile",
+    "get_device",
+    "StoryWorld",
+    "default_world",
+    "Tokenizer",
+    "train_tokenizer",
+    "LLM",
+    "LLMConfig",
+    "save_hf",
+    "load_hf",
+    "TrainingConfig",
+    "NextTokenPredictionDataset",
+    "train",
+    "pretrain",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "generate",
+    "generate_text",
+    "CompiledDecoder",
+    "SFTDataset",
+    "sft_train",
+    "run_sft",
+    "RewardModel",
+    "GoldenRewardModel",
+    "train_reward_model",
+    "PPOConfig",
+    "PPOTrainer",
+]
