@@ -9,11 +9,12 @@ weights (fp32 on the CPU, the same thread count):
             disabled and `min_new_tokens` = `max_new_tokens` forces the length;
 - no-cache: `tinyllama.generate.generate(..., use_cache=False)`, which runs the whole sequence
             through the model again for every new token;
-- ours compiled: `tinyllama.generate.CompiledDecoder`, the lean step compiled by `torch.compile` with fixed
-            shapes (a whole-context cache, the position as a tensor, a mask), guard checks skipped after the
-            first call; its compile time is printed and excluded (it happens in the warm-up);
+- ours compiled: `tinyllama.generate.CompiledDecoder`, the same single-token step (`decode_step`)
+            compiled by `torch.compile` with fixed shapes (a whole-context cache, the position as a
+            tensor, a mask), guard checks skipped after the first call; its compile time is printed
+            and excluded (it happens in the warm-up);
 - ours via forward: the KV cache but every step through `LLM.forward` (modules, validation,
-            masks) instead of `generate`'s lean single-token step: what the lean step buys;
+            masks) instead of `generate`'s single-token `decode_step`: what that step buys;
 - bare matvecs: per new token only the products of a vector with each weight matrix, nothing else.
             No decoder of these fp32 weights can be faster, so transformers' time over this one is the
             largest ratio any decoder could show against it on this machine (printed as the ceiling).
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         print("WARNING: the compiled decoder and generate gave different greedy tokens")
     print(f"ours compiled: the first call compiled the step in {compile_s:.1f} s (not counted below)")
     if tokens["ours via LLM.forward"] != tokens["ours (KV cache)"]:
-        print("WARNING: the lean step and LLM.forward gave different greedy tokens")
+        print("WARNING: decode_step and LLM.forward gave different greedy tokens")
     wall = {name: [] for name in runners}
     cpu = {name: [] for name in runners}
     for r in range(args.rounds):
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
         print(f"{k:24s} {med_wall[k]:16.1f} {med_cpu[k]:14.1f}")
     ours_key = "ours (KV cache)"
     for other, target in [("transformers generate", "acceptance >= 5x, goal 10x"), ("ours, no cache", "acceptance >= 4x"),
-                          ("ours via LLM.forward", "what the lean step buys")]:
+                          ("ours via LLM.forward", "what decode_step buys")]:
         print(f"ratio ours / {other:22s} wall {med_wall[ours_key] / med_wall[other]:5.2f}x   "
               f"CPU time {med_cpu[ours_key] / med_cpu[other]:5.2f}x   ({target})")
     for other, target in [("transformers generate", "acceptance >= 5x, goal 10x"), ("ours (KV cache)", "what compiling buys")]:

@@ -343,3 +343,63 @@ def test_sdpa_gqa_path_equals_repeat_kv_path(monkeypatch, kv_heads):
     torch.testing.assert_close(y_fast, y_ref, atol=1e-6, rtol=1e-5)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# --- one choice of implementation: attend(..., impl) ---------------------------------------
+
+def twin_layers(K, seed=0):
+    "The same GQA layer twice, one computing attention with SDPA, one with causal_attention."
+    fast, rope = make_layer(32, 4, K, seed=seed)
+    slow = GroupedQueryAttention(32, 4, K, attn_impl="eager").eval()
+    slow.load_state_dict(fast.state_dict())
+    return fast, slow, rope
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_sdpa_and_eager_layers_agree_with_cache_and_padding(K):
+    fast, slow, rope = twin_layers(K)
+    assert fast.attn_impl == "sdpa" and slow.attn_impl == "eager"
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(3, 9, 32, generator=g, requires_grad=True)
+    outs = []
+    for layer in (fast, slow):  # plain causal forward, outputs and gradients
+        x.grad = None
+        y = layer(x, rope)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), x.grad.clone()))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # prefill, a chunk after a cached prefix, single steps
+        chunks = [4, 3, 1, 1]
+        torch.testing.assert_close(run_chunks(fast, rope, x, chunks), run_chunks(slow, rope, x, chunks),
+                                   atol=1e-5, rtol=1e-4)
+        am = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9, [0] * 8 + [1]])
+        pos = position_ids_from_mask(am)
+        caches = [KVCache(3, K, 11, 8) for _ in range(2)]
+        ys = [layer(x, rope, position_ids=pos, attention_mask=am, kv_cache=c) for layer, c in zip((fast, slow), caches)]
+        torch.testing.assert_close(ys[0], ys[1], atol=1e-5, rtol=1e-4)
+        am = torch.cat([am, torch.ones(3, 1, dtype=am.dtype)], 1)
+        x_new = torch.randn(3, 1, 32, generator=g)
+        ys = [layer(x_new, rope, start_pos=9, position_ids=pos[:, -1:] + 1, attention_mask=am, kv_cache=c)
+              for layer, c in zip((fast, slow), caches)]
+        torch.testing.assert_close(ys[0], ys[1], atol=1e-5, rtol=1e-4)
+
+
+def test_eager_layer_computes_with_causal_attention(monkeypatch):
+    "The teaching path is really chapter 05's causal_attention, chosen in attend."
+    import tinyllama.attention as attention
+    calls = []
+    real = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast, slow, rope = twin_layers(2)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        fast(x, rope)
+        assert calls == []
+        slow(x, rope)
+        assert calls == [1]
+
+
+def test_attend_rejects_nothing_but_the_layer_refuses_an_unknown_implementation():
+    with pytest.raises(ValueError, match="attn_impl"):
+        GroupedQueryAttention(32, 4, 2, attn_impl="flash")

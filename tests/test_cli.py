@@ -62,6 +62,7 @@ def test_sample_is_reproducible_with_a_seed(checkpoint, capsys):
     assert capsys.readouterr().out == first
 
 
+@pytest.mark.slow
 def test_speedrun_writes_report_with_table_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["speedrun", "--profile", "ci", "--steps", "6", "--out", str(out), "--no-progress"]) == 0
@@ -114,6 +115,7 @@ def test_speedrun_writes_report_with_table_and_plot(tmp_path, capsys):
     assert code == 2 and str(out) in err
 
 
+@pytest.mark.slow
 def test_speedrun_runs_the_stages_asked_for(tmp_path, capsys):
     "--stages ppo runs the copy task alone: no pretraining, only PPO's rows and plot."
     out = tmp_path / "ppo-only"

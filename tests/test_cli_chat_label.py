@@ -216,6 +216,13 @@ def test_label_errors_are_one_line(pairs_file, tmp_path, capsys):
     assert not os.path.exists(labels)
 
 
+def test_label_is_chapter_12s_command():
+    from tinyllama.cli import build_parser
+    from tinyllama.feedback import label_command
+    args = build_parser().parse_args(["label", "--demo", "1"])
+    assert args.func is label_command  # one implementation: the CLI registers and calls chapter 12's
+
+
 def test_help_lists_every_command(capsys):
     from tinyllama.cli import COMMANDS
     code, out, _ = _run(["--help"], capsys)

@@ -164,6 +164,7 @@ def test_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, dtype)
 ])
 def test_sdpa_groups_kv_heads_only_for_a_fused_kernel(monkeypatch, device, dtype, masked, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(attention, "_CAPABILITY", {})  # asked once per device: forget
     assert attention.sdpa_shares_kv_heads(torch.device(device), dtype, masked) == expected
 
 
@@ -322,3 +323,24 @@ exit 0
         line = next(l for l in summary.splitlines() if l.startswith(name))
         assert " passed " in line, line
     assert "--stages pretrain,samples" in log.read_text()  # the gpu-sized SFT/PPO stages are not run there
+
+
+def test_compiled_attention_never_asks_the_driver_while_tracing(monkeypatch):
+    # torch.compile (gpu profile) once crashed here: tracing called into the CUDA driver.
+    def driver(index):
+        raise AssertionError("get_device_capability called while tracing")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", driver)
+    monkeypatch.setattr(attention, "_CAPABILITY", {})
+    cuda = torch.device("cuda", 0)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def shares(x):
+        return x + 1 if attention.sdpa_shares_kv_heads(cuda, torch.bfloat16, False) else x
+
+    x = torch.zeros(2)
+    assert torch.equal(shares(x), x)  # unknown while tracing: expand the heads
+    torch._dynamo.reset()
+    attention._CAPABILITY[0] = (9, 0)  # asked once outside the trace (an H100)
+    assert torch.equal(shares(x), x + 1)
+    torch._dynamo.reset()

@@ -472,3 +472,81 @@ def test_text_reward_fn_scores_the_users_message_and_the_reply(chat_model, monke
     scores = text_reward_fn(None, tok)(prompt_ids, response_ids)
     assert seen == {"prompts": prompts, "completions": replies}  # no <|end|>, PAD or role tokens in the text
     assert scores.tolist() == [0.0, 1.0]
+
+
+# ---- the recipe: run_feedback_loop and its preset ---------------------------------------------------------
+
+def test_feedback_preset_is_frozen_and_follows_the_profile():
+    import dataclasses
+    from tinyllama.feedback import FeedbackPreset, feedback_preset
+    from tinyllama.profiles import Profile
+    ci, cpu, gpu = feedback_preset("ci"), feedback_preset("cpu"), feedback_preset(Profile("gpu"))
+    assert isinstance(ci, FeedbackPreset) and feedback_preset() == ci  # the tests run in the ci profile
+    assert (cpu.n_label, cpu.n_heldout, cpu.rm_steps, cpu.ppo_steps, cpu.ppo_epochs) == (300, 100, 150, 100, 4)
+    assert ci.n_label < cpu.n_label < gpu.n_label and ci.ppo_steps < cpu.ppo_steps <= gpu.ppo_steps
+    with pytest.raises(dataclasses.FrozenInstanceError): ci.ppo_steps = 5
+    assert dataclasses.replace(ci, ppo_steps=5).ppo_steps == 5 and ci.ppo_steps == 2
+    with pytest.raises(ValueError, match="profile"): feedback_preset("tpu")
+
+
+@pytest.fixture(scope="module")
+def loop_model(chat_model):
+    "chat_model's tokenizer, and a random model whose context holds a whole story-world pair."
+    import dataclasses
+    from _models import randomized
+    model, tok = chat_model
+    return randomized(dataclasses.replace(model.config, context_size=256), seed=4), tok
+
+
+def test_run_feedback_loop_in_the_ci_profile(loop_model, tmp_path):
+    import torch
+    from matplotlib.figure import Figure
+    from tinyllama.feedback import FeedbackRun, feedback_preset, run_feedback_loop
+    model, tok = loop_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run = run_feedback_loop(model, tok, tmp_path, "ci", seed=1, progress=False)
+    preset = feedback_preset("ci")
+    assert isinstance(run, FeedbackRun) and run.preset == preset and run.labeler == "scripted:happy-ending"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # π_SFT is left as it was
+    assert run.policy is not model and len(run.history) == preset.ppo_steps
+    # the labels are on disk: samples of the SFT policy, plus story-world pairs for a policy that writes ties
+    labels = LabelStore(tmp_path / "labels.jsonl")
+    assert labels.counts() == run.counts and labels.problems == []
+    assert all(d["model_id"] == "sft" and d["labeler"] == run.labeler for d in labels.decisions)
+    assert run.padded == (tmp_path / "labels-story-world.jsonl").exists()
+    assert run.n_train_pairs > 0 and run.n_val_pairs >= 1 and 0 <= run.rm_accuracy <= 1
+    assert len(run.rm_history) == preset.rm_steps
+    # the verdict: one reply of each policy per held-out request
+    n = preset.n_heldout
+    assert len(run.prompts) == len(run.before) == len(run.after) == len(run.kl) == n
+    assert len(run.scores_before) == len(run.scores_after) == n and run.verdict["n"] == n
+    assert not set(run.prompts) & {d["prompt"] for d in labels.decisions}  # held out from labelling
+    assert run.verdict["wins"] + run.verdict["ties"] + run.verdict["losses"] == n
+    assert run.kl_mean == pytest.approx(sum(run.kl) / n)
+    assert set(run.seconds) == {"label", "reward_model", "ppo", "verdict"}
+    assert isinstance(run.plot, Figure) and len(run.plot.axes) == 3
+    text = "\n\n".join(run.summary())
+    assert len(run.summary()) == 4 and f"{run.verdict['win_rate']:.1%}" in text and "labels.jsonl" in text
+
+
+def test_run_feedback_loop_rejects_bad_arguments(chat_model, tmp_path):
+    from tinyllama.feedback import run_feedback_loop
+    model, tok = chat_model
+    with pytest.raises(ValueError, match="must be an LLM"): run_feedback_loop(object(), tok, tmp_path, "ci")
+    with pytest.raises(ValueError, match="profile"): run_feedback_loop(model, tok, tmp_path, "tpu")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="a folder"): run_feedback_loop(model, tok, tmp_path / "file", "ci")
+    assert list(tmp_path.iterdir()) == [tmp_path / "file"]  # nothing was written
+
+
+def test_label_main_refuses_empty_input(tmp_path):
+    out = []
+    assert label_main(["--demo", "0"], input=feed([]), output=out.append) == 2
+    assert "nothing to label" in out[-1]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    assert label_main(["--pairs", str(tmp_path / "empty.jsonl")], input=feed([]), output=out.append) == 2
+    assert "no pairs" in out[-1]
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\n")
+    assert label_main(["--pairs", str(tmp_path / "bin.jsonl")], input=feed([]), output=out.append) == 2
+    assert "UTF-8" in out[-1] and all(o.startswith("tinyllama label: error:") for o in out)
+    assert not (tmp_path / "labels.jsonl").exists()

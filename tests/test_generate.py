@@ -324,3 +324,24 @@ def test_compiled_decoder_gives_generates_tokens(model):
     hooked = LLM(model.config)
     hooked.layers[0].register_forward_hook(lambda *a: None)
     with pytest.raises(ValueError, match="plain tinyllama LLM"): CompiledDecoder(hooked)
+
+
+# ------------------------------------------------------------------ one single-token step
+def test_generate_ppo_rollouts_and_the_compiled_decoder_share_decode_step(model, monkeypatch):
+    import importlib
+    gen = importlib.import_module("tinyllama.generate")  # the module (tinyllama.generate may be the function)
+    calls = []
+    real = gen.decode_step
+    monkeypatch.setattr(gen, "decode_step", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    generate(model, PROMPTS, 6, temperature=0)
+    assert calls == [len(PROMPTS)] * 5  # prefill through forward, then five single-token steps
+    calls.clear()
+    list(decode_steps(model, PROMPTS[:2], 4, temperature=1.0, seed=0))  # what PPO's rollout calls
+    assert calls == [2] * 3
+    calls.clear()
+    dec = gen.CompiledDecoder(model)  # its compiled function is decode_step at fixed shapes
+    caches = model.new_kv_caches(1)
+    with torch.inference_mode():
+        model(torch.tensor([PROMPTS[0]]), kv_caches=caches)
+        tok = dec._greedy_step(torch.tensor([7]), dec._pos[3], [c.k for c in caches], [c.v for c in caches])
+    assert calls == [1] and tok.shape == (1,)

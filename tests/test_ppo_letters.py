@@ -1,4 +1,4 @@
-"""Tests of tinyllama.ppo.LetterTokenizer and of a short PPO run on the copy task with it (chapter 11's setup):
+"""Tests of tinyllama.reward.LetterTokenizer (chapter 10) and of a short PPO run on the copy task with it (chapter 11's setup):
 ids match the course tokenizer's special ids, copy prompts work with the golden reward, and the reward rises."""
 import copy
 import random
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tinyllama.model import LLM, LLMConfig
-from tinyllama.ppo import LetterTokenizer, PPOConfig, PPOTrainer, ValueModel
-from tinyllama.reward import GoldenRewardModel, copy_prompts, copy_task_words
+from tinyllama.ppo import PPOConfig, PPOTrainer, ValueModel
+from tinyllama.reward import GoldenRewardModel, LetterTokenizer, copy_prompts, copy_task_words
 
 torch.set_num_threads(1)
 

@@ -85,3 +85,34 @@ def test_a_kernel_that_dies_while_starting_is_started_again():
         calls.append(1); raise RuntimeError("Kernel died before replying to kernel_info")
     with pytest.raises(RuntimeError, match="Kernel died"): conftest._start_kernel_with_retries(dead)()
     assert len(calls) == 3
+
+
+def _check_notebooks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_notebooks", ROOT / "scripts" / "check_notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_exported_cells_are_short_and_lines_fit_the_book():
+    found = [p for nb in NBS for p in _check_notebooks().problems(nb)]
+    assert not found, f"{len(found)} problems, e.g.:\n" + "\n".join(found[:20])
+
+
+def test_the_form_check_finds_a_long_cell_and_a_wide_line(tmp_path):
+    cell = lambda src: {"cell_type": "code", "id": "x", "metadata": {}, "source": src}
+    nb = tmp_path / "x.ipynb"
+    long_cell = "#| export\n" + "x = 1\n" * 60
+    nb.write_text(json.dumps({"cells": [cell(long_cell), cell("y = '" + "a" * 90 + "'")]}))
+    found = _check_notebooks().problems(nb)
+    assert len(found) == 2 and "61 lines" in found[0] and "96 columns" in found[1]
+
+
+def test_notebook_code_is_formatted_by_ruff():
+    import subprocess, sys
+
+    ruff = pathlib.Path(sys.executable).with_name("ruff")
+    out = subprocess.run([str(ruff), "format", "--check", str(ROOT / "nbs")], capture_output=True, text=True)
+    assert out.returncode == 0, "run `ruff format nbs/` (then nbdev-export):\n" + out.stdout[-2000:]

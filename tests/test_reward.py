@@ -10,7 +10,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from tinyllama.data import default_world
+from tinyllama.generate import left_pad
 from tinyllama.model import LLM, LLMConfig
+from tinyllama.train import lr_at
 from tinyllama.reward import (GoldenRewardModel, PreferencePair, RewardModel, bradley_terry_loss, copy_prompts,
                               copy_task_words, encode_completion, pad_batch, pair_accuracy, score_pairs,
                               split_story, story_preference_pairs, train_reward_model)
@@ -262,6 +264,24 @@ def test_training_raises_held_out_accuracy():
     assert sum(m["loss"] for m in history[-5:]) / 5 < 0.5 * math.log(2)
     rc, rr = score_pairs(rm, tok, held)
     assert rc.shape == rr.shape == (48,)
+
+
+def test_training_follows_the_course_schedule():
+    "One learning-rate schedule in the course: chapter 07's lr_at, warm-up over a tenth, cosine to lr/10."
+    tok, rm = CharTokenizer(), small_rm()
+    history = train_reward_model(rm, tok, synthetic_pairs(32, 0), steps=20, batch_size=8, lr=1e-3, progress=False)
+    assert [m["lr"] for m in history] == [lr_at(s, 1e-3, 1e-4, 2, 20) for s in range(20)]
+    assert history[1]["lr"] == 1e-3 and history[-1]["lr"] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("rows", [[[5, 6, 2], [7, 2]], [[4], [], [1, 2, 3, 4]], [[9]]])
+def test_pad_batch_is_left_pad_on_either_side(rows):
+    if all(rows):  # chapter 08's padder takes no empty rows
+        ids, mask = left_pad(rows, PAD)
+        assert [torch.equal(a, b) for a, b in zip(pad_batch(rows, PAD, "left"), (ids, mask))] == [True, True]
+    ids, mask = pad_batch(rows, PAD, "right")
+    for row, r, m in zip(rows, ids.tolist(), mask.tolist()):
+        assert r == row + [PAD] * (ids.shape[1] - len(row)) and m == [1] * len(row) + [0] * (ids.shape[1] - len(row))
 
 
 def test_train_reward_model_bad_input():

@@ -163,6 +163,49 @@ def test_train_loss_is_the_masked_loss(tok, stories):
     assert res.history[0]["loss"] == pytest.approx(want, rel=1e-5)
 
 
+def _first_step_grads(model, data, config):
+    "The gradient the optimizer receives at the first step of sft_train."
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    grads = []
+    def grab(opt, args, kwargs):
+        grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]])
+    handle = register_optimizer_step_pre_hook(grab)
+    try:
+        sft_train(model, data, config, progress=False)
+    finally:
+        handle.remove()
+    return grads[0]
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_accumulated_chats_weigh_every_reply_token_the_same(tok, stories, k):
+    "Replies of very different lengths: k micro-batches give the gradient of the one big batch."
+    chats = sft_conversations(stories[:40], seed=6, write_fraction=0.5, max_questions=1)
+    ds = SFTDataset(chats, tok, seed=3)
+    x, y = ds.batch(0, 8)
+    per_row = (y != IGNORE_INDEX).sum(1)
+    assert per_row.max() >= 5 * per_row.min()  # story replies (~80 tokens) and one-word answers
+    cfg = lambda **kw: TrainingConfig(steps=1, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=0, log_every=1,
+                                      eval_every=0, grad_clip=0.0, precision="fp32", device="cpu", **kw)
+    big = _first_step_grads(tiny_model(tok), ds, cfg())
+    acc = _first_step_grads(tiny_model(tok), ds, cfg(grad_accum_steps=k))
+    for a, b in zip(big, acc):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-4)
+    with torch.no_grad():
+        want = sft_loss(tiny_model(tok)(x), y).item()
+    assert sft_train(tiny_model(tok), ds, cfg(grad_accum_steps=k), progress=False).losses()[0] == \
+        pytest.approx(want, rel=1e-5)
+
+
+def test_sft_dataset_is_a_batch_source_without_inheritance(tok, stories):
+    from tinyllama.train import BatchSource
+    ds = SFTDataset(sft_conversations(stories[:4], seed=1), tok)
+    assert isinstance(ds, BatchSource) and not isinstance(ds, NextTokenPredictionDataset)
+    assert ds.context_size == max(len(x) for x in ds.inputs)
+    with pytest.raises(ValueError, match="rank"):
+        ds.batch(0, 4, rank=2, world_size=2)
+
+
 def test_masked_labels():
     x, y = masked_labels([1, 5, 6, 7, 8], [0, 0, 1, 1, 0])
     assert x == [1, 5, 6, 7] and y == [IGNORE_INDEX, 6, 7, IGNORE_INDEX]

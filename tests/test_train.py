@@ -1,19 +1,21 @@
 """Tests of tinyllama.train (chapter 07): data windows, config checks, schedule, optimizer groups,
 gradient accumulation, divergence, clean stops, held-out scoring, and DDP equivalence."""
-import json, math, os, subprocess, sys, threading
+import dataclasses, json, math, os, subprocess, sys, threading
 from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_setup import TINY, tiny_setup, tiny_stream  # noqa: E402
+from _train_setup import TINY, RaggedTargets, tiny_setup, tiny_stream  # noqa: E402
 from tinyllama.model import LLM, LLMConfig
 from tinyllama.rmsnorm import RMSNorm
 from tinyllama.checkpoint import load_checkpoint
-from tinyllama.train import (NextTokenPredictionDataset, TrainingConfig, TrainingDiverged, LossPlot, heldout_split,
-                             lr_at, lr_schedule, make_optimizer, param_groups, pretrain_preset, read_metrics,
-                             story_nlls, tokenize_stories, train)
+from tinyllama.train import (IGNORE_INDEX, BatchSource, NextTokenPredictionDataset, PretrainPreset, TrainingConfig,
+                             TrainingDiverged, LossPlot, heldout_split, lr_at, lr_schedule, make_optimizer,
+                             param_groups, plot_losses, pretrain_preset, read_metrics, steps_overrides, story_nlls,
+                             tokenize_stories, train)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -128,6 +130,57 @@ def test_gradient_accumulation_matches_one_big_batch():
     for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
 
+def _first_step_grads(model, data, config):
+    "The gradient the optimizer receives at the first step of `train` (unclipped)."
+    grads = []
+    def grab(opt, args, kwargs):
+        grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]])
+    handle = register_optimizer_step_pre_hook(grab)
+    try:
+        train(model, data, config, progress=False)
+    finally:
+        handle.remove()
+    return grads[0]
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_accumulation_weighs_every_target_token_the_same(k):
+    "Rows with 1 to 16 targets (chats): k micro-batches give the gradient and loss of the one big batch."
+    model, data, c1 = tiny_setup(steps=1, ragged=True, grad_clip=0.0, warmup_steps=0)
+    x, y = data.batch(0, c1.batch_size)
+    with torch.no_grad():  # the step's loss: the mean over all its target tokens
+        want = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX).item()
+    big = _first_step_grads(model, data, c1)
+    mk, _, ck = tiny_setup(steps=1, ragged=True, grad_clip=0.0, warmup_steps=0, grad_accum_steps=k)
+    acc = _first_step_grads(mk, data, ck)
+    for a, b in zip(big, acc):
+        torch.testing.assert_close(b, a, atol=1e-7, rtol=1e-5)
+    mk, _, ck = tiny_setup(steps=1, ragged=True, warmup_steps=0, grad_accum_steps=k)
+    assert train(mk, data, ck, progress=False).losses()[0] == pytest.approx(want, rel=1e-6)
+    # the micro-batches really are uneven (so a mean of their means would weigh tokens unequally)
+    lens = [int((y[j * 8 // k:(j + 1) * 8 // k] != IGNORE_INDEX).sum()) for j in range(k)]
+    assert max(lens) >= 3 * min(lens)
+
+def test_ragged_training_matches_one_big_batch_over_steps():
+    m1, data, c1 = tiny_setup(steps=4, ragged=True)
+    m2, _, c2 = tiny_setup(steps=4, ragged=True, grad_accum_steps=4)
+    l1, l2 = train(m1, data, c1, progress=False).losses(), train(m2, data, c2, progress=False).losses()
+    assert l1 == pytest.approx(l2, abs=1e-6)  # (old mean of micro-batch means: 6e-2 apart)
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=n)  # (old: 1.5e-2)
+
+def test_train_takes_any_batch_source_and_refuses_other_data():
+    model, data, cfg = tiny_setup(steps=2)
+    assert isinstance(data, BatchSource) and isinstance(RaggedTargets(data), BatchSource)
+    assert train(model, RaggedTargets(data), cfg, progress=False).steps_done == 2
+    for bad in (data.tokens, [data.tokens]):
+        with pytest.raises(ValueError, match="batch source"):
+            train(model, bad, cfg, progress=False)
+    with pytest.raises(ValueError, match="eval_data must be a batch source"):
+        train(model, data, cfg, eval_data=object(), progress=False)
+    long = NextTokenPredictionDataset(tiny_stream(), context_size=32)
+    with pytest.raises(ValueError, match="context_size"):
+        train(model, long, cfg, progress=False)
+
 def test_the_loss_falls_and_metrics_are_logged(tmp_path):
     model, data, cfg = tiny_setup(steps=30, out_dir=str(tmp_path), eval_every=10, eval_batches=2, log_every=5)
     seen = []
@@ -201,6 +254,15 @@ def test_loss_plot_collects_and_draws():
     for s in range(1, 4): plot({"step": s, "loss": 2.0 / s, **({"eval_loss": 1.0} if s == 3 else {})})
     ax = plot.figure().axes[0]
     assert len(ax.lines) == 3 and list(ax.lines[0].get_ydata()) == [2.0, 1.0, 2.0 / 3]
+    assert list(ax.lines[1].get_xdata()) == [3] and ax.get_yscale() == "log"
+
+def test_plot_losses_draws_on_a_given_axes():
+    from matplotlib.figure import Figure
+    fig = Figure()
+    left, right = fig.subplots(1, 2)
+    got = plot_losses([{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}], ax=right, title="SFT", ylabel="nats")
+    assert got is fig and len(right.lines) == 1 and not left.lines and right.get_title() == "SFT"
+    assert len(plot_losses([]).axes[0].lines) == 0  # an empty history is an empty plot, not an error
 
 @pytest.mark.parametrize("profile", ["ci", "cpu", "gpu"])
 def test_presets_are_valid_and_stories_fit_the_context(profile):
@@ -208,22 +270,36 @@ def test_presets_are_valid_and_stories_fit_the_context(profile):
     from tinyllama.tokenizer import train_tokenizer
     from tinyllama.train import tokenizer_vocab_size
     preset = pretrain_preset(profile)
-    model_kwargs, cfg = preset  # unpacks like a pair
+    model_kwargs, cfg = preset.model, preset.train
     LLMConfig(**model_kwargs)
-    assert isinstance(cfg, TrainingConfig) and preset.profile == profile and 1.0 <= preset.band[0] < preset.band[1]
+    assert isinstance(preset, PretrainPreset) and isinstance(cfg, TrainingConfig)
+    assert preset.profile == profile and 1.0 <= preset.band[0] < preset.band[1]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preset.corpus = "tinystories"
+    assert dataclasses.replace(preset, corpus="tinystories").corpus == "tinystories"
     stories, held = train_heldout(1500, 300, seed=0)  # the story world (also the gpu profile's offline fallback)
     tok = train_tokenizer([s.text for s in stories], vocab_size=tokenizer_vocab_size(preset, "story_world"))
     longest = max(len(tok.encode(s.text)) + 1 for s in held)  # tokens to predict: text + </s>
     assert longest <= model_kwargs["context_size"], "held-out stories would not fit the context for scoring"
 
+def test_steps_overrides_shrink_warmup_and_evaluation():
+    cfg = pretrain_preset("cpu").train
+    assert steps_overrides(cfg, None) == {}
+    for steps in (1, 5, 50, cfg.steps, 10 * cfg.steps):
+        o = steps_overrides(cfg, steps)
+        TrainingConfig(**{**dataclasses.asdict(cfg), **o})  # a valid config
+        assert o["steps"] == steps and 0 <= o["warmup_steps"] <= min(steps, cfg.warmup_steps)
+
 # ---------- DDP
-def test_ddp_two_processes_match_one_process(tmp_path):
-    model, data, cfg = tiny_setup()
+@pytest.mark.parametrize("ragged", [False, True])
+def test_ddp_two_processes_match_one_process(ragged, tmp_path):
+    "Two ranks give the curve and weights of one process; ragged: rows of 1 to 16 targets, 2 micro-batches."
+    model, data, cfg = tiny_setup(ragged=ragged, **({"grad_accum_steps": 2} if ragged else {}))
     single = train(model, data, cfg, progress=False)
     out = tmp_path / "ddp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).with_name("ddp_worker.py")), str(out)],
+                           str(Path(__file__).with_name("ddp_worker.py")), str(out)] + ["ragged"] * ragged,
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads(out.read_text())

@@ -12,8 +12,8 @@ from tinyllama.model import LLM, LLMConfig
 from tinyllama.profiles import get_profile
 from tinyllama.train import pretrain_preset
 from tinyllama import widgets
-from tinyllama.widgets import (MODEL_FIELDS, TrainingPanel, configs_from_fields, field_problem, greedy_continue,
-                               loss_png, panel_defaults, sample_texts)
+from tinyllama.widgets import (MODEL_FIELDS, TrainingPanel, configs_from_fields, field_problem, loss_png,
+                               panel_defaults, sample_texts)
 
 # A model and run small enough that a panel run takes a second or two on 2 CPU cores.
 TINY = dict(vocab_size=320, dim_emb=32, num_layers=1, num_heads=4, num_kv_heads=2, context_size=32,
@@ -41,7 +41,8 @@ def state_dicts_equal(a, b):
 
 @pytest.mark.parametrize("name", ["ci", "cpu", "gpu"])
 def test_fields_start_from_the_profile_preset(name):
-    model_kwargs, run = pretrain_preset(get_profile(name))
+    preset = pretrain_preset(get_profile(name))
+    model_kwargs, run = preset.model, preset.train
     values, base = panel_defaults(name)
     for f in MODEL_FIELDS:
         if f in model_kwargs:
@@ -238,26 +239,6 @@ def test_loss_png_is_a_png_for_empty_and_full_histories():
     assert loss_png(hist, floor=0.3)[:4] == b"\x89PNG"
 
 
-def test_greedy_fallback_matches_argmax_decoding():
-    torch.manual_seed(0)
-    model = LLM(LLMConfig(vocab_size=50, context_size=16, dim_emb=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                          ffd_hidden_dim=32)).eval()
-    prompt = [1, 7, 9]
-    new = greedy_continue(model, prompt, 6)
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(6):  # the definition: append the argmax of the last position, one token at a time
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert new == ids[3:]
-    # stops before EOS
-    assert greedy_continue(model, prompt, 6, eos_id=new[2]) == new[:new.index(new[2])]
-    try:
-        from tinyllama.generate import generate
-    except ImportError:
-        return
-    assert generate(model, [prompt], max_new_tokens=6, temperature=0.0)[0] == new
-
-
 def test_sample_texts_fits_the_context():
     from tinyllama.data import story_corpus
     from tinyllama.tokenizer import train_tokenizer
@@ -295,3 +276,11 @@ def test_close_stops_the_run_and_closes_every_widget(tmp_path):
     panel.close()
     assert not panel.running and panel.result.stopped_early
     assert all(w.comm is None for w in parts + [panel.fields["lr"].layout, panel.fields["lr"].style])
+
+
+def test_the_cost_line_counts_flops_as_the_model_does():
+    # a long context, so that the attention term (12·L·T·d per token) weighs in the estimate
+    panel = TrainingPanel(profile="ci", n_stories=200).set(**{**TINY, "context_size": 512})
+    model, run = configs_from_fields(panel.values(), panel.base_config)
+    flops = model.flops_per_token() * run.steps * run.batch_size * model.context_size
+    assert f"≈ {flops / 1e12:.2g} TFLOP" in panel.summary_text

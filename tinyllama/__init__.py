@@ -25,7 +25,8 @@ from .checkpoint import load_checkpoint, load_model, save_checkpoint  # chapter 
 from .generate import CompiledDecoder, generate, generate_text  # chapter 08
 from .sft import SFTDataset, run_sft, sft_train  # chapter 09
 from .reward import GoldenRewardModel, RewardModel, train_reward_model  # chapter 10
-from .ppo import PPOConfig, PPOTrainer  # chapter 11
+from .ppo import PPOConfig, PPOTrainer, run_copy_task  # chapter 11
+from .feedback import run_feedback_loop  # chapter 12
 
 __all__ = [
     "get_profile",
@@ -56,4 +57,6 @@ __all__ = [
     "train_reward_model",
     "PPOConfig",
     "PPOTrainer",
+    "run_copy_task",
+    "run_feedback_loop",
 ]

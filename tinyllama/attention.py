@@ -6,10 +6,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['causal_mask', 'attention_weights', 'causal_attention', 'repeat_kv', 'KVCache', 'sdpa_shares_kv_heads',
-           'GroupedQueryAttention', 'kv_cache_bytes_per_token', 'position_ids_from_mask']
+__all__ = ['ATTN_IMPLS', 'causal_mask', 'attention_weights', 'causal_attention', 'repeat_kv', 'KVCache', 'sdpa_shares_kv_heads',
+           'attend', 'GroupedQueryAttention', 'kv_cache_bytes_per_token', 'position_ids_from_mask']
 
 # %% ../nbs/05_attention.ipynb #4689ffab
 def causal_mask(
@@ -22,24 +23,27 @@ def causal_mask(
     kv_len = q_len if kv_len is None else kv_len
     if q_len < 1 or kv_len < q_len:
         raise ValueError(
-            f"causal_mask needs 1 <= q_len <= kv_len, got q_len={q_len}, kv_len={kv_len}; "
+            "causal_mask needs 1 <= q_len <= kv_len, got "
+            f"q_len={q_len}, kv_len={kv_len}; "
             "the queries are the newest q_len of the kv_len positions."
         )
-    # Query i sits at absolute position kv_len - q_len + i and may see every key up to it.
+    # Query i sits at position kv_len - q_len + i and may see every key up to it.
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
     return k_pos <= q_pos
 
-# %% ../nbs/05_attention.ipynb #1b133519
+# %% ../nbs/05_attention.ipynb #d7aa1830
 def _check_qkv(q, k, v):
+    "Clear errors for q, k, v that cannot be attended (shapes only: no data is read)."
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
-            f"q, k, v must be 4-d (batch, heads, seq, head_dim); got shapes "
+            "q, k, v must be 4-d (batch, heads, seq, head_dim); got shapes "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
         )
     if k.shape != v.shape:
         raise ValueError(
-            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}."
+            f"k and v must have the same shape, got {tuple(k.shape)} and "
+            f"{tuple(v.shape)}."
         )
     if q.shape[1] != k.shape[1]:
         raise ValueError(
@@ -48,7 +52,8 @@ def _check_qkv(q, k, v):
         )
     if q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
         raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch size and head_dim."
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch size "
+            "and head_dim."
         )
     if q.shape[2] > k.shape[2]:
         raise ValueError(
@@ -56,27 +61,22 @@ def _check_qkv(q, k, v):
             "each query must be one of the key positions."
         )
 
-
+# %% ../nbs/05_attention.ipynb #1b133519
 def attention_weights(
     q: torch.Tensor,  # queries (B, H, T, D)
     k: torch.Tensor,  # keys (B, H, S, D), S >= T; the queries are the last T positions
-    mask: torch.Tensor
-    | None = None,  # extra bool mask broadcastable to (B, H, T, S), True = may attend
-) -> (
-    torch.Tensor
-):  # (B, H, T, S), each row sums to 1 (or is all 0 if nothing is visible)
+    mask: torch.Tensor | None = None,  # extra bool mask, broadcastable to (B, H, T, S)
+) -> torch.Tensor:  # (B, H, T, S), rows sum to 1 (all 0 if nothing is visible)
     "Causal attention probabilities softmax(QKᵀ/√D + mask)."
     _check_qkv(q, k, k)
     T, S, D = q.shape[2], k.shape[2], q.shape[3]
     allowed = causal_mask(T, S, device=q.device)  # (T, S)
     if mask is not None:
         allowed = allowed & mask.bool()
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(
-        D
-    )  # (B, H, T, S), softmax in float32
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(D)  # softmax in float32
     scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
-    # A query that may see no key at all has a row of -inf: give it zero weights, as SDPA does.
+    # A query that may see no key has a row of -inf: give it zero weights, as SDPA does.
     weights = weights.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     return weights.to(q.dtype)
 
@@ -85,31 +85,36 @@ def causal_attention(
     q: torch.Tensor,  # queries (B, H, T, D)
     k: torch.Tensor,  # keys (B, H, S, D)
     v: torch.Tensor,  # values (B, H, S, D)
-    mask: torch.Tensor
-    | None = None,  # extra bool mask broadcastable to (B, H, T, S), True = may attend
+    mask: torch.Tensor | None = None,  # extra bool mask, broadcastable to (B, H, T, S)
+    dropout_p: float = 0.0,  # dropout on the attention probabilities (training)
 ) -> torch.Tensor:  # (B, H, T, D)
     "The explicit softmax(QKᵀ/√D + mask)·V, always causal (the teaching path)."
     _check_qkv(q, k, v)
-    return attention_weights(q, k, mask) @ v
+    weights = attention_weights(q, k, mask)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v
 
 # %% ../nbs/05_attention.ipynb #2eed3885
 def repeat_kv(
     x: torch.Tensor,  # keys or values (B, K, T, D)
     n_rep: int,  # how many query heads share each key/value head (H // K)
 ) -> torch.Tensor:  # (B, K*n_rep, T, D); head h reads kv head h // n_rep
-    "Repeat each key/value head `n_rep` times so K kv heads serve H = K·n_rep query heads."
+    "Repeat each key/value head `n_rep` times: K kv heads serve H = K·n_rep queries."
     if isinstance(n_rep, bool) or not isinstance(n_rep, int) or n_rep < 1:
         raise ValueError(
-            f"n_rep must be a positive integer (num_heads // num_kv_heads), got {n_rep!r}."
+            "n_rep must be a positive integer (num_heads // num_kv_heads), "
+            f"got {n_rep!r}."
         )
     if x.dim() != 4:
         raise ValueError(
-            f"repeat_kv expects (batch, kv_heads, seq, head_dim), got shape {tuple(x.shape)}."
+            "repeat_kv expects (batch, kv_heads, seq, head_dim), "
+            f"got shape {tuple(x.shape)}."
         )
     if n_rep == 1:
         return x
     B, K, T, D = x.shape
-    # expand makes a view; reshape copies once into the (B, H, T, D) layout attention wants.
+    # expand makes a view; reshape copies once into the (B, H, T, D) layout.
     return x[:, :, None, :, :].expand(B, K, n_rep, T, D).reshape(B, K * n_rep, T, D)
 
 # %% ../nbs/05_attention.ipynb #83dd05ce
@@ -119,7 +124,7 @@ def _positive_int(name, value):
 
 
 class KVCache:
-    "Keys and values of earlier positions, written at an explicit `start_pos` (one per layer)."
+    "Keys and values of earlier positions, written at an explicit `start_pos`."
 
     def __init__(
         self,
@@ -130,19 +135,16 @@ class KVCache:
         device=None,
         dtype=None,
     ):
-        for name, value in [
-            ("batch_size", batch_size),
-            ("num_kv_heads", num_kv_heads),
-            ("max_seq_len", max_seq_len),
-            ("head_dim", head_dim),
-        ]:
-            _positive_int(name, value)
-        self.batch_size, self.num_kv_heads, self.max_seq_len, self.head_dim = (
-            batch_size,
-            num_kv_heads,
-            max_seq_len,
-            head_dim,
+        sizes = dict(
+            batch_size=batch_size,
+            num_kv_heads=num_kv_heads,
+            max_seq_len=max_seq_len,
+            head_dim=head_dim,
         )
+        for name, value in sizes.items():
+            _positive_int(name, value)
+        self.batch_size, self.num_kv_heads = batch_size, num_kv_heads
+        self.max_seq_len, self.head_dim = max_seq_len, head_dim
         shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
         self.k = torch.zeros(
             shape, device=device, dtype=dtype
@@ -151,62 +153,71 @@ class KVCache:
             shape, device=device, dtype=dtype
         )  # (B, K, max_seq_len, D)
 
-    def update(
-        self,
-        k_new: torch.Tensor,  # keys of the new tokens (B, K, T_new, D)
-        v_new: torch.Tensor,  # values of the new tokens (B, K, T_new, D)
-        start_pos: int,  # slot of the first new token (= number of tokens already cached)
-    ) -> tuple[
-        torch.Tensor, torch.Tensor
-    ]:  # keys and values of slots 0 .. start_pos+T_new-1
-        "Write the new keys/values at `start_pos` and return the cached prefix including them."
-        t_new = k_new.shape[2] if k_new.dim() == 4 else -1
-        expected = (self.batch_size, self.num_kv_heads, t_new, self.head_dim)
-        if tuple(k_new.shape) != expected or v_new.shape != k_new.shape:
-            raise ValueError(
-                f"KVCache.update expects k_new and v_new of shape (batch_size={self.batch_size}, "
-                f"num_kv_heads={self.num_kv_heads}, T_new, head_dim={self.head_dim}), got "
-                f"{tuple(k_new.shape)} and {tuple(v_new.shape)}."
-            )
-        if (
-            isinstance(start_pos, bool)
-            or not isinstance(start_pos, int)
-            or start_pos < 0
-        ):
-            raise ValueError(
-                f"start_pos must be a non-negative integer, got {start_pos!r}."
-            )
-        end = start_pos + t_new
-        if end > self.max_seq_len:
-            raise ValueError(
-                f"the KV cache holds max_seq_len={self.max_seq_len} positions, but writing "
-                f"{t_new} tokens at start_pos={start_pos} needs {end}; "
-                "create the cache with a larger max_seq_len (at most the model's context_size)."
-            )
-        self.k[:, :, start_pos:end] = k_new
-        self.v[:, :, start_pos:end] = v_new
-        return self.k[:, :, :end].to(k_new.dtype), self.v[:, :, :end].to(v_new.dtype)
-
     @property
     def nbytes(self) -> int:
         "Memory held by the keys and values."
-        return (
-            self.k.numel() * self.k.element_size()
-            + self.v.numel() * self.v.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
+
+# %% ../nbs/05_attention.ipynb #648e75b9
+def _check_start_pos(start_pos):
+    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+        raise ValueError(
+            f"start_pos must be a non-negative integer, got {start_pos!r}."
         )
 
+
+def _check_cache_update(cache, k_new, v_new, start_pos):
+    "Clear errors for a write that does not fit the cache (shapes only)."
+    t_new = k_new.shape[2] if k_new.dim() == 4 else -1
+    expected = (cache.batch_size, cache.num_kv_heads, t_new, cache.head_dim)
+    if tuple(k_new.shape) != expected or v_new.shape != k_new.shape:
+        raise ValueError(
+            "KVCache.update expects k_new and v_new of shape "
+            f"(batch_size={cache.batch_size}, num_kv_heads={cache.num_kv_heads}, "
+            f"T_new, head_dim={cache.head_dim}), got {tuple(k_new.shape)} and "
+            f"{tuple(v_new.shape)}."
+        )
+    _check_start_pos(start_pos)
+    if start_pos + t_new > cache.max_seq_len:
+        raise ValueError(
+            f"the KV cache holds max_seq_len={cache.max_seq_len} positions, but "
+            f"writing {t_new} tokens at start_pos={start_pos} needs "
+            f"{start_pos + t_new}; create the cache with a larger max_seq_len "
+            "(at most the model's context_size)."
+        )
+
+# %% ../nbs/05_attention.ipynb #aad79d89
+@patch
+def update(
+    self: KVCache,
+    k_new: torch.Tensor,  # keys of the new tokens (B, K, T_new, D)
+    v_new: torch.Tensor,  # values of the new tokens (B, K, T_new, D)
+    start_pos: int,  # slot of the first new token (= number of tokens already cached)
+    check: bool = True,  # False: the caller (LLM.forward) has checked the sizes
+) -> tuple[torch.Tensor, torch.Tensor]:  # keys, values of slots 0 .. start_pos+T_new-1
+    "Write the new keys/values at `start_pos`; return the cached prefix including them."
+    if check:
+        _check_cache_update(self, k_new, v_new, start_pos)
+    end = start_pos + k_new.shape[2]
+    self.k[:, :, start_pos:end] = k_new
+    self.v[:, :, start_pos:end] = v_new
+    return self.k[:, :, :end].to(k_new.dtype), self.v[:, :, :end].to(v_new.dtype)
+
 # %% ../nbs/05_attention.ipynb #da1b8d08
-# SDPA can serve each key/value head to its group of query heads itself from PyTorch 2.5 on (enable_gqa).
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (
-    2,
-    5,
-)
-_constant = getattr(torch.compiler, "assume_constant_result", lambda f: f)
+# SDPA can share each key/value head among its query heads itself from PyTorch 2.5 on.
+_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_SDPA_GQA = _TORCH >= (2, 5)
+_CAPABILITY: dict = {}  # CUDA device index -> compute capability, asked once
 
 
-@_constant  # under torch.compile: decided once while tracing, not a graph break
 def _cuda_capability(index) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    "The capability of CUDA device `index`; (0, 0) while torch.compile traces, unasked."
+    index = 0 if index is None else index
+    if index not in _CAPABILITY:
+        if torch.compiler.is_compiling():  # tracing cannot call into the driver
+            return (0, 0)  # -> expanded heads, right on every GPU
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def sdpa_shares_kv_heads(
@@ -214,55 +225,68 @@ def sdpa_shares_kv_heads(
     dtype: torch.dtype,  # their dtype (under autocast: the autocast dtype)
     masked: bool,  # whether an explicit attention mask is passed
 ) -> bool:
-    "Whether SDPA should share the K kv heads itself (enable_gqa) rather than get them expanded."
-    # Grouped heads are worth it only where a fused kernel takes them; elsewhere SDPA falls back
-    # to its math kernel, which builds the full (B, H, T, S) scores, and expanding is faster.
+    "Whether SDPA should share the K kv heads itself (enable_gqa) or get them expanded."
+    # Grouped heads pay only where a fused kernel takes them; elsewhere SDPA's math
+    # kernel builds the full (B, H, T, S) scores, and expanding is faster.
     if not _SDPA_GQA or masked:
         return False
     if device.type == "cpu":
         return True  # the CPU flash kernel takes grouped heads
-    if device.type == "cuda":  # flash only: compute capability 8.0+ and half precision
-        return dtype in (torch.float16, torch.bfloat16) and _cuda_capability(
-            device.index
-        ) >= (8, 0)
+    if device.type == "cuda":  # flash only: compute capability 8.0+, half precision
+        half = dtype in (torch.float16, torch.bfloat16)
+        return half and _cuda_capability(device.index) >= (8, 0)
     return False
 
+# %% ../nbs/05_attention.ipynb #fe8644df
+ATTN_IMPLS = ("sdpa", "eager")  # the implementations attend knows
 
+
+def attend(
+    q: torch.Tensor,  # queries (B, H, T, D): the last T of the S key positions
+    k: torch.Tensor,  # keys (B, K, S, D); K divides H
+    v: torch.Tensor,  # values (B, K, S, D)
+    mask: torch.Tensor | None = None,  # bool (B, 1, T, S) incl. causal; None: causal
+    impl: str = "sdpa",  # "sdpa": PyTorch's fused kernels; "eager": causal_attention
+    dropout_p: float = 0.0,  # dropout on the attention probabilities
+) -> torch.Tensor:  # (B, H, T, D)
+    "Causal grouped-query attention: the one place that picks the implementation."
+    n_rep = q.shape[1] // k.shape[1]
+    if impl == "eager":  # the formula written out above
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        return causal_attention(q, k, v, mask, dropout_p)
+    T, S = q.shape[2], k.shape[2]
+    if mask is None and 1 < T < S:  # new queries after cached keys: offset triangle
+        mask = causal_mask(T, S, device=q.device)
+    is_causal = mask is None and T == S  # one new token (T = 1 < S) sees every key
+    gqa = n_rep > 1 and sdpa_shares_kv_heads(q.device, q.dtype, mask is not None)
+    if not gqa:
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, D)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=is_causal,
+        dropout_p=dropout_p,
+        **({"enable_gqa": True} if gqa else {}),
+    )
+
+# %% ../nbs/05_attention.ipynb #c0e4910f
 class GroupedQueryAttention(nn.Module):
-    "Multi-head attention with `num_kv_heads` key/value heads shared by groups of query heads (GQA)."
+    "Multi-head attention whose K key/value heads are shared by groups of query heads."
 
     def __init__(
         self,
         dim: int,  # model width (dim_emb)
         num_heads: int,  # query heads H; must divide dim
-        num_kv_heads: int,  # key/value heads K; must divide num_heads (K = H: MHA, K = 1: MQA)
+        num_kv_heads: int,  # key/value heads K; must divide H (K = H: MHA, K = 1: MQA)
         dropout: float = 0.0,  # dropout on the attention probabilities (training only)
+        attn_impl: str = "sdpa",  # how attend computes attention: "sdpa" or "eager"
     ):
         super().__init__()
-        for name, value in [
-            ("dim", dim),
-            ("num_heads", num_heads),
-            ("num_kv_heads", num_kv_heads),
-        ]:
-            _positive_int(name, value)
-        if dim % num_heads:
-            raise ValueError(
-                f"num_heads={num_heads} must divide dim={dim} (head_dim = dim // num_heads); "
-                "pick a number of heads that divides the model width."
-            )
-        if num_heads % num_kv_heads:
-            raise ValueError(
-                f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} so that each key/value "
-                "head serves the same number of query heads; pick a divisor of num_heads."
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
-        self.dim, self.num_heads, self.num_kv_heads, self.dropout = (
-            dim,
-            num_heads,
-            num_kv_heads,
-            dropout,
-        )
+        _check_attention_sizes(dim, num_heads, num_kv_heads, dropout, attn_impl)
+        self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
+        self.dropout, self.attn_impl = dropout, attn_impl
         self.head_dim = dim // num_heads
         self.n_rep = num_heads // num_kv_heads
         self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=False)
@@ -270,86 +294,86 @@ class GroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # (B, T, dim)
-        rope: nn.Module,  # the model's RotaryPositionalEncoding
-        start_pos: int = 0,  # cache slot (and, without position_ids, position) of x's first token
-        position_ids: torch.Tensor
-        | None = None,  # (B, T) explicit positions (left-padded batches)
-        attention_mask: torch.Tensor
-        | None = None,  # (B, S) 1 = real token, 0 = padding; S = key count
-        kv_cache: KVCache | None = None,  # this layer's cache; updated in place
-    ) -> torch.Tensor:  # (B, T, dim)
-        "Causal self-attention of `x` over itself and, with a cache, over the cached prefix."
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"expected x of shape (batch, seq, dim={self.dim}), got {tuple(x.shape)}."
-            )
-        if (
-            isinstance(start_pos, bool)
-            or not isinstance(start_pos, int)
-            or start_pos < 0
-        ):
-            raise ValueError(
-                f"start_pos must be a non-negative integer, got {start_pos!r}."
-            )
-        B, T, _ = x.shape
-        H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        # position_ids were checked once by LLM.forward (the boundary), not in every layer.
-        q = rope(q, start_pos=start_pos, position_ids=position_ids, check=False)
-        k = rope(
-            k, start_pos=start_pos, position_ids=position_ids, check=False
-        )  # cached rotated
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v, start_pos)  # (B, K, S, D), S = start_pos + T
-        S = k.shape[2]
-
-        mask, is_causal = None, False
-        if attention_mask is None:
-            if S == T:
-                is_causal = True  # the fused kernels' own triangle
-            elif T > 1:
-                mask = causal_mask(
-                    T, S, device=x.device
-                )  # (T, S): new queries sit after the cached keys
-            # T == 1 after a cached prefix: the newest query may see every key, no mask at all.
-        else:
-            if tuple(attention_mask.shape) != (B, S):
-                raise ValueError(
-                    f"attention_mask must have shape (batch={B}, keys={S}) — one entry per key "
-                    f"position (start_pos + T with a cache, T without) — got {tuple(attention_mask.shape)}."
-                )
-            mask = (
-                causal_mask(T, S, device=x.device)[None, None]
-                & attention_mask.bool()[:, None, None, :]
-            )  # (B, 1, T, S)
-            # A padding query may see no real key; letting it see its own slot keeps softmax finite (no NaN).
-            mask[
-                ...,
-                torch.arange(T, device=x.device),
-                torch.arange(S - T, S, device=x.device),
-            ] = True
-        # Without a mask (training, one-token decoding) SDPA shares the K kv heads among the H query heads
-        # itself: the result of repeat_kv without copying K and V H/K times (and summing their gradients back).
-        gqa = self.n_rep > 1 and sdpa_shares_kv_heads(
-            q.device, q.dtype, mask is not None
+# %% ../nbs/05_attention.ipynb #5fc824c6
+def _check_attention_sizes(dim, num_heads, num_kv_heads, dropout, attn_impl):
+    for name, value in dict(
+        dim=dim, num_heads=num_heads, num_kv_heads=num_kv_heads
+    ).items():
+        _positive_int(name, value)
+    if dim % num_heads:
+        raise ValueError(
+            f"num_heads={num_heads} must divide dim={dim} (head_dim = dim // "
+            "num_heads); pick a number of heads that divides the model width."
         )
-        if not gqa:
-            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, H, S, D)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            **({"enable_gqa": True} if gqa else {}),
-        )  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} so that "
+            "each key/value head serves the same number of query heads; pick a "
+            "divisor of num_heads."
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}.")
+
+
+def _check_attention_inputs(layer, x, start_pos, attention_mask, kv_cache):
+    "Clear errors for inputs the layer cannot attend (shapes and ints: no data read)."
+    if x.dim() != 3 or x.shape[-1] != layer.dim:
+        raise ValueError(
+            f"expected x of shape (batch, seq, dim={layer.dim}), got {tuple(x.shape)}."
+        )
+    _check_start_pos(start_pos)
+    B, T, _ = x.shape
+    S = start_pos + T if kv_cache is not None else T
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+        raise ValueError(
+            f"attention_mask must have shape (batch={B}, keys={S}), one entry per key "
+            "position (start_pos + T with a cache, T without), got "
+            f"{tuple(attention_mask.shape)}."
+        )
+
+# %% ../nbs/05_attention.ipynb #6ce6459e
+def _padding_mask(
+    attention_mask: torch.Tensor,  # (B, S) 1 = real token, 0 = padding
+    T: int,  # queries: the last T of the S positions
+) -> torch.Tensor:  # bool (B, 1, T, S)
+    "Causal, no padding key, and each query sees its own slot (so no row is empty)."
+    S, dev = attention_mask.shape[1], attention_mask.device
+    mask = (
+        causal_mask(T, S, device=dev)[None, None] & attention_mask.bool()[:, None, None]
+    )
+    mask[..., torch.arange(T, device=dev), torch.arange(S - T, S, device=dev)] = True
+    return mask
+
+
+@patch
+def forward(
+    self: GroupedQueryAttention,
+    x: torch.Tensor,  # (B, T, dim)
+    rope: nn.Module,  # the model's RotaryPositionalEncoding
+    start_pos: int = 0,  # cache slot (and default position) of x's first token
+    position_ids: torch.Tensor | None = None,  # (B, T) explicit positions (padding)
+    attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real, 0 = padding; S keys
+    kv_cache: KVCache | None = None,  # this layer's cache; updated in place
+    check: bool = True,  # False: the caller (LLM.forward) has checked the inputs
+) -> torch.Tensor:  # (B, T, dim)
+    "Causal self-attention of `x` over itself and, with a cache, the cached prefix."
+    if check:
+        _check_attention_inputs(self, x, start_pos, attention_mask, kv_cache)
+    B, T, _ = x.shape
+    H, K, D = self.num_heads, self.num_kv_heads, self.head_dim
+    q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+    k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+    v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+    q = rope(q, start_pos=start_pos, position_ids=position_ids, check=check)
+    k = rope(k, start_pos=start_pos, position_ids=position_ids, check=check)
+    if kv_cache is not None:  # keys are cached rotated; now (B, K, S, D)
+        k, v = kv_cache.update(k, v, start_pos, check=check)
+    mask = None if attention_mask is None else _padding_mask(attention_mask, T)
+    p = self.dropout if self.training else 0.0
+    out = attend(q, k, v, mask, self.attn_impl, p)  # (B, H, T, D)
+    return self.o_proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 # %% ../nbs/05_attention.ipynb #41c966b5
 def kv_cache_bytes_per_token(

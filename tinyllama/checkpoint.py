@@ -2,19 +2,19 @@
 
 # %% ../nbs/07b_checkpoint.ipynb #b45354c5
 from __future__ import annotations
-import hashlib, json, os, random, tempfile
+import json, os, random, tempfile
 from dataclasses import asdict
 from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from .data import sha256_of
 from .model import LLM, LLMConfig
 
 # %% auto #0
-__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'STATE_FILE', 'CheckpointError', 'unwrap_model', 'atomic_write', 'sha256_file',
-           'rng_state', 'set_rng_state', 'save_checkpoint', 'has_checkpoint', 'load_config', 'load_checkpoint',
-           'load_model']
+__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'STATE_FILE', 'CheckpointError', 'unwrap_model', 'atomic_write', 'rng_state',
+           'set_rng_state', 'save_checkpoint', 'has_checkpoint', 'load_config', 'load_checkpoint', 'load_model']
 
 # %% ../nbs/07b_checkpoint.ipynb #634f866a
 WEIGHTS_FILE, CONFIG_FILE, STATE_FILE = (
@@ -40,7 +40,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 # %% ../nbs/07b_checkpoint.ipynb #7ec87913
 def atomic_write(path, write) -> Path:
-    "Call `write(tmp_path)` on a temporary file next to `path`, then rename it onto `path` (all or nothing)."
+    "Call `write(tmp_path)`, then rename the temp file onto `path` (all or nothing)."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -49,26 +49,15 @@ def atomic_write(path, write) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(
-            tmp, path
-        )  # atomic on POSIX and Windows: readers see the old file or the new one
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
-
-def sha256_file(path) -> str:
-    "Hex SHA-256 of a file's bytes."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
-
 # %% ../nbs/07b_checkpoint.ipynb #856cf453
 def rng_state() -> dict:
-    "The random-number states a run depends on: Python's, torch's CPU generator and every CUDA device's."
+    "The random states a run depends on: Python's, torch's CPU and CUDA generators."
     version, internal, gauss = random.getstate()
     state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -77,13 +66,12 @@ def rng_state() -> dict:
 
 
 def _cpu_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(
-        "cpu", torch.uint8
-    )  # what torch's set_rng_state functions accept
+    "`t` as a CPU byte tensor: what torch's set_rng_state functions accept."
+    return t.detach().to("cpu", torch.uint8)
 
 
 def set_rng_state(state: dict):
-    "Restore the states saved by `rng_state` (RNG states are CPU byte tensors, wherever loaded)."
+    "Restore the states saved by `rng_state` (as CPU byte tensors, wherever loaded)."
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(_cpu_bytes(state["torch"]))
@@ -92,7 +80,7 @@ def set_rng_state(state: dict):
 
 # %% ../nbs/07b_checkpoint.ipynb #12e4310b
 def _weights(model: nn.Module) -> dict:
-    "The model's tensors for safetensors: contiguous CPU copies, a tied lm_head stored once."
+    "The model's tensors for safetensors: contiguous CPU copies, a tied lm_head once."
     sd = unwrap_model(model).state_dict()
     if getattr(getattr(unwrap_model(model), "config", None), "tie_embeddings", False):
         sd.pop("lm_head.weight", None)
@@ -104,16 +92,16 @@ def save_checkpoint(
     model: nn.Module,  # an LLM (DDP- or compile-wrapped is fine)
     optimizer: torch.optim.Optimizer | None = None,  # its state is saved when given
     scheduler=None,  # a learning-rate scheduler, saved when given
-    step: int = 0,  # optimizer steps done (the data position of a NextTokenPredictionDataset)
-    extra: dict
-    | None = None,  # more plain values/tensors to keep (torch.load(weights_only=True) must read them)
+    step: int = 0,  # optimizer steps done (where a NextTokenPredictionDataset is)
+    extra: dict | None = None,  # more values/tensors that weights_only loading reads
 ) -> Path:
-    "Write a checkpoint: weights (safetensors), config (JSON), trainer state; every file atomically."
+    "Write weights (safetensors), config (JSON) and trainer state, each atomically."
     out_dir = Path(out_dir)
     inner = unwrap_model(model)
     if not isinstance(getattr(inner, "config", None), LLMConfig):
         raise ValueError(
-            f"save_checkpoint expects a tinyllama LLM (with an LLMConfig), got {type(inner).__name__}."
+            "save_checkpoint expects a tinyllama LLM (with an LLMConfig), got "
+            f"{type(inner).__name__}."
         )
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}.")
@@ -128,7 +116,7 @@ def save_checkpoint(
     )
     state = {
         "step": step,
-        "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE),
+        "weights_sha256": sha256_of(out_dir / WEIGHTS_FILE),
         "rng": rng_state(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -148,9 +136,11 @@ def has_checkpoint(out_dir) -> bool:
 
 # %% ../nbs/07b_checkpoint.ipynb #0be36904
 def _need(path: Path, what: str):
+    "A CheckpointError unless the file `path` exists; `what` says what it holds."
     if not path.is_file():
         raise CheckpointError(
-            f"{path} is missing: {what} Point at a folder written by save_checkpoint (or train with out_dir=...)."
+            f"{path} is missing: {what} Point at a folder written by "
+            "save_checkpoint (or train with out_dir=...)."
         )
 
 
@@ -164,7 +154,7 @@ def _move(x, device):
         return type(x)(_move(v, device) for v in x)
     return x
 
-
+# %% ../nbs/07b_checkpoint.ipynb #67c27502
 def load_config(out_dir) -> LLMConfig:
     "The LLMConfig saved in `out_dir/config.json`."
     path = Path(out_dir) / CONFIG_FILE
@@ -178,10 +168,75 @@ def load_config(out_dir) -> LLMConfig:
         ) from None
 
 
+def _read_weights(wpath: Path) -> dict:
+    "The tensors of the weights file (safetensors checks its header against its size)."
+    _need(wpath, "it holds the weights.")
+    try:
+        return load_file(wpath)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{wpath} is truncated or corrupted ({e}); restore it from a backup "
+            "or train again."
+        ) from None
+
+
+def _load_weights(model: nn.Module, weights: dict, wpath: Path):
+    "Put `weights` into `model`, the tied lm_head included."
+    if getattr(model.config, "tie_embeddings", False):
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{wpath} does not fit the model ({str(e)[:300]}); build the model from "
+            "load_config(out_dir)."
+        ) from None
+
+# %% ../nbs/07b_checkpoint.ipynb #9c04d799
+def _read_state(spath: Path, wpath: Path, map_location) -> dict:
+    "The trainer state, checked against the weights file it was saved with."
+    # On the CPU first: torch.set_rng_state accepts only CPU byte tensors, so the RNG
+    # states stay there and only the rest moves to map_location.
+    try:
+        state = torch.load(spath, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{spath} is truncated or corrupted ({type(e).__name__}: "
+            f"{str(e)[:200]}); restore it from a backup or train again."
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(
+            f"{spath} is not a tinyllama trainer state; it was not written "
+            "by save_checkpoint."
+        )
+    if map_location is not None and torch.device(map_location).type != "cpu":
+        state = {
+            k: v if k == "rng" else _move(v, map_location) for k, v in state.items()
+        }
+    if state.get("weights_sha256") and sha256_of(wpath) != state["weights_sha256"]:
+        raise CheckpointError(
+            f"{wpath} does not match {spath} (its SHA-256 differs from the one "
+            "recorded): the weights were altered or come from another save; "
+            "restore both files."
+        )
+    return state
+
+
+def _restore(obj, key: str, state: dict, spath: Path):
+    "Load `state[key]` into `obj` (an optimizer or a scheduler) when `obj` is given."
+    if obj is None:
+        return
+    if state.get(key) is None:
+        raise CheckpointError(
+            f"{spath} holds no {key} state (it was saved without one)."
+        )
+    obj.load_state_dict(state[key])
+
+# %% ../nbs/07b_checkpoint.ipynb #f7fdd83d
 def load_checkpoint(
     out_dir,  # folder written by save_checkpoint
     model: nn.Module
-    | None = None,  # load the weights into this model; None builds an LLM from config.json
+    | None = None,  # load into this model; None: an LLM from config.json
     optimizer: torch.optim.Optimizer | None = None,  # restore its state when given
     scheduler=None,  # restore its state when given
     map_location="cpu",  # where the trainer-state tensors go
@@ -194,78 +249,26 @@ def load_checkpoint(
             f"{out_dir} is not a folder; there is no checkpoint there."
         )
     config = load_config(out_dir)
-    if model is None:
-        model = LLM(config)
+    model = LLM(config) if model is None else model
     inner = unwrap_model(model)
-    if getattr(inner, "config", None) is not None and asdict(inner.config) != asdict(
-        config
-    ):
+    given = getattr(inner, "config", None)
+    if given is not None and asdict(given) != asdict(config):
         raise CheckpointError(
             f"{out_dir / CONFIG_FILE} describes a different model than the one given "
-            f"({config} vs {inner.config}); build the model from load_config(out_dir)."
+            f"({config} vs {given}); build the model from load_config(out_dir)."
         )
     wpath, spath = out_dir / WEIGHTS_FILE, out_dir / STATE_FILE
-    _need(wpath, "it holds the weights.")
-    try:
-        weights = load_file(wpath)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{wpath} is truncated or corrupted ({e}); restore it from a backup or train again."
-        ) from None
-    state = {}
+    weights, state = _read_weights(wpath), {}
     if spath.is_file():
-        # On the CPU first: torch.set_rng_state accepts only CPU byte tensors, so the RNG
-        # states stay there and only the rest moves to map_location.
-        try:
-            state = torch.load(spath, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(
-                f"{spath} is truncated or corrupted ({type(e).__name__}: {str(e)[:200]}); "
-                "restore it from a backup or train again."
-            ) from None
-        if not isinstance(state, dict) or "step" not in state:
-            raise CheckpointError(
-                f"{spath} is not a tinyllama trainer state; it was not written by save_checkpoint."
-            )
-        if map_location is not None and torch.device(map_location).type != "cpu":
-            state = {
-                k: v if k == "rng" else _move(v, map_location) for k, v in state.items()
-            }
-        if (
-            state.get("weights_sha256")
-            and sha256_file(wpath) != state["weights_sha256"]
-        ):
-            raise CheckpointError(
-                f"{wpath} does not match {spath} (its SHA-256 differs from the one recorded): "
-                "the weights were altered or come from another save; restore both files."
-            )
+        state = _read_state(spath, wpath, map_location)
     elif optimizer is not None or scheduler is not None or restore_rng:
         _need(
             spath,
             "it holds the optimizer, scheduler and random states needed to resume.",
         )
-    tied = getattr(inner.config, "tie_embeddings", False)
-    if tied:
-        weights["lm_head.weight"] = weights["embed_tokens.weight"]
-    try:
-        inner.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{wpath} does not fit the model ({str(e)[:300]}); build the model from "
-            "load_config(out_dir)."
-        ) from None
-    if optimizer is not None:
-        if state.get("optimizer") is None:
-            raise CheckpointError(
-                f"{spath} holds no optimizer state (it was saved without one)."
-            )
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        if state.get("scheduler") is None:
-            raise CheckpointError(
-                f"{spath} holds no scheduler state (it was saved without one)."
-            )
-        scheduler.load_state_dict(state["scheduler"])
+    _load_weights(inner, weights, wpath)
+    _restore(optimizer, "optimizer", state, spath)
+    _restore(scheduler, "scheduler", state, spath)
     if restore_rng:
         set_rng_state(state["rng"])
     return model, state

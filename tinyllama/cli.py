@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['PROG', 'DEFAULT_PROMPTS', 'SPEEDRUN_STAGES', 'STAGE_NEEDS', 'COMMANDS', 'matmul_params', 'model_flops_per_token',
@@ -25,27 +26,16 @@ __all__ = ['PROG', 'DEFAULT_PROMPTS', 'SPEEDRUN_STAGES', 'STAGE_NEEDS', 'COMMAND
 
 # %% ../nbs/93_cli.ipynb #1d606cda
 def matmul_params(config) -> int:
-    "N: parameters used in matrix multiplies (attention, MLP, lm_head) of an LLMConfig's model."
-    c = config
-    d, hd = c.dim_emb, c.head_dim
-    attn = (
-        d * c.num_heads * hd * 2 + d * c.num_kv_heads * hd * 2
-    )  # q_proj, o_proj; k_proj, v_proj
-    mlp = 3 * d * c.ffd_hidden_dim  # gate_proj, up_proj, down_proj
-    return c.num_layers * (attn + mlp) + d * c.vocab_size  # + lm_head
+    "N, the weights in matrix multiplies of an LLMConfig's model (its matmul_params)."
+    return config.matmul_params()
 
 
 def model_flops_per_token(
     config,  # the LLMConfig that was trained
-    context: int
-    | None = None,  # tokens per training sequence; default config.context_size
-) -> float:
-    "Training FLOPs per token, 6N + 12·L·T·d (PaLM, Appendix B)."
-    T = config.context_size if context is None else context
-    return (
-        6 * matmul_params(config)
-        + 12 * config.num_layers * T * config.num_heads * config.head_dim
-    )
+    context: int | None = None,  # tokens per training sequence; default context_size
+) -> int:
+    "Training FLOPs per token, 6N + 12·L·T·d: the config's own flops_per_token."
+    return config.flops_per_token(context)
 
 # %% ../nbs/93_cli.ipynb #5519542d
 def _sync(device: torch.device):
@@ -94,7 +84,10 @@ def machine_description(device=None) -> str:
     except OSError:
         pass
     kind = "Apple MPS, " if device.type == "mps" else ""
-    return f"{kind}{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return (
+        f"{kind}{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}"
+    )
 
 # %% ../nbs/93_cli.ipynb #ead703d5
 PROG = "tinyllama"
@@ -102,7 +95,9 @@ DEFAULT_PROMPTS = ("Once upon a time,", "One day, a little", "Long ago, there wa
 
 
 class CLIError(Exception):
-    "A problem with what the user asked for; `main` prints it on one line and exits with status 2."
+    """A problem with what the user asked for; `main` prints it on one line and exits
+    with status 2.
+    """
 
 
 def positive_int(text: str) -> int:
@@ -182,7 +177,7 @@ def _corpus(p: argparse.ArgumentParser):
         help="training stories (default: the profile's; story_world needs no network)",
     )
 
-
+# %% ../nbs/93_cli.ipynb #edc2c60a
 def _sampling(
     p: argparse.ArgumentParser, temperature: float = 0.8, what: str = "prompt"
 ):
@@ -211,9 +206,100 @@ def _sampling(
         help=f"new tokens per {what} at most (default: up to the end of the context)",
     )
 
+# %% ../nbs/93_cli.ipynb #901dbb14
+def _add_pretrain(sub):
+    p = sub.add_parser(
+        "pretrain",
+        help="train a model on the profile's corpus and save a checkpoint folder",
+    )
+    _common(p, "checkpoint folder (default runs/pretrain-<time>)")
+    p.add_argument(
+        "--steps", type=positive_int, help="optimizer steps (default: the profile's)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --out"
+    )
+    _corpus(p)
+
+
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="continue prompts with a trained checkpoint")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a folder written by `tinyllama pretrain` (or speedrun)",
+    )
+    _common(p, "also write the samples to OUT/samples.md")
+    default = ", ".join(map(repr, DEFAULT_PROMPTS))
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help=f"a prompt to continue (repeat for several; default: {default})",
+    )
+    _sampling(p)
+
+
+def _add_speedrun(sub):
+    p = sub.add_parser(
+        "speedrun",
+        help="pretraining -> samples -> SFT -> PPO (copy task) -> PPO on "
+        "scripted preferences, with a report",
+    )
+    _common(p, "report folder (default runs/<time>)")
+    p.add_argument(
+        "--steps", type=positive_int, help="pretraining steps (default: the profile's)"
+    )
+    p.add_argument(
+        "--stages",
+        metavar="LIST",
+        help="comma-separated stages to run, in pipeline order (default: all of "
+        "pretrain,samples,sft,ppo,feedback; samples and sft need pretrain, "
+        "feedback needs sft)",
+    )
+    _corpus(p)
+
+# %% ../nbs/93_cli.ipynb #16614343
+_CHAT_HELP = (
+    "Answers your messages with a chat-trained model. Type a message and press "
+    "Enter (write \\n for a line break, e.g. between a story and a question); "
+    "/reset starts a new conversation, /quit or Ctrl-D ends. The conversation is "
+    "kept while it fits the model's context; the oldest turns are dropped (with a "
+    "note) when not."
+)
+
+
+def _add_chat(sub):
+    p = sub.add_parser(
+        "chat",
+        help="talk to a fine-tuned checkpoint (the speedrun's sft/ folder)",
+        description=_CHAT_HELP,
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="a checkpoint folder with tokenizer.model, fine-tuned on chats "
+        "(e.g. runs/<time>/sft)",
+    )
+    p.add_argument(
+        "--message",
+        metavar="TEXT",
+        help="answer this one message, print only the reply, and exit (for scripts)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampling seed when --temperature > 0"
+    )
+    p.add_argument(
+        "--device", choices=("cpu", "cuda", "mps"), help="default: the best available"
+    )
+    _sampling(p, temperature=0.0, what="reply")
+
 
 def build_parser() -> argparse.ArgumentParser:
     "The `tinyllama` argument parser with its five subcommands."
+    from tinyllama.feedback import add_label_subcommand  # chapter 12's `label`
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Pretrain, sample, fine-tune, align and talk to the "
@@ -223,92 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="{pretrain,sample,speedrun,chat,label}"
     )
     sub.required = True
-    p = sub.add_parser(
-        "pretrain",
-        help="train a model on the profile's corpus and save a checkpoint folder",
-    )
-    _common(p, "checkpoint folder (default runs/pretrain-<time>)")
-    p.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None,
-        help="optimizer steps (default: the profile's)",
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="continue the run saved in --out"
-    )
-    _corpus(p)
-    p = sub.add_parser("sample", help="continue prompts with a trained checkpoint")
-    p.add_argument(
-        "checkpoint",
-        type=Path,
-        help="a folder written by `tinyllama pretrain` (or speedrun)",
-    )
-    _common(p, "also write the samples to OUT/samples.md")
-    p.add_argument(
-        "--prompt",
-        action="append",
-        default=None,
-        help=f"a prompt to continue (repeat for several; default: {', '.join(map(repr, DEFAULT_PROMPTS))})",
-    )
-    _sampling(p)
-    p = sub.add_parser(
-        "speedrun",
-        help="pretraining -> samples -> SFT -> PPO (copy task) -> PPO on scripted preferences, with a report",
-    )
-    _common(p, "report folder (default runs/<time>)")
-    p.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None,
-        help="pretraining steps (default: the profile's)",
-    )
-    p.add_argument(
-        "--stages",
-        default=None,
-        metavar="LIST",
-        help="comma-separated stages to run, in pipeline order (default: all of "
-        "pretrain,samples,sft,ppo,feedback; samples and sft need pretrain, feedback needs sft)",
-    )
-    _corpus(p)
-    p = sub.add_parser(
-        "chat",
-        help="talk to a fine-tuned checkpoint (the speedrun's sft/ folder)",
-        description="Answers your messages with a chat-trained model. Type a message and press Enter "
-        "(write \\n for a line break, e.g. between a story and a question); /reset "
-        "starts a new conversation, /quit or Ctrl-D ends. The conversation is kept while "
-        "it fits the model's context; the oldest turns are dropped (with a note) when not.",
-    )
-    p.add_argument(
-        "--checkpoint",
-        type=Path,
-        required=True,
-        metavar="DIR",
-        help="a checkpoint folder with tokenizer.model, fine-tuned on chats (e.g. runs/<time>/sft)",
-    )
-    p.add_argument(
-        "--message",
-        default=None,
-        metavar="TEXT",
-        help="answer this one message, print only the reply, and exit (for scripts)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="sampling seed when --temperature > 0 (default 0)",
-    )
-    p.add_argument(
-        "--device",
-        choices=("cpu", "cuda", "mps"),
-        default=None,
-        help="default: the best available",
-    )
-    _sampling(p, temperature=0.0, what="reply")
-    from tinyllama.feedback import (
-        add_label_subcommand,
-    )  # chapter 12's options: --pairs/--demo, --out, --labeler
-
+    for add in (_add_pretrain, _add_sample, _add_speedrun, _add_chat):
+        add(sub)
     add_label_subcommand(sub)
     return parser
 
@@ -334,7 +336,9 @@ class Section:
 
 @dataclass
 class Speedrun:
-    "The shared state of one speedrun: options, output folder, what the stages made so far."
+    """The shared state of one speedrun: options, output folder, what the stages made so
+    far.
+    """
 
     profile: str  # ci | cpu | gpu
     out: Path  # report folder
@@ -355,7 +359,7 @@ class Speedrun:
 # %% ../nbs/93_cli.ipynb #6794d00b
 @contextlib.contextmanager
 def _decode_threads(device):
-    "One CPU thread while decoding: a batch of a few tokens per step gains little from a second thread, and on a busy machine it mostly waits for one."
+    "One CPU thread while decoding: a few tokens per step gain little from a second."
     old = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         torch.set_num_threads(1)
@@ -371,148 +375,59 @@ def _fmt_s(s: float) -> str:
 
 def _preset(profile, corpus=None):
     "The profile's pretraining preset, with another corpus when one is asked for."
+    from dataclasses import replace
     from tinyllama.train import pretrain_preset
 
     preset = pretrain_preset(profile)
-    if corpus is not None:
-        preset.corpus = corpus
-    return preset
+    return preset if corpus is None else replace(preset, corpus=corpus)
 
 
 def _train_overrides(preset, steps):
-    "TrainingConfig changes for a --steps override (warmup and eval interval shrink with the run)."
-    if steps is None:
-        return {}
-    t = preset.train
-    warm = min(t.warmup_steps, round(t.warmup_steps * steps / t.steps))
-    ev = min(t.eval_every, max(steps // 2, 1)) if t.eval_every else 0
-    return {
-        "steps": steps,
-        "warmup_steps": warm,
-        "eval_every": ev,
-        "log_every": min(t.log_every, steps),
-    }
+    "TrainingConfig changes for a --steps override (warmup and evaluation shrink too)."
+    from tinyllama.train import steps_overrides
 
+    return steps_overrides(preset.train, steps)
 
-def _loss_plot(history, floor_per_token, path, title):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.6))
-    ax = fig.add_subplot()
-    tr = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if tr:
-        ax.plot(*zip(*tr), lw=1.2, label="training loss")
-    if ev:
-        ax.plot(*zip(*ev), "o-", ms=3, label="held-out loss")
-    if floor_per_token:
-        ax.axhline(
-            floor_per_token,
-            color="k",
-            ls="--",
-            lw=1,
-            label="entropy floor (per token, ≈)",
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats per token")
-    ax.set_title(title)
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def stage_pretrain(run: Speedrun) -> Section:
-    "Stories → tokenizer → pretraining → held-out NLL per story against the entropy floor."
-    from tinyllama.train import pretrain, pretrain_preset
-    from tinyllama.model import LLMConfig
-
-    preset = _preset(run.profile, run.corpus)
-    overrides = _train_overrides(preset, run.steps)
-    if run.device:
-        overrides["device"] = run.device
-    device = torch.device(run.device) if run.device else None
-    from tinyllama.device import get_device
-
-    device = device or get_device()
-    if device.type == "cpu" and getattr(preset, "num_threads", None):
-        from tinyllama.train import cpu_threads
-
-        torch.set_num_threads(
-            cpu_threads(preset.num_threads)
-        )  # "auto": the cores idle now
-    amp = (
-        torch.float32
-        if device.type != "cuda"
-        else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    )
-    n = (
-        1024 if run.profile == "ci" and device.type == "cpu" else None
-    )  # ci: a cheaper (slightly lower) peak
-    peaks = [matmul_peak_flops(device, amp, n=n)]
-    ckpt = run.out / "checkpoint"
-    pr = pretrain(
-        preset, out_dir=ckpt, progress=run.progress, seed=run.seed, **overrides
-    )
-    peaks.append(matmul_peak_flops(device, amp, n=n))
-    run.state.update(
-        pretrain=pr,
-        model=pr.model,
-        tokenizer=pr.tokenizer,
-        corpus=pr.corpus,
-        peak_flops=max(peaks),
-        device=device,
-    )
-    cfg, res = pr.model.config, pr.result
-    rates = [h["tokens_per_s"] for h in res.history if "tokens_per_s" in h]
-    tps = statistics.median(rates) if rates else res.tokens_per_s
-    fpt = model_flops_per_token(cfg, preset.model["context_size"])
-    mfu = tps * fpt / max(peaks)
-    metrics, body = [], []
-    floor_tok = None
-    if pr.comparison is not None:
-        c = pr.comparison
-        lo, hi = getattr(preset, "band", (None, None))
-        inside = lo is not None and lo <= c.ratio <= hi
-        band = (
-            f"expected {lo:.2f}–{hi:.2f} for the {run.profile} profile: {'inside' if inside else 'OUTSIDE'}"
-            if lo
-            else ""
-        )
-        metrics += [
-            Metric(
-                "held-out NLL per story",
-                f"{c.nll.mean:.2f} nats",
-                f"95% CI {c.nll.lo:.2f}–{c.nll.hi:.2f}, "
-                f"{len(pr.heldout_stories)} held-out stories",
-            ),
-            Metric(
-                "entropy floor per story",
-                f"{c.floor.mean:.2f} nats",
-                f"95% CI {c.floor.lo:.2f}–{c.floor.hi:.2f} "
-                "(exact log-probabilities of 5000 stories)",
-            ),
-            Metric("NLL / floor", f"{c.ratio:.3f}", band),
+# %% ../nbs/93_cli.ipynb #b6a8d0f3
+def _floor_metrics(run: Speedrun, pr, band) -> list:
+    "Rows for the held-out NLL against the floor (story world), or the held-out loss."
+    if pr.comparison is None:
+        loss = pr.result.final_eval_loss
+        if loss is None:
+            return []
+        return [
+            Metric("held-out loss", f"{loss:.3f} nats/token", f"corpus {pr.corpus}")
         ]
-        run.state["band_ok"] = inside
-        n_tok = sum(
-            len(t)
-            for t in pr.tokenizer.encode_batch(
-                [getattr(s, "text", s) for s in pr.heldout_stories], eos=True
-            )
-        )
-        floor_tok = c.floor.mean * len(pr.heldout_stories) / n_tok
-    elif pr.result.final_eval_loss is not None:
-        metrics.append(
-            Metric(
-                "held-out loss",
-                f"{pr.result.final_eval_loss:.3f} nats/token",
-                f"corpus {pr.corpus}",
-            )
-        )
-    metrics += [
+    c, (lo, hi) = pr.comparison, band
+    run.state["band_ok"] = inside = lo <= c.ratio <= hi
+    verdict = "inside" if inside else "OUTSIDE"
+    return [
+        Metric(
+            "held-out NLL per story",
+            f"{c.nll.mean:.2f} nats",
+            f"95% CI {c.nll.lo:.2f}–{c.nll.hi:.2f}, "
+            f"{len(pr.heldout_stories)} held-out stories",
+        ),
+        Metric(
+            "entropy floor per story",
+            f"{c.floor.mean:.2f} nats",
+            f"95% CI {c.floor.lo:.2f}–{c.floor.hi:.2f} "
+            "(exact log-probabilities of 5000 stories)",
+        ),
+        Metric(
+            "NLL / floor",
+            f"{c.ratio:.3f}",
+            f"expected {lo:.2f}–{hi:.2f} for the {run.profile} profile: {verdict}",
+        ),
+    ]
+
+
+def _speed_metrics(pr, preset, amp, peak: float) -> list:
+    "Rows for tokens per second (median over logs), MFU and the training wall time."
+    res, ctx = pr.result, preset.model["context_size"]
+    tps, fpt = res.median_tokens_per_s, model_flops_per_token(pr.model.config, ctx)
+    dtype = str(amp).replace("torch.", "")
+    return [
         Metric(
             "training tokens/s",
             f"{tps:,.0f}",
@@ -521,47 +436,76 @@ def stage_pretrain(run: Speedrun) -> Section:
         ),
         Metric(
             "MFU",
-            f"{mfu:.1%}",
+            f"{tps * fpt / peak:.1%}",
             f"{fpt / 1e6:.1f} MFLOPs/token (6N + 12LTd) against a measured "
-            f"{str(amp).replace('torch.', '')} matmul peak of {max(peaks) / 1e9:,.1f} GFLOP/s",
+            f"{dtype} matmul peak of {peak / 1e9:,.1f} GFLOP/s",
         ),
         Metric(
             "training wall time",
             _fmt_s(res.wall_s),
             f"{res.steps_done} steps of {preset.train.batch_size} "
-            f"sequences of {preset.model['context_size']} tokens",
+            f"sequences of {ctx} tokens",
         ),
     ]
-    _loss_plot(
-        res.history,
-        floor_tok,
-        run.out / "loss.png",
-        f"pretraining ({run.profile} profile)",
-    )
+
+# %% ../nbs/93_cli.ipynb #fbfa3d36
+def _pretrain_body(pr, preset, amp, ckpt) -> str:
+    "The report's text about the run: corpus, model, training, the floor, the plot."
+    cfg, res, t = pr.model.config, pr.result, preset.train
     n_params = sum(p.numel() for p in pr.model.parameters())
-    body.append(
-        f"Corpus: {pr.corpus.replace('_', ' ')}; tokenizer: SentencePiece BPE, {pr.tokenizer.vocab_size} pieces. "
-        f"Model: {n_params / 1e6:.2f} M parameters (dim {cfg.dim_emb}, {cfg.num_layers} layers, {cfg.num_heads} "
-        f"heads, {cfg.num_kv_heads} kv heads, hidden {cfg.ffd_hidden_dim}, context {cfg.context_size}). "
-        f"Training: {res.steps_done} steps, batch {preset.train.batch_size}, lr {preset.train.lr:g}, "
-        f"precision {str(amp).replace('torch.', '')}."
-    )
+    body = [
+        f"Corpus: {pr.corpus.replace('_', ' ')}; tokenizer: SentencePiece BPE, "
+        f"{pr.tokenizer.vocab_size} pieces. Model: {n_params / 1e6:.2f} M parameters "
+        f"(dim {cfg.dim_emb}, {cfg.num_layers} layers, {cfg.num_heads} heads, "
+        f"{cfg.num_kv_heads} kv heads, hidden {cfg.ffd_hidden_dim}, "
+        f"context {cfg.context_size}). Training: {res.steps_done} steps, batch "
+        f"{t.batch_size}, lr {t.lr:g}, precision {str(amp).replace('torch.', '')}."
+    ]
     if pr.comparison is not None:
         body.append(str(pr.comparison) + ".")
     body.append("![loss](loss.png)")
     body.append(f"Checkpoint: `{ckpt.name}/` — try `tinyllama sample {ckpt}`.")
-    return Section("Pretraining", "\n\n".join(body), metrics)
+    return "\n\n".join(body)
+
+
+def stage_pretrain(run: Speedrun) -> Section:
+    "Stories → tokenizer → pretraining → held-out NLL per story against the floor."
+    from tinyllama.device import autocast_dtype, get_device
+    from tinyllama.train import plot_losses, pretrain, set_cpu_threads
+
+    preset = _preset(run.profile, run.corpus)
+    overrides = _train_overrides(preset, run.steps)
+    overrides |= {"device": run.device} if run.device else {}
+    device = torch.device(run.device) if run.device else get_device()
+    set_cpu_threads(preset.num_threads, device)  # "auto": the cores idle now
+    amp = autocast_dtype(device)
+    n = 1024 if run.profile == "ci" and device.type == "cpu" else None  # ci: cheaper
+    peaks = [matmul_peak_flops(device, amp, n=n)]
+    ckpt = run.out / "checkpoint"
+    pr = pretrain(preset, ckpt, progress=run.progress, seed=run.seed, **overrides)
+    peaks.append(matmul_peak_flops(device, amp, n=n))
+    run.state.update(pretrain=pr, model=pr.model, tokenizer=pr.tokenizer)
+    run.state.update(corpus=pr.corpus, peak_flops=max(peaks), device=device)
+    metrics = _floor_metrics(run, pr, preset.band)
+    metrics += _speed_metrics(pr, preset, amp, max(peaks))
+    title = f"pretraining ({run.profile} profile)"
+    plot_losses(pr.result.history, pr.floor_per_token, title).savefig(
+        run.out / "loss.png", dpi=110
+    )
+    return Section("Pretraining", _pretrain_body(pr, preset, amp, ckpt), metrics)
 
 # %% ../nbs/93_cli.ipynb #625e90a8
 def stage_samples(run: Speedrun) -> Section:
-    "Samples from the pretrained model: prompted continuations and, on the story world, whole stories checked by the grammar."
+    """Samples from the pretrained model: prompted continuations and, on the story
+    world, whole stories checked by the grammar.
+    """
     model, tok = run.state["model"].eval(), run.state["tokenizer"]
     ctx = model.config.context_size
     prompts = list(DEFAULT_PROMPTS)
     with _decode_threads(next(model.parameters()).device):
         return _samples_section(run, model, tok, prompts, ctx)
 
-
+# %% ../nbs/93_cli.ipynb #d1563d4b
 def _samples_section(run, model, tok, prompts, ctx):
     from tinyllama.generate import generate_text
     from tinyllama.data import story_log_prob
@@ -620,76 +564,14 @@ def _samples_section(run, model, tok, prompts, ctx):
     return Section("Samples", text, metrics)
 
 # %% ../nbs/93_cli.ipynb #88e570bf
-def _sft_sizes(profile):
-    """(preset, TrainingConfig overrides) of the speedrun's SFT: chapter 09's preset for the profile; for cpu, sizes
-    fixed here (fewer steps and held-out stories than the chapter, chats that fit the pretrained model's 128 tokens)."""
-    import dataclasses
-    from tinyllama.sft import sft_preset
-
-    preset = sft_preset(profile)
-    if profile != "cpu":
-        return preset, {}
-    preset = dataclasses.replace(
-        preset,
-        n_train_stories=4000,
-        n_heldout_stories=60,
-        n_requests=16,
-        write_fraction=0.25,
-        max_questions=3,
-    )
-    return preset, dict(
-        steps=150, batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=20, log_every=10
-    )
-
-
 def _pretraining_texts(run):
-    "The stories this run pretrained on (story world), so that the held-out SFT stories can avoid them."
+    "The stories this run pretrained on (story world): held-out SFT stories avoid them."
     from tinyllama.train import load_corpus
 
     if run.state.get("corpus") != "story_world":
         return ()
-    return load_corpus(_preset(run.profile, run.corpus), seed=run.seed, progress=False)[
-        1
-    ]
-
-
-def _sft_plot(sft, path, title):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.4))
-    ax, bx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1, 1.4)))
-    tr = [(h["step"], h["loss"]) for h in sft.result.history if "loss" in h]
-    if tr:
-        ax.plot(*zip(*tr), lw=1.2)
-    ax.set_xlabel("SFT step")
-    ax.set_ylabel("nats per assistant token")
-    ax.set_title(title)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    kinds = list(sft.after.by_kind)
-    if sft.before is not None:
-        bx.bar(
-            [i - 0.2 for i in range(len(kinds))],
-            [sft.before.by_kind.get(k, 0) for k in kinds],
-            0.4,
-            label="before SFT",
-        )
-    bx.bar(
-        [i + 0.2 for i in range(len(kinds))],
-        [sft.after.by_kind[k] for k in kinds],
-        0.4,
-        label="after SFT",
-    )
-    bx.set_xticks(range(len(kinds)))
-    bx.set_xticklabels(kinds, rotation=30, fontsize=8)
-    bx.set_ylim(0, 1.05)
-    bx.set_ylabel("exact match")
-    bx.set_title("held-out questions, by kind")
-    bx.legend(fontsize=8)
-    bx.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    preset = _preset(run.profile, run.corpus)
+    return load_corpus(preset, seed=run.seed, progress=False)[1]
 
 
 def _before_after(before, after, fmt="{:.1%}") -> str:
@@ -698,600 +580,241 @@ def _before_after(before, after, fmt="{:.1%}") -> str:
     )
 
 
-def stage_sft(run: Speedrun) -> Section:
-    "Fine-tune the run's pretrained model on story-world chats (chapter 09) and save it for `tinyllama chat`."
-    from tinyllama.sft import run_sft
-    from tinyllama.checkpoint import save_checkpoint, unwrap_model
-
-    model, tok = run.state["model"], run.state["tokenizer"]
-    preset, overrides = _sft_sizes(run.profile)
-    if run.device:
-        overrides["device"] = run.device
-    sft = run_sft(
-        model,
-        tok,
-        preset,
-        seed=run.seed,
-        exclude=_pretraining_texts(run),
-        progress=run.progress,
-        **overrides,
-    )
-    ckpt = run.out / "sft"
-    save_checkpoint(ckpt, sft.model, step=sft.result.steps_done, extra={"stage": "sft"})
-    tok.save(ckpt / "tokenizer.model")
-    run.state.update(model=sft.model.eval(), sft=sft, sft_checkpoint=ckpt)
+def _sft_metrics(sft) -> list:
+    "Rows for exact match and instruction following, before → after SFT."
     b, a, fb, fa = sft.before, sft.after, sft.follow_before, sft.follow_after
     n_stories = len({q.story for q in sft.heldout})
-    metrics = [
+    return [
         Metric(
             "SFT exact match",
             _before_after(b and b.accuracy, a.accuracy),
-            f"before → after SFT; {a.n} questions about {n_stories} held-out stories, greedy answers",
+            f"before → after SFT; {a.n} questions about {n_stories} held-out "
+            "stories, greedy answers",
         ),
         Metric(
             "SFT instruction following",
             _before_after(fb and fb.rate, fa.rate),
-            f'before → after SFT; {fa.n} held-out "write a story ..." requests answered with a story '
-            "that has the requested hero, colour, object, ...",
+            f'before → after SFT; {fa.n} held-out "write a story ..." requests '
+            "answered with a story that has the requested hero, colour, object, ...",
         ),
     ]
-    _sft_plot(sft, run.out / "sft.png", f"SFT ({run.profile} profile)")
-    res = sft.result
+
+# %% ../nbs/93_cli.ipynb #1d012d42
+def _sft_body(sft, preset, ctx: int, ckpt) -> str:
+    "The report's text about the SFT run: data, accuracy, answers, the checkpoint."
+    b, a, fb, fa, res = (
+        sft.before,
+        sft.after,
+        sft.follow_before,
+        sft.follow_after,
+        sft.result,
+    )
     answers = [
         f"- {q.question} → **{p or '(nothing)'}** "
         + ("✓" if ok else f"✗ (answer: {q.answer})")
         for q, p, ok in a.rows[:6]
     ]
-    body = [
-        f"Chapter 09's `run_sft` on the pretrained model above: {sft.n_chats} story-world chats "
-        f"({sft.n_dropped} longer than the context of {unwrap_model(model).config.context_size} tokens left out), "
-        f"{res.steps_done} steps of {overrides.get('batch_size', preset.train.batch_size)} chats, loss on the "
-        "assistant's tokens only "
-        f"({_fmt_s(res.wall_s)} of training).",
-        f"Held-out questions: {b} before SFT, {a} after."
-        if b is not None
-        else f"Held-out questions: {a}.",
-        f"Instruction following: {fb} before SFT, {fa} after."
-        if fb is not None
-        else f"Instruction following: {fa}.",
-        "![sft](sft.png)",
-        "Held-out answers after SFT (✓ = exact match):\n\n" + "\n".join(answers),
-        f"Checkpoint: `{ckpt.name}/` — talk to it with `tinyllama chat --checkpoint {ckpt}`.",
-    ]
-    return Section("Supervised fine-tuning", "\n\n".join(body), metrics)
+    return "\n\n".join(
+        [
+            f"Chapter 09's `run_sft` on the pretrained model above: {sft.n_chats} "
+            f"story-world chats ({sft.n_dropped} longer than the context of {ctx} "
+            f"tokens left out), {res.steps_done} steps of {preset.train.batch_size} "
+            "chats, loss on the assistant's tokens only "
+            f"({_fmt_s(res.wall_s)} of training).",
+            f"Held-out questions: {b} before SFT, {a} after."
+            if b is not None
+            else f"Held-out questions: {a}.",
+            f"Instruction following: {fb} before SFT, {fa} after."
+            if fb is not None
+            else f"Instruction following: {fa}.",
+            "![sft](sft.png)",
+            "Held-out answers after SFT (✓ = exact match):\n\n" + "\n".join(answers),
+            f"Checkpoint: `{ckpt.name}/` — talk to it with "
+            f"`tinyllama chat --checkpoint {ckpt}`.",
+        ]
+    )
+
+
+def stage_sft(run: Speedrun) -> Section:
+    "Fine-tune the pretrained model on story-world chats (chapter 09); save it."
+    from tinyllama.sft import run_sft, sft_figure, sft_preset
+    from tinyllama.checkpoint import save_checkpoint, unwrap_model
+
+    model, tok = run.state["model"], run.state["tokenizer"]
+    ctx = unwrap_model(model).config.context_size
+    preset = sft_preset(run.profile, speedrun=True)  # cpu: a shorter run
+    overrides = {"device": run.device} if run.device else {}
+    exclude = _pretraining_texts(run)
+    sft = run_sft(
+        model, tok, preset, run.seed, exclude, progress=run.progress, **overrides
+    )
+    ckpt = run.out / "sft"
+    save_checkpoint(ckpt, sft.model, step=sft.result.steps_done, extra={"stage": "sft"})
+    tok.save(ckpt / "tokenizer.model")
+    run.state.update(model=sft.model.eval(), sft=sft, sft_checkpoint=ckpt)
+    fig = sft_figure(sft, f"SFT ({run.profile} profile)")
+    fig.savefig(run.out / "sft.png", dpi=110)
+    body = _sft_body(sft, preset, ctx, ckpt)
+    return Section("Supervised fine-tuning", body, _sft_metrics(sft))
 
 # %% ../nbs/93_cli.ipynb #e4b98b7a
-def _ppo_sizes(profile):
-    "The speedrun's copy-task sizes: chapter 11's recipe on a smaller alphabet and shorter words, to fit minutes."
-    return {
-        "ci": dict(
-            alphabet="abcdef",
-            max_len=4,
-            dim=32,
-            ppo_steps=30,
-            batch=64,
-            mini=32,
-            epochs=2,
-            lr=2e-3,
-            eval_every=5,
-            n_train=400,
-            n_eval=100,
-        ),
-        "cpu": dict(
-            alphabet="abcdefghijkl",
-            max_len=5,
-            dim=64,
-            ppo_steps=300,
-            batch=64,
-            mini=32,
-            epochs=4,
-            lr=1e-3,
-            eval_every=10,
-            n_train=5000,
-            n_eval=200,
-        ),
-        "gpu": dict(
-            alphabet="abcdefghijklmnopqrstuvwxyz",
-            max_len=6,
-            dim=64,
-            ppo_steps=2000,
-            batch=256,
-            mini=64,
-            epochs=4,
-            lr=5e-4,
-            eval_every=25,
-            n_train=20000,
-            n_eval=500,
-        ),
-    }[profile]
-
-
-def _copy_task(S: dict, seed: int):
-    "Chapter 11's copy task: a letter tokenizer, and training, validation and test words, all distinct."
-    from tinyllama.ppo import LetterTokenizer
-    from tinyllama.reward import copy_task_words
-
-    words, other = copy_task_words(
-        S["n_train"],
-        seed=seed,
-        n_heldout=2 * S["n_eval"],
-        min_len=3,
-        max_len=S["max_len"],
-        alphabet=S["alphabet"],
-    )
-    return (
-        LetterTokenizer(S["alphabet"]),
-        words,
-        other[: S["n_eval"]],
-        other[S["n_eval"] :],
-    )
-
-
-def _ppo_plot(history, evals, perfect, path, title):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 3.2))
-    ax, bx, cx = fig.subplots(1, 3)
-    steps = [s["ppo/step"] + 1 for s in history]
-    ax.plot(
-        steps,
-        [s["env/reward_mean"] for s in history],
-        lw=1.2,
-        label="sampled responses",
-    )
-    ax.axhline(perfect, ls="--", c="gray", lw=0.8, label="perfect copy")
-    ax.set_title(title)
-    ax.set_ylabel("reward per response")
-    ax.legend(fontsize=8)
-    xs = [e[0] for e in evals]
-    bx.plot(xs, [e[2] for e in evals], "o-", ms=3, label="correct tokens (greedy)")
-    bx.axhline(perfect, ls="--", c="gray", lw=0.8, label="perfect copy")
-    bx.plot(
-        xs, [e[1] * perfect for e in evals], "s-", ms=3, label="exact copies × perfect"
-    )
-    bx.set_title("held-out words")
-    bx.legend(fontsize=8)
-    cx.plot(steps, [s["objective/kl"] for s in history], lw=1.2)
-    cx.set_title("KL(π‖π_ref), nats per response")
-    for x in (ax, bx, cx):
-        x.set_xlabel("PPO step")
-        x.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def _small_model_stage(run: Speedrun, section) -> Section:
-    "`section(run, device)` on the run's device; on a CPU with one thread (small models gain nothing from more)."
+    "`section(run, device)` on the run's device; on a CPU with one thread."
     from tinyllama.device import get_device
 
     device = torch.device(run.device) if run.device else get_device()
-    with _decode_threads(device):
+    with _decode_threads(device):  # small models gain nothing from more threads
         return section(run, device)
 
 
 def stage_ppo(run: Speedrun) -> Section:
-    "The copy task with the golden reward (chapters 10-11): a small letter-level policy trained by PPO."
+    "The copy task with the golden reward (chapters 10-11): chapter 11's recipe."
     return _small_model_stage(run, _ppo_section)
 
 
+# The speedrun's cpu sizes: chapter 11's recipe on 12 letters and shorter words, to fit
+# minutes rather than the chapter's quarter of an hour. Other profiles: the chapter's.
+_SPEEDRUN_CPU_PPO = dict(
+    alphabet="abcdefghijkl",
+    max_len=5,
+    max_steps=300,
+    batch_size=64,
+    mini_batch_size=32,
+    lr=1e-3,
+    eval_every=10,
+    n_train=5000,
+    n_eval=200,
+)
+
+
 def _ppo_section(run, device):
-    import copy, random
-    from tinyllama.model import LLM, LLMConfig
-    from tinyllama.reward import GoldenRewardModel, copy_prompts, pad_batch
-    from tinyllama.generate import generate
-    from tinyllama.ppo import PPOTrainer, PPOConfig, ValueModel
-    from tqdm.auto import tqdm
+    "Run chapter 11's `run_copy_task` and report it."
+    import dataclasses
+    from tinyllama.ppo import ppo_preset, run_copy_task
 
-    S = _ppo_sizes(run.profile)
-    tok, train_words, val_words, held = _copy_task(S, run.seed)
-    max_new = S["max_len"] + 1  # the longest word and its EOS
-    torch.manual_seed(run.seed)
-    config = LLMConfig(
-        vocab_size=tok.vocab_size,
-        context_size=16,
-        dim_emb=S["dim"],
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=4,
-        ffd_hidden_dim=(8 * S["dim"] // 3) // 8 * 8,
-    )
-    base = (
-        LLM(config).to(device).eval()
-    )  # random weights: all copying is learnt from the reward (chapter 11)
-    golden = GoldenRewardModel(tok.eos_id, tok.pad_id, bos_id=tok.bos_id)
-    prompts, val_prompts = (
-        copy_prompts(held, tok, bos=True),
-        copy_prompts(val_words, tok, bos=True),
-    )
-    perfect = sum(len(w) + 1 for w in held) / len(held)  # letters and EOS
+    preset = ppo_preset(run.profile)
+    if run.profile == "cpu":
+        preset = dataclasses.replace(preset, **_SPEEDRUN_CPU_PPO)
+    res = run_copy_task(preset, device=device, seed=run.seed, progress=run.progress)
+    fig = res.plot(f"PPO on the copy task ({run.profile} profile)")
+    fig.savefig(run.out / "ppo.png", dpi=110)
+    run.state.update(ppo=dict(history=res.history, evals=res.checks))
+    return Section("PPO on the copy task", _ppo_body(res), _ppo_metrics(res))
 
-    def evaluate(model, ps=prompts):
-        "Greedy answers: (exact-copy share, mean correctly copied tokens, answers, per-word exact)."
-        outs = generate(
-            model,
-            ps,
-            max_new_tokens=max_new,
-            temperature=0,
-            eos_id=tok.eos_id,
-            pad_id=tok.pad_id,
-        )
-        ids, resp = pad_batch(ps, tok.pad_id, "left")[0], pad_batch(outs, tok.pad_id)[0]
-        exact = golden.exact_copy(ids, resp)
-        return (
-            exact.float().mean().item(),
-            golden.score(ids, resp).mean().item(),
-            outs,
-            exact.tolist(),
-        )
-
-    acc0, score0, *_ = evaluate(base)
-    evals = [(0, acc0, score0)]
-    policy = copy.deepcopy(base)
-    cfg = PPOConfig(
-        batch_size=S["batch"],
-        mini_batch_size=S["mini"],
-        ppo_epochs=S["epochs"],
-        lr=S["lr"],
-        max_new_tokens=max_new,
-        init_kl_coef=0.05,
-        seed=run.seed,
-    )
-    trainer = PPOTrainer(
-        policy,
-        copy.deepcopy(base),
-        ValueModel.from_llm(base),
-        golden,
-        cfg,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-    )
-    rng = random.Random(run.seed)
-    val = [0.0]
-
-    def validate(stats) -> bool:
-        "Every eval_every steps: validation accuracy, chapter 11's learning-rate rule, test figures; True = stop."
-        step = stats["ppo/step"] + 1
-        if step % S["eval_every"] == 0:
-            val.append(evaluate(policy, val_prompts)[0])
-            for g in (
-                trainer.optimizer.param_groups
-            ):  # chapter 11's rule: smaller steps as the task is mastered
-                g["lr"] = S["lr"] * min(1.0, max(0.25, 2 * (1 - val[-1])))
-            evals.append((step, *evaluate(policy)[:2]))
-            if val[-1] >= 0.99:
-                return True  # validation words copied: stop early
-        return False
-
-    t0 = time.perf_counter()
-    history = []
-    with tqdm(
-        total=S["ppo_steps"], desc="PPO", unit="step", disable=not run.progress
-    ) as bar:
-        for step in range(S["ppo_steps"]):
-            history.append(
-                trainer.step(
-                    copy_prompts(rng.sample(train_words, cfg.batch_size), tok, bos=True)
-                )
-            )
-            bar.update()
-            bar.set_postfix(
-                reward=f"{history[-1]['env/reward_mean']:.2f}", val=f"{val[-1]:.0%}"
-            )
-            if validate(history[-1]):
-                break
-    ppo_s = time.perf_counter() - t0
-    acc1, score1, outs, exact = evaluate(policy)
-    k = max(1, len(history) // 10)
-    r0 = sum(s["env/reward_mean"] for s in history[:k]) / k
-    r1 = sum(s["env/reward_mean"] for s in history[-k:]) / k
-    _ppo_plot(
-        history,
-        evals,
-        perfect,
-        run.out / "ppo.png",
-        f"PPO on the copy task ({run.profile} profile)",
-    )
-    metrics = [
+# %% ../nbs/93_cli.ipynb #6059cef0
+def _ppo_metrics(res) -> list:
+    "The report's rows for a CopyTaskResult."
+    k = max(1, len(res.history) // 10)
+    n, perfect = len(res.words["test"]), res.perfect
+    return [
         Metric(
             "PPO exact copies",
-            _before_after(acc0, acc1),
-            f"before → after PPO; {len(held)} test words never trained on, greedy",
+            _before_after(res.before.exact, res.after.exact),
+            f"before → after PPO; {n} test words never trained on, greedy",
         ),
         Metric(
             "PPO correct tokens per word",
-            _before_after(score0, score1, "{:.2f}"),
-            f"before → after PPO; greedy, test words; a perfect copy scores {perfect:.2f}",
+            _before_after(res.before.tokens, res.after.tokens, "{:.2f}"),
+            f"before → after PPO; greedy, test words; a perfect copy: {perfect:.2f}",
         ),
         Metric(
             "PPO reward per response",
-            _before_after(r0, r1, "{:.2f}"),
+            _before_after(*res.reward_change(k), "{:.2f}"),
             f"sampled (temperature 1), mean of the first and of the last {k} step(s)",
         ),
         Metric(
             "PPO final KL",
-            f"{history[-1]['objective/kl']:.2f} nats",
+            f"{res.history[-1]['objective/kl']:.2f} nats",
             "to the frozen reference, per response",
         ),
     ]
+
+
+def _ppo_body(res) -> str:
+    "The report's text for a CopyTaskResult: the setup, the figures, greedy samples."
+    p, tok, h = res.preset, res.tokenizer, res.history
+    n = sum(q.numel() for q in res.trainer.policy.parameters())
+    r0, r1 = res.reward_change(max(1, len(h) // 10))
     pieces = lambda ids: " ".join(tok.id_to_piece(i) for i in ids)
     rows = [
-        f"| `{pieces(copy_prompts([w], tok)[0])}` | `{pieces(o)}` | {'✓' if ok else '✗'} |"
-        for w, o, ok in zip(held[:8], outs, exact)
+        f"| `{pieces(tok.encode(w) + [tok.eos_id])}` | `{pieces(o)}` | "
+        + ("✓" if ok else "✗")
+        + " |"
+        for w, o, ok in zip(res.words["test"][:8], res.after.answers, res.after.correct)
     ]
-    n = sum(p.numel() for p in policy.parameters())
-    body = [
-        f"Policy: a letter-level model of {n / 1e3:.0f} k parameters (alphabet of {len(tok.alphabet)} letters, "
-        f"dim {S['dim']}, 2 layers) with random weights, as in chapter 11. PPO: {len(history)} steps "
-        f"(at most {S['ppo_steps']}; it stops when {len(val_words)} validation words are copied) of {cfg.batch_size} "
-        f"words of 3–{S['max_len']} letters from {len(train_words)} training words ({_fmt_s(ppo_s)}), "
-        f"{cfg.ppo_epochs} epochs of minibatches of {cfg.mini_batch_size}, lr {cfg.lr:g}, β = {cfg.init_kl_coef}, "
-        f"the golden reward.",
-        f"Test words (greedy): exact copies {acc0:.1%} → {acc1:.1%}; correctly copied tokens per word "
-        f"{score0:.2f} → {score1:.2f} of {perfect:.2f}. Sampled reward per response {r0:.2f} → {r1:.2f}; "
-        f"KL to the reference at the end {history[-1]['objective/kl']:.2f} nats.",
+    return "\n\n".join([
+        f"Policy: a letter-level model of {n / 1e3:.0f} k parameters (alphabet of "
+        f"{len(p.alphabet)} letters, dim {p.dim_emb}, 2 layers) with random weights, "
+        f"as in chapter 11 (`tinyllama.ppo.run_copy_task`). PPO: {len(h)} steps (at "
+        f"most "
+        f"{p.max_steps}; it stops when {p.stop_at:.1%} of {p.n_eval} validation words "
+        f"are copied) of {p.batch_size} words of {p.min_len}–{p.max_len} letters from "
+        f"{p.n_train} training words ({_fmt_s(res.seconds)}), {p.ppo_epochs} epochs "
+        f"of minibatches of {p.mini_batch_size}, lr {p.lr:g}, β = {p.init_kl_coef}, "
+        "the golden reward.",
+        f"Test words (greedy): exact copies {res.before.exact:.1%} → "
+        f"{res.after.exact:.1%}; correctly copied tokens per word "
+        f"{res.before.tokens:.2f} → {res.after.tokens:.2f} of {res.perfect:.2f}. "
+        f"Sampled reward per response {r0:.2f} → {r1:.2f}; KL to the reference at "
+        f"the end {h[-1]['objective/kl']:.2f} nats.",
         "![ppo](ppo.png)",
-        "| prompt (word, EOS) | greedy answer after PPO | exact copy |\n|---|---|---|\n"
-        + "\n".join(rows),
-    ]
-    run.state.update(ppo=dict(history=history, evals=evals))
-    return Section("PPO on the copy task", "\n\n".join(body), metrics)
+        "| prompt (word, EOS) | greedy answer after PPO | exact copy |\n"
+        "|---|---|---|\n" + "\n".join(rows),
+    ])  # fmt: skip
 
 # %% ../nbs/93_cli.ipynb #08f5c773
-def _feedback_sizes(profile):
-    "The speedrun's human-feedback loop (chapter 12) on the run's SFT model: label, reward-model and PPO sizes."
-    return {
-        "ci": dict(
-            n_label=12,
-            n_heldout=4,
-            rm_steps=3,
-            ppo_steps=2,
-            batch=4,
-            mini=4,
-            epochs=1,
-            lr=1e-4,
-            max_new=16,
-        ),
-        "cpu": dict(
-            n_label=300,
-            n_heldout=100,
-            rm_steps=150,
-            ppo_steps=40,
-            batch=16,
-            mini=8,
-            epochs=2,
-            lr=1e-4,
-            max_new=110,
-        ),
-        "gpu": dict(
-            n_label=1000,
-            n_heldout=400,
-            rm_steps=400,
-            ppo_steps=200,
-            batch=64,
-            mini=16,
-            epochs=4,
-            lr=5e-5,
-            max_new=110,
-        ),
-    }[profile]
-
-
-def _feedback_plot(history, scores_before, scores_after, path, title):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 3.2))
-    ax, bx, cx = fig.subplots(1, 3)
-    steps = [s["ppo/step"] + 1 for s in history]
-    ax.plot(steps, [s["env/reward_mean"] for s in history], lw=1.2)
-    ax.set_title(title)
-    ax.set_ylabel("learned reward per response")
-    bx.plot(steps, [s["objective/kl"] for s in history], lw=1.2)
-    bx.set_title("KL(π‖π_SFT), nats per response")
-    for x in (ax, bx):
-        x.set_xlabel("PPO step")
-        x.grid(alpha=0.3)
-    levels = sorted(set(scores_before) | set(scores_after))
-    cx.bar(
-        [i - 0.2 for i in range(len(levels))],
-        [scores_before.count(v) for v in levels],
-        0.4,
-        label="SFT policy",
-    )
-    cx.bar(
-        [i + 0.2 for i in range(len(levels))],
-        [scores_after.count(v) for v in levels],
-        0.4,
-        label="after PPO",
-    )
-    cx.set_xticks(range(len(levels)))
-    cx.set_xticklabels([f"{v:g}" for v in levels], fontsize=8)
-    cx.set_xlabel("labeler's score (held-out requests)")
-    cx.legend(fontsize=8)
-    cx.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
-
-
 def stage_feedback(run: Speedrun) -> Section:
-    "Chapter 12's loop on the SFT model: scripted labels clicked in the widget → reward model → PPO → the labeler's verdict."
+    "Chapter 12's loop (tinyllama.feedback.run_feedback_loop) on the run's SFT model."
     return _small_model_stage(run, _feedback_section)
 
 
-def _feedback_section(run, device):
-    import copy, random
+def _feedback_section(run, device) -> Section:
+    import dataclasses
     from tinyllama.checkpoint import unwrap_model
-    from tinyllama.feedback import (
-        LabelStore,
-        PreferenceCollector,
-        ScriptedLabeler,
-        chat_prompt_ids,
-        head_to_head,
-        sample_comparisons,
-        sample_completions,
-        story_comparisons,
-        story_requests,
-        text_reward_fn,
-    )
-    from tinyllama.ppo import PPOConfig, PPOTrainer, ValueModel
-    from tinyllama.reward import RewardModel, pair_accuracy, train_reward_model
+    from tinyllama.feedback import feedback_preset, run_feedback_loop
 
-    S = _feedback_sizes(run.profile)
-    sft_policy, tok = (
-        unwrap_model(run.state["model"]).to(device).eval(),
-        run.state["tokenizer"],
+    preset = feedback_preset(run.profile)
+    if run.profile == "cpu":  # a model 4x the chapter's: fewer, gentler PPO steps
+        preset = dataclasses.replace(preset, ppo_steps=40, ppo_epochs=2)
+    model, tok = unwrap_model(run.state["model"]), run.state["tokenizer"]
+    r = run_feedback_loop(
+        model, tok, run.out, preset, run.seed, device, progress=run.progress
     )
-    heldout = story_requests(S["n_heldout"], seed=f"{run.seed}/feedback-heldout")
-    label_prompts = [
-        p
-        for p in story_requests(S["n_label"], seed=f"{run.seed}/feedback-label")
-        if p not in set(heldout)
-    ]
-    room = sft_policy.config.context_size - max(
-        map(len, chat_prompt_ids(tok, heldout + label_prompts))
+    r.plot.savefig(run.out / "feedback.png", dpi=110)
+    run.state.update(
+        feedback=dict(history=r.history, verdict=r.verdict, rm_accuracy=r.rm_accuracy)
     )
-    max_new = min(
-        S["max_new"], room
-    )  # a story is about 80-110 tokens; the SFT model's context may cut it shorter
-    labeler = ScriptedLabeler()
-    # 1. two samples of the SFT policy per request, labelled by clicking the widget's buttons
-    t0 = time.perf_counter()
-    collector = PreferenceCollector(
-        sample_comparisons(
-            sft_policy, tok, label_prompts, "sft", max_new, seed=run.seed, chat=True
-        ),
-        run.out / "labels.jsonl",
-        labeler=labeler.name,
-    )
-    counts = labeler.label(collector)
-    pairs = LabelStore(run.out / "labels.jsonl").preference_pairs()
-    padded = (
-        len(pairs) < 8
-    )  # a barely trained (ci) policy writes mostly ties: add story-world pairs, labelled alike
-    if padded:
-        extra = PreferenceCollector(
-            story_comparisons(16, seed=run.seed),
-            run.out / "labels-story-world.jsonl",
-            labeler=labeler.name,
-        )
-        labeler.label(extra)
-        pairs += extra.store.preference_pairs()
-    label_s = time.perf_counter() - t0
-    # 2. the reward model: trunk from the SFT policy, Bradley-Terry on 85% of the pairs, accuracy on the rest
-    random.Random(run.seed).shuffle(pairs)
-    n_val = max(1, len(pairs) * 15 // 100)
-    torch.manual_seed(run.seed)
-    rm = RewardModel.from_llm(sft_policy, pad_id=tok.pad_id).to(device)
-    t0 = time.perf_counter()
-    train_reward_model(
-        rm,
-        tok,
-        pairs[n_val:],
-        steps=S["rm_steps"],
-        batch_size=16,
-        lr=3e-4,
-        progress=run.progress,
-    )
-    rm_acc, rm_s = pair_accuracy(rm, tok, pairs[:n_val]), time.perf_counter() - t0
-    # 3. PPO against the learned reward, with the KL penalty to the (frozen) SFT policy
-    cfg = PPOConfig(
-        batch_size=S["batch"],
-        mini_batch_size=S["mini"],
-        ppo_epochs=S["epochs"],
-        lr=S["lr"],
-        max_new_tokens=max_new,
-        init_kl_coef=0.05,
-        seed=run.seed,
-    )
-    trainer = PPOTrainer(
-        copy.deepcopy(sft_policy),
-        copy.deepcopy(sft_policy),
-        ValueModel.from_llm(sft_policy),
-        text_reward_fn(rm, tok),
-        cfg,
-        eos_id=tok.end_id,
-        pad_id=tok.pad_id,
-    )
-    ppo_prompts = chat_prompt_ids(tok, label_prompts)
-    t0 = time.perf_counter()
-    history = trainer.train(
-        lambda step: [
-            ppo_prompts[(step * cfg.batch_size + i) % len(ppo_prompts)]
-            for i in range(cfg.batch_size)
-        ],
-        S["ppo_steps"],
-        progress=run.progress,
-    )
-    ppo_s = time.perf_counter() - t0
-    # 4. the labeler's verdict on held-out requests, and the KL paid for it
-    ro = trainer.rollout(chat_prompt_ids(tok, heldout))
-    kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask.float()).sum(1)
-    after = [t.strip() for t in tok.decode_batch(ro.response_ids.tolist())]
-    before = sample_completions(
-        sft_policy, tok, heldout, max_new, seed=run.seed + 12345, chat=True
-    )
-    verdict = head_to_head(labeler, heldout, after, before, seed=run.seed)
-    sb, sa = (
-        [labeler.score(p, t) for p, t in zip(heldout, before)],
-        [labeler.score(p, t) for p, t in zip(heldout, after)],
-    )
-    _feedback_plot(
-        history,
-        sb,
-        sa,
-        run.out / "feedback.png",
-        f"PPO on learned preferences ({run.profile} profile)",
-    )
+    v, mean = r.verdict, lambda xs: sum(xs) / len(xs)
+    scores = _before_after(mean(r.scores_before), mean(r.scores_after), "{:+.2f}")
     metrics = [
         Metric(
             "reward model pair accuracy",
-            f"{rm_acc:.1%}",
-            f"{n_val} held-out label pairs; {len(pairs) - n_val} trained on",
+            f"{r.rm_accuracy:.1%}",
+            f"{r.n_val_pairs} held-out label pairs; {r.n_train_pairs} trained on",
         ),
         Metric(
             "labeler prefers PPO over SFT",
-            f"{verdict['win_rate']:.1%}",
-            f"{verdict['n']} held-out requests, one sample each, sides shuffled, a tie counts half",
+            f"{v['win_rate']:.1%}",
+            f"{v['n']} held-out requests, one sample each, sides shuffled, "
+            "a tie counts half",
         ),
         Metric(
             "KL to the SFT policy",
-            f"{kl.mean().item():.2f} nats",
+            f"{r.kl_mean:.2f} nats",
             "per response, mean over the held-out samples",
         ),
         Metric(
             "labeler's mean score",
-            _before_after(sum(sb) / len(sb), sum(sa) / len(sa), "{:+.2f}"),
+            scores,
             "SFT policy → after PPO; the hero's final feeling, proud +4 … sad −4",
         ),
     ]
-    rows = [f"| {p} | {b} | {a} |" for p, b, a in list(zip(heldout, before, after))[:3]]
-    body = [
-        f"Chapter 12's loop on the SFT model above. {len(label_prompts)} story requests that leave the ending open, "
-        f"two samples each; the scripted labeler (it prefers stories whose hero ends happier: {labeler.name}) clicked "
-        f"`PreferenceCollector`'s buttons for each pair: {counts['a']} A, {counts['b']} B, {counts['tie']} ties, "
-        f"saved in `labels.jsonl` ({_fmt_s(label_s)})."
-        + (
-            " Too few pairs differed, so 16 story-world pairs "
-            "(`labels-story-world.jsonl`) were labelled too."
-            if padded
-            else ""
-        ),
-        f"Reward model: chapter 10's Bradley–Terry model, trunk from the SFT policy, {S['rm_steps']} steps "
-        f"({_fmt_s(rm_s)}); held-out pair accuracy {rm_acc:.1%}.",
-        f"PPO: {len(history)} steps of {cfg.batch_size} requests, {cfg.ppo_epochs} epochs of minibatches of "
-        f"{cfg.mini_batch_size}, lr {cfg.lr:g}, β = {cfg.init_kl_coef} to the frozen SFT policy ({_fmt_s(ppo_s)}); "
-        f"learned reward {history[0]['env/reward_mean']:.2f} → {history[-1]['env/reward_mean']:.2f}.",
-        f"Verdict: the labeler prefers the PPO policy's story on {verdict['win_rate']:.1%} of {verdict['n']} "
-        f"held-out requests (wins {verdict['wins']}, ties {verdict['ties']}, losses {verdict['losses']}), at a KL of "
-        f"{kl.mean().item():.2f} nats per response to the SFT policy.",
-        "![feedback](feedback.png)",
-        "| request | SFT policy | after PPO |\n|---|---|---|\n"
-        + "\n".join(r.replace("\n", " ") for r in rows),
-    ]
-    run.state.update(
-        feedback=dict(history=history, verdict=verdict, rm_accuracy=rm_acc)
-    )
+    trio = list(zip(r.prompts, r.before, r.after))[:3]
+    rows = [f"| {p} | {b} | {a} |".replace("\n", " ") for p, b, a in trio]
+    table = "| request | SFT policy | after PPO |\n|---|---|---|\n" + "\n".join(rows)
+    body = r.summary()
+    body[0] = "Chapter 12's loop on the SFT model above. " + body[0]
+    body += ["![feedback](feedback.png)", table]
     return Section("Human feedback (scripted labeler)", "\n\n".join(body), metrics)
 
 # %% ../nbs/93_cli.ipynb #3d1d0e65
@@ -1313,7 +836,9 @@ def parse_stages(
     text: str | None,  # the --stages value, e.g. "pretrain,sft"; None = every stage
     stages: list | None = None,  # (name, function) pairs; None = SPEEDRUN_STAGES
 ) -> list:
-    "The (name, stage) pairs that `text` names, in pipeline order; a CLIError for an unknown name or a missing prerequisite."
+    """The (name, stage) pairs that `text` names, in pipeline order; a CLIError for an
+    unknown name or a missing prerequisite.
+    """
     stages = SPEEDRUN_STAGES if stages is None else stages
     names = [n for n, _ in stages]
     if text is None:
@@ -1321,20 +846,24 @@ def parse_stages(
     asked = [t.strip().lower() for t in text.split(",") if t.strip()]
     if not asked:
         raise CLIError(
-            f"--stages is empty; name one or more of {','.join(names)} (comma-separated)."
+            f"--stages is empty; name one or more of {','.join(names)} "
+            f"(comma-separated)."
         )
     unknown = [t for t in asked if t not in names]
     if unknown:
         raise CLIError(
-            f"unknown stage{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in --stages; "
-            f"the stages are {','.join(names)} (comma-separated, e.g. --stages pretrain,sft)."
+            f"unknown stage{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} in --stages; "
+            f"the stages are {','.join(names)} (comma-separated, e.g. --stages "
+            f"pretrain,sft)."
         )
     for t in asked:
         missing = [n for n in STAGE_NEEDS.get(t, ()) if n not in asked]
         if missing:
             fixed = ",".join(n for n in names if n in asked or n in missing)
             raise CLIError(
-                f"stage {t!r} needs {' and '.join(map(repr, missing))} (it uses their results); "
+                f"stage {t!r} needs {' and '.join(map(repr, missing))} (it uses their "
+                f"results); "
                 f"run --stages {fixed}."
             )
     return [(n, f) for n, f in stages if n in asked]
@@ -1362,7 +891,8 @@ def render_report(run: Speedrun) -> str:
     out = [
         f"# tinyllama speedrun ({run.profile} profile)",
         "",
-        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {machine_description(run.state.get('device'))}. "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, "
+        f"{machine_description(run.state.get('device'))}. "
         f"Command: `tinyllama speedrun --profile {run.profile}"
         + (f" --steps {run.steps}" if run.steps else "")
         + (f" --corpus {run.corpus}" if run.corpus else "")
@@ -1377,7 +907,9 @@ def render_report(run: Speedrun) -> str:
 
 
 def run_speedrun(run: Speedrun, stages=None) -> Path:
-    "Run the stages in order, writing report.md after each one (a failed stage leaves the report so far)."
+    """Run the stages in order, writing report.md after each one (a failed stage leaves
+    the report so far).
+    """
     run.out.mkdir(parents=True, exist_ok=True)
     stages = SPEEDRUN_STAGES if stages is None else stages
     for i, (name, stage) in enumerate(stages, 1):
@@ -1397,7 +929,9 @@ def _resolve(args):
 
 
 def cmd_pretrain(args) -> int:
-    "tinyllama pretrain: train with the profile's preset and save the checkpoint folder."
+    """tinyllama pretrain: train with the profile's preset and save the checkpoint
+    folder.
+    """
     from tinyllama.train import pretrain, pretrain_preset
     from tinyllama.checkpoint import has_checkpoint
 
@@ -1407,7 +941,8 @@ def cmd_pretrain(args) -> int:
         raise CLIError(f"--resume: there is no checkpoint in {out} to continue.")
     if not args.resume and has_checkpoint(out):
         raise CLIError(
-            f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out."
+            f"{out} already holds a checkpoint; pass --resume to continue it, or "
+            f"choose another --out."
         )
     preset = _preset(profile, args.corpus)
     overrides = _train_overrides(preset, args.steps)
@@ -1424,7 +959,8 @@ def cmd_pretrain(args) -> int:
     )
     res = pr.result
     print(
-        f"{res.steps_done} steps in {_fmt_s(res.wall_s)}, {res.tokens_per_s:,.0f} tokens/s; final loss {res.final_loss:.3f}"
+        f"{res.steps_done} steps in {_fmt_s(res.wall_s)}, {res.tokens_per_s:,.0f} "
+        f"tokens/s; final loss {res.final_loss:.3f}"
         + (
             f", held-out {res.final_eval_loss:.3f}"
             if res.final_eval_loss is not None
@@ -1437,21 +973,23 @@ def cmd_pretrain(args) -> int:
     print(f"checkpoint: {out}  (next: tinyllama sample {out})")
     return 0
 
-
+# %% ../nbs/93_cli.ipynb #09035443
 def _load_for_sampling(folder: Path):
     from tinyllama.checkpoint import load_model
     from tinyllama.tokenizer import Tokenizer
 
     if not folder.exists():
         raise CLIError(
-            f"no checkpoint folder at {folder}; train one with `tinyllama pretrain --out {folder}`."
+            f"no checkpoint folder at {folder}; train one with `tinyllama pretrain "
+            f"--out {folder}`."
         )
     if not folder.is_dir():
         raise CLIError(f"{folder} is a file, not a checkpoint folder.")
     tok_path = folder / "tokenizer.model"
     if not tok_path.is_file():
         raise CLIError(
-            f"{tok_path} is missing; a checkpoint folder from `tinyllama pretrain` holds the tokenizer next to the weights."
+            f"{tok_path} is missing; a checkpoint folder from `tinyllama pretrain` "
+            f"holds the tokenizer next to the weights."
         )
     return load_model(folder), Tokenizer.load(tok_path)
 
@@ -1471,7 +1009,8 @@ def cmd_sample(args) -> int:
     room = model.config.context_size - longest
     if room < 1:
         raise CLIError(
-            f"a prompt has {longest} tokens but the model's context is {model.config.context_size}; shorten it."
+            f"a prompt has {longest} tokens but the model's context is "
+            f"{model.config.context_size}; shorten it."
         )
     max_new = room if max_new is None else min(max_new, room)
     lines = []
@@ -1483,7 +1022,7 @@ def cmd_sample(args) -> int:
         print(f"samples written to {args.out / 'samples.md'}")
     return 0
 
-
+# %% ../nbs/93_cli.ipynb #ac88cef1
 def _stream_prompts(args, model, tok, prompts, max_new, lines):
     from tinyllama.generate import stream_text
 
@@ -1505,15 +1044,18 @@ def _stream_prompts(args, model, tok, prompts, max_new, lines):
         print("\n")
         lines.append(f"> **{prompt}**{text}\n")
 
-
+# %% ../nbs/93_cli.ipynb #4ab8b431
 def cmd_speedrun(args) -> int:
-    "tinyllama speedrun: the stages --stages names (default all of SPEEDRUN_STAGES), then report.md."
+    """tinyllama speedrun: the stages --stages names (default all of SPEEDRUN_STAGES),
+    then report.md.
+    """
     profile = _resolve(args)
     stages = parse_stages(args.stages)  # a typo fails here, before any training
     out = args.out or Path("runs") / _timestamp()
     if (out / "report.md").exists():
         raise CLIError(
-            f"{out} already holds a speedrun report; choose another --out (or leave it out for runs/<time>/)."
+            f"{out} already holds a speedrun report; choose another --out (or leave it "
+            f"out for runs/<time>/)."
         )
     print(
         f"speedrun ({profile} profile: {', '.join(n for n, _ in stages)}) into {out}",
@@ -1533,17 +1075,21 @@ def cmd_speedrun(args) -> int:
     print(f"\n{metrics_table(run)}\n\nreport: {report}")
     if run.state.get("band_ok") is False:
         print(
-            f"warning: the held-out NLL is outside the band expected for the {profile} profile (see the report)."
+            f"warning: the held-out NLL is outside the band expected for the {profile} "
+            f"profile (see the report)."
         )
     if "sft_checkpoint" in run.state:
         print(
-            f"talk to the fine-tuned model: tinyllama chat --checkpoint {run.state['sft_checkpoint']}"
+            f"talk to the fine-tuned model: tinyllama chat --checkpoint "
+            f"{run.state['sft_checkpoint']}"
         )
     return 0
 
 # %% ../nbs/93_cli.ipynb #6aca1c2a
 def _read_line(prompt: str) -> str:
-    "One line from stdin, without its newline; EOFError at the end. At a terminal with `input` (line editing), else echoed."
+    """One line from stdin, without its newline; EOFError at the end. At a terminal with
+    `input` (line editing), else echoed.
+    """
     if sys.stdin is not None and sys.stdin.isatty():
         return input(prompt)
     line = sys.stdin.readline() if sys.stdin is not None else ""
@@ -1555,9 +1101,11 @@ def _read_line(prompt: str) -> str:
     )  # a piped line is not echoed by a terminal: show what was read
     return line
 
-
+# %% ../nbs/93_cli.ipynb #848cc82e
 class ChatSession:
-    "A conversation with a chat model that keeps its history within the model's context."
+    """A conversation with a chat model that keeps its history within the model's
+    context.
+    """
 
     MIN_REPLY = (
         16  # tokens of room a reply gets at least; older turns are dropped to keep it
@@ -1598,57 +1146,67 @@ class ChatSession:
 
         return len(format_chat(messages, self.tokenizer, add_generation_prompt=True)[0])
 
-    def reply(self, text: str) -> str:
-        "Add the user message `text`, drop the oldest turns if needed, and return the model's reply."
-        from tinyllama.sft import chat_reply
+# %% ../nbs/93_cli.ipynb #8b4d7e82
+@patch
+def reply(self: ChatSession, text: str) -> str:
+    """Add the user message `text`, drop the oldest turns if needed, and return the
+    model's reply.
+    """
+    from tinyllama.sft import chat_reply
 
-        text = text.replace("\\n", "\n")
-        if not text.strip():
-            raise ValueError("the message is empty; type a question or an instruction.")
-        reserve = min(self.MIN_REPLY, self.max_new_tokens or self.MIN_REPLY)
-        limit = self.context - reserve  # the prompt may take this many tokens
-        alone = self._length([{"role": "user", "content": text}])
-        if alone > limit:
-            raise ValueError(
-                f"the message takes {alone} tokens with the chat markers, but the model's context holds "
-                f"{self.context} and the reply needs {reserve}; shorten it to fit {limit} tokens."
-            )
-        messages, self.notes = self.messages + [{"role": "user", "content": text}], []
-        dropped = 0
-        while self._length(messages) > limit:
-            cut = next(
-                (i for i in range(1, len(messages)) if messages[i]["role"] == "user"),
-                len(messages) - 1,
-            )
-            messages, dropped = messages[cut:], dropped + 1
-        if dropped:
-            self.notes.append(
-                f"dropped the oldest {'turn' if dropped == 1 else f'{dropped} turns'} to fit the "
-                f"model's context of {self.context} tokens"
-            )
-        room = self.context - self._length(messages)
-        n_new = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
-        seed = self.seed + self.turns if self.temperature > 0 else None
-        answer = chat_reply(
-            self.model,
-            self.tokenizer,
-            messages,
-            n_new,
-            self.temperature,
-            self.top_k,
-            self.top_p,
-            seed,
+    text = text.replace("\\n", "\n")
+    if not text.strip():
+        raise ValueError("the message is empty; type a question or an instruction.")
+    reserve = min(self.MIN_REPLY, self.max_new_tokens or self.MIN_REPLY)
+    limit = self.context - reserve  # the prompt may take this many tokens
+    alone = self._length([{"role": "user", "content": text}])
+    if alone > limit:
+        raise ValueError(
+            f"the message takes {alone} tokens with the chat markers, but the model's "
+            f"context holds "
+            f"{self.context} and the reply needs {reserve}; shorten it to fit {limit} "
+            f"tokens."
         )
-        self.turns += 1
-        # an empty reply cannot be a message of the next prompt; the question stays without an answer
-        self.messages = messages + (
-            [{"role": "assistant", "content": answer}] if answer.strip() else []
+    messages, self.notes = self.messages + [{"role": "user", "content": text}], []
+    dropped = 0
+    while self._length(messages) > limit:
+        cut = next(
+            (i for i in range(1, len(messages)) if messages[i]["role"] == "user"),
+            len(messages) - 1,
         )
-        return answer
+        messages, dropped = messages[cut:], dropped + 1
+    if dropped:
+        self.notes.append(
+            f"dropped the oldest {'turn' if dropped == 1 else f'{dropped} turns'} to "
+            f"fit the "
+            f"model's context of {self.context} tokens"
+        )
+    room = self.context - self._length(messages)
+    n_new = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
+    seed = self.seed + self.turns if self.temperature > 0 else None
+    answer = chat_reply(
+        self.model,
+        self.tokenizer,
+        messages,
+        n_new,
+        self.temperature,
+        self.top_k,
+        self.top_p,
+        seed,
+    )
+    self.turns += 1
+    # an empty reply cannot be a message of the next prompt; the question stays without
+    # an answer
+    self.messages = messages + (
+        [{"role": "assistant", "content": answer}] if answer.strip() else []
+    )
+    return answer
 
-
+# %% ../nbs/93_cli.ipynb #7d7f4927
 def _chat_tokens_missing(tok_path: Path) -> list:
-    "The chat-role pieces a SentencePiece model file lacks (None if the file is not a SentencePiece model)."
+    """The chat-role pieces a SentencePiece model file lacks (None if the file is not a
+    SentencePiece model).
+    """
     import sentencepiece as spm
     from tinyllama.tokenizer import CHAT_TOKENS
 
@@ -1660,20 +1218,24 @@ def _chat_tokens_missing(tok_path: Path) -> list:
 
 
 def _load_for_chat(folder: Path):
-    "(model, tokenizer, fine-tuned on chats?) of a checkpoint folder, with errors that say what is wrong."
+    """(model, tokenizer, fine-tuned on chats?) of a checkpoint folder, with errors that
+    say what is wrong.
+    """
     from tinyllama.checkpoint import load_checkpoint
     from tinyllama.tokenizer import Tokenizer
 
     if not folder.exists():
         raise CLIError(
-            f"no checkpoint folder at {folder}; `tinyllama speedrun` writes a chat model to <run>/sft/."
+            f"no checkpoint folder at {folder}; `tinyllama speedrun` writes a chat "
+            f"model to <run>/sft/."
         )
     if not folder.is_dir():
         raise CLIError(f"{folder} is a file, not a checkpoint folder.")
     tok_path = folder / "tokenizer.model"
     if not tok_path.is_file():
         raise CLIError(
-            f"{tok_path} is missing; a chat checkpoint holds its tokenizer next to the weights."
+            f"{tok_path} is missing; a chat checkpoint holds its tokenizer next to the "
+            f"weights."
         )
     try:
         tok = Tokenizer.load(tok_path)
@@ -1681,22 +1243,27 @@ def _load_for_chat(folder: Path):
         missing = _chat_tokens_missing(tok_path)
         if missing:
             raise CLIError(
-                f"the tokenizer {tok_path} has no chat-role tokens ({', '.join(missing)}), so no chat can be "
-                "written for it; use a checkpoint trained with tinyllama's tokenizer and fine-tuned on "
+                f"the tokenizer {tok_path} has no chat-role tokens "
+                f"({', '.join(missing)}), so no chat can be "
+                "written for it; use a checkpoint trained with tinyllama's tokenizer "
+                "and fine-tuned on "
                 "chats (`tinyllama speedrun` saves one in <run>/sft/)."
             ) from None
         raise
     model, state = load_checkpoint(folder)
     if model.config.vocab_size != tok.vocab_size:
         raise CLIError(
-            f"{tok_path} has {tok.vocab_size} pieces but the model in {folder} has a vocabulary of "
+            f"{tok_path} has {tok.vocab_size} pieces but the model in {folder} has a "
+            f"vocabulary of "
             f"{model.config.vocab_size}; the two files do not belong together."
         )
     return model.eval(), tok, (state.get("extra") or {}).get("stage") == "sft"
 
-
+# %% ../nbs/93_cli.ipynb #e4496d0d
 def cmd_chat(args) -> int:
-    "tinyllama chat: answer messages with a chat checkpoint, one-shot (--message) or line by line until EOF or /quit."
+    """tinyllama chat: answer messages with a chat checkpoint, one-shot (--message) or
+    line by line until EOF or /quit.
+    """
     from tinyllama.device import get_device
 
     model, tok, chat_trained = _load_for_chat(args.checkpoint)
@@ -1712,7 +1279,8 @@ def cmd_chat(args) -> int:
     )
     if not chat_trained:
         print(
-            f"note: {args.checkpoint} has no record of chat fine-tuning (a pretraining checkpoint?); its replies may "
+            f"note: {args.checkpoint} has no record of chat fine-tuning (a pretraining "
+            f"checkpoint?); its replies may "
             "not answer you. A speedrun saves a fine-tuned model in <run>/sft/.",
             file=sys.stderr,
         )
@@ -1728,10 +1296,11 @@ def cmd_chat(args) -> int:
             return 0
         return _chat_loop(args, session)
 
-
+# %% ../nbs/93_cli.ipynb #ba2b2d5c
 def _chat_loop(args, session) -> int:
     print(
-        f"chatting with {args.checkpoint} (context {session.context} tokens). Type a message; \\n is a line break, "
+        f"chatting with {args.checkpoint} (context {session.context} tokens). Type a "
+        f"message; \\n is a line break, "
         "/reset starts over, /quit or Ctrl-D ends.",
         flush=True,
     )
@@ -1765,44 +1334,10 @@ def _chat_loop(args, session) -> int:
 
 # %% ../nbs/93_cli.ipynb #b1e99553
 def cmd_label(args) -> int:
-    "tinyllama label: label pairs of completions in the terminal (chapter 12's run_terminal_labeler)."
-    from tinyllama.feedback import (
-        LabelStore,
-        read_pairs,
-        run_terminal_labeler,
-        story_comparisons,
-    )
+    "tinyllama label: chapter 12's terminal labeler (tinyllama.feedback.label_command)."
+    from tinyllama.feedback import label_command
 
-    if args.pairs is not None:
-        path = Path(args.pairs)
-        if not path.exists():
-            raise CLIError(
-                f"no pairs file at {path}; write one JSON object per line with prompt, a and b "
-                "(tinyllama.feedback.write_pairs does), or try --demo 5."
-            )
-        if path.is_dir():
-            raise CLIError(f"{path} is a folder; --pairs takes a .jsonl file.")
-        try:
-            pairs = read_pairs(path)
-        except UnicodeDecodeError:
-            raise CLIError(
-                f"{path} is not UTF-8 text; --pairs takes a JSONL file."
-            ) from None
-        if not pairs:
-            raise CLIError(
-                f"{path} holds no pairs; each line must be a JSON object with prompt, a and b."
-            )
-    else:
-        pairs = story_comparisons(args.demo, seed=args.seed)
-        if not pairs:
-            raise CLIError("--demo 0 gives nothing to label; ask for one pair or more.")
-    store = LabelStore(args.out)
-    try:
-        run_terminal_labeler(pairs, store, args.labeler, input=_read_line)
-    except KeyboardInterrupt:
-        print(f"\nstopped; every label given so far is saved in {store.path}.")
-        return 130
-    return 0
+    return label_command(args, input=_read_line)  # bad input: ValueError, for main
 
 # %% ../nbs/93_cli.ipynb #103439e0
 COMMANDS = {
@@ -1815,7 +1350,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    "The `tinyllama` command: parse `argv` (default sys.argv[1:]) and run the subcommand."
+    """The `tinyllama` command: parse `argv` (default sys.argv[1:]) and run the
+    subcommand.
+    """
     from tinyllama.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)

@@ -6,14 +6,16 @@ import functools, hashlib, math, os, random, urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DEFAULT_TABLES', 'DEFAULT_PRONOUNS', 'TINYSTORIES_URLS', 'STORY_SEPARATOR', 'Story', 'StoryWorld', 'default_world',
-           'verify_unambiguous', 'Estimate', 'mean_ci', 'ratio_ci', 'entropy_estimate', 'sample_story',
-           'story_log_prob', 'story_corpus', 'train_heldout', 'DownloadError', 'default_cache_dir', 'sha256_of',
-           'download', 'parse_tinystories', 'load_tinystories']
+__all__ = ['DEFAULT_TABLES', 'DEFAULT_PRONOUNS', 'FORMS', 'EVENT_OPENINGS', 'TINYSTORIES_URLS', 'STORY_SEPARATOR', 'Story',
+           'StoryWorld', 'default_world', 'verify_unambiguous', 'Estimate', 'mean_ci', 'ratio_ci', 'entropy_estimate',
+           'sample_story', 'story_log_prob', 'story_corpus', 'train_heldout', 'DownloadError', 'default_cache_dir',
+           'sha256_of', 'download', 'parse_tinystories', 'load_tinystories']
 
 # %% ../nbs/01_data.ipynb #821c9e6b
+# table name -> ((value, weight), ...); a value is drawn with probability weight / total
 DEFAULT_TABLES: dict[str, tuple[tuple[str, float], ...]] = {
     "opening": (
         ("Once upon a time", 4),
@@ -63,6 +65,10 @@ DEFAULT_TABLES: dict[str, tuple[tuple[str, float], ...]] = {
         ("Rosa", 1),
         ("Otto", 1),
     ),
+}
+
+# %% ../nbs/01_data.ipynb #5a0f5029
+DEFAULT_TABLES |= {
     "home": (
         ("in a cozy house by the river", 3),
         ("near a big forest", 2),
@@ -102,6 +108,10 @@ DEFAULT_TABLES: dict[str, tuple[tuple[str, float], ...]] = {
         (" {He} loved it very much.", 2),
         (" {He} took it everywhere.", 1),
     ),
+}
+
+# %% ../nbs/01_data.ipynb #9d5e92eb
+DEFAULT_TABLES |= {
     "when": (
         ("One day", 4),
         ("One morning", 2),
@@ -124,6 +134,10 @@ DEFAULT_TABLES: dict[str, tuple[tuple[str, float], ...]] = {
         ("farm", 1),
         ("river", 1),
     ),
+}
+
+# %% ../nbs/01_data.ipynb #1f8e2d35
+DEFAULT_TABLES |= {
     "event": (("lost", 3), ("friend", 3), ("rain", 2), ("broken", 2)),
     "ending_lost": (("happy", 7), ("sad", 3)),
     "ending_friend": (("happy", 8), ("sad", 2)),
@@ -152,6 +166,10 @@ DEFAULT_TABLES: dict[str, tuple[tuple[str, float], ...]] = {
     ),
     "fixer": (("mom", 1), ("dad", 1), ("grandpa", 1), ("grandma", 1)),
     "thanks": (("", 1), (' "Thank you!" said {hero}.', 1)),
+}
+
+# %% ../nbs/01_data.ipynb #1ae2b525
+DEFAULT_TABLES |= {
     "feeling_form": ((" {hero} felt ", 3), (" {He} was very ", 1)),
     "feeling_happy": (("happy", 4), ("glad", 2), ("proud", 1), ("calm", 1)),
     "feeling_sad": (("sad", 4), ("upset", 2), ("lonely", 1), ("grumpy", 1)),
@@ -166,6 +184,8 @@ DEFAULT_TABLES: dict[str, tuple[tuple[str, float], ...]] = {
         (" {He} hoped tomorrow would be better.", 1),
     ),
 }
+
+# %% ../nbs/01_data.ipynb #7151b209
 DEFAULT_PRONOUNS = {
     "Mia": "she",
     "Tom": "he",
@@ -184,12 +204,13 @@ DEFAULT_PRONOUNS = {
     "Rosa": "she",
     "Otto": "he",
 }
-_FORMS = {
+# The forms of each pronoun that the templates use: {he}, {his}, {him}
+FORMS = {
     "she": dict(he="she", his="her", him="her"),
     "he": dict(he="he", his="his", him="him"),
 }
-
-_EVENT_OPENINGS = {
+# The sentence that opens each event: a template like the tables' values
+EVENT_OPENINGS = {
     "lost": " But when {he} looked again, the {object} was gone!",
     "friend": " There {he} met",
     "rain": " Suddenly, dark clouds came and it began to rain.",
@@ -198,10 +219,12 @@ _EVENT_OPENINGS = {
 
 
 def _an(word):
+    "`word` with its article: a red, an orange."
     return ("an " if word[0].lower() in "aeiou" else "a ") + word
 
 
 def _cap(s):
+    "`s` with a capital first letter."
     return s[:1].upper() + s[1:]
 
 # %% ../nbs/01_data.ipynb #26b42f3a
@@ -217,22 +240,17 @@ class _Mismatch(Exception):
 
 
 class _Teller:
-    "Runs the story program once: drawing each choice from `rng`, or following `text` (parsing)."
+    "Runs the story program once: drawing each choice (telling) or following `text`."
 
     def __init__(self, rng=None, text=None, path=(), fixed=None):
         self.rng, self.text, self.path, self.fixed = rng, text, path, fixed or {}
-        self.parts, self.pos, self.k = (
-            [],
-            0,
-            0,
-        )  # telling: output; parsing: position in text, decisions used
-        self.taken, self.untried = (
-            [],
-            [],
-        )  # parsing: decisions made at branch points; paths not yet tried
+        self.parts = []  # telling: the text so far
+        self.pos, self.k = 0, 0  # parsing: position in `text`, decisions of `path` used
+        self.taken, self.untried = [], []  # decisions at branch points; paths to try
         self.log_prob, self.entropy, self.steps, self.env = 0.0, 0.0, [], {}
 
     def emit(self, s):
+        "Write `s` (telling), or check that the text continues with it (parsing)."
         if self.text is None:
             self.parts.append(s)
         elif self.text.startswith(s, self.pos):
@@ -241,75 +259,85 @@ class _Teller:
             raise _Mismatch
 
     def say(self, template):
+        "Emit `template` filled in with the choices so far."
         self.emit(template.format(**self.env))
 
-    def pick(self, field, table, show=None):
-        "Choose a value of `table` for `field`; `show(value)` is the text it prints (None: prints nothing)."
-        total, entropy = _stats(table)
-        if self.text is None:
-            if field in self.fixed:
-                i = next(
-                    (j for j, (v, _) in enumerate(table) if v == self.fixed[field]),
-                    None,
-                )
-                if i is None:
-                    raise ValueError(
-                        f"{field}={self.fixed[field]!r} is not a possible {field} here; "
-                        f"choose one of {[v for v, _ in table]}."
-                    )
-            else:
-                u, i = self.rng.random() * total, 0
-                while i < len(table) - 1 and u >= table[i][1]:
-                    u -= table[i][1]
-                    i += 1
-        else:
-            cands = [
-                j
-                for j, (v, _) in enumerate(table)
-                if show is None or self.text.startswith(show(v), self.pos)
-            ]
-            if not cands:
-                raise _Mismatch
-            if (
-                len(cands) > 1
-            ):  # ambiguous so far: follow the recorded decision, or take the first candidate
-                if self.k < len(self.path):
-                    j = self.path[self.k]
-                else:  # a new branch point: try candidate 0 now, the others in later runs
-                    j = 0
-                    self.untried += [
-                        tuple(self.taken) + (alt,) for alt in range(1, len(cands))
-                    ]
-                self.taken.append(j)
-                self.k += 1
-                cands = [cands[j]]
-            i = cands[0]
-        v, w = table[i]
-        self.log_prob += math.log(w / total)
-        self.entropy += entropy
-        self.steps.append((field, v, w / total))
-        self.env[field] = v
-        if show is not None:
-            self.emit(show(v))
-        return v
+# %% ../nbs/01_data.ipynb #1757c9f5
+@patch
+def _draw(self: _Teller, field, table, total) -> int:
+    "Telling: the index of the value `fixed` asks for, or of a random draw."
+    if field not in self.fixed:
+        u, i = self.rng.random() * total, 0
+        while i < len(table) - 1 and u >= table[i][1]:
+            u -= table[i][1]
+            i += 1
+        return i
+    i = next((j for j, (v, _) in enumerate(table) if v == self.fixed[field]), None)
+    if i is None:
+        raise ValueError(
+            f"{field}={self.fixed[field]!r} is not a possible {field} here; "
+            f"choose one of {[v for v, _ in table]}."
+        )
+    return i
+
+
+@patch
+def _follow(self: _Teller, table, show) -> int:
+    "Parsing: the index of the value the text continues with, along the current path."
+    cands = [
+        j
+        for j, (v, _) in enumerate(table)
+        if show is None or self.text.startswith(show(v), self.pos)
+    ]
+    if not cands:
+        raise _Mismatch
+    if len(cands) > 1:  # a branch point: follow the path, or take the first
+        if self.k < len(self.path):
+            j = self.path[self.k]
+        else:  # a new branch point: candidate 0 now, the others in later runs
+            j = 0
+            self.untried += [tuple(self.taken) + (a,) for a in range(1, len(cands))]
+        self.taken.append(j)
+        self.k += 1
+        cands = [cands[j]]
+    return cands[0]
+
+# %% ../nbs/01_data.ipynb #afa24efa
+@patch
+def pick(self: _Teller, field, table, show=None):
+    "Choose a value of `table` for `field`; `show(value)` is its text (None: no text)."
+    total, entropy = _stats(table)
+    i = (
+        self._draw(field, table, total)
+        if self.text is None
+        else self._follow(table, show)
+    )
+    v, w = table[i]
+    self.log_prob += math.log(w / total)
+    self.entropy += entropy
+    self.steps.append((field, v, w / total))
+    self.env[field] = v
+    if show is not None:
+        self.emit(show(v))
+    return v
 
 # %% ../nbs/01_data.ipynb #7c42b60f
 @dataclass(frozen=True)
 class Story:
-    "A story of the story world: its text, the exact log-probability of its derivation, and the choices made."
+    "A story of the world: its text, the log-probability of its derivation, its steps."
 
     text: str
-    log_prob: float  # natural log of the probability of this derivation (= of this text: the grammar is unambiguous)
-    steps: tuple  # the derivation: ((field, value, probability), ...) in the order the choices were made
-    entropy_terms: float = (
-        0.0  # sum of the entropies (nats) of the tables the choices were drawn from
-    )
+    log_prob: float  # ln p(derivation) = ln p(text): the grammar is unambiguous
+    steps: tuple  # the derivation: ((field, value, probability), ...) in order
+    entropy_terms: float = 0.0  # sum of the entropies (nats) of the tables drawn from
 
     @property
     def fields(self) -> dict:
+        "The choices of the story by field."
         return {f: v for f, v, _ in self.steps}
 
     def get(self, field, default=None):
+        "The value chosen for `field`, or `default`."
         return self.fields.get(field, default)
 
     hero = property(lambda self: self.fields["hero"], doc="the hero's name")
@@ -337,190 +365,212 @@ class Story:
 
 # %% ../nbs/01_data.ipynb #c2a45e42
 class StoryWorld:
-    "A probabilistic grammar of short stories whose every text has exactly one derivation."
+    "A probabilistic grammar of short stories, each text with exactly one derivation."
 
     def __init__(
         self,
-        tables: dict
-        | None = None,  # replaces tables of DEFAULT_TABLES by name: {name: ((value, weight), ...)}
-        pronouns: dict
-        | None = None,  # {hero name: "she" | "he"} for names added to the hero table
+        tables: dict | None = None,  # {name: ((value, weight), ...)}: replaces tables
+        pronouns: dict | None = None,  # {hero name: "she" | "he"} for added heroes
     ):
         self.tables = dict(DEFAULT_TABLES)
         for name, table in (tables or {}).items():
             if name not in DEFAULT_TABLES:
                 raise ValueError(
-                    f"there is no table {name!r} in the story world; the tables are {sorted(DEFAULT_TABLES)}."
+                    f"there is no table {name!r} in the story world; the tables "
+                    f"are {sorted(DEFAULT_TABLES)}."
                 )
             self.tables[name] = tuple((v, w) for v, w in table)
         self.pronouns = {**DEFAULT_PRONOUNS, **(pronouns or {})}
         self._validate()
 
-    def _validate(self):
-        for name, table in self.tables.items():
-            if not table:
-                raise ValueError(
-                    f"table {name!r} is empty; give it at least one (value, weight)."
-                )
-            values = [v for v, _ in table]
-            if len(set(values)) != len(values):
-                raise ValueError(
-                    f"table {name!r} lists a value twice; each value may appear once."
-                )
-            for v, w in table:
-                if not isinstance(v, str):
-                    raise ValueError(f"table {name!r}: value {v!r} is not a string.")
-                if isinstance(w, bool) or not (
-                    isinstance(w, (int, float)) and w > 0 and math.isfinite(w)
-                ):
-                    raise ValueError(
-                        f"table {name!r}: the weight of {v!r} must be a positive number, got {w!r}."
-                    )
-        missing = [
-            h for h, _ in self.tables["hero"] if self.pronouns.get(h) not in _FORMS
-        ]
-        if missing:
+# %% ../nbs/01_data.ipynb #9de9f743
+@patch
+def _validate(self: StoryWorld):
+    "Raise a ValueError that names what is wrong with the tables."
+    for name, table in self.tables.items():
+        if not table:
             raise ValueError(
-                f"hero names {missing} have no pronoun; pass pronouns={{name: 'she' or 'he'}}."
+                f"table {name!r} is empty; give it at least one (value, weight)."
             )
-        if len(self.tables["hero"]) < 2:
+        values = [v for v, _ in table]
+        if len(set(values)) != len(values):
             raise ValueError(
-                "the hero table needs at least two names (the friend is a different name)."
+                f"table {name!r} lists a value twice; each value may appear once."
             )
-        for e, _ in self.tables["event"]:
-            if e not in ("lost", "friend", "rain", "broken"):
+        for v, w in table:
+            if not isinstance(v, str):
+                raise ValueError(f"table {name!r}: value {v!r} is not a string.")
+            if isinstance(w, bool) or not (
+                isinstance(w, (int, float)) and w > 0 and math.isfinite(w)
+            ):
                 raise ValueError(
-                    f"unknown event {e!r}: the story program knows lost, friend, rain and broken."
+                    f"table {name!r}: the weight of {v!r} must be a "
+                    f"positive number, got {w!r}."
                 )
-        for name in ("ending_lost", "ending_friend", "ending_rain", "ending_broken"):
-            if not {v for v, _ in self.tables[name]} <= {"happy", "sad"}:
-                raise ValueError(
-                    f"table {name!r} may only hold the endings 'happy' and 'sad'."
-                )
+    missing = [h for h, _ in self.tables["hero"] if self.pronouns.get(h) not in FORMS]
+    if missing:
+        raise ValueError(
+            f"hero names {missing} have no pronoun; pass pronouns={{name: "
+            f"'she' or 'he'}}."
+        )
+    if len(self.tables["hero"]) < 2:
+        raise ValueError(
+            "the hero table needs at least two names (the friend is a different name)."
+        )
+    for e, _ in self.tables["event"]:
+        if e not in ("lost", "friend", "rain", "broken"):
+            raise ValueError(
+                f"unknown event {e!r}: the story program knows lost, "
+                "friend, rain and broken."
+            )
+    for name in ("ending_lost", "ending_friend", "ending_rain", "ending_broken"):
+        if not {v for v, _ in self.tables[name]} <= {"happy", "sad"}:
+            raise ValueError(
+                f"table {name!r} may only hold the endings 'happy' and 'sad'."
+            )
 
-    def _tell(self, t: _Teller):
-        "The story program: every random choice goes through `t.pick`, every fixed word through `t.emit`/`t.say`."
-        T, env = self.tables, t.env
-        fmt = lambda v: v.format(**env)
-        t.pick("opening", T["opening"], show=str)
-        t.emit(", there was ")
-        t.pick("trait", T["trait"], show=_an)
-        t.emit(" ")
-        t.pick("animal", T["animal"], show=str)
-        t.emit(" named ")
-        hero = t.pick("hero", T["hero"], show=str)
-        forms = _FORMS[self.pronouns[hero]]
-        env.update(forms, He=_cap(forms["he"]), His=_cap(forms["his"]))
-        t.say(". {He} lived ")
-        t.pick("home", T["home"], show=str)
-        t.say(". {He} had ")
-        t.pick("colour", T["colour"], show=_an)
-        t.emit(" ")
-        t.pick("object", T["object"], show=str)
-        t.emit(".")
-        t.pick("bond", T["bond"], show=fmt)
-        t.emit(" ")
-        t.pick("when", T["when"], show=str)
-        t.emit(",")
-        t.pick("trip", T["trip"], show=fmt)
-        t.pick("place", T["place"], show=str)
-        t.emit(".")
-        event = t.pick("event", T["event"], show=lambda e: fmt(_EVENT_OPENINGS[e]))
-        ending = t.pick(
-            "ending", T["ending_" + event]
-        )  # prints nothing by itself: the next sentence tells
-        if event == "lost":
-            if ending == "happy":
-                t.emit(" ")
-                t.pick("helper", T["helper"], show=lambda v: _cap(fmt(v)))
-                t.say(" helped {him} look, and they found it under ")
-                t.pick("hiding_spot", T["hiding_spot"], show=str)
-                t.emit(".")
-            else:
-                t.say(" {hero} looked everywhere, but {he} could not find it.")
-        elif event == "friend":
+# %% ../nbs/01_data.ipynb #f191aacc
+@patch
+def _tell(self: StoryWorld, t: _Teller):
+    "The story program: choices go through `t.pick`, fixed words through `t.emit`."
+    T, env = self.tables, t.env
+    fmt = lambda v: v.format(**env)
+    t.pick("opening", T["opening"], show=str)
+    t.emit(", there was ")
+    t.pick("trait", T["trait"], show=_an)
+    t.emit(" ")
+    t.pick("animal", T["animal"], show=str)
+    t.emit(" named ")
+    hero = t.pick("hero", T["hero"], show=str)
+    forms = FORMS[self.pronouns[hero]]
+    env.update(forms, He=_cap(forms["he"]), His=_cap(forms["his"]))
+    t.say(". {He} lived ")
+    t.pick("home", T["home"], show=str)
+    t.say(". {He} had ")
+    t.pick("colour", T["colour"], show=_an)
+    t.emit(" ")
+    t.pick("object", T["object"], show=str)
+    t.emit(".")
+    t.pick("bond", T["bond"], show=fmt)
+    t.emit(" ")
+    t.pick("when", T["when"], show=str)
+    t.emit(",")
+    t.pick("trip", T["trip"], show=fmt)
+    t.pick("place", T["place"], show=str)
+    t.emit(".")
+    event = t.pick("event", T["event"], show=lambda e: fmt(EVENT_OPENINGS[e]))
+    # the ending prints nothing by itself: the next sentence tells
+    ending = t.pick("ending", T["ending_" + event])
+    self._tell_event(t, event, ending, hero)
+    if ending == "happy" and event in ("lost", "broken"):
+        t.pick("thanks", T["thanks"], show=fmt)
+    t.pick("feeling_form", T["feeling_form"], show=fmt)
+    t.pick("feeling", T["feeling_" + ending], show=str)
+    t.emit(".")
+    t.pick("closing", T["closing_" + ending], show=fmt)
+
+# %% ../nbs/01_data.ipynb #1d4711b1
+@patch
+def _tell_event(self: StoryWorld, t: _Teller, event: str, ending: str, hero: str):
+    "The sentences of `event` that lead to `ending`."
+    T, fmt = self.tables, lambda v: v.format(**t.env)
+    if event == "lost":
+        if ending == "happy":
             t.emit(" ")
-            t.pick("friend_animal", T["friend_animal"], show=_an)
-            t.emit(" named ")
-            t.pick("friend", tuple((n, w) for n, w in T["hero"] if n != hero), show=str)
-            t.say('. "Can I play too?" asked {friend}.')
-            if ending == "happy":
-                t.say(" {hero} shared the {object}, and they played together all day.")
-            else:
-                t.say(" But {hero} did not want to share, so {friend} walked away.")
-        elif event == "rain":
-            if ending == "happy":
-                t.say(
-                    " {hero} hid under a big tree with the {object} until the sun came back."
-                )
-            else:
-                t.say(" The {object} got all wet, and {hero} had to go home.")
+            t.pick("helper", T["helper"], show=lambda v: _cap(fmt(v)))
+            t.say(" helped {him} look, and they found it under ")
+            t.pick("hiding_spot", T["hiding_spot"], show=str)
+            t.emit(".")
         else:
-            if ending == "happy":
-                t.say(" {His} ")
-                t.pick("fixer", T["fixer"], show=str)
-                t.emit(" fixed it with some glue.")
-            else:
-                t.say(" {hero} tried to fix it, but it was too broken.")
-        if ending == "happy" and event in ("lost", "broken"):
-            t.pick("thanks", T["thanks"], show=fmt)
-        t.pick("feeling_form", T["feeling_form"], show=fmt)
-        t.pick("feeling", T["feeling_" + ending], show=str)
-        t.emit(".")
-        t.pick("closing", T["closing_" + ending], show=fmt)
-
-    def sample_story(self, rng: random.Random, **fixed) -> Story:
-        "Draw one story; `fixed` forces choices by field (e.g. hero='Mia'); `log_prob` stays unconditional."
-        t = _Teller(rng=rng, fixed=fixed)
-        self._tell(t)
-        unused = set(fixed) - {f for f, _, _ in t.steps}
-        if unused:
-            raise ValueError(
-                f"{sorted(unused)} are not choices this story made; "
-                f"its fields are {[f for f, _, _ in t.steps]}."
+            t.say(" {hero} looked everywhere, but {he} could not find it.")
+    elif event == "friend":
+        t.emit(" ")
+        t.pick("friend_animal", T["friend_animal"], show=_an)
+        t.emit(" named ")
+        t.pick("friend", tuple((n, w) for n, w in T["hero"] if n != hero), show=str)
+        t.say('. "Can I play too?" asked {friend}.')
+        if ending == "happy":
+            t.say(" {hero} shared the {object}, and they played together all day.")
+        else:
+            t.say(" But {hero} did not want to share, so {friend} walked away.")
+    elif event == "rain":
+        if ending == "happy":
+            t.say(
+                " {hero} hid under a big tree with the {object} until the "
+                "sun came back."
             )
-        return Story("".join(t.parts), t.log_prob, tuple(t.steps), t.entropy)
+        else:
+            t.say(" The {object} got all wet, and {hero} had to go home.")
+    else:
+        if ending == "happy":
+            t.say(" {His} ")
+            t.pick("fixer", T["fixer"], show=str)
+            t.emit(" fixed it with some glue.")
+        else:
+            t.say(" {hero} tried to fix it, but it was too broken.")
 
-    def sample(self, n: int, seed: int | str = 0, **fixed) -> list[Story]:
-        "`n` stories drawn with `random.Random(seed)`: the same seed gives the same stories."
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}.")
-        rng = random.Random(seed)
-        return [self.sample_story(rng, **fixed) for _ in range(n)]
+# %% ../nbs/01_data.ipynb #8a1f0281
+@patch
+def sample_story(self: StoryWorld, rng: random.Random, **fixed) -> Story:
+    "One story; `fixed` forces choices by field (hero='Mia'); log_prob stays p(story)."
+    t = _Teller(rng=rng, fixed=fixed)
+    self._tell(t)
+    unused = set(fixed) - {f for f, _, _ in t.steps}
+    if unused:
+        raise ValueError(
+            f"{sorted(unused)} are not choices this story made; "
+            f"its fields are {[f for f, _, _ in t.steps]}."
+        )
+    return Story("".join(t.parts), t.log_prob, tuple(t.steps), t.entropy)
 
-    def derivations(self, text: str) -> list[Story]:
-        "Every derivation of `text` (an exhaustive search): one for a story of this world, none for other text."
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a string, got {type(text).__name__}.")
-        found, stack = [], [()]
-        while stack:  # depth-first over the decisions at branch points
-            t = _Teller(text=text, path=stack.pop())
-            try:
-                self._tell(t)
-                if t.pos == len(text):
-                    found.append(Story(text, t.log_prob, tuple(t.steps), t.entropy))
-            except _Mismatch:
-                pass
-            stack.extend(reversed(t.untried))
-        return found
 
-    def parse(self, text: str) -> Story:
-        "The derivation of `text`; ValueError if the grammar cannot produce it."
-        found = self.derivations(text)
-        if not found:
-            raise ValueError(
-                f"the story world cannot produce this text: {text[:60]!r}...; "
-                "only stories from StoryWorld.sample have a log-probability."
-            )
-        if len(found) > 1:
-            raise ValueError(
-                f"this text has {len(found)} derivations: the grammar is ambiguous."
-            )
-        return found[0]
+@patch
+def sample(self: StoryWorld, n: int, seed: int | str = 0, **fixed) -> list[Story]:
+    "`n` stories drawn with `random.Random(seed)`: the same seed, the same stories."
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}.")
+    rng = random.Random(seed)
+    return [self.sample_story(rng, **fixed) for _ in range(n)]
 
-    def log_prob(self, text: str) -> float:
-        "Exact natural-log probability of `text`, recovered from the text alone."
-        return self.parse(text).log_prob
+# %% ../nbs/01_data.ipynb #ea3271c5
+@patch
+def derivations(self: StoryWorld, text: str) -> list[Story]:
+    "Every derivation of `text` (an exhaustive search): one for a story of the world."
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {type(text).__name__}.")
+    found, stack = [], [()]
+    while stack:  # depth-first over the decisions at branch points
+        t = _Teller(text=text, path=stack.pop())
+        try:
+            self._tell(t)
+            if t.pos == len(text):
+                found.append(Story(text, t.log_prob, tuple(t.steps), t.entropy))
+        except _Mismatch:
+            pass
+        stack.extend(reversed(t.untried))
+    return found
+
+
+@patch
+def parse(self: StoryWorld, text: str) -> Story:
+    "The derivation of `text`; ValueError if the grammar cannot produce it."
+    found = self.derivations(text)
+    if not found:
+        raise ValueError(
+            f"the story world cannot produce this text: {text[:60]!r}...; "
+            "only stories from StoryWorld.sample have a log-probability."
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"this text has {len(found)} derivations: the grammar is ambiguous."
+        )
+    return found[0]
+
+
+@patch
+def log_prob(self: StoryWorld, text: str) -> float:
+    "Exact natural-log probability of `text`, recovered from the text alone."
+    return self.parse(text).log_prob
 
 # %% ../nbs/01_data.ipynb #2e35bef3
 _DEFAULT_WORLD = None
@@ -545,7 +595,8 @@ def verify_unambiguous(
         other = by_text.setdefault(s.text, s)
         if other.steps != s.steps:
             raise AssertionError(
-                f"two derivations print the same text:\n{s.text}\n{other.steps}\n{s.steps}"
+                "two derivations print the same "
+                f"text:\n{s.text}\n{other.steps}\n{s.steps}"
             )
         found = world.derivations(s.text)
         if len(found) != 1:
@@ -587,7 +638,7 @@ def mean_ci(values: Sequence[float], z: float = 1.96) -> Estimate:
 def ratio_ci(
     numer: Sequence[float], denom: Sequence[float], z: float = 1.96
 ) -> Estimate:
-    "Σnumer / Σdenom with a delta-method 95% interval (e.g. nats per token: story NLLs over token counts)."
+    "Σnumer / Σdenom with a delta-method 95% interval (e.g. nats per token)."
     a, b = [float(v) for v in numer], [float(v) for v in denom]
     if len(a) != len(b) or len(a) < 2:
         raise ValueError("numer and denom need the same length, at least 2.")
@@ -603,10 +654,11 @@ def entropy_estimate(
     n: int = 5000,  # number of stories
     seed: int = 0,
     world: StoryWorld | None = None,
-    method: str = "sample",  # "sample": mean of -log p(x); "chain": mean of the table entropies
+    # "sample": mean of -log p(x); "chain": mean of the table entropies
+    method: str = "sample",
     per: str = "story",  # "story": nats per story; "char": nats per character
 ) -> Estimate:
-    "The entropy of the story world (the loss floor), estimated from `n` stories, with a 95% interval."
+    "The entropy of the world (the loss floor) from `n` stories, with a 95% interval."
     if method not in ("sample", "chain"):
         raise ValueError(f"method must be 'sample' or 'chain', got {method!r}.")
     if per not in ("story", "char"):
@@ -645,15 +697,16 @@ def train_heldout(
     )
 
 # %% ../nbs/01_data.ipynb #4a45502b
-TINYSTORIES_URLS = {
-    "validation": "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt",
-    "train": "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",
+_HUB = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
+TINYSTORIES_URLS = {  # split -> address of its text file
+    "validation": _HUB + "TinyStoriesV2-GPT4-valid.txt",
+    "train": _HUB + "TinyStoriesV2-GPT4-train.txt",
 }
-STORY_SEPARATOR = "<|endoftext|>"
+STORY_SEPARATOR = "<|endoftext|>"  # the line between two stories
 
 
 class DownloadError(OSError):
-    "A file could not be downloaded (offline, unreachable, or not the expected bytes)."
+    "A file could not be downloaded (offline, unreachable, or not the bytes expected)."
 
 
 def default_cache_dir() -> Path:
@@ -671,16 +724,47 @@ def sha256_of(path, chunk: int = 1 << 20) -> str:
             h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/01_data.ipynb #aa4e1a92
+def _fetch(url: str, part: Path, name: str, timeout: float, progress: bool) -> str:
+    "Stream `url` into the file `part`: its SHA-256, or a DownloadError."
+    part.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    try:
+        from tqdm.auto import tqdm
 
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            opts = dict(unit="B", unit_scale=True, desc=name, disable=not progress)
+            with tqdm(total=total, **opts) as bar:
+                while b := r.read(1 << 20):
+                    f.write(b)
+                    h.update(b)
+                    bar.update(len(b))
+        if total is not None and part.stat().st_size != total:
+            raise DownloadError(
+                f"the download of {url} stopped early ({part.stat().st_size} of "
+                f"{total} bytes); try again."
+            )
+    except (OSError, ValueError) as e:
+        part.unlink(missing_ok=True)
+        if isinstance(e, DownloadError):
+            raise
+        raise DownloadError(
+            f"could not download {url} ({e}). Are you offline? Without the internet, "
+            "use the built-in story world instead: StoryWorld().sample(n) or "
+            "story_corpus(n)."
+        ) from None
+    return h.hexdigest()
+
+# %% ../nbs/01_data.ipynb #e7d105de
 def download(
     url: str,  # http(s):// or file:// address
     path,  # where the file goes; nothing is left there unless the download completes
-    sha256: str
-    | None = None,  # expected hex digest; None: trust the first download and record its digest
+    sha256: str | None = None,  # expected hex digest; None: trust the first download
     timeout: float = 30.0,  # seconds to wait for the server
     progress: bool = True,  # show a progress bar
 ) -> Path:
-    "Download `url` to `path` once: later calls check the cached file's SHA-256 and return it."
+    "Download `url` to `path` once; later calls check its SHA-256 and return it."
     path = Path(path)
     digest_file = path.with_name(path.name + ".sha256")
     if path.is_file():
@@ -690,37 +774,8 @@ def download(
         if want is None or sha256_of(path) == want.lower():
             return path
         path.unlink()  # truncated or altered: fetch it again
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part, h = path.with_name(path.name + ".part"), hashlib.sha256()
-    try:
-        from tqdm.auto import tqdm
-
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc=path.name,
-                disable=not progress,
-            ) as bar:
-                while b := r.read(1 << 20):
-                    f.write(b)
-                    h.update(b)
-                    bar.update(len(b))
-        if total is not None and part.stat().st_size != total:
-            raise DownloadError(
-                f"the download of {url} stopped early ({part.stat().st_size} of {total} bytes); try again."
-            )
-    except (OSError, ValueError) as e:
-        part.unlink(missing_ok=True)
-        if isinstance(e, DownloadError):
-            raise
-        raise DownloadError(
-            f"could not download {url} ({e}). Are you offline? Without the internet, use the "
-            "built-in story world instead: StoryWorld().sample(n) or story_corpus(n)."
-        ) from None
-    got = h.hexdigest()
+    part = path.with_name(path.name + ".part")
+    got = _fetch(url, part, path.name, timeout, progress)
     if sha256 is not None and got != sha256.lower():
         part.unlink()
         raise DownloadError(
@@ -731,9 +786,9 @@ def download(
     digest_file.write_text(got + "\n")
     return path
 
-
+# %% ../nbs/01_data.ipynb #430debef
 def parse_tinystories(text: str) -> list[str]:
-    "The stories of a TinyStories text file: split at <|endoftext|>, surrounding whitespace stripped."
+    "The stories of a TinyStories text file: split at <|endoftext|>, stripped."
     text = text.replace("\r\n", "\n")
     return [s.strip() for s in text.split(STORY_SEPARATOR) if s.strip()]
 

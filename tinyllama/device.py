@@ -40,7 +40,7 @@ def _mps_available() -> bool:
 
 # %% ../nbs/90_device.ipynb #88a6cc9a
 def supports_bf16(device: torch.device | str) -> bool:
-    "Whether `device` computes in bfloat16 natively (a CUDA GPU of compute capability 8+)."
+    "Whether `device` computes in bfloat16 natively (CUDA, compute capability 8+)."
     device = torch.device(device)
     if device.type != "cuda":
         return False

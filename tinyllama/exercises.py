@@ -42,39 +42,60 @@ def describe(x) -> str:
     )
 
 # %% ../nbs/92_exercises.ipynb #7247f566
+def _compare_tensors(got, expected: torch.Tensor, atol, rtol, where) -> str | None:
+    "None if the tensor `got` matches `expected`, else the first difference."
+    if not isinstance(got, torch.Tensor):
+        return (
+            f"{where} should be a tensor of shape {tuple(expected.shape)}, but "
+            f"yours is a {describe(got)}."
+        )
+    if got.shape != expected.shape:
+        return (
+            f"{where} has shape {tuple(got.shape)}, but the expected shape is "
+            f"{tuple(expected.shape)}."
+        )
+    if expected.dtype == torch.bool or not expected.is_floating_point():
+        bad = got != expected
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            return (
+                f"{where} differs at index {idx}: yours is {got[idx].item()}, "
+                f"expected {expected[idx].item()}."
+            )
+        return None
+    g, e = got.detach().double(), expected.detach().double()
+    # Non-finite entries (inf, -inf, nan: masked logits, say) must match exactly.
+    special = ~torch.isfinite(g) | ~torch.isfinite(e)
+    same = (g == e) | (torch.isnan(g) & torch.isnan(e))
+    if (special & ~same).any():
+        idx = tuple(int(i) for i in (special & ~same).nonzero()[0])
+        return (
+            f"{where} differs at index {idx}: yours is {g[idx].item():.6g}, "
+            f"expected {e[idx].item():.6g}."
+        )
+    g, e = torch.where(special, 0.0, g), torch.where(special, 0.0, e)
+    err = (g - e).abs() - (atol + rtol * e.abs())
+    if (err > 0).any():
+        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        diff = (g - e).abs().max().item()
+        return (
+            f"{where} has the right shape but wrong values: at index {idx} "
+            f"yours is {g[idx].item():.6g}, "
+            f"expected {e[idx].item():.6g} (largest difference {diff:.3g})."
+        )
+    return None
+
+# %% ../nbs/92_exercises.ipynb #8794fc06
 def compare(got, expected, atol=1e-5, rtol=1e-4, where="the result") -> str | None:
     "None if `got` matches `expected`, else the first difference in plain words."
     if isinstance(expected, torch.Tensor):
-        if not isinstance(got, torch.Tensor):
-            return f"{where} should be a tensor of shape {tuple(expected.shape)}, but yours is a {describe(got)}."
-        if got.shape != expected.shape:
-            return f"{where} has shape {tuple(got.shape)}, but the expected shape is {tuple(expected.shape)}."
-        if expected.dtype == torch.bool or not expected.is_floating_point():
-            bad = got != expected
-            if bad.any():
-                idx = tuple(int(i) for i in bad.nonzero()[0])
-                return f"{where} differs at index {idx}: yours is {got[idx].item()}, expected {expected[idx].item()}."
-            return None
-        g, e = got.detach().double(), expected.detach().double()
-        # Non-finite entries (inf, -inf, nan: masked logits, say) must match exactly.
-        special = ~torch.isfinite(g) | ~torch.isfinite(e)
-        same = (g == e) | (torch.isnan(g) & torch.isnan(e))
-        if (special & ~same).any():
-            idx = tuple(int(i) for i in (special & ~same).nonzero()[0])
-            return f"{where} differs at index {idx}: yours is {g[idx].item():.6g}, expected {e[idx].item():.6g}."
-        g, e = torch.where(special, 0.0, g), torch.where(special, 0.0, e)
-        err = (g - e).abs() - (atol + rtol * e.abs())
-        if (err > 0).any():
-            idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-            diff = (g - e).abs().max().item()
-            return (
-                f"{where} has the right shape but wrong values: at index {idx} yours is {g[idx].item():.6g}, "
-                f"expected {e[idx].item():.6g} (largest difference {diff:.3g})."
-            )
-        return None
+        return _compare_tensors(got, expected, atol, rtol, where)
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
-            return f"{where} should be a {type(expected).__name__} of {len(expected)} items, but yours is a {describe(got)}."
+            return (
+                f"{where} should be a {type(expected).__name__} of {len(expected)} "
+                f"items, but yours is a {describe(got)}."
+            )
         for i, (a, b) in enumerate(zip(got, expected)):
             msg = compare(a, b, atol, rtol, where=f"item {i} of {where}")
             if msg:
@@ -134,17 +155,20 @@ def check(
         except NotImplementedError:
             return done(
                 False,
-                f"{name}: not implemented yet — replace the `raise NotImplementedError` with your code and run the cell again.",
+                f"{name}: not implemented yet — replace the `raise "
+                "NotImplementedError` with your code and run the cell again.",
             )
         except Exception as e:
             return done(
                 False,
-                f"{name} raised {type(e).__name__}: {e}\n   on inputs: {describe(args)}",
+                f"{name} raised {type(e).__name__}: {e}\n   on inputs: "
+                f"{describe(args)}",
             )
         if compare(mine, args, atol=0, rtol=0) is not None:
             return done(
                 False,
-                f"{name} changed its input in place (trial {trial}); compute a new tensor instead.",
+                f"{name} changed its input in place (trial {trial}); compute a "
+                "new tensor instead.",
             )
         msg = compare(got, expected, atol, rtol, where=f"the result of {name}")
         if msg:

@@ -2,30 +2,25 @@
 
 # %% ../nbs/12_human_feedback.ipynb #96ddac93
 from __future__ import annotations
-import argparse, datetime as _dt, hashlib, html, json, os, random, sys, uuid
+import argparse, datetime as _dt, hashlib, html, json, os, random, re, sys, time, uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Sequence
 
+from fastcore.basics import patch
+
 # %% auto #0
 __all__ = ['CHOICES', 'DECISION_FIELDS', 'KEYS', 'FEELING_SCALE', 'Comparison', 'pair_key', 'as_comparison', 'utc_now', 'Problem',
            'Labels', 'read_labels', 'LabelStore', 'LabelingSession', 'PreferenceCollector', 'story_prompt',
-           'story_comparisons', 'run_terminal_labeler', 'read_pairs', 'write_pairs', 'add_label_subcommand',
-           'label_main', 'ScriptedLabeler', 'story_requests', 'chat_prompt_ids', 'sample_completions',
-           'sample_comparisons', 'head_to_head', 'text_reward_fn']
+           'story_comparisons', 'run_terminal_labeler', 'read_pairs', 'write_pairs', 'label_command', 'label_main',
+           'add_label_subcommand', 'ScriptedLabeler', 'story_requests', 'chat_prompt_ids', 'sample_completions',
+           'sample_comparisons', 'head_to_head', 'text_reward_fn', 'FeedbackPreset', 'feedback_preset', 'FeedbackRun',
+           'run_feedback_loop', 'plot_feedback']
 
 # %% ../nbs/12_human_feedback.ipynb #cdfe8456
 CHOICES = ("a", "b", "tie", "skip")  # what a labeler can answer for one pair
-DECISION_FIELDS = (
-    "id",
-    "prompt",
-    "a",
-    "b",
-    "choice",
-    "model_id",
-    "time",
-    "labeler",
-)  # every decision record has these
+# the fields of every decision record
+DECISION_FIELDS = ("id", "prompt", "a", "b", "choice", "model_id", "time", "labeler")
 
 
 @dataclass(frozen=True)
@@ -36,9 +31,8 @@ class Comparison:
     a: str  # completion shown on the left
     b: str  # completion shown on the right
     model_id: str = "unknown"  # which model or checkpoint wrote the completions
-    meta: dict = field(
-        default_factory=dict, compare=False, hash=False
-    )  # anything else to keep with the label
+    # anything else to keep with the label
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         for name in ("prompt", "a", "b", "model_id"):
@@ -52,7 +46,7 @@ class Comparison:
 
     @property
     def key(self) -> str:
-        "A fingerprint of (prompt, a, b): a pair with this key counts as labelled once it has a decision."
+        "Fingerprint of (prompt, a, b): the pair is labelled once it has a decision."
         return pair_key(self.prompt, self.a, self.b)
 
 
@@ -60,9 +54,9 @@ def pair_key(prompt: str, a: str, b: str) -> str:
     "SHA-256 (first 16 hex digits) of the prompt and the two completions."
     return hashlib.sha256(json.dumps([prompt, a, b]).encode()).hexdigest()[:16]
 
-
+# %% ../nbs/12_human_feedback.ipynb #a236299a
 def as_comparison(x) -> Comparison:
-    "A `Comparison` from a Comparison, a dict with prompt/a/b (model_id, meta optional) or a (prompt, a, b) tuple."
+    "A `Comparison` from a Comparison, a prompt/a/b dict or a (prompt, a, b) tuple."
     if isinstance(x, Comparison):
         return x
     if isinstance(x, dict):
@@ -71,12 +65,9 @@ def as_comparison(x) -> Comparison:
             raise ValueError(
                 f"a pair needs the keys prompt, a and b; this one lacks {missing}."
             )
+        meta = dict(x.get("meta") or {})
         return Comparison(
-            x["prompt"],
-            x["a"],
-            x["b"],
-            x.get("model_id", "unknown"),
-            dict(x.get("meta") or {}),
+            x["prompt"], x["a"], x["b"], x.get("model_id", "unknown"), meta
         )
     if isinstance(x, (tuple, list)) and len(x) == 3:
         return Comparison(*x)
@@ -105,9 +96,27 @@ class Labels(NamedTuple):
     "What a label file holds once undos are applied."
 
     decisions: (
-        list  # the decisions still in force, in file order (dicts with DECISION_FIELDS)
+        list  # the decisions in force, in file order (dicts with DECISION_FIELDS)
     )
     problems: list  # `Problem`s: lines skipped as malformed
+
+
+def _parse_line(n: int, raw: bytes):
+    "The JSON object on line `n`, a `Problem` saying why not, or None for a blank line."
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Problem(n, "not UTF-8 text")
+    if not line.strip():
+        return None  # blank lines are harmless
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        why = f"not valid JSON ({e.msg} at column {e.colno})"
+        if not line.endswith("\n"):
+            why += " (the last line is cut off: the writer stopped mid-line)"
+        return Problem(n, why)
+    return rec if isinstance(rec, dict) else Problem(n, "not a JSON object")
 
 
 def _decision_problem(rec: dict) -> str | None:
@@ -128,73 +137,58 @@ def _decision_problem(rec: dict) -> str | None:
         return f"time {rec['time']!r} is not an ISO 8601 date"
     return None
 
-
+# %% ../nbs/12_human_feedback.ipynb #2c717df4
 def read_labels(path) -> Labels:
-    "Read a JSONL label file: apply the undo records, skip (and report) every malformed line; never raises on content."
+    "Read a JSONL label file: apply its undos, skip (and report) every malformed line."
     path = Path(path)
     if not path.exists():
         return Labels([], [])
     active, undone, problems = {}, set(), []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                problems.append(Problem(n, "not UTF-8 text"))
+            rec = _parse_line(n, raw)
+            if rec is None:
                 continue
-            if not line.strip():
-                continue  # blank lines are harmless
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                tail = (
-                    ""
-                    if line.endswith("\n")
-                    else " (the last line is cut off: the writer stopped mid-line)"
-                )
-                problems.append(
-                    Problem(n, f"not valid JSON ({e.msg} at column {e.colno}){tail}")
-                )
+            if isinstance(rec, Problem):
+                problems.append(rec)
                 continue
-            if not isinstance(rec, dict):
-                problems.append(Problem(n, "not a JSON object"))
-                continue
-            if (
-                "undo" in rec
-            ):  # {"id": ..., "undo": <decision id>, "time": ..., "labeler": ...}
-                target = rec["undo"]
-                if target in active:
-                    del active[target]
-                    undone.add(target)
-                elif target in undone:
-                    problems.append(
-                        Problem(n, f"undo of {target!r}, which is already undone")
-                    )
-                else:
-                    problems.append(
-                        Problem(n, f"undo of {target!r}, which no earlier line decided")
-                    )
-                continue
-            why = _decision_problem(rec)
-            if why is None and (rec["id"] in active or rec["id"] in undone):
-                why = f"id {rec['id']!r} was used before"
+            if "undo" in rec:  # {"id", "undo": <decision id>, "time", "labeler"}
+                why = _undo(rec["undo"], active, undone)
+            else:
+                why = _decision_problem(rec)
+                if why is None and (rec["id"] in active or rec["id"] in undone):
+                    why = f"id {rec['id']!r} was used before"
+                if why is None:
+                    active[rec["id"]] = rec
             if why:
                 problems.append(Problem(n, why))
-                continue
-            active[rec["id"]] = rec
     return Labels(list(active.values()), problems)
+
+
+def _undo(target, active: dict, undone: set) -> str | None:
+    "Withdraw decision `target` from `active`: None, or why it cannot be."
+    if not isinstance(target, str):
+        return f"undo of {target!r}, which is not a decision id"
+    if target in active:
+        undone.add(target)
+        del active[target]
+        return None
+    if target in undone:
+        return f"undo of {target!r}, which is already undone"
+    return f"undo of {target!r}, which no earlier line decided"
 
 # %% ../nbs/12_human_feedback.ipynb #a0151022
 class LabelStore:
-    "An append-only JSONL file of preference labels; every write is flushed and fsynced before it returns."
+    "An append-only JSONL file of labels; each write is fsynced before it returns."
 
     def __init__(
         self, path
-    ):  # the .jsonl file (created, with its folder, on the first label)
+    ):  # the .jsonl file (made, with its folder, at the first label)
         self.path = Path(path)
-        if self.path.exists() and self.path.is_dir():
+        if self.path.is_dir():
             raise ValueError(
-                f"{self.path} is a folder; give the path of a .jsonl file for the labels."
+                f"{self.path} is a folder; "
+                "give the path of a .jsonl file for the labels."
             )
         self.refresh()
 
@@ -205,195 +199,243 @@ class LabelStore:
 
     @property
     def decisions(self) -> list:
+        "The decisions in force, in file order."
         return self._labels.decisions
 
     @property
     def problems(self) -> list:
+        "The lines of the file that were skipped, as `Problem`s."
         return self._labels.problems
 
     def __len__(self):
         return len(self.decisions)
 
     def __repr__(self):
-        return f"LabelStore({str(self.path)!r}: {len(self)} labels, {len(self.problems)} problems)"
+        n, bad = len(self), len(self.problems)
+        return f"LabelStore({str(self.path)!r}: {n} labels, {bad} problems)"
 
-    def append(self, record: dict) -> dict:
-        "Write one record as a line, then flush and fsync: when this returns, the record survives a crash."
-        line = json.dumps(record, ensure_ascii=False)
-        new = not self.path.exists()
-        if new:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() > 0:  # a line cut off by a crash must not swallow this record
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
-            f.write(line.encode("utf-8") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if new and hasattr(
-            os, "O_DIRECTORY"
-        ):  # make the new file's directory entry durable as well
-            fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return record
+# %% ../nbs/12_human_feedback.ipynb #bf8aba29
+@patch
+def append(self: LabelStore, record: dict) -> dict:
+    "Append one record as a line and fsync it: once this returns, it survives a crash."
+    line = json.dumps(record, ensure_ascii=False)
+    new = not self.path.exists()
+    if new:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(self.path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:  # a line cut off by a crash must not swallow this record
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode("utf-8") + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if new and hasattr(os, "O_DIRECTORY"):  # the new file's folder entry, durable too
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return record
 
-    def record(self, pair, choice: str, labeler: str = "anonymous") -> dict:
-        "Append the decision `choice` ('a', 'b', 'tie' or 'skip') about `pair`; returns the record written."
-        pair = as_comparison(pair)
-        if choice not in CHOICES:
-            raise ValueError(
-                f"choice must be one of {', '.join(CHOICES)}; got {choice!r}."
-            )
-        if not isinstance(labeler, str) or not labeler:
-            raise ValueError(
-                "labeler must be a non-empty string (a name for whoever gives the labels)."
-            )
-        rec = dict(
-            id=uuid.uuid4().hex,
-            prompt=pair.prompt,
-            a=pair.a,
-            b=pair.b,
-            choice=choice,
-            model_id=pair.model_id,
-            time=utc_now(),
-            labeler=labeler,
+# %% ../nbs/12_human_feedback.ipynb #74ac0987
+@patch
+def record(self: LabelStore, pair, choice: str, labeler: str = "anonymous") -> dict:
+    "Append the decision `choice` ('a', 'b', 'tie' or 'skip') about `pair`; the record."
+    _check_choice(choice)
+    if not isinstance(labeler, str) or not labeler:
+        raise ValueError(
+            "labeler must be a non-empty string (a name for whoever gives the labels)."
         )
-        if pair.meta:
-            rec["meta"] = pair.meta
-        self.append(rec)
-        self._labels.decisions.append(rec)
-        return rec
+    return self._decide(as_comparison(pair), choice, labeler)
 
-    def undo(
-        self, decision_id: str | None = None, labeler: str = "anonymous"
-    ) -> dict | None:
-        "Withdraw a decision (the last one in force by default) by appending an undo record; returns it, or None."
-        if decision_id is None:
-            if not self.decisions:
-                return None
-            target = self.decisions[-1]
-        else:
-            target = next((d for d in self.decisions if d["id"] == decision_id), None)
-            if target is None:
-                raise ValueError(
-                    f"no decision in force has id {decision_id!r}; nothing was undone."
-                )
-        self.append(
-            dict(
-                id=uuid.uuid4().hex, undo=target["id"], time=utc_now(), labeler=labeler
+
+@patch
+def _decide(self: LabelStore, pair: Comparison, choice: str, labeler: str) -> dict:
+    rec = dict(id=uuid.uuid4().hex, prompt=pair.prompt, a=pair.a, b=pair.b)
+    rec.update(choice=choice, model_id=pair.model_id, time=utc_now(), labeler=labeler)
+    if pair.meta:
+        rec["meta"] = pair.meta
+    self.append(rec)
+    self._labels.decisions.append(rec)
+    return rec
+
+
+@patch
+def undo(self: LabelStore, decision_id: str | None = None, labeler: str = "anonymous"):
+    "Withdraw a decision (default: the last in force) by an undo record; it, or None."
+    if decision_id is None:
+        if not self.decisions:
+            return None
+        target = self.decisions[-1]
+    else:
+        target = next((d for d in self.decisions if d["id"] == decision_id), None)
+        if target is None:
+            raise ValueError(
+                f"no decision in force has id {decision_id!r}; nothing was undone."
             )
+    rec = dict(id=uuid.uuid4().hex, undo=target["id"], time=utc_now(), labeler=labeler)
+    self.append(rec)
+    self._labels.decisions.remove(target)
+    return target
+
+
+def _check_choice(choice):
+    if choice not in CHOICES:
+        raise ValueError(f"choice must be one of {', '.join(CHOICES)}; got {choice!r}.")
+
+# %% ../nbs/12_human_feedback.ipynb #1879fefa
+@patch
+def labelled_keys(self: LabelStore) -> set:
+    "The `pair_key`s of the pairs with a decision in force (skips included)."
+    return {pair_key(d["prompt"], d["a"], d["b"]) for d in self.decisions}
+
+
+@patch
+def counts(self: LabelStore) -> dict:
+    "How many decisions of each kind are in force, and in all."
+    c = {k: 0 for k in CHOICES}
+    for d in self.decisions:
+        c[d["choice"]] += 1
+    c["total"] = len(self.decisions)
+    return c
+
+
+@patch
+def preference_pairs(self: LabelStore) -> list:
+    "The a/b decisions as `PreferencePair(prompt, chosen, rejected)`s."
+    from tinyllama.reward import PreferencePair  # chapter 10's type
+
+    return [
+        PreferencePair(
+            d["prompt"], d[d["choice"]], d["b" if d["choice"] == "a" else "a"]
         )
-        self._labels.decisions.remove(target)
-        return target
-
-    def labelled_keys(self) -> set:
-        "The `pair_key`s of the pairs that have a decision in force (skips included)."
-        return {pair_key(d["prompt"], d["a"], d["b"]) for d in self.decisions}
-
-    def counts(self) -> dict:
-        "How many decisions of each kind are in force, and in all."
-        c = {k: 0 for k in CHOICES}
-        for d in self.decisions:
-            c[d["choice"]] += 1
-        c["total"] = len(self.decisions)
-        return c
-
-    def preference_pairs(self) -> list:
-        "The decisions as `PreferencePair(prompt, chosen, rejected)` for the reward model; ties and skips left out."
-        from tinyllama.reward import PreferencePair  # chapter 10's type
-
-        return [
-            PreferencePair(
-                d["prompt"], d[d["choice"]], d["b" if d["choice"] == "a" else "a"]
-            )
-            for d in self.decisions
-            if d["choice"] in ("a", "b")
-        ]
+        for d in self.decisions
+        if d["choice"] in ("a", "b")
+    ]
 
 # %% ../nbs/12_human_feedback.ipynb #8a95a718
 class LabelingSession:
-    "The queue of pairs still to label over a `LabelStore`: the logic the widget and the terminal share."
+    "The pairs still to label, front first, over a `LabelStore` (widget and terminal)."
 
     def __init__(
         self,
-        pairs: Iterable,  # Comparisons (or dicts / (prompt, a, b) tuples) to label, in order
+        pairs: Iterable,  # Comparisons (or dicts / (prompt, a, b) tuples), in order
         store,  # a LabelStore or the path of its .jsonl file
         labeler: str = "anonymous",  # the name written with every label
     ):
         if not isinstance(labeler, str) or not labeler.strip():
             raise ValueError("labeler must be a non-empty name, e.g. labeler='ada'.")
         self.store = store if isinstance(store, LabelStore) else LabelStore(store)
-        self.labeler = labeler
+        self.labeler, self.message = labeler, ""
         seen, self.pairs = set(), []
         for p in map(as_comparison, pairs):  # the same pair twice is shown once
             if p.key not in seen:
                 seen.add(p.key)
                 self.pairs.append(p)
         done = self.store.labelled_keys()
-        self.queue = [
-            p for p in self.pairs if p.key not in done
-        ]  # what is still to label, front first
-        self.message = ""
+        self.queue = [p for p in self.pairs if p.key not in done]  # front first
 
     @property
     def current(self) -> Comparison | None:
+        "The pair on screen (None when every pair has a decision)."
         return self.queue[0] if self.queue else None
 
     @property
     def remaining(self) -> int:
+        "How many pairs are still to label."
         return len(self.queue)
 
     def counts(self) -> dict:
+        "The store's counts of decisions in force."
         return self.store.counts()
 
-    def choose(self, choice: str) -> dict | None:
-        "Record `choice` for the current pair (written and fsynced first), then move on; None if nothing is left."
-        if choice not in CHOICES:
-            raise ValueError(
-                f"choice must be one of {', '.join(CHOICES)}; got {choice!r}."
-            )
-        if not self.queue:
-            self.message = "No pairs left to label: every pair has a decision. Undo to change the last one."
-            return None
-        rec = self.store.record(
-            self.queue[0], choice, self.labeler
-        )  # durable before the next pair shows
-        self.queue.pop(0)
-        self.message = f"Saved: {choice}." + (
-            "" if self.queue else " That was the last pair."
+# %% ../nbs/12_human_feedback.ipynb #5eb79c3f
+@patch
+def choose(self: LabelingSession, choice: str) -> dict | None:
+    "Record `choice` for the current pair (on disk first), then move on; None if none."
+    _check_choice(choice)
+    if not self.queue:
+        self.message = (
+            "No pairs left to label: every pair has a decision. "
+            "Undo to change the last one."
         )
-        return rec
+        return None
+    rec = self.store._decide(self.queue[0], choice, self.labeler)  # durable first
+    self.queue.pop(0)
+    self.message = f"Saved: {choice}." + (
+        "" if self.queue else " That was the last pair."
+    )
+    return rec
 
-    def undo(self) -> dict | None:
-        "Withdraw the last decision in force (an undo record is appended); its pair comes back to the front."
-        rec = self.store.undo(labeler=self.labeler)
-        if rec is None:
-            self.message = "Nothing to undo: there is no label in force."
-            return None
-        key = pair_key(rec["prompt"], rec["a"], rec["b"])
-        if (
-            key not in self.store.labelled_keys()
-        ):  # put it back unless another decision still covers it
-            pair = next((p for p in self.pairs if p.key == key), None) or Comparison(
-                rec["prompt"],
-                rec["a"],
-                rec["b"],
-                rec["model_id"],
-                dict(rec.get("meta") or {}),
-            )
-            if all(p.key != key for p in self.queue):
-                self.queue.insert(0, pair)
-        self.message = f"Undone: the {rec['choice']!r} label of this pair."
-        return rec
+
+@patch
+def undo(self: LabelingSession) -> dict | None:
+    "Withdraw the last decision in force; its pair comes back to the front."
+    rec = self.store.undo(labeler=self.labeler)
+    if rec is None:
+        self.message = "Nothing to undo: there is no label in force."
+        return None
+    key = pair_key(rec["prompt"], rec["a"], rec["b"])
+    if key not in self.store.labelled_keys():  # unless another decision still covers it
+        pair = next((p for p in self.pairs if p.key == key), None) or as_comparison(rec)
+        if all(p.key != key for p in self.queue):
+            self.queue.insert(0, pair)
+    self.message = f"Undone: the {rec['choice']!r} label of this pair."
+    return rec
 
 # %% ../nbs/12_human_feedback.ipynb #fb0184b3
+class PreferenceCollector:
+    "A widget: a prompt, two completions side by side, buttons to say which is better."
+
+    LABELS = dict(a="A is better", b="B is better", tie="tie", skip="skip", undo="undo")
+
+    def __init__(
+        self,
+        pairs: Iterable,  # Comparisons (or dicts / (prompt, a, b) tuples) to label
+        store,  # a LabelStore or the path of its .jsonl file; the same file resumes
+        labeler: str = "anonymous",  # the name written with every label
+    ):
+        self.session = LabelingSession(pairs, store, labeler)
+        self.store = self.session.store
+        self._build()  # self.buttons (keyed as LABELS), the HTML panes, self.widget
+        for k, button in self.buttons.items():
+            button.on_click(lambda _b, k=k: self._on_click(k))
+        self._render()
+
+    @property
+    def current(self) -> Comparison | None:
+        "The pair on screen (None when every pair has a decision)."
+        return self.session.current
+
+    @property
+    def remaining(self) -> int:
+        "How many pairs are still to label."
+        return self.session.remaining
+
+    def counts(self) -> dict:
+        "The store's counts of decisions in force."
+        return self.session.counts()
+
+    def _on_click(self, key: str):
+        try:
+            self.session.undo() if key == "undo" else self.session.choose(key)
+        except (
+            OSError
+        ) as e:  # the disk refused the write: say so, keep the pair on screen
+            self.session.message = (
+                f"Could not save the label ({e}); the pair stays on screen, try again."
+            )
+        self._render()
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)  # display(collector)
+
+# %% ../nbs/12_human_feedback.ipynb #98bef187
 _BOX = (
-    "border:1px solid #bbb;border-radius:6px;padding:8px;margin:4px;white-space:pre-wrap;"
+    "border:1px solid #bbb;border-radius:6px;padding:8px;margin:4px;"
+    "white-space:pre-wrap;"
     "font-family:system-ui,sans-serif;font-size:14px;"
 )
 
@@ -405,124 +447,70 @@ def _box(title: str, text: str, colour: str = "#fafafa") -> str:
     )
 
 
-class PreferenceCollector:
-    "A widget that shows a prompt and two completions side by side and records which one the labeler prefers."
+@patch
+def _build(self: PreferenceCollector):
+    import ipywidgets as W
 
-    LABELS = {
-        "a": "A is better",
-        "b": "B is better",
-        "tie": "tie",
-        "skip": "skip",
-        "undo": "undo",
+    style = {"a": "info", "b": "info", "undo": "warning"}
+    self.buttons = {
+        k: W.Button(
+            description=v, layout=W.Layout(width="120px"), button_style=style.get(k, "")
+        )
+        for k, v in self.LABELS.items()
     }
+    half = lambda: W.Layout(width="50%")
+    self.prompt_html = W.HTML()
+    self.a_html, self.b_html = W.HTML(layout=half()), W.HTML(layout=half())
+    self.count_html, self.status_html = W.HTML(), W.HTML()
+    self.problems_html = W.HTML(_problems_note(self.store))
+    panes = [self.prompt_html, W.HBox([self.a_html, self.b_html])]
+    panes += [W.HBox(list(self.buttons.values())), self.count_html, self.status_html]
+    self.widget = W.VBox(panes + [self.problems_html])
 
-    def __init__(
-        self,
-        pairs: Iterable,  # Comparisons (or dicts / (prompt, a, b) tuples) to label
-        store,  # a LabelStore or the path of its .jsonl file; reopening the same file resumes
-        labeler: str = "anonymous",  # the name written with every label
-    ):
-        import ipywidgets as W
 
-        self.session = LabelingSession(pairs, store, labeler)
-        self.store = self.session.store
-        self.buttons = {
-            k: W.Button(
-                description=v,
-                layout=W.Layout(width="120px"),
-                button_style={"a": "info", "b": "info", "undo": "warning"}.get(k, ""),
-            )
-            for k, v in self.LABELS.items()
-        }
-        for k, btn in self.buttons.items():
-            btn.on_click(lambda _b, k=k: self._on_click(k))
-        self.prompt_html = W.HTML()
-        self.a_html, self.b_html = (
-            W.HTML(layout=W.Layout(width="50%")),
-            W.HTML(layout=W.Layout(width="50%")),
-        )
-        self.count_html, self.status_html = W.HTML(), W.HTML()
-        problems = self.store.problems
-        self.problems_html = W.HTML(
-            ""
-            if not problems
-            else f'<span style="color:#a60">{len(problems)} line(s) of {html.escape(self.store.path.name)} could not be '
-            f"read and were skipped: {html.escape('; '.join(map(str, problems[:5])))}"
-            + (" ..." if len(problems) > 5 else "")
-            + "</span>"
-        )
-        self.widget = W.VBox(
-            [
-                self.prompt_html,
-                W.HBox([self.a_html, self.b_html]),
-                W.HBox([self.buttons[k] for k in self.LABELS]),
-                self.count_html,
-                self.status_html,
-                self.problems_html,
-            ]
-        )
-        self._render()
+def _problems_note(store: LabelStore) -> str:
+    ps = store.problems
+    if not ps:
+        return ""
+    name, first = html.escape(store.path.name), html.escape("; ".join(map(str, ps[:5])))
+    more = " ..." if len(ps) > 5 else ""
+    return (
+        f'<span style="color:#a60">{len(ps)} line(s) of {name} could not be read '
+        f"and were skipped: {first}{more}</span>"
+    )
 
-    @property
-    def current(self) -> Comparison | None:
-        return self.session.current
-
-    @property
-    def remaining(self) -> int:
-        return self.session.remaining
-
-    def counts(self) -> dict:
-        return self.session.counts()
-
-    def _on_click(self, key: str):
-        try:
-            if key == "undo":
-                self.session.undo()
-            else:
-                self.session.choose(key)
-        except (
-            OSError
-        ) as e:  # the disk refused the write: say so, keep the pair on screen
-            self.session.message = (
-                f"Could not save the label ({e}); the pair stays on screen, try again."
-            )
-        self._render()
-
-    def _render(self):
-        p = self.session.current
-        if p is None:
-            self.prompt_html.value = _box(
-                "All done",
-                "No pairs left to label. Undo brings back the last one.",
-                "#eef7ee",
-            )
-            self.a_html.value = self.b_html.value = ""
-        else:
-            self.prompt_html.value = _box("Prompt", p.prompt, "#f0f4ff")
-            self.a_html.value, self.b_html.value = _box("A", p.a), _box("B", p.b)
-        c = self.session.counts()
-        self.count_html.value = (
-            f"<b>{c['total']}</b> labels in {html.escape(str(self.store.path))} "
-            f"(A {c['a']} · B {c['b']} · tie {c['tie']} · skip {c['skip']}) · "
-            f"<b>{self.session.remaining}</b> to go"
-        )
-        self.status_html.value = html.escape(self.session.message)
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)  # display(collector)
+# %% ../nbs/12_human_feedback.ipynb #6138de81
+@patch
+def _render(self: PreferenceCollector):
+    s, p = self.session, self.session.current
+    if p is None:
+        done = "No pairs left to label. Undo brings back the last one."
+        self.prompt_html.value = _box("All done", done, "#eef7ee")
+        self.a_html.value = self.b_html.value = ""
+    else:
+        self.prompt_html.value = _box("Prompt", p.prompt, "#f0f4ff")
+        self.a_html.value, self.b_html.value = _box("A", p.a), _box("B", p.b)
+    c = s.counts()
+    self.count_html.value = (
+        f"<b>{c['total']}</b> labels in {html.escape(str(self.store.path))} "
+        f"(A {c['a']} · B {c['b']} · tie {c['tie']} · skip {c['skip']}) · "
+        f"<b>{s.remaining}</b> to go"
+    )
+    self.status_html.value = html.escape(s.message)
 
 # %% ../nbs/12_human_feedback.ipynb #b95ca4a3
 def story_prompt(story) -> str:
-    "The beginning of a story-world story up to (and including) the sentence that starts its event."
-    from tinyllama.data import DEFAULT_PRONOUNS, _EVENT_OPENINGS, _FORMS
+    "A story-world story up to (and including) the sentence that starts its event."
+    from tinyllama.data import DEFAULT_PRONOUNS, EVENT_OPENINGS, FORMS
 
     f = story.fields
-    forms = _FORMS[DEFAULT_PRONOUNS.get(f["hero"], "she")]
-    opening = _EVENT_OPENINGS[f["event"]].format(object=f["object"], **forms)
+    forms = FORMS[DEFAULT_PRONOUNS.get(f["hero"], "she")]
+    opening = EVENT_OPENINGS[f["event"]].format(object=f["object"], **forms)
     i = story.text.find(opening)
     if i < 0:
         raise ValueError(
-            "this story does not contain its event sentence; give a story from StoryWorld.sample."
+            "this story does not contain its event sentence; "
+            "give a story from StoryWorld.sample."
         )
     return story.text[: i + len(opening)]
 
@@ -533,7 +521,7 @@ def story_comparisons(
     world=None,  # a StoryWorld (default: the default world)
     model_id: str = "story-world",
 ) -> list:
-    "`n` demo pairs: one story opening, and two different endings the story world could give it."
+    "`n` demo pairs: a story opening, and two endings the world could give it."
     from tinyllama.data import default_world
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -546,7 +534,7 @@ def story_comparisons(
             f,
             v,
             _,
-        ) in s.steps:  # force every choice made up to the event; the ending stays free
+        ) in s.steps:  # force every choice up to the event; the ending is free
             fixed[f] = v
             if f == "event":
                 break
@@ -557,20 +545,12 @@ def story_comparisons(
                 break
         else:
             continue  # this opening has (almost) only one ending: draw another
-        out.append(
-            Comparison(prompt, s.text[len(prompt) :], t.text[len(prompt) :], model_id)
-        )
+        a, b = s.text[len(prompt) :], t.text[len(prompt) :]
+        out.append(Comparison(prompt, a, b, model_id))
     return out
 
 # %% ../nbs/12_human_feedback.ipynb #5dcb60b4
-KEYS = {
-    "a": "a",
-    "b": "b",
-    "t": "tie",
-    "s": "skip",
-    "u": "undo",
-    "q": "quit",
-}  # terminal key -> action
+KEYS = dict(a="a", b="b", t="tie", s="skip", u="undo", q="quit")  # key -> action
 
 
 def run_terminal_labeler(
@@ -580,65 +560,80 @@ def run_terminal_labeler(
     input: Callable | None = None,  # reads one answer (default: the built-in input)
     output: Callable | None = None,  # shows one block of text (default: print)
 ) -> dict:
-    "Label pairs in a terminal with the keys a/b/t/s/u/q; returns the counts in the store when it stops."
+    "Label pairs in a terminal with the keys a/b/t/s/u/q; the counts at the end."
     import builtins
 
     input, output = input or builtins.input, output or print
     s = LabelingSession(pairs, store, labeler)
     for p in s.store.problems:
         output(f"warning: {s.store.path.name} {p} (skipped)")
-    output(
-        f"{s.store.counts()['total']} labels already in {s.store.path}; {s.remaining} pairs to label."
-    )
+    n = s.counts()["total"]
+    output(f"{n} labels already in {s.store.path}; {s.remaining} pairs to label.")
     shown = None
     while True:
-        p = s.current
-        if p is None and shown != "done":
-            output("No pairs left to label. u undoes the last label, q quits.")
-            shown = "done"
-        elif p is not None and p is not shown:
-            c = s.counts()
-            output(
-                f"\n--- {c['total']} labelled, {s.remaining} to go ---\nPROMPT: {p.prompt}\n\n"
-                f"[A] {p.a}\n\n[B] {p.b}"
-            )
-            shown = p
-        try:
-            ans = input(
-                "a = A better, b = B better, t = tie, s = skip, u = undo, q = quit > "
-            )
-        except EOFError:
-            ans = "q"  # the input ended (Ctrl-D, or a file of answers ran out)
-        action = KEYS.get(ans.strip().lower()[:1]) if ans.strip() else None
-        if action is None:
-            output(f"unknown answer {ans.strip()!r}: type one of a, b, t, s, u, q.")
-            continue
+        shown = _show_current(s, shown, output)
+        action = _read_action(input, output)
         if action == "quit":
             break
         if action == "undo":
-            rec = s.undo()
+            if s.undo() is not None:
+                shown = None  # show the pair that came back
             output(s.message)
-            if rec is not None:
-                shown = None
-        elif s.choose(action) is None:
+        elif action is not None and s.choose(action) is None:
             output(s.message)
     c = s.counts()
     output(
-        f"{c['total']} labels saved in {s.store.path} (A {c['a']}, B {c['b']}, tie {c['tie']}, skip {c['skip']})."
+        f"{c['total']} labels saved in {s.store.path} "
+        f"(A {c['a']}, B {c['b']}, tie {c['tie']}, skip {c['skip']})."
     )
     return c
 
+# %% ../nbs/12_human_feedback.ipynb #c0f3c80d
+def _show_current(s: LabelingSession, shown, output):
+    "Show the current pair (or that none is left) unless it is shown; what is shown."
+    p = s.current
+    if p is None and shown != "done":
+        output("No pairs left to label. u undoes the last label, q quits.")
+        return "done"
+    if p is not None and p is not shown:
+        output(
+            f"\n--- {s.counts()['total']} labelled, {s.remaining} to go ---\n"
+            f"PROMPT: {p.prompt}\n\n[A] {p.a}\n\n[B] {p.b}"
+        )
+        return p
+    return shown
+
+
+def _read_action(input, output) -> str | None:
+    "One answer as an action of KEYS ('quit' at the end of input); None if unknown."
+    try:
+        ans = input(
+            "a = A better, b = B better, t = tie, s = skip, u = undo, q = quit > "
+        )
+    except EOFError:
+        return "quit"  # the input ended (Ctrl-D, or a file of answers ran out)
+    action = KEYS.get(ans.strip().lower()[:1]) if ans.strip() else None
+    if action is None:
+        output(f"unknown answer {ans.strip()!r}: type one of a, b, t, s, u, q.")
+    return action
+
 # %% ../nbs/12_human_feedback.ipynb #64c20f5d
 def read_pairs(path) -> list:
-    'The pairs in a JSONL file with one {"prompt", "a", "b"[, "model_id", "meta"]} object per line.'
+    'The pairs in a JSONL file of {"prompt", "a", "b"[, "model_id", "meta"]} objects.'
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a .jsonl file of pairs.")
     if not path.is_file():
         raise ValueError(
             f"no pairs file at {path}; write one JSON object per line with "
             "prompt, a and b (write_pairs does this)."
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; pairs files are JSONL.") from None
     pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -657,20 +652,49 @@ def write_pairs(path, pairs: Iterable) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for p in map(as_comparison, pairs):
-            f.write(
-                json.dumps(
-                    dict(
-                        prompt=p.prompt, a=p.a, b=p.b, model_id=p.model_id, meta=p.meta
-                    ),
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
+            rec = dict(prompt=p.prompt, a=p.a, b=p.b, model_id=p.model_id, meta=p.meta)
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return path
 
 # %% ../nbs/12_human_feedback.ipynb #32457f75
+def label_command(
+    args,  # parsed by add_label_subcommand's options: pairs or demo, out, labeler, seed
+    input: Callable | None = None,
+    output: Callable | None = None,  # as in run_terminal_labeler
+) -> int:  # exit code: 0 done, 130 interrupted
+    "`tinyllama label`: the terminal labeler on --pairs FILE or --demo N story pairs."
+    pairs, store = _label_pairs(args), LabelStore(args.out)
+    try:
+        run_terminal_labeler(pairs, store, args.labeler, input=input, output=output)
+    except KeyboardInterrupt:
+        (output or print)(
+            f"\nstopped; every label given so far is saved in {store.path}."
+        )
+        return 130
+    return 0
+
+
+def label_main(
+    argv: Sequence[str]
+    | None = None,  # e.g. ["--pairs", "p.jsonl", "--out", "l.jsonl"]
+    input: Callable | None = None,
+    output: Callable | None = None,  # as in run_terminal_labeler
+) -> int:  # exit code: 0 done, 2 bad input, 130 interrupted
+    "`tinyllama label ...` as a function: parse `argv` (default sys.argv[1:]), label."
+    parser = argparse.ArgumentParser(prog="tinyllama")
+    add_label_subcommand(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "label":
+        argv = ["label", *argv]
+    try:
+        return label_command(parser.parse_args(argv), input=input, output=output)
+    except ValueError as e:
+        (output or print)(f"tinyllama label: error: {e}")
+        return 2
+
+# %% ../nbs/12_human_feedback.ipynb #b013cb21
 def add_label_subcommand(subparsers) -> argparse.ArgumentParser:
-    "Register `label` on an argparse subparsers object; the handler is `args.func(args)` (returns an exit code)."
+    "Register `label` on argparse subparsers; its handler is `args.func(args)`."
     p = subparsers.add_parser(
         "label",
         help="label pairs of completions in the terminal (a/b/t/s/u/q)",
@@ -682,97 +706,63 @@ def add_label_subcommand(subparsers) -> argparse.ArgumentParser:
         "--pairs", help='JSONL file of pairs: one {"prompt", "a", "b"} object per line'
     )
     src.add_argument(
-        "--demo",
-        type=int,
-        metavar="N",
-        help="label N demo pairs drawn from the story world",
+        "--demo", type=int, metavar="N", help="label N pairs drawn from the story world"
     )
     p.add_argument(
         "--out",
         default="labels.jsonl",
         help="the label file (appended to; default labels.jsonl)",
     )
-    p.add_argument(
-        "--labeler",
-        default=os.environ.get("USER") or "terminal",
-        help="your name, saved with each label",
-    )
+    user = os.environ.get("USER") or "terminal"
+    p.add_argument("--labeler", default=user, help="your name, saved with each label")
     p.add_argument("--seed", type=int, default=0, help="seed for --demo")
-    p.set_defaults(func=_label_command)
+    p.set_defaults(func=label_command)
     return p
 
 
-def _label_command(args, input=None, output=None) -> int:
-    output = output or print
-    try:
-        pairs = (
-            read_pairs(args.pairs)
-            if args.pairs
-            else story_comparisons(args.demo, seed=args.seed)
+def _label_pairs(args) -> list:
+    "The pairs `tinyllama label` was asked for: --pairs FILE or --demo N."
+    if args.pairs is None:
+        if args.demo < 1:
+            raise ValueError(
+                f"--demo {args.demo} gives nothing to label; ask for one pair or more."
+            )
+        return story_comparisons(args.demo, seed=args.seed)
+    pairs = read_pairs(args.pairs)
+    if not pairs:
+        raise ValueError(
+            f"{args.pairs} holds no pairs; "
+            "each line must be a JSON object with prompt, a and b."
         )
-        run_terminal_labeler(
-            pairs, LabelStore(args.out), args.labeler, input=input, output=output
-        )
-    except ValueError as e:
-        output(f"tinyllama label: {e}")
-        return 2
-    except KeyboardInterrupt:
-        output("\nstopped; every label given so far is saved.")
-        return 130
-    return 0
-
-
-def label_main(
-    argv: Sequence[str]
-    | None = None,  # e.g. ["--pairs", "pairs.jsonl", "--out", "labels.jsonl"]
-    input: Callable | None = None,
-    output: Callable | None = None,  # as in run_terminal_labeler
-) -> int:  # exit code: 0 done, 2 bad input, 130 interrupted
-    "`tinyllama label ...` as a function: parses `argv` (default sys.argv[1:]) and runs the terminal labeler."
-    parser = argparse.ArgumentParser(prog="tinyllama")
-    add_label_subcommand(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "label":
-        argv = ["label", *argv]
-    args = parser.parse_args(argv)
-    return _label_command(args, input=input, output=output)
+    return pairs
 
 # %% ../nbs/12_human_feedback.ipynb #7a2dd212
-FEELING_SCALE = {
-    "proud": 4,
-    "happy": 3,
-    "glad": 2,
-    "calm": 1,  # the scripted labeler's taste: how happy
-    "grumpy": -1,
-    "lonely": -2,
-    "upset": -3,
-    "sad": -4,
-}  # the hero ends, word by word
+# the scripted labeler's taste: how happy the hero ends, word by word
+FEELING_SCALE = dict(
+    proud=4, happy=3, glad=2, calm=1, grumpy=-1, lonely=-2, upset=-3, sad=-4
+)
 
 
 class ScriptedLabeler:
-    "A labeler with a fixed taste, who gives its answers by clicking a `PreferenceCollector`'s buttons."
+    "A labeler with a fixed taste, who answers by clicking a `PreferenceCollector`."
 
     def __init__(self, world=None, name: str = "scripted:happy-ending"):
         from tinyllama.data import default_world
 
         self.world, self.name = world or default_world(), name
-        self._words = sorted(FEELING_SCALE, key=len, reverse=True)
+        words = "|".join(sorted(FEELING_SCALE, key=len, reverse=True))
+        self._feeling_word = re.compile(rf"\b({words})\b")
 
     def score(self, prompt: str, completion: str) -> float:
-        """How much this labeler likes `completion`: the final feeling of a story the world can parse
-        (FEELING_SCALE), that minus 0.5 for text it cannot parse (judged by its last feeling word), -5 without one."""
-        for text in (
-            completion,
-            prompt + completion,
-        ):  # a chat answer is the whole story; a continuation is not
+        "The hero's final feeling (FEELING_SCALE); 0.5 less if broken; -5 if none."
+        for text in (completion, prompt + completion):  # a chat reply is a whole story
             try:
                 return float(FEELING_SCALE[self.world.parse(text).feeling])
             except ValueError:
                 pass
-        import re
-
-        words = re.findall(r"\b(" + "|".join(self._words) + r")\b", completion)
+        words = self._feeling_word.findall(
+            completion
+        )  # judged by its last feeling word
         return FEELING_SCALE[words[-1]] - 0.5 if words else -5.0
 
     def prefer(self, pair) -> str:
@@ -781,15 +771,15 @@ class ScriptedLabeler:
         sa, sb = self.score(p.prompt, p.a), self.score(p.prompt, p.b)
         return "a" if sa > sb else "b" if sb > sa else "tie"
 
-    def label(self, collector, max_clicks: int | None = None) -> dict:
-        "Label every pair left in `collector` by clicking its buttons, as a person would; returns the counts."
-        clicks = 0
-        while collector.current is not None and (
-            max_clicks is None or clicks < max_clicks
-        ):
-            collector.buttons[self.prefer(collector.current)].click()
-            clicks += 1
-        return collector.counts()
+# %% ../nbs/12_human_feedback.ipynb #feb46763
+@patch
+def label(self: ScriptedLabeler, collector, max_clicks: int | None = None) -> dict:
+    "Label every pair left in `collector` by clicking its buttons; the counts."
+    clicks = 0
+    while collector.current is not None and (max_clicks is None or clicks < max_clicks):
+        collector.buttons[self.prefer(collector.current)].click()
+        clicks += 1
+    return collector.counts()
 
 # %% ../nbs/12_human_feedback.ipynb #ff16ac5a
 def story_requests(
@@ -797,8 +787,7 @@ def story_requests(
     seed=0,  # seed of the stories they are drawn from
     world=None,  # a StoryWorld (default: the built-in one)
 ) -> list:
-    """`n` chapter-09 story requests ("Write a story about Mia and a red kite.") that leave the ending open: the
-    labeler's taste is about the ending, so a request for a sad story would set the person against the instruction."""
+    '`n` chapter-09 requests ("Write a story about Mia and a red kite."), ending open.'
     from tinyllama.data import default_world
     from tinyllama.sft import story_request
 
@@ -806,25 +795,25 @@ def story_requests(
         raise ValueError(f"n must be a positive integer, got {n!r}.")
     world, rng, out = world or default_world(), random.Random(f"{seed}/requests"), []
     while len(out) < n:
+        # the labeler's taste is about the ending: a request for a sad story would set
+        # the person against the instruction, so none of the requests names an ending
         r = story_request(world.sample_story(rng), rng)
         if "ending" not in dict(r.constraints):
             out.append(r.instruction)
     return out
 
-
+# %% ../nbs/12_human_feedback.ipynb #3115aba3
 def chat_prompt_ids(tokenizer, prompts: Sequence[str]) -> list:
-    "Token ids asking for the assistant's reply to each prompt, sent as the user's message (chapter 09's template)."
+    "Token ids asking for the assistant's reply to each prompt (chapter 09's template)."
     from tinyllama.sft import format_chat
 
     if isinstance(prompts, str):
         raise ValueError(
             "prompts must be a list of strings; wrap one prompt in a list."
         )
+    user = lambda p: [{"role": "user", "content": p}]
     return [
-        format_chat(
-            [{"role": "user", "content": p}], tokenizer, add_generation_prompt=True
-        )[0]
-        for p in prompts
+        format_chat(user(p), tokenizer, add_generation_prompt=True)[0] for p in prompts
     ]
 
 
@@ -835,29 +824,37 @@ def sample_completions(
     max_new_tokens: int = 72,
     temperature: float = 1.0,
     seed=0,  # int: row i uses seed + i; or one seed per prompt
-    chat: bool = False,  # True: each prompt is a user message and the completion is the reply
+    chat: bool = False,  # True: each prompt is a user message, the completion the reply
 ) -> list:
-    "One sampled completion per prompt: a continuation of the text, or (chat=True) the assistant's reply, up to <|end|>."
+    "One sampled completion per prompt: a continuation, or (chat=True) the reply."
+    _check_prompts(prompts)
+    return _sample(model, tokenizer, prompts, max_new_tokens, temperature, seed, chat)
+
+
+def _sample(model, tokenizer, prompts, max_new_tokens, temperature, seed, chat) -> list:
     from tinyllama.generate import generate, generate_text
 
+    if not chat:
+        prompts = list(prompts)
+        return generate_text(
+            model, tokenizer, prompts, max_new_tokens, temperature, seed=seed
+        )
+    ids, end, pad = (
+        chat_prompt_ids(tokenizer, prompts),
+        tokenizer.end_id,
+        tokenizer.pad_id,
+    )
+    new = generate(
+        model, ids, max_new_tokens, temperature, eos_id=end, pad_id=pad, seed=seed
+    )
+    return [tokenizer.decode(row).strip() for row in new]  # up to <|end|>, left out
+
+
+def _check_prompts(prompts):
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings.")
-    if not chat:
-        return generate_text(
-            model, tokenizer, list(prompts), max_new_tokens, temperature, seed=seed
-        )
-    new = generate(
-        model,
-        chat_prompt_ids(tokenizer, prompts),
-        max_new_tokens,
-        temperature,
-        eos_id=tokenizer.end_id,
-        pad_id=tokenizer.pad_id,
-        seed=seed,
-    )
-    return [tokenizer.decode(ids).strip() for ids in new]
 
-
+# %% ../nbs/12_human_feedback.ipynb #e51ce422
 def sample_comparisons(
     model,  # an LLM: the policy whose outputs are judged
     tokenizer,
@@ -868,33 +865,24 @@ def sample_comparisons(
     seed: int = 0,  # the two samples of prompt i use seeds derived from (seed, i)
     chat: bool = False,  # as in sample_completions
 ) -> list:
-    "Two sampled completions per prompt, as `Comparison`s; prompts whose two samples are equal are left out."
-    if isinstance(prompts, str) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings.")
-    n = len(prompts)
+    "Two sampled completions per prompt, as `Comparison`s; equal pairs are left out."
+    _check_prompts(prompts)
+    seeds = lambda k: [seed * 7919 + 2 * i + k for i in range(len(prompts))]
     a, b = (
-        sample_completions(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens,
-            temperature,
-            [seed * 7919 + 2 * i + k for i in range(n)],
-            chat,
-        )
+        _sample(model, tokenizer, prompts, max_new_tokens, temperature, seeds(k), chat)
         for k in (0, 1)
     )
     return [Comparison(p, x, y, model_id) for p, x, y in zip(prompts, a, b) if x != y]
 
-
+# %% ../nbs/12_human_feedback.ipynb #d60e6567
 def head_to_head(
     labeler,  # anything with prefer(pair) -> 'a' | 'b' | 'tie' (e.g. a ScriptedLabeler)
     prompts: Sequence[str],
     xs: Sequence[str],
     ys: Sequence[str],  # completion x and y of each prompt
-    seed: int = 0,  # which side each completion is shown on (random, against position bias)
+    seed: int = 0,  # which side each completion is shown on (against position bias)
 ) -> dict:
-    "How often `labeler` prefers x to y: wins, ties, losses and win_rate = (wins + ties / 2) / n."
+    "How often `labeler` prefers x to y: wins, ties, losses, n and win_rate."
     if not (len(prompts) == len(xs) == len(ys)) or not prompts:
         raise ValueError(
             "give one x and one y completion for each prompt (and at least one prompt)."
@@ -909,28 +897,337 @@ def head_to_head(
             w += 1
         else:
             l += 1
-    return dict(
-        wins=w, ties=t, losses=l, n=len(prompts), win_rate=(w + t / 2) / len(prompts)
-    )
+    n = len(prompts)
+    return dict(wins=w, ties=t, losses=l, n=n, win_rate=(w + t / 2) / n)
 
-
+# %% ../nbs/12_human_feedback.ipynb #a3fe941d
 def text_reward_fn(
     rm,  # a tinyllama.reward.RewardModel trained on labels
     tokenizer,
 ) -> Callable:
-    """A `PPOTrainer` reward function: decode prompt and response (special tokens dropped, so a chat prompt becomes
-    the user's message), score the text with `rm` (one score per row)."""
+    "A `PPOTrainer` reward function: score the decoded prompt and response with `rm`."
     import torch
     from tinyllama.reward import score_texts
 
     def reward_fn(
         prompt_ids, response_ids
-    ):  # (B, Tp) left-padded, (B, Tr) padded after EOS
+    ):  # (B, Tp) left-padded, (B, Tr) PAD after EOS
         prompts = tokenizer.decode_batch(prompt_ids.tolist())
         full = tokenizer.decode_batch(torch.cat([prompt_ids, response_ids], 1).tolist())
-        completions = [
-            f[len(p) :] if f.startswith(p) else f for p, f in zip(prompts, full)
-        ]
-        return score_texts(rm, tokenizer, prompts, completions).to(response_ids.device)
+        replies = [f[len(p) :] if f.startswith(p) else f for p, f in zip(prompts, full)]
+        return score_texts(rm, tokenizer, prompts, replies).to(response_ids.device)
 
     return reward_fn
+
+# %% ../nbs/12_human_feedback.ipynb #2af27027
+@dataclass(frozen=True)
+class FeedbackPreset:
+    "The sizes of chapter 12's loop: labels, reward model, PPO and the verdict."
+
+    n_label: int  # story requests to label, two samples of π_SFT each
+    n_heldout: int  # held-out requests for the verdict (never labelled nor trained on)
+    max_new_tokens: int  # reply tokens at most (a story is about 80, the longest 105)
+    rm_steps: int  # reward-model steps (Bradley–Terry, chapter 10)
+    rm_batch_size: int  # preference pairs per reward-model step
+    rm_eval_every: int  # reward-model steps between held-out evaluations
+    ppo_steps: int  # PPO steps (chapter 11)
+    ppo_batch_size: int  # requests per PPO step
+    ppo_mini_batch_size: int  # requests per PPO minibatch
+    ppo_epochs: int  # passes over each step's batch
+    ppo_lr: float  # PPO's learning rate
+    kl_coef: float = 0.05  # β: the KL penalty to π_SFT, per token
+    rm_lr: float = 3e-4  # the reward model's peak learning rate
+    min_pairs: int = 8  # fewer labelled preferences than this: add story-world pairs
+    n_story_pairs: int = 16  # how many story-world pairs are then added
+
+
+def feedback_preset(
+    profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
+) -> FeedbackPreset:
+    "The sizes of chapter 12's loop for a profile."
+    from tinyllama.profiles import Profile, get_profile
+
+    P = profile if isinstance(profile, Profile) else get_profile(profile)
+    #      label held new  rm  rm_b rm_ev ppo  B  mini epochs lr
+    sizes = P.pick(
+        ci=(12, 4, 16, 3, 8, 3, 2, 4, 4, 1, 1e-4),
+        cpu=(300, 100, 110, 150, 16, 25, 100, 16, 8, 4, 1e-4),
+        gpu=(1000, 400, 110, 600, 16, 50, 200, 64, 16, 4, 5e-5),
+    )
+    return FeedbackPreset(*sizes)
+
+# %% ../nbs/12_human_feedback.ipynb #8f3e91a1
+@dataclass
+class FeedbackRun:
+    "What `run_feedback_loop` made and measured."
+
+    preset: FeedbackPreset
+    labeler: str  # the labeler's name
+    policy: object  # the PPO policy (π_SFT itself is left as it was)
+    reward_model: object  # chapter 10's RewardModel, fitted to the labels
+    counts: dict  # the labels of π_SFT's samples: a, b, tie, skip, total
+    padded: bool  # too few pairs differed: labelled story-world pairs were added
+    n_requests: int  # requests labelled (and PPO's prompts)
+    n_train_pairs: int  # preference pairs the reward model was fitted to
+    n_val_pairs: int  # held-out pairs that measure its accuracy
+    rm_history: list  # the reward model's metrics, one dict per step
+    rm_accuracy: float  # its held-out pair accuracy
+    history: list  # PPO statistics, one dict per step
+    prompts: list  # the held-out requests
+    before: list  # π_SFT's reply to each
+    after: list  # the PPO policy's reply to each
+    scores_before: list  # the labeler's score of each reply
+    scores_after: list
+    kl: list  # log π − log π_SFT summed over each PPO reply, nats
+    verdict: dict  # head_to_head(after, before): wins, ties, losses, n, win_rate
+    seconds: dict  # wall time of each part: label, reward_model, ppo, verdict
+    plot: object = None  # a matplotlib Figure: learned reward, KL, scores
+
+    @property
+    def kl_mean(self) -> float:
+        "Mean KL(π‖π_SFT) of a held-out reply, nats."
+        return sum(self.kl) / len(self.kl)
+
+# %% ../nbs/12_human_feedback.ipynb #b9b7b11d
+@patch
+def summary(self: FeedbackRun) -> list:
+    "The run in four Markdown paragraphs: labels, reward model, PPO, verdict."
+    c, p, v, s, h = self.counts, self.preset, self.verdict, self.seconds, self.history
+    labels = (
+        f"{self.n_requests} story requests that leave the ending open, two samples "
+        f"each; the labeler ({self.labeler}) clicked `PreferenceCollector`'s buttons "
+        f"for each pair: {c['a']} A, {c['b']} B, {c['tie']} ties, saved in "
+        f"`labels.jsonl` ({s['label']:.0f} s)."
+    )
+    if self.padded:
+        labels += (
+            f" Too few pairs differed, so {p.n_story_pairs} story-world pairs "
+            "(`labels-story-world.jsonl`) were labelled too."
+        )
+    reward = (
+        f"Reward model: chapter 10's Bradley–Terry model, trunk from the SFT policy, "
+        f"{p.rm_steps} steps ({s['reward_model']:.0f} s); "
+        f"held-out pair accuracy {self.rm_accuracy:.1%}."
+    )
+    ppo = (
+        f"PPO: {len(h)} steps of {p.ppo_batch_size} requests, {p.ppo_epochs} epochs "
+        f"of minibatches of {p.ppo_mini_batch_size}, lr {p.ppo_lr:g}, β = {p.kl_coef} "
+        f"to the frozen SFT policy ({s['ppo']:.0f} s); learned reward "
+        f"{h[0]['env/reward_mean']:.2f} → {h[-1]['env/reward_mean']:.2f}."
+    )
+    verdict = (
+        f"Verdict: the labeler prefers the PPO policy's story on {v['win_rate']:.1%} "
+        f"of {v['n']} held-out requests (wins {v['wins']}, ties {v['ties']}, "
+        f"losses {v['losses']}), at a KL of {self.kl_mean:.2f} nats per response "
+        "to the SFT policy."
+    )
+    return [labels, reward, ppo, verdict]
+
+# %% ../nbs/12_human_feedback.ipynb #d15f5225
+def _collect_labels(policy, tokenizer, requests, labeler, out, preset, max_new, seed):
+    "Two samples of π_SFT per request, labelled in the widget: (counts, pairs, padded)."
+    samples = sample_comparisons(
+        policy, tokenizer, requests, "sft", max_new, seed=seed, chat=True
+    )
+    collector = PreferenceCollector(samples, out / "labels.jsonl", labeler=labeler.name)
+    counts = labeler.label(collector)
+    pairs = LabelStore(out / "labels.jsonl").preference_pairs()  # read back from disk
+    padded = len(pairs) < preset.min_pairs
+    if padded:
+        extra = PreferenceCollector(
+            story_comparisons(preset.n_story_pairs, seed=seed),
+            out / "labels-story-world.jsonl",
+            labeler=labeler.name,
+        )
+        labeler.label(extra)
+        pairs += extra.store.preference_pairs()
+    return counts, pairs, padded
+
+# %% ../nbs/12_human_feedback.ipynb #909e63da
+def _fit_reward_model(policy, tokenizer, pairs, preset, seed, progress):
+    "Chapter 10's reward model on 85% of the pairs: (rm, history, accuracy, n_val)."
+    import torch
+    from tinyllama.reward import RewardModel, pair_accuracy, train_reward_model
+
+    pairs = list(pairs)
+    random.Random(seed).shuffle(pairs)
+    n_val = max(1, len(pairs) * 15 // 100)
+    val, train = pairs[:n_val], pairs[n_val:]
+    torch.manual_seed(seed)
+    rm = RewardModel.from_llm(policy, pad_id=tokenizer.pad_id)  # on the policy's device
+    history = train_reward_model(
+        rm,
+        tokenizer,
+        train,
+        steps=preset.rm_steps,
+        batch_size=preset.rm_batch_size,
+        lr=preset.rm_lr,
+        eval_pairs=val,
+        eval_every=preset.rm_eval_every,
+        seed=seed,
+        progress=progress,
+    )
+    return rm, history, pair_accuracy(rm, tokenizer, val), n_val
+
+# %% ../nbs/12_human_feedback.ipynb #97c388a1
+def _train_policy(policy, tokenizer, rm, requests, preset, max_new, seed, progress):
+    "Chapter 11's PPO on `requests` against the learned reward: the trainer."
+    import copy
+    from tinyllama.ppo import PPOConfig, PPOTrainer, ValueModel
+
+    config = PPOConfig(
+        batch_size=preset.ppo_batch_size,
+        mini_batch_size=preset.ppo_mini_batch_size,
+        ppo_epochs=preset.ppo_epochs,
+        lr=preset.ppo_lr,
+        max_new_tokens=max_new,
+        init_kl_coef=preset.kl_coef,
+        seed=seed,
+    )
+    trainer = PPOTrainer(
+        copy.deepcopy(policy),  # π, trained
+        copy.deepcopy(policy),  # π_SFT, the frozen reference
+        ValueModel.from_llm(policy),
+        text_reward_fn(rm, tokenizer),
+        config,
+        eos_id=tokenizer.end_id,  # a reply ends at <|end|>
+        pad_id=tokenizer.pad_id,
+    )
+    ids, B = chat_prompt_ids(tokenizer, requests), config.batch_size
+    batch = lambda step: [ids[(step * B + i) % len(ids)] for i in range(B)]
+    trainer.train(batch, preset.ppo_steps, progress=progress)
+    return trainer
+
+# %% ../nbs/12_human_feedback.ipynb #b7fdbef5
+def _replies(trainer, policy, tokenizer, prompts, max_new, seed):
+    "π_SFT's replies, the PPO policy's replies, and the KL of each of the latter."
+    ro = trainer.rollout(chat_prompt_ids(tokenizer, prompts))  # log π and log π_SFT too
+    kl = ((ro.logprobs - ro.ref_logprobs) * ro.response_mask.float()).sum(1)
+    after = [t.strip() for t in tokenizer.decode_batch(ro.response_ids.tolist())]
+    before = sample_completions(
+        policy, tokenizer, prompts, max_new, seed=seed + 12345, chat=True
+    )
+    return before, after, kl.tolist()
+
+# %% ../nbs/12_human_feedback.ipynb #f64ab111
+def run_feedback_loop(
+    sft_policy,  # an LLM fine-tuned on chats (chapter 09): π_SFT, left as it is
+    tokenizer,  # its tokenizer (with the chat tokens)
+    out,  # folder for labels.jsonl (an existing one is resumed)
+    preset: FeedbackPreset
+    | str
+    | None = None,  # sizes, a profile, or None: the current
+    seed: int = 0,  # requests, samples, initialisation and data order
+    device=None,  # where to run (default: where sft_policy is)
+    labeler=None,  # who labels (default: a ScriptedLabeler)
+    progress: bool = True,  # tqdm progress bars
+) -> FeedbackRun:
+    "Chapter 12: label π_SFT's samples → reward model → PPO → the labeler's verdict."
+    from tqdm.auto import tqdm
+
+    preset, device = _check_loop_args(sft_policy, tokenizer, out, preset, device)
+    policy, out = sft_policy.to(device).eval(), Path(out)
+    labeler = labeler or ScriptedLabeler()
+    heldout = story_requests(preset.n_heldout, seed=f"{seed}/feedback-heldout")
+    requests = story_requests(preset.n_label, seed=f"{seed}/feedback-label")
+    requests = [r for r in requests if r not in set(heldout)]
+    max_new = _reply_room(policy, tokenizer, heldout + requests, preset.max_new_tokens)
+    seconds, t = {}, time.perf_counter()
+    with tqdm(total=4, desc="feedback loop", disable=not progress) as bar:
+        bar.set_postfix_str("labels")
+        counts, pairs, padded = _collect_labels(
+            policy, tokenizer, requests, labeler, out, preset, max_new, seed
+        )
+        t = _lap(bar, seconds, "label", t, "reward model")
+        rm, rm_history, rm_acc, n_val = _fit_reward_model(
+            policy, tokenizer, pairs, preset, seed, progress
+        )
+        t = _lap(bar, seconds, "reward_model", t, "PPO")
+        trainer = _train_policy(
+            policy, tokenizer, rm, requests, preset, max_new, seed, progress
+        )
+        t = _lap(bar, seconds, "ppo", t, "verdict")
+        before, after, kl = _replies(trainer, policy, tokenizer, heldout, max_new, seed)
+        verdict = head_to_head(labeler, heldout, after, before, seed=seed)
+        _lap(bar, seconds, "verdict", t, "done")
+    score = lambda texts: [labeler.score(p, x) for p, x in zip(heldout, texts)]
+    run = FeedbackRun(
+        preset, labeler.name, trainer.policy, rm, counts, padded, len(requests),
+        len(pairs) - n_val, n_val, rm_history, rm_acc, trainer.history, heldout,
+        before, after, score(before), score(after), kl, verdict, seconds,
+    )  # fmt: skip
+    run.plot = plot_feedback(run)
+    return run
+
+# %% ../nbs/12_human_feedback.ipynb #4989ce07
+def _check_loop_args(sft_policy, tokenizer, out, preset, device):
+    "(preset, device) for run_feedback_loop; a clear error for a bad argument."
+    import torch
+    from tinyllama.model import LLM
+
+    if not isinstance(sft_policy, LLM):
+        raise ValueError(
+            f"sft_policy must be an LLM (chapter 06), got {type(sft_policy).__name__}; "
+            "give the model itself (unwrap a DDP or compiled model first)."
+        )
+    if getattr(tokenizer, "end_id", None) is None:
+        raise ValueError("tokenizer has no chat tokens; use a tinyllama Tokenizer.")
+    if Path(out).is_file():
+        raise ValueError(f"out={str(out)!r} is a file; give a folder for the labels.")
+    if not isinstance(preset, FeedbackPreset):
+        preset = feedback_preset(preset)
+    if device is None:
+        device = sft_policy.embed_tokens.weight.device
+    return preset, torch.device(device)
+
+
+def _reply_room(policy, tokenizer, prompts, max_new: int) -> int:
+    "Reply tokens that fit after the longest prompt, at most `max_new`."
+    longest = max(map(len, chat_prompt_ids(tokenizer, prompts)))
+    room = policy.config.context_size - longest
+    if room < 8:
+        raise ValueError(
+            f"context_size={policy.config.context_size} leaves {room} tokens for a "
+            f"reply after a {longest}-token request; use a model with a longer context."
+        )
+    return min(max_new, room)
+
+
+def _lap(bar, seconds: dict, name: str, t0: float, next_name: str) -> float:
+    "Note part `name`'s wall time, move the bar on to `next_name`; the time now."
+    now = time.perf_counter()
+    seconds[name] = now - t0
+    bar.update(1)
+    bar.set_postfix_str(next_name)
+    return now
+
+# %% ../nbs/12_human_feedback.ipynb #7d93ce19
+def plot_feedback(run: FeedbackRun, title: str = "PPO on learned preferences"):
+    "A figure: learned reward and KL during PPO, the labeler's scores before and after."
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.2))
+    ax, bx, cx = fig.subplots(1, 3)
+    steps = [s["ppo/step"] + 1 for s in run.history]
+    ax.plot(steps, [s["env/reward_mean"] for s in run.history], lw=1.2)
+    ax.set_title(title)
+    ax.set_ylabel("learned reward per response")
+    bx.plot(steps, [s["objective/kl"] for s in run.history], lw=1.2)
+    bx.set_title("KL(π‖π_SFT), nats per response")
+    for x in (ax, bx):
+        x.set_xlabel("PPO step")
+        x.grid(alpha=0.3)
+    levels = sorted(set(run.scores_before) | set(run.scores_after))
+    for scores, dx, name in (
+        (run.scores_before, -0.2, "SFT policy"),
+        (run.scores_after, 0.2, "after PPO"),
+    ):
+        counts = [scores.count(v) for v in levels]
+        cx.bar([i + dx for i in range(len(levels))], counts, 0.4, label=name)
+    cx.set_xticks(range(len(levels)))
+    cx.set_xticklabels([f"{v:g}" for v in levels], fontsize=8)
+    cx.set_xlabel("labeler's score (held-out requests)")
+    cx.legend(fontsize=8)
+    cx.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig

@@ -17,7 +17,8 @@ def _check_positive_int(**sizes) -> None:
 def _check_last_dim(x: torch.Tensor, dim: int, who: str) -> None:
     if x.dim() == 0 or x.shape[-1] != dim:
         raise ValueError(
-            f"{who} expects inputs whose last dimension is {dim}; got shape {tuple(x.shape)}. "
+            f"{who} expects inputs whose last dimension is {dim}; got shape "
+            f"{tuple(x.shape)}. "
             f"Check that the layer was built with the model's dim_emb."
         )
 
@@ -26,7 +27,7 @@ __all__ = ['RegularSwiGLU', 'SwiGLU', 'llama_hidden_dim']
 
 # %% ../nbs/04_swiglu.ipynb #c7bd4230
 class RegularSwiGLU(nn.Module):
-    "The SwiGLU activation with biases, Swish_beta(x W + b) * (x V + c); no output projection."
+    "SwiGLU with biases, Swish_beta(x W + b) * (x V + c); no output projection."
 
     def __init__(
         self,
@@ -50,7 +51,7 @@ class RegularSwiGLU(nn.Module):
 
 # %% ../nbs/04_swiglu.ipynb #3992d560
 class SwiGLU(nn.Module):
-    "Llama's feed-forward network: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases."
+    "Llama's FFN: down_proj(silu(gate_proj(x)) * up_proj(x)), without biases."
 
     def __init__(
         self,
@@ -79,13 +80,14 @@ def llama_hidden_dim(
     multiple_of: int = 256,  # round the hidden width up to a multiple of this
     ffn_dim_multiplier: float | None = None,  # optional factor applied before rounding
 ) -> int:  # the hidden width of Llama's SwiGLU
-    "Meta's rule for the SwiGLU hidden width: int(2*4*dim/3), times the multiplier, rounded up."
+    "Meta's SwiGLU hidden width: int(2*4*dim/3), times the multiplier, rounded up."
     _check_positive_int(dim=dim, multiple_of=multiple_of)
     hidden = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier is not None:
         if not ffn_dim_multiplier > 0:
             raise ValueError(
-                f"ffn_dim_multiplier must be a positive number or None; got {ffn_dim_multiplier!r}."
+                "ffn_dim_multiplier must be a positive number or None; got "
+                f"{ffn_dim_multiplier!r}."
             )
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * -(-hidden // multiple_of)  # ceiling division

@@ -6,10 +6,11 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_from_probs', 'sample_next', 'left_pad', 'decode_steps',
-           'generate', 'stream', 'generate_text', 'stream_text', 'CompiledDecoder']
+__all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_from_probs', 'sample_next', 'left_pad', 'step_weights',
+           'decode_step', 'decode_steps', 'generate', 'stream', 'generate_text', 'stream_text', 'CompiledDecoder']
 
 # %% ../nbs/08_generation.ipynb #005e9c89
 def _check_temperature(temperature):
@@ -21,7 +22,8 @@ def _check_temperature(temperature):
         or temperature == float("inf")
     ):
         raise ValueError(
-            f"temperature must be a finite number >= 0 (0 means greedy decoding), got {temperature!r}."
+            "temperature must be a finite number >= 0 (0 means greedy decoding), "
+            f"got {temperature!r}."
         )
 
 
@@ -50,14 +52,15 @@ def apply_temperature(
     _check_temperature(temperature)
     if temperature == 0:
         raise ValueError(
-            "temperature=0 is greedy decoding, which takes the argmax and has no distribution to scale; "
-            "use sample_next(..., temperature=0) or a temperature > 0."
+            "temperature=0 is greedy decoding, which takes the argmax and has no "
+            "distribution to scale; use sample_next(..., temperature=0) or a "
+            "temperature > 0."
         )
     return logits.float() / temperature
 
 # %% ../nbs/08_generation.ipynb #7caf0a47
 def _f64_device(device: torch.device) -> torch.device:
-    "Where float64 sampling maths runs: on the device itself, or on the CPU for MPS (no float64)."
+    "Where float64 sampling maths runs: the device itself, or the CPU for MPS."
     return device if device.type in ("cpu", "cuda") else torch.device("cpu")
 
 
@@ -65,13 +68,11 @@ def top_k_filter(
     logits: torch.Tensor,  # (..., V) scores
     k: int,  # keep the k largest of each row (and any tied with the k-th largest)
 ) -> torch.Tensor:  # same shape; the other entries are -inf
-    "Keep each row's `k` highest logits (ties with the k-th kept too); set the rest to -inf."
+    "Keep each row's `k` highest logits (ties with the k-th too); the rest become -inf."
     _check_top_k(k)
     if k is None or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[
-        ..., -1:
-    ]  # (..., 1) the k-th largest value
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1) the k-th largest
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
@@ -79,27 +80,23 @@ def top_p_filter(
     logits: torch.Tensor,  # (..., V) scores
     p: float,  # nucleus mass in (0, 1]
 ) -> torch.Tensor:  # same shape; tokens outside the nucleus are -inf
-    "Keep the smallest set of most likely tokens whose probabilities sum to at least `p` (the nucleus)."
+    "Keep the smallest set of most likely tokens whose mass reaches `p` (the nucleus)."
     _check_top_p(p)
     if p is None or p >= 1:
         return logits
-    # float64: the running sums must not drift (on the CPU where the device has no float64)
+    # float64: the running sums must not drift (on the CPU where the device has none)
     probs = torch.softmax(logits.to(_f64_device(logits.device), torch.float64), dim=-1)
-    sorted_p, order = torch.sort(
-        probs, dim=-1, descending=True, stable=True
-    )  # ties: lower id first
-    mass_before = F.pad(
-        sorted_p.cumsum(-1)[..., :-1], (1, 0)
-    )  # probability of the tokens ranked above
+    # ties: lower id first
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    # probability of the tokens ranked above each token
+    mass_before = F.pad(sorted_p.cumsum(-1)[..., :-1], (1, 0))
     drop_sorted = mass_before >= p  # the nucleus is complete before this token
-    drop = torch.zeros_like(drop_sorted).scatter(
-        -1, order, drop_sorted
-    )  # back to vocabulary order
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # vocab order
     return logits.masked_fill(drop.to(logits.device), float("-inf"))
 
 # %% ../nbs/08_generation.ipynb #df270225
 def _uniforms(n, generator, device, steps=None) -> torch.Tensor:
-    "(n,) float64 uniforms in [0, 1), or (steps, n): one generator per row, one, or the global RNG."
+    "(n,) or (steps, n) float64 uniforms: a generator per row, one, or the global RNG."
     shape = (n,) if steps is None else (steps, n)
     if isinstance(generator, (list, tuple)):
         if len(generator) != n:
@@ -107,50 +104,49 @@ def _uniforms(n, generator, device, steps=None) -> torch.Tensor:
                 f"got {len(generator)} generators for {n} rows; give one "
                 "torch.Generator per row."
             )
-        # A row's draws come from its own generator in order, so drawing all steps at once
-        # gives the same numbers as one draw per step, with one copy to the device.
+        # A row's draws come from its own generator in order, so drawing all steps at
+        # once gives the same numbers as one draw per step, with one copy to the device.
+        m = shape[0] if steps else 1
         u = torch.stack(
-            [
-                torch.rand(shape[0] if steps else 1, generator=g, dtype=torch.float64)
-                for g in generator
-            ],
-            -1,
+            [torch.rand(m, generator=g, dtype=torch.float64) for g in generator], -1
         )
         return (u if steps else u[0]).to(device)
     if generator is None:  # the device's own generator: no copy from the host
         return torch.rand(shape, dtype=torch.float64, device=device)
-    return torch.rand(
-        shape, generator=generator, dtype=torch.float64, device=generator.device
-    ).to(device)  # a CPU or CUDA generator
+    g_dev = generator.device  # a CPU or CUDA generator
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=g_dev).to(
+        device
+    )
 
 
 def sample_from_probs(
     probs: torch.Tensor,  # (B, V) non-negative, each row with positive sum
     u: torch.Tensor,  # (B,) uniforms in [0, 1)
 ) -> torch.Tensor:  # (B,) long: the token whose CDF interval holds u
-    "Inverse-CDF sampling: the first token whose cumulative probability exceeds u·(row sum)."
+    "Inverse-CDF sampling: the first token whose cumulative mass exceeds u·(row sum)."
     cdf = probs.double().cumsum(-1)  # (B, V)
     x = (u.double() * cdf[:, -1])[:, None]  # (B, 1)
     idx = torch.searchsorted(cdf, x, right=True)[:, 0]  # first j with cdf[j] > x
-    # Rounding can push x onto the total: fall back to the last token with positive probability.
+    # Rounding can push x onto the total: then the last token with positive probability.
     last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
     return torch.minimum(idx, last)
 
-
+# %% ../nbs/08_generation.ipynb #8591cd70
 def sample_next(
     logits: torch.Tensor,  # (B, V) next-token scores
-    temperature: float = 1.0,  # 0: greedy (argmax); > 0: sample from softmax(logits / temperature)
+    temperature: float = 1.0,  # 0: greedy (argmax); > 0: softmax(logits / temperature)
     top_k: int | None = None,  # keep only the k most likely tokens
     top_p: float | None = None,  # keep only the nucleus of mass top_p
-    generator=None,  # None (global RNG), a torch.Generator, or a list of one generator per row
+    generator=None,  # None (global RNG), a torch.Generator, or one generator per row
 ) -> torch.Tensor:  # (B,) long token ids
-    "One next token per row: greedy for temperature 0, else temperature → top-k → top-p → sample."
+    "One token per row: greedy for temperature 0, else temperature, top-k, top-p, draw."
     _check_temperature(temperature)
     _check_top_k(top_k)
     _check_top_p(top_p)
     if logits.dim() != 2:
         raise ValueError(
-            f"sample_next expects logits of shape (batch, vocab), got {tuple(logits.shape)}."
+            "sample_next expects logits of shape (batch, vocab), "
+            f"got {tuple(logits.shape)}."
         )
     if temperature == 0:
         return logits.argmax(-1)  # the first of tied maxima
@@ -165,60 +161,11 @@ def _sample(logits, temperature, top_k, top_p, u):
     return sample_from_probs(probs, u).to(logits.device)
 
 # %% ../nbs/08_generation.ipynb #63677ead
-def _model_device(model):
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _as_prompts(prompts, vocab_size) -> list[list[int]]:
-    "Validate a batch of prompts (lists of token ids) and return them as lists of ints."
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-        raise ValueError(
-            f"prompts must be a list of prompts, each a list of token ids, got {type(prompts).__name__}; "
-            "for text use generate_text(model, tokenizer, [text, ...])."
-        )
-    if len(prompts) == 0:
-        raise ValueError(
-            "prompts is empty: give at least one prompt (a list of token ids)."
-        )
-    if isinstance(prompts[0], int) and not isinstance(prompts[0], bool):
-        raise ValueError(
-            "prompts must be a list of prompts; for one prompt of ids wrap it in a list: [ids]."
-        )
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, torch.Tensor):
-            p = p.tolist()
-        if (
-            isinstance(p, str)
-            or not isinstance(p, (list, tuple))
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-        ):
-            raise ValueError(
-                f"prompt {i} must be a list of integer token ids, got {p!r:.80}."
-            )
-        if len(p) == 0:
-            raise ValueError(
-                f"prompt {i} is empty: the model needs at least one token to condition on; "
-                "start it with the tokenizer's bos_id (generate_text does this for you)."
-            )
-        bad = [t for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size}); "
-                "the tokenizer and the model must agree on vocab_size."
-            )
-        out.append(list(p))
-    return out
-
-
 def left_pad(
     prompts: Sequence[Sequence[int]],  # B prompts of token ids, any lengths >= 1
-    pad_id: int = 0,  # id written into the padding (masked out, so any valid id works)
+    pad_id: int = 0,  # id written into the padding (masked out: any valid id works)
     device=None,
-) -> tuple[
-    torch.Tensor, torch.Tensor
-]:  # ids (B, T) long, attention_mask (B, T) long, 1 = real
+) -> tuple[torch.Tensor, torch.Tensor]:  # ids (B, T), attention_mask (B, T), 1 = real
     "Right-align prompts of different lengths in one (B, T) batch, padding on the left."
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
@@ -231,45 +178,90 @@ def left_pad(
 
 def _row_generators(seed, B):
     "One torch.Generator per row: row i uses seed + i (or seed[i] for a list of seeds)."
-    if seed is None:
-        seed = int(
-            torch.randint(0, 2**62, (1,)).item()
-        )  # from the global RNG, so torch.manual_seed fixes it
+    if seed is None:  # from the global RNG, so torch.manual_seed fixes it
+        seed = int(torch.randint(0, 2**62, (1,)).item())
     if isinstance(seed, (list, tuple)):
         if len(seed) != B:
             raise ValueError(
-                f"got {len(seed)} seeds for {B} prompts; give one seed per prompt or a single int."
+                f"got {len(seed)} seeds for {B} prompts; give one seed per prompt "
+                "or a single int."
             )
         seeds = list(seed)
+    elif isinstance(seed, int) and not isinstance(seed, bool):
+        seeds = [seed + i for i in range(B)]
     else:
-        seeds = (
-            [seed + i for i in range(B)]
-            if isinstance(seed, int) and not isinstance(seed, bool)
-            else [seed]
-        )
+        seeds = [seed]
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int):
             raise ValueError(
-                f"seed must be None, an int or a list of ints (one per prompt), got {seed!r}."
+                "seed must be None, an int or a list of ints (one per prompt), "
+                f"got {seed!r}."
             )
     return [torch.Generator().manual_seed(s) for s in seeds]
+
+# %% ../nbs/08_generation.ipynb #249cdbd2
+def _model_device(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _check_prompt(i, p, vocab_size) -> list[int]:
+    if isinstance(p, torch.Tensor):
+        p = p.tolist()
+    ints = isinstance(p, (list, tuple)) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in p
+    )
+    if isinstance(p, str) or not ints:
+        raise ValueError(
+            f"prompt {i} must be a list of integer token ids, got {p!r:.80}."
+        )
+    if len(p) == 0:
+        raise ValueError(
+            f"prompt {i} is empty: the model needs at least one token to condition "
+            "on; start it with the tokenizer's bos_id (generate_text does this)."
+        )
+    bad = [t for t in p if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(
+            f"prompt {i} has token ids {bad[:5]} outside the vocabulary "
+            f"[0, {vocab_size}); the tokenizer and the model must agree on vocab_size."
+        )
+    return list(p)
+
+
+def _as_prompts(prompts, vocab_size) -> list[list[int]]:
+    "Validate a batch of prompts (lists of token ids); return them as lists of ints."
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise ValueError(
+            "prompts must be a list of prompts, each a list of token ids, got "
+            f"{type(prompts).__name__}; for text use "
+            "generate_text(model, tokenizer, [text, ...])."
+        )
+    if len(prompts) == 0:
+        raise ValueError(
+            "prompts is empty: give at least one prompt (a list of token ids)."
+        )
+    if isinstance(prompts[0], int) and not isinstance(prompts[0], bool):
+        raise ValueError(
+            "prompts must be a list of prompts; for one prompt of ids wrap it in a "
+            "list: [ids]."
+        )
+    return [_check_prompt(i, p, vocab_size) for i, p in enumerate(prompts)]
 
 
 def _check_id(name, value, vocab_size, optional):
     if value is None and optional:
         return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not 0 <= value < vocab_size
-    ):
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not is_int or not 0 <= value < vocab_size:
         raise ValueError(
-            f"{name} must be {'None or ' if optional else ''}a token id in [0, {vocab_size}), got {value!r}."
+            f"{name} must be {'None or ' if optional else ''}a token id in "
+            f"[0, {vocab_size}), got {value!r}."
         )
 
 # %% ../nbs/08_generation.ipynb #7cb29ab1
 def _lean_ok(model) -> bool:
-    "True when `model` is a plain LLM whose blocks `_decode_one` may read directly (no wrappers, no hooks)."
+    "True when `model` is a plain LLM whose weights `decode_step` may read directly."
     from tinyllama.model import LLM, TransformerBlock
     from tinyllama.attention import GroupedQueryAttention
     from tinyllama.feedforward import SwiGLU
@@ -277,110 +269,117 @@ def _lean_ok(model) -> bool:
 
     if type(model) is not LLM:
         return False
-    if model.embed_tokens.weight.device.type not in (
-        "cpu",
-        "cuda",
-    ):  # e.g. MPS: keep to the general path
-        return False
-    kinds = {
-        LLM: 1,
-        TransformerBlock: 1,
-        GroupedQueryAttention: 1,
-        SwiGLU: 1,
-        RMSNorm: 1,
-        nn.Linear: 1,
-        nn.Embedding: 1,
-        nn.Dropout: 1,
-        nn.ModuleList: 1,
-        type(model.rope): 1,
-    }
+    if model.embed_tokens.weight.device.type not in ("cpu", "cuda"):
+        return False  # e.g. MPS: keep to the general path
+    kinds = {LLM, TransformerBlock, GroupedQueryAttention, SwiGLU, RMSNorm}
+    kinds |= {nn.Linear, nn.Embedding, nn.Dropout, nn.ModuleList, type(model.rope)}
     return all(
         type(m) in kinds and not m._forward_hooks and not m._forward_pre_hooks
         for m in model.modules()
     )
 
-
+# %% ../nbs/08_generation.ipynb #adcfc2dc
 def _fold(w, gain=None, scale=1.0):
-    "w (out, in) with an RMSNorm gain folded into its input columns and a scale, transposed to (in, out) once."
+    "w (out, in) with a norm gain folded into its input columns, as (in, out)."
     f = w.float() * (gain.float() if gain is not None else 1.0) * scale
     return f.to(w.dtype).t().contiguous()
 
 
-def _lean_weights(model) -> list[tuple]:
-    """Per block: q|k|v fused, o, gate|up fused, down, each (in, out) for `x @ w`, plus the output head.
-
-    Three identities make the step shorter, and each is exact up to rounding: an RMSNorm's gain
-    multiplies the inputs of the one linear map after it, so it is folded into that map's columns;
-    the attention scale 1/√D is folded into the query rows; and `x @ wᵀ` with wᵀ stored contiguous
-    once is what `F.linear` computes, without the transpose at every call."""
-    out = []
+def step_weights(
+    model: nn.Module,  # a plain LLM
+) -> tuple[list[tuple], torch.Tensor]:  # per block (qkv, o, gate|up, down); the head
+    "The weights `decode_step` reads: fused, gains and 1/√D folded in, as (in, out)."
+    blocks = []
     for b in model.layers:
         a, m = b.self_attn, b.mlp
-        qkv = torch.cat(
-            [a.q_proj.weight * a.head_dim**-0.5, a.k_proj.weight, a.v_proj.weight]
-        )
-        out.append(
+        q = a.q_proj.weight * a.head_dim**-0.5  # the attention scale, folded
+        qkv = torch.cat([q, a.k_proj.weight, a.v_proj.weight])
+        gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+        blocks.append(
             (
                 _fold(qkv, b.input_layernorm.weight),
                 _fold(a.o_proj.weight),
-                _fold(
-                    torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-                    b.post_attention_layernorm.weight,
-                ),
+                _fold(gate_up, b.post_attention_layernorm.weight),
                 _fold(m.down_proj.weight),
             )
         )
-    return out, _fold(model.lm_head.weight, model.norm.weight)
+    return blocks, _fold(model.lm_head.weight, model.norm.weight)
 
 
 def _unit_rms(h, eps):
-    "h / RMS(h): RMSNorm without its gain (folded into the next weights); one call where torch has F.rms_norm."
-    if hasattr(F, "rms_norm"):  # torch >= 2.4
+    "h / RMS(h): RMSNorm without its gain (folded into the next weights)."
+    if hasattr(F, "rms_norm"):  # torch >= 2.4: one call
         return F.rms_norm(h, (h.shape[-1],), None, eps)
     x = h.float()
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
-
-def _decode_one(model, weights, tok, caches, slot, cos, sin, mask=None):
-    "The model's forward for one new token per row, written for speed (the same math as `LLM.forward`)."
-    c = model.config
-    B, (H, K, D, d, eps) = (
-        tok.shape[0],
-        (c.num_heads, c.num_kv_heads, c.head_dim, c.dim_emb, c.norm_eps),
-    )
-    blocks, head = weights
+# %% ../nbs/08_generation.ipynb #0af0105d
+def decode_step(
+    model: nn.Module,  # a plain LLM (its config, embeddings and rotary table are read)
+    weights: tuple,  # step_weights(model)
+    tok: torch.Tensor,  # (B,) long: the newest token of each row
+    pos: torch.Tensor,  # (B,) or (1,) long: its position (RoPE)
+    slot: torch.Tensor,  # (1,) long: the cache slot its key and value are written to
+    ks: list[torch.Tensor],  # per block: cached keys (B, K, S, D), slot < S
+    vs: list[torch.Tensor],  # per block: cached values (B, K, S, D)
+    visible: torch.Tensor | None = None,  # bool (B or 1, S): slots a row may see
+) -> torch.Tensor:  # (B, V) next-token logits
+    "LLM.forward for one new token per row, in few calls (the same mathematics)."
+    c, (blocks, head), B = model.config, weights, tok.shape[0]
+    H, K, D, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.dim_emb, c.norm_eps
     h = F.embedding(tok, model.embed_tokens.weight)  # (B, d)
-    for (w_qkv, w_o, w_gu, w_down), cache in zip(blocks, caches):
-        qkv = (_unit_rms(h, eps) @ w_qkv).view(
-            B, H + 2 * K, D
-        )  # all heads at once; q already scaled by 1/√D
-        qk = qkv[
-            :, : H + K
-        ]  # queries and keys get the same rotation (rotate-half layout, chapter 02)
-        qk = qk * cos + torch.cat([-qk[..., D // 2 :], qk[..., : D // 2]], dim=-1) * sin
-        cache.k[:, :, slot] = qk[:, H:]  # (B, K, D) into slot `slot`
-        cache.v[:, :, slot] = qkv[:, H + K :]
-        q = qk[:, :H].reshape(
-            B, K, H // K, D
-        )  # query head j reads key/value head j // (H/K), as in GQA
-        s = q @ cache.k[:, :, : slot + 1].transpose(-1, -2)  # (B, K, H/K, slot + 1)
-        if mask is not None:  # (B, 1, 1, slot + 1): False at left padding
-            s = s.masked_fill(~mask, float("-inf"))
-        p = (
-            s.softmax(-1)
-            if s.dtype == torch.float32
-            else s.float().softmax(-1).to(s.dtype)
-        )
-        h = torch.addmm(
-            h, (p @ cache.v[:, :, : slot + 1]).reshape(B, d), w_o
-        )  # h + o @ w_o in one call
+    cos = model.rope.cos.index_select(0, pos)[:, None].to(head.dtype)  # (B|1, 1, D)
+    sin = model.rope.sin.index_select(0, pos)[:, None].to(head.dtype)
+    hidden = None if visible is None else ~visible[:, None, None]  # (B|1, 1, 1, S)
+    for (w_qkv, w_o, w_gu, w_down), k, v in zip(blocks, ks, vs):
+        qkv = (_unit_rms(h, eps) @ w_qkv).view(B, H + 2 * K, D)  # q scaled by 1/√D
+        qk = qkv[:, : H + K]  # queries and keys: the same rotation (rotate-half)
+        qk = qk * cos + torch.cat([-qk[..., D // 2 :], qk[..., : D // 2]], -1) * sin
+        k.index_copy_(2, slot, qk[:, H:, None])  # (B, K, 1, D) into the cache
+        v.index_copy_(2, slot, qkv[:, H + K :, None])
+        q = qk[:, :H].reshape(B, K, H // K, D)  # query head j reads kv head j // (H/K)
+        s = q @ k.transpose(-1, -2)  # (B, K, H/K, S)
+        if hidden is not None:
+            s = s.masked_fill(hidden, float("-inf"))
+        p = s.softmax(-1)  # in float32 at least
+        if s.dtype != torch.float32:
+            p = s.float().softmax(-1).to(s.dtype)
+        h = torch.addmm(h, (p @ v).reshape(B, d), w_o)  # h + o @ w_o in one call
         gate, up = (_unit_rms(h, eps) @ w_gu).chunk(2, dim=-1)
         h = torch.addmm(h, F.silu(gate) * up, w_down)
-    return _unit_rms(h, c.norm_eps) @ head  # (B, V)
+    return _unit_rms(h, eps) @ head  # (B, V)
 
 # %% ../nbs/08_generation.ipynb #a33eb1ec
+def _check_max_new_tokens(c, longest, max_new_tokens) -> int:
+    if longest >= c.context_size:
+        raise ValueError(
+            f"context_size={c.context_size} but the longest prompt has {longest} "
+            "tokens, which leaves no room for a new token; keep at most its last "
+            f"{c.context_size - 1} tokens."
+        )
+    if max_new_tokens is None:
+        return c.context_size - longest
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise ValueError(
+            "max_new_tokens must be a positive integer (or None to fill the "
+            f"context), got {max_new_tokens!r}."
+        )
+    if longest + max_new_tokens > c.context_size:
+        raise ValueError(
+            f"context_size={c.context_size} but the longest prompt has {longest} "
+            f"tokens and max_new_tokens={max_new_tokens} would need "
+            f"{longest + max_new_tokens} positions; use max_new_tokens <= "
+            f"{c.context_size - longest} or a shorter prompt."
+        )
+    return max_new_tokens
+
+
 def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id):
-    "Validate everything before any work; returns prompts as lists and max_new_tokens resolved."
+    "Validate everything before any work: prompts as lists, max_new_tokens resolved."
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ValueError(f"model must be a tinyllama LLM, got {type(model).__name__}.")
     c = model.config
@@ -391,31 +390,9 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, 
     _check_id("eos_id", eos_id, c.vocab_size, optional=True)
     _check_id("pad_id", pad_id, c.vocab_size, optional=False)
     longest = max(len(p) for p in prompts)
-    if longest >= c.context_size:
-        raise ValueError(
-            f"context_size={c.context_size} but the longest prompt has {longest} tokens, which leaves no "
-            f"room for a new token; keep at most its last {c.context_size - 1} tokens."
-        )
-    if max_new_tokens is None:
-        max_new_tokens = c.context_size - longest
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 1
-    ):
-        raise ValueError(
-            f"max_new_tokens must be a positive integer (or None to fill the context), "
-            f"got {max_new_tokens!r}."
-        )
-    if longest + max_new_tokens > c.context_size:
-        raise ValueError(
-            f"context_size={c.context_size} but the longest prompt has {longest} tokens and "
-            f"max_new_tokens={max_new_tokens} would need {longest + max_new_tokens} positions; use "
-            f"max_new_tokens <= {c.context_size - longest} or a shorter prompt."
-        )
-    return prompts, max_new_tokens
+    return prompts, _check_max_new_tokens(c, longest, max_new_tokens)
 
-
+# %% ../nbs/08_generation.ipynb #9422a66f
 def decode_steps(
     model: nn.Module,  # an LLM
     prompts: Sequence[Sequence[int]],  # B prompts, each a non-empty list of token ids
@@ -427,163 +404,95 @@ def decode_steps(
     pad_id: int = 0,  # fed for left padding and after a row has finished
     seed=None,  # None, an int (row i uses seed + i) or one int per row
     use_cache: bool = True,  # False: recompute the whole sequence at every step
-    fast: bool = True,  # cached steps of a plain LLM use `_decode_one` (False: the model's forward)
-) -> Iterator[
-    tuple[torch.Tensor, torch.Tensor]
-]:  # per step: tokens (B,), active (B,) bool
-    "The decoding loop: yields each step's tokens and which rows were still active for them."
+    fast: bool = True,  # cached steps of a plain LLM use decode_step (False: forward)
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # per step: tokens (B,), active (B,)
+    "The decoding loop: yields each step's tokens and which rows were still active."
     prompts, max_new_tokens = _prepare(
         model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id
     )
     gens = None if temperature == 0 else _row_generators(seed, len(prompts))
-    return _decode_loop(
-        model,
-        prompts,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        eos_id,
-        pad_id,
-        gens,
-        use_cache,
-        fast,
-    )
+    how = (temperature, top_k, top_p, eos_id, pad_id, use_cache, fast)
+    return _decode_loop(model, prompts, max_new_tokens, gens, how)
 
-
+# %% ../nbs/08_generation.ipynb #c99b98f9
 @torch.inference_mode()
-def _decode_loop(
-    model,
-    prompts,
-    max_new_tokens,
-    temperature,
-    top_k,
-    top_p,
-    eos_id,
-    pad_id,
-    gens,
-    use_cache,
-    fast,
-):
+def _decode_loop(model, prompts, n_new, gens, how):
+    temperature, top_k, top_p, eos_id, pad_id, use_cache, fast = how
     device = _model_device(model)
     ids, mask = left_pad(prompts, pad_id, device)  # (B, T0)
     B, T0 = ids.shape
-    lengths = torch.tensor(
-        [len(p) for p in prompts], device=device
-    )  # (B,) real lengths
-    padded = any(
-        len(p) < T0 for p in prompts
-    )  # no padding: no mask at all, the fast path
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,) real
+    mask = mask if any(len(p) < T0 for p in prompts) else None  # no padding: no mask
     # Every row's uniforms for every step, drawn at once: one copy, not one per token.
-    u = (
-        None
-        if gens is None
-        else _uniforms(B, gens, _f64_device(device), max_new_tokens)
-    )
+    u = None if gens is None else _uniforms(B, gens, _f64_device(device), n_new)
     active = torch.ones(B, dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
     try:
-        caches = model.new_kv_caches(B, T0 + max_new_tokens) if use_cache else None
-        lean = _lean_weights(model) if use_cache and fast and _lean_ok(model) else None
-        logits = model(ids, attention_mask=mask if padded else None, kv_caches=caches)[
-            :, -1
-        ]  # (B, V)
-        for t in range(max_new_tokens):
-            nxt = (
-                logits.argmax(-1)
-                if u is None
-                else _sample(logits, temperature, top_k, top_p, u[t])
-            )
-            nxt = torch.where(
-                active, nxt, torch.full_like(nxt, pad_id)
-            )  # finished rows get padding
+        caches = model.new_kv_caches(B, T0 + n_new) if use_cache else None
+        lean = step_weights(model) if caches and fast and _lean_ok(model) else None
+        slots = torch.arange(T0 + n_new, device=device)
+        logits = model(ids, attention_mask=mask, kv_caches=caches)[:, -1]  # prefill
+        for t in range(n_new):
+            if u is None:
+                nxt = logits.argmax(-1)
+            else:
+                nxt = _sample(logits, temperature, top_k, top_p, u[t])
+            nxt = torch.where(active, nxt, torch.full_like(nxt, pad_id))  # finished
             yield nxt, active.clone()
             if eos_id is not None:
                 active &= nxt != eos_id
                 if not bool(active.any()):  # the loop's one host sync per token
                     return
-            if t == max_new_tokens - 1:
+            if t == n_new - 1:
                 return
-            if padded:
-                mask = torch.cat(
-                    [mask, torch.ones_like(mask[:, :1])], dim=1
-                )  # (B, T0 + t + 1)
-            if (
-                use_cache and lean is not None
-            ):  # the same math as the branch below, fewer steps
-                pos = (
-                    lengths + t if padded else T0 + t
-                )  # RoPE position: the row's own length so far
-                cos, sin = model.rope.cos[pos], model.rope.sin[pos]  # (B, D) or (D,)
-                if padded:
-                    cos, sin = (
-                        cos[:, None],
-                        sin[:, None],
-                    )  # (B, 1, D): one angle per row, all heads
-                logits = _decode_one(
-                    model,
-                    lean,
-                    nxt,
-                    caches,
-                    T0 + t,
-                    cos.to(lean[1].dtype),
-                    sin.to(lean[1].dtype),
-                    mask.bool()[:, None, None] if padded else None,
-                )
-            elif (
-                use_cache
-            ):  # feed only the new token; its position is the row's own length so far
-                logits = model(
-                    nxt[:, None],
-                    attention_mask=mask if padded else None,
-                    position_ids=(lengths + t)[:, None] if padded else None,
-                    kv_caches=caches,
-                    start_pos=T0 + t,
-                )[:, -1]
-            else:  # recompute every position from scratch
+            if mask is not None:  # (B, T0 + t + 1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if caches is None:
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
-                logits = model(ids, attention_mask=mask if padded else None)[:, -1]
+            pos = None if mask is None else lengths + t  # a row's own length so far
+            logits = _next_logits(
+                model, lean, caches, ids, nxt, mask, slots, T0 + t, pos
+            )
     finally:
         model.train(was_training)
+
+# %% ../nbs/08_generation.ipynb #b8c3ce49
+def _next_logits(model, lean, caches, ids, nxt, mask, slots, slot, pos):
+    "Logits (B, V) after token `nxt` (B,), written at cache slot `slot` (an int)."
+    if caches is None:  # no cache: the whole sequence again
+        return model(ids, attention_mask=mask)[:, -1]
+    at = slots[slot : slot + 1]  # (1,) the slot as a tensor
+    pos = at if pos is None else pos  # without padding, a token's position is its slot
+    if lean is None:  # the model's own forward, for the new token only
+        pos_ids = None if mask is None else pos[:, None]
+        return model(nxt[:, None], mask, pos_ids, caches, start_pos=slot)[:, -1]
+    ks = [c.k[:, :, : slot + 1] for c in caches]  # the slots written so far
+    vs = [c.v[:, :, : slot + 1] for c in caches]
+    visible = None if mask is None else mask.bool()  # (B, slot + 1)
+    return decode_step(model, lean, nxt, pos, at, ks, vs, visible)
 
 # %% ../nbs/08_generation.ipynb #59ab01e6
 def generate(
     model: nn.Module,  # an LLM
     prompts: Sequence[Sequence[int]],  # B prompts, each a non-empty list of token ids
-    max_new_tokens: int
-    | None = 128,  # new tokens per row at most; None: fill the context
+    max_new_tokens: int | None = 128,  # new tokens per row at most; None: fill context
     temperature: float = 1.0,  # 0: greedy; otherwise softmax(logits / temperature)
     top_k: int | None = None,  # sample among the k most likely tokens only
     top_p: float | None = None,  # sample within the nucleus of mass top_p only
-    eos_id: int
-    | None = None,  # stop a row when it emits this id (the id is kept as its last token)
+    eos_id: int | None = None,  # a row stops when it emits this id (which it keeps)
     pad_id: int = 0,  # id used for left padding (masked, never attended to)
-    seed=None,  # int: row i draws from torch.Generator(seed + i); list: one seed per row; None: global RNG
-    use_cache: bool = True,  # False recomputes the whole sequence at each step (same tokens, slower)
-) -> list[
-    list[int]
-]:  # the new tokens of each row (prompt excluded), ending at eos_id if emitted
-    "Continue each prompt; a row in a padded batch gets exactly the tokens it gets alone."
-    steps = list(
-        decode_steps(
-            model,
-            prompts,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            eos_id,
-            pad_id,
-            seed,
-            use_cache,
-        )
-    )
+    seed=None,  # int: row i draws from Generator(seed + i); list: one per row; None
+    use_cache: bool = True,  # False recomputes the whole sequence at each step (slow)
+) -> list[list[int]]:  # each row's new tokens (no prompt), ending at eos_id if emitted
+    "Continue each prompt; a padded row gets exactly the tokens it gets alone."
+    how = (temperature, top_k, top_p, eos_id, pad_id, seed, use_cache)
+    steps = list(decode_steps(model, prompts, max_new_tokens, *how))
     tokens = torch.stack([nxt for nxt, _ in steps], 1).tolist()  # (B, steps): one copy
     active = torch.stack([act for _, act in steps], 1).tolist()
     return [[t for t, a in zip(row, act) if a] for row, act in zip(tokens, active)]
 
-
+# %% ../nbs/08_generation.ipynb #d65ac5fe
 def stream(
     model: nn.Module,  # an LLM
     prompt: Sequence[int],  # one prompt: a non-empty list of token ids
@@ -595,9 +504,7 @@ def stream(
     pad_id: int = 0,
     seed: int | None = None,  # same draws as generate([prompt], seed=seed)
     use_cache: bool = True,
-) -> Iterator[
-    int
-]:  # token ids, one at a time, as they are decoded (eos_id last if emitted)
+) -> Iterator[int]:  # token ids, one at a time, as they are decoded (eos_id last)
     "Yield the new tokens of one prompt as soon as each is chosen."
     if isinstance(prompt, torch.Tensor):
         prompt = prompt.tolist()
@@ -607,25 +514,16 @@ def stream(
         and isinstance(prompt[0], (list, tuple, torch.Tensor))
     ):
         raise ValueError(
-            "stream takes one prompt (a list of token ids); for a batch use generate(model, prompts)."
+            "stream takes one prompt (a list of token ids); for a batch use "
+            "generate(model, prompts)."
         )
-    steps = decode_steps(
-        model,
-        [prompt],
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        eos_id,
-        pad_id,
-        seed,
-        use_cache,
-    )
+    how = (temperature, top_k, top_p, eos_id, pad_id, seed, use_cache)
+    steps = decode_steps(model, [prompt], max_new_tokens, *how)
     return (int(nxt[0]) for nxt, active in steps if bool(active[0]))
 
 # %% ../nbs/08_generation.ipynb #8ae2aa17
 def _continuation(tokenizer, prompt_ids, new_ids) -> str:
-    "The text the new ids add after the prompt (decoded together, so spaces at the seam survive)."
+    "The text the new ids add after the prompt (decoded together: spaces survive)."
     head = tokenizer.decode(prompt_ids)
     full = tokenizer.decode(list(prompt_ids) + list(new_ids))
     return full[len(head) :] if full.startswith(head) else tokenizer.decode(new_ids)
@@ -634,7 +532,8 @@ def _continuation(tokenizer, prompt_ids, new_ids) -> str:
 def _encode_prompts(tokenizer, prompts, bos):
     if isinstance(prompts, str):
         raise ValueError(
-            "prompts must be a list of strings; for one prompt wrap it in a list: [text]."
+            "prompts must be a list of strings; for one prompt wrap it in a list: "
+            "[text]."
         )
     if not isinstance(prompts, (list, tuple)) or not all(
         isinstance(p, str) for p in prompts
@@ -643,6 +542,20 @@ def _encode_prompts(tokenizer, prompts, bos):
     return [tokenizer.encode(p, bos=bos) for p in prompts]
 
 
+def _text_pieces(tokenizer, prompt_ids, tokens):
+    new, shown = [], ""
+    for tok in tokens:
+        new.append(tok)
+        text = _continuation(tokenizer, prompt_ids, new)
+        # a partial multi-byte character waits for its next token
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text
+    text = _continuation(tokenizer, prompt_ids, new)
+    if text != shown and text.startswith(shown):
+        yield text[len(shown) :]
+
+# %% ../nbs/08_generation.ipynb #01862798
 def generate_text(
     model: nn.Module,  # an LLM
     tokenizer,  # a tinyllama Tokenizer (bos_id, eos_id, pad_id, encode, decode)
@@ -658,18 +571,9 @@ def generate_text(
 ) -> list[str]:  # the continuation of each prompt (the prompt itself excluded)
     "Continue each text prompt with `generate` and decode the new tokens."
     ids = _encode_prompts(tokenizer, prompts, bos)
-    new = generate(
-        model,
-        ids,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        eos_id=tokenizer.eos_id if stop_at_eos else None,
-        pad_id=tokenizer.pad_id,
-        seed=seed,
-        use_cache=use_cache,
-    )
+    eos_id = tokenizer.eos_id if stop_at_eos else None
+    how = (temperature, top_k, top_p, eos_id, tokenizer.pad_id, seed, use_cache)
+    new = generate(model, ids, max_new_tokens, *how)
     return [_continuation(tokenizer, p, n) for p, n in zip(ids, new)]
 
 
@@ -688,141 +592,81 @@ def stream_text(
 ) -> Iterator[str]:  # pieces of text; joined they equal generate_text's continuation
     "Yield the continuation of one text prompt piece by piece, as tokens are decoded."
     (ids,) = _encode_prompts(tokenizer, [prompt], bos)
-    tokens = stream(
-        model,
-        ids,
-        max_new_tokens,
-        temperature,
-        top_k,
-        top_p,
-        eos_id=tokenizer.eos_id if stop_at_eos else None,
-        pad_id=tokenizer.pad_id,
-        seed=seed,
-        use_cache=use_cache,
-    )
-    return _text_pieces(tokenizer, ids, tokens)
-
-
-def _text_pieces(tokenizer, prompt_ids, tokens):
-    new, shown = [], ""
-    for tok in tokens:
-        new.append(tok)
-        text = _continuation(tokenizer, prompt_ids, new)
-        if text.startswith(shown) and len(text) > len(
-            shown
-        ):  # a partial multi-byte character waits
-            yield text[len(shown) :]
-            shown = text
-    text = _continuation(tokenizer, prompt_ids, new)
-    if text != shown and text.startswith(shown):
-        yield text[len(shown) :]
+    eos_id = tokenizer.eos_id if stop_at_eos else None
+    how = (temperature, top_k, top_p, eos_id, tokenizer.pad_id, seed, use_cache)
+    return _text_pieces(tokenizer, ids, stream(model, ids, max_new_tokens, *how))
 
 # %% ../nbs/08_generation.ipynb #c9434d03
 class CompiledDecoder:
-    """Greedy decoding of one prompt at a time through a compiled single-token step (the gpt-fast recipe).
+    "Greedy decoding of one prompt at a time through a compiled `decode_step`."
 
-    `torch.compile` compiles once only for fixed shapes, so the step sees nothing that grows: the KV cache
-    holds the whole context, the position is a one-element tensor (RoPE rows picked with `index_select`, the
-    new key and value written with `index_copy_`), and the slots not yet written are masked. The first decode
-    compiles the step; later decodes skip Dynamo's guard checks (`skip_guard_eval_unsafe`), which with shapes,
-    dtypes and weights fixed cannot fail and at these sizes cost more than the step itself. The weights are
-    read when the decoder is made: make a new one after training the model further. Several decoders may live
-    side by side: the guards that tell their compiled steps apart are still checked."""
-
-    def __init__(
-        self, model: nn.Module
-    ):  # a plain tinyllama LLM (put in eval mode here)
+    def __init__(self, model: nn.Module):  # a plain tinyllama LLM (put in eval mode)
         if not _lean_ok(model):
             raise ValueError(
-                "CompiledDecoder needs a plain tinyllama LLM (no wrappers or hooks) on a CPU or CUDA "
-                "device; use generate() for anything else."
+                "CompiledDecoder needs a plain tinyllama LLM (no wrappers or hooks) on "
+                "a CPU or CUDA device; use generate() for anything else."
             )
-        self.model, self.weights = model.eval(), _lean_weights(model)
+        self.model, self.weights = model.eval(), step_weights(model)
         dev, ctx = _model_device(model), model.config.context_size
         self._slots = torch.arange(ctx, device=dev)
         self._pos = [torch.tensor([t], device=dev) for t in range(ctx)]
-        self._step = torch.compile(self._step_fn, fullgraph=True, dynamic=False)
+        self._step = torch.compile(self._greedy_step, fullgraph=True, dynamic=False)
         self.compiled = False  # True once a decode has compiled the step
 
-    def _step_fn(
-        self, tok, pos, ks, vs
-    ):  # tok (1,), pos (1,), the caches' key and value tensors (1, K, ctx, D)
-        model, c = self.model, self.model.config
-        H, K, D, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.dim_emb, c.norm_eps
-        blocks, head = self.weights
-        h = F.embedding(tok, model.embed_tokens.weight)  # (1, d)
-        cos = model.rope.cos.index_select(0, pos).to(head.dtype)  # (1, D)
-        sin = model.rope.sin.index_select(0, pos).to(head.dtype)
-        seen = self._slots <= pos  # (ctx,) the slots written so far, this one included
-        for (w_qkv, w_o, w_gu, w_down), k, v in zip(
-            blocks, ks, vs
-        ):  # the lean step's math (above), fixed shapes
-            qkv = (_unit_rms(h, eps) @ w_qkv).view(1, H + 2 * K, D)
-            qk = qkv[:, : H + K]
-            qk = (
-                qk * cos
-                + torch.cat([-qk[..., D // 2 :], qk[..., : D // 2]], dim=-1) * sin
-            )
-            k.index_copy_(2, pos, qk[:, H:, None])
-            v.index_copy_(2, pos, qkv[:, H + K :, None])
-            s = qk[:, :H].reshape(1, K, H // K, D) @ k.transpose(
-                -1, -2
-            )  # (1, K, H/K, ctx)
-            p = s.masked_fill(~seen, float("-inf")).softmax(-1)
-            h = torch.addmm(h, (p @ v).reshape(1, d), w_o)
-            gate, up = (_unit_rms(h, eps) @ w_gu).chunk(2, dim=-1)
-            h = torch.addmm(h, F.silu(gate) * up, w_down)
-        return (_unit_rms(h, eps) @ head).argmax(-1)  # (1,) the greedy token
+    def _greedy_step(self, tok, pos, ks, vs):  # (1,), (1,), caches (1, K, ctx, D)
+        "decode_step at fixed shapes: whole-context caches, unwritten slots hidden."
+        visible = (self._slots <= pos)[None]  # (1, ctx) the slots written so far
+        logits = decode_step(self.model, self.weights, tok, pos, pos, ks, vs, visible)
+        return logits.argmax(-1)  # (1,) the greedy token
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt: Sequence[int],  # one prompt: a non-empty list of token ids
-        max_new_tokens: int | None = 128,  # None: fill the context
-        eos_id: int
-        | None = None,  # stop after emitting this id (it is kept as the last token)
-    ) -> list[
-        int
-    ]:  # the new tokens: those of generate(model, [prompt], ..., temperature=0)[0]
-        "Greedy decoding of one prompt; the first call compiles the step (seconds to a minute on a CPU)."
-        import contextlib
+# %% ../nbs/08_generation.ipynb #d2afcb98
+def _stance(decoder):
+    "Skip the guards once compiled; on the CPU compile with a C++ wrapper."
+    import contextlib
 
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.tolist()
-        if (
-            isinstance(prompt, (list, tuple))
-            and prompt
-            and isinstance(prompt[0], (list, tuple))
-        ):
-            raise ValueError(
-                "CompiledDecoder.generate takes one prompt (a list of token ids); call it once per "
-                "prompt, or use generate(model, prompts) for a batch."
-            )
-        (prompt,), max_new_tokens = _prepare(
-            self.model, [prompt], max_new_tokens, 0, None, None, eos_id, 0
+    if decoder.compiled:  # compiled for these shapes already
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    if decoder._slots.device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(cpp_wrapper=True)
+    return contextlib.nullcontext()
+
+
+@patch
+@torch.inference_mode()
+def generate(
+    self: CompiledDecoder,
+    prompt: Sequence[int],  # one prompt: a non-empty list of token ids
+    max_new_tokens: int | None = 128,  # None: fill the context
+    eos_id: int | None = None,  # stop after emitting this id (kept as the last token)
+) -> list[int]:  # the new tokens: generate(model, [prompt], ..., temperature=0)[0]
+    "Greedy decoding of one prompt; the first call compiles (seconds to a minute)."
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if (
+        isinstance(prompt, (list, tuple))
+        and prompt
+        and isinstance(prompt[0], (list, tuple))
+    ):
+        raise ValueError(
+            "CompiledDecoder.generate takes one prompt (a list of token ids); call it "
+            "once per prompt, or use generate(model, prompts) for a batch."
         )
-        model, T0 = self.model, len(prompt)
-        caches = model.new_kv_caches(1, model.config.context_size)
-        nxt = model(
-            torch.tensor([prompt], device=self._slots.device), kv_caches=caches
-        )[:, -1].argmax(-1)  # prefill
-        ks, vs = [c.k for c in caches], [c.v for c in caches]
-        if self.compiled:  # compiled for these shapes already: skip the guards
-            mode = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-        elif (
-            self._slots.device.type == "cpu"
-        ):  # compile with a C++ wrapper: less Python per call
-            import torch._inductor.config as inductor_config
-
-            mode = inductor_config.patch(cpp_wrapper=True)
-        else:
-            mode = contextlib.nullcontext()
-        out = []
-        with mode:
-            for t in range(max_new_tokens):
-                out.append(int(nxt))
-                if out[-1] == eos_id or t == max_new_tokens - 1:
-                    break
-                nxt = self._step(nxt, self._pos[T0 + t], ks, vs)
-                self.compiled = True
-        return out
+    (prompt,), n_new = _prepare(
+        self.model, [prompt], max_new_tokens, 0, None, None, eos_id, 0
+    )
+    model, T0 = self.model, len(prompt)
+    caches = model.new_kv_caches(1, model.config.context_size)
+    ids = torch.tensor([prompt], device=self._slots.device)
+    nxt = model(ids, kv_caches=caches)[:, -1].argmax(-1)  # prefill
+    ks, vs = [c.k for c in caches], [c.v for c in caches]
+    out = []
+    with _stance(self):
+        for t in range(n_new):
+            out.append(int(nxt))
+            if out[-1] == eos_id or t == n_new - 1:
+                break
+            nxt = self._step(nxt, self._pos[T0 + t], ks, vs)
+            self.compiled = True
+    return out

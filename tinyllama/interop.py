@@ -3,10 +3,9 @@
 # %% ../nbs/06b_interop.ipynb #97cafae6
 from __future__ import annotations
 import json
-import os
-import tempfile
 from pathlib import Path
 import torch
+from .checkpoint import atomic_write
 from .model import LLM, LLMConfig
 from .rope import RotaryPositionalEncoding
 
@@ -32,7 +31,8 @@ def our_name(hf_key: str) -> str:
     if hf_key.startswith("model."):
         return hf_key[len("model.") :]
     raise ValueError(
-        f"{hf_key!r} is not a LlamaForCausalLM weight name (those start with 'model.' or 'lm_head.')."
+        f"{hf_key!r} is not a LlamaForCausalLM weight name (those start with "
+        "'model.' or 'lm_head.')."
     )
 
 # %% ../nbs/06b_interop.ipynb #4b0ba37b
@@ -74,17 +74,47 @@ def to_hf_config(
         "pad_token_id": pad_token_id,
     }
 
+# %% ../nbs/06b_interop.ipynb #5370a2cd
+def _unsupported_features(hf: dict) -> list[str]:  # one entry per feature, named
+    "The features of a Llama `config.json` that `LLM` does not implement."
+    unsupported = []
+    rope_params = hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling"):
+        unsupported.append(
+            f"rope_scaling={hf['rope_scaling']!r} (RoPE frequency scaling)"
+        )
+    elif rope_params.get("rope_type", "default") != "default":
+        unsupported.append(
+            f"rope_parameters with rope_type={rope_params['rope_type']!r} (RoPE "
+            "frequency scaling)"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            where = "attention" if flag == "attention_bias" else "MLP"
+            unsupported.append(f"{flag}=True (biases in the {where} projections)")
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={hf['hidden_act']!r} (LLM's SwiGLU uses silu)")
+    head_dim = hf.get("head_dim")
+    if (
+        head_dim is not None
+        and head_dim != hf["hidden_size"] // hf["num_attention_heads"]
+    ):
+        unsupported.append(f"head_dim={head_dim} != hidden_size // num_attention_heads")
+    return unsupported
 
+# %% ../nbs/06b_interop.ipynb #d5bb71bc
 def from_hf_config(hf: dict) -> LLMConfig:
-    "The `LLMConfig` of a Llama `config.json`; refuses, by name, features `LLM` does not have."
+    "The `LLMConfig` of a Llama `config.json`; refuses features `LLM` does not have."
     if not isinstance(hf, dict):
         raise ValueError(
-            f"a config must be a dict (the parsed config.json), got {type(hf).__name__}."
+            "a config must be a dict (the parsed config.json), got "
+            f"{type(hf).__name__}."
         )
     if hf.get("model_type") != "llama":
         raise ValueError(
-            f"config.json has model_type={hf.get('model_type')!r}; only Llama checkpoints "
-            "(model_type 'llama', architecture LlamaForCausalLM) can be loaded into LLM."
+            f"config.json has model_type={hf.get('model_type')!r}; only Llama "
+            "checkpoints (model_type 'llama', architecture LlamaForCausalLM) can "
+            "be loaded into LLM."
         )
     missing = [
         k
@@ -99,37 +129,17 @@ def from_hf_config(hf: dict) -> LLMConfig:
     ]
     if missing:
         raise ValueError(
-            f"config.json lacks {', '.join(missing)}; a Llama config needs them to fix the model's shape."
+            f"config.json lacks {', '.join(missing)}; a Llama config needs them "
+            "to fix the model's shape."
         )
-    unsupported = []
-    rope_params = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling"):
-        unsupported.append(
-            f"rope_scaling={hf['rope_scaling']!r} (RoPE frequency scaling)"
-        )
-    elif rope_params.get("rope_type", "default") != "default":
-        unsupported.append(
-            f"rope_parameters with rope_type={rope_params['rope_type']!r} (RoPE frequency scaling)"
-        )
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            unsupported.append(
-                f"{flag}=True (biases in the {'attention' if flag == 'attention_bias' else 'MLP'} projections)"
-            )
-    if hf.get("hidden_act", "silu") != "silu":
-        unsupported.append(f"hidden_act={hf['hidden_act']!r} (LLM's SwiGLU uses silu)")
-    head_dim = hf.get("head_dim")
-    if (
-        head_dim is not None
-        and head_dim != hf["hidden_size"] // hf["num_attention_heads"]
-    ):
-        unsupported.append(f"head_dim={head_dim} != hidden_size // num_attention_heads")
+    unsupported = _unsupported_features(hf)
     if unsupported:
         raise ValueError(
             "this Llama checkpoint uses features LLM does not implement: "
             + "; ".join(unsupported)
             + ". Loading it would give wrong outputs, so it is refused."
         )
+    rope_params = hf.get("rope_parameters") or {}
     theta = rope_params.get("rope_theta", hf.get("rope_theta", 10000.0))
     return LLMConfig(
         vocab_size=hf["vocab_size"],
@@ -146,7 +156,7 @@ def from_hf_config(hf: dict) -> LLMConfig:
 
 # %% ../nbs/06b_interop.ipynb #b12f38fa
 def to_hf_state_dict(model: LLM) -> dict[str, torch.Tensor]:
-    "`model`'s weights under `LlamaForCausalLM` names, on the CPU (a tied `lm_head` left out)."
+    "`model`'s weights under `LlamaForCausalLM` names, on the CPU (no tied `lm_head`)."
     sd = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
@@ -154,61 +164,53 @@ def to_hf_state_dict(model: LLM) -> dict[str, torch.Tensor]:
         sd[hf_name(name)] = t.detach().to("cpu").contiguous()
     return sd
 
-
-def _atomic_write(dest: Path, write) -> None:
-    "Call `write(tmp_path)`, then rename the temporary file over `dest` (a crash leaves no half file)."
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_hf(
-    model: LLM,
-    path,  # folder to write config.json and model.safetensors into (created if needed)
-    bos_token_id: int
-    | None = None,  # the tokenizer's special ids, recorded in config.json when given
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-) -> Path:
-    "Save `model` as a Hugging Face Llama checkpoint that `AutoModelForCausalLM.from_pretrained(path)` loads."
-    from safetensors.torch import save_file
-
+# %% ../nbs/06b_interop.ipynb #e9cfd291
+def _checked_save_args(model, path, bos_token_id, eos_token_id, pad_token_id) -> Path:
+    "`path` as a Path, after checking the arguments of `save_hf`."
     if not isinstance(model, LLM):
         raise ValueError(f"save_hf saves an LLM, got {type(model).__name__}.")
-    for name, value in [
-        ("bos_token_id", bos_token_id),
-        ("eos_token_id", eos_token_id),
-        ("pad_token_id", pad_token_id),
-    ]:
+    ids = dict(
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+    )
+    for name, value in ids.items():
         if value is not None and (
             isinstance(value, bool)
             or not isinstance(value, int)
             or not 0 <= value < model.config.vocab_size
         ):
             raise ValueError(
-                f"{name}={value!r} must be a token id in [0, {model.config.vocab_size}) or None."
+                f"{name}={value!r} must be a token id in [0, "
+                f"{model.config.vocab_size}) or None."
             )
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(
-            f"{path} is a file; save_hf writes a checkpoint folder, so give a folder path."
+            f"{path} is a file; save_hf writes a checkpoint folder, so give a "
+            "folder path."
         )
+    return path
+
+# %% ../nbs/06b_interop.ipynb #42e21ee8
+def save_hf(
+    model: LLM,
+    path,  # folder to write config.json and model.safetensors into (created if needed)
+    bos_token_id: int | None = None,  # the tokenizer's special ids, for config.json
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Path:
+    "Save `model` as a Llama checkpoint for `AutoModelForCausalLM.from_pretrained`."
+    from safetensors.torch import save_file
+
+    path = _checked_save_args(model, path, bos_token_id, eos_token_id, pad_token_id)
     path.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)
     dtype = model.embed_tokens.weight.dtype
     config = to_hf_config(model.config, dtype, bos_token_id, eos_token_id, pad_token_id)
-    _atomic_write(
+    atomic_write(
         path / WEIGHTS_NAME,
         lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
     )
-    _atomic_write(
+    atomic_write(
         path / CONFIG_NAME,
         lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
     )
@@ -216,7 +218,7 @@ def save_hf(
 
 # %% ../nbs/06b_interop.ipynb #0f98e894
 def read_hf_weights(path) -> dict[str, torch.Tensor]:
-    "All tensors of a checkpoint folder: `model.safetensors`, or the shards of `model.safetensors.index.json`."
+    "All tensors of a checkpoint folder: `model.safetensors`, or its index's shards."
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -240,35 +242,29 @@ def read_hf_weights(path) -> dict[str, torch.Tensor]:
         for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")
     ):
         raise ValueError(
-            f"{path} holds PyTorch pickle weights (pytorch_model.bin); load_hf reads only safetensors. "
-            "Convert it with transformers: from_pretrained(path).save_pretrained(new_path)."
+            f"{path} holds PyTorch pickle weights (pytorch_model.bin); load_hf "
+            "reads only safetensors. Convert it with transformers: "
+            "from_pretrained(path).save_pretrained(new_path)."
         )
     present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
     raise FileNotFoundError(
-        f"no weights in {path}: expected {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME} with its "
-        f"shards); the folder holds {present}."
+        f"no weights in {path}: expected {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME} "
+        f"with its shards); the folder holds {present}."
     )
 
-
-def from_hf_state_dict(
-    config: LLMConfig,
-    state: dict[str, torch.Tensor],  # LlamaForCausalLM weight names -> tensors
-    dtype: torch.dtype | None = None,  # None: the dtype of the checkpoint's embeddings
-    device=None,  # where the model lives; None: the CPU
-) -> LLM:
-    "An `LLM` holding the weights of a `LlamaForCausalLM` state dict (checked by name and shape first)."
-    device = torch.device(device or "cpu")
-    with torch.device("meta"):
-        model = LLM(config)
-    expected = {n: p.shape for n, p in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
+# %% ../nbs/06b_interop.ipynb #3747ff3c
+def _our_weights(
+    state: dict,  # LlamaForCausalLM weight names -> tensors
+    expected: dict,  # our parameter names -> shapes
+    tied: bool,  # whether lm_head is the embedding
+) -> dict:
+    "`state` under our names, exactly the names and shapes `expected`, or a ValueError."
     ours, unexpected = {}, []
     for key, t in state.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue  # older checkpoints store RoPE's frequencies; we compute them
         name = our_name(key) if key.startswith(("model.", "lm_head.")) else key
-        if name == "lm_head.weight" and config.tie_embeddings:
+        if name == "lm_head.weight" and tied:
             continue  # tied: the embedding is the output matrix
         if name in expected:
             ours[name] = t
@@ -285,8 +281,26 @@ def from_hf_state_dict(
         if tuple(t.shape) != tuple(expected[name]):
             raise ValueError(
                 f"{hf_name(name)} has shape {tuple(t.shape)} but the config needs "
-                f"{tuple(expected[name])}; the weights and config.json are from different models."
+                f"{tuple(expected[name])}; the weights and config.json are from "
+                "different models."
             )
+    return ours
+
+# %% ../nbs/06b_interop.ipynb #2955b613
+def from_hf_state_dict(
+    config: LLMConfig,
+    state: dict[str, torch.Tensor],  # LlamaForCausalLM weight names -> tensors
+    dtype: torch.dtype | None = None,  # None: the dtype of the checkpoint's embeddings
+    device=None,  # where the model lives; None: the CPU
+) -> LLM:
+    "An `LLM` with the weights of a `LlamaForCausalLM` state dict, checked first."
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = LLM(config)
+    expected = {n: p.shape for n, p in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    ours = _our_weights(state, expected, config.tie_embeddings)
     dtype = dtype or ours["embed_tokens.weight"].dtype
     ours = {n: t.to(device=device, dtype=dtype) for n, t in ours.items()}
     if config.tie_embeddings:
@@ -304,23 +318,24 @@ def from_hf_state_dict(
     assert not left, f"internal error: {left} were not loaded"
     return model.eval()
 
-
+# %% ../nbs/06b_interop.ipynb #c7fa9dea
 def load_hf(
     path,  # a Hugging Face Llama checkpoint folder (config.json + safetensors)
     dtype: torch.dtype | None = None,  # None: the checkpoint's dtype
     device=None,  # None: the CPU
 ) -> LLM:
-    "Load a Hugging Face Llama checkpoint folder into an `LLM` (in eval mode, like `from_pretrained`)."
+    "Load a Hugging Face Llama checkpoint folder into an `LLM`, in eval mode."
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{path} is not a folder; load_hf expects a checkpoint folder with {CONFIG_NAME} "
-            f"and {WEIGHTS_NAME} (what save_hf or save_pretrained writes)."
+            f"{path} is not a folder; load_hf expects a checkpoint folder with "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME} (what save_hf or save_pretrained "
+            "writes)."
         )
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(
-            f"{path} has no {CONFIG_NAME}; a Hugging Face checkpoint folder needs it to describe "
-            "the model's shape."
+            f"{path} has no {CONFIG_NAME}; a Hugging Face checkpoint folder "
+            "needs it to describe the model's shape."
         )
     try:
         hf = json.loads((path / CONFIG_NAME).read_text())

@@ -7,27 +7,23 @@ import math
 from dataclasses import dataclass, asdict, fields
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 from .rope import RotaryPositionalEncoding
 from .rmsnorm import RMSNorm
 from .feedforward import SwiGLU
-from .attention import GroupedQueryAttention, KVCache, position_ids_from_mask
+from tinyllama.attention import (
+    ATTN_IMPLS,
+    GroupedQueryAttention,
+    KVCache,
+    _check_start_pos,
+    position_ids_from_mask,
+)
 
 # %% auto #0
 __all__ = ['INIT_STD', 'LLMConfig', 'TransformerBlock', 'init_weights', 'LLM', 'ModelSummary', 'model_summary',
            'parameter_breakdown', 'parameter_count', 'published_configs']
 
 # %% ../nbs/06_model.ipynb #c3fb7beb
-_INT_FIELDS = (
-    "vocab_size",
-    "context_size",
-    "dim_emb",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "ffd_hidden_dim",
-)
-
-
 @dataclass
 class LLMConfig:
     "The shape of a Llama-style model; the defaults are a small working model."
@@ -37,75 +33,83 @@ class LLMConfig:
     dim_emb: int = 256  # d: width of the residual stream
     num_layers: int = 4  # L: transformer blocks
     num_heads: int = 8  # H: query heads; must divide dim_emb
-    num_kv_heads: int = (
-        4  # K: key/value heads; must divide num_heads (K = H: MHA, K = 1: MQA)
-    )
+    num_kv_heads: int = 4  # K: key/value heads; must divide H (K = H: MHA, 1: MQA)
     ffd_hidden_dim: int = 768  # SwiGLU hidden width (Llama rule for d=256, chapter 04)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
     emb_dropout: float = 0.0  # dropout on the token embeddings (training only)
     tie_embeddings: bool = False  # share one matrix between embed_tokens and lm_head
+    attn_impl: str = "sdpa"  # attention: "sdpa" (fused kernels) or "eager" (chapter 05)
 
     def __post_init__(self):
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"LLMConfig.{name} must be a positive integer, got {value!r}."
-                )
-        if self.dim_emb % self.num_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} does not divide dim_emb={self.dim_emb}: every head gets "
-                f"dim_emb // num_heads dimensions, so pick a number of heads that divides the width "
-                f"(e.g. {_divisors_near(self.dim_emb, self.num_heads)})."
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}: each "
-                f"key/value head must serve the same number of query heads; pick a divisor of "
-                f"num_heads (e.g. {_divisors_near(self.num_heads, self.num_kv_heads)})."
-            )
-        if self.head_dim % 2:
-            raise ValueError(
-                f"the head dimension dim_emb // num_heads = {self.head_dim} is odd, but RoPE rotates "
-                "pairs of dimensions; choose dim_emb and num_heads so that it is even."
-            )
-        for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not value > 0
-                or math.isinf(value)
-            ):
-                raise ValueError(
-                    f"LLMConfig.{name} must be a positive finite number, got {value!r}."
-                )
-        if (
-            isinstance(self.emb_dropout, bool)
-            or not isinstance(self.emb_dropout, (int, float))
-            or not 0.0 <= self.emb_dropout < 1.0
-        ):
-            raise ValueError(
-                f"LLMConfig.emb_dropout is a probability in [0, 1), got {self.emb_dropout!r}."
-            )
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(
-                f"LLMConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}."
-            )
+        _check_config(self)
 
     @property
     def head_dim(self) -> int:
         "Dimensions per attention head, D = dim_emb // num_heads."
         return self.dim_emb // self.num_heads
 
+# %% ../nbs/06_model.ipynb #60669508
+_INT_FIELDS = ("vocab_size", "context_size", "dim_emb", "num_layers", "num_heads")
+_INT_FIELDS += ("num_kv_heads", "ffd_hidden_dim")
 
-def _divisors_near(n, k):
+
+def _divisors_near(n, k) -> str:
     "Up to three divisors of n closest to k, as text."
-    divs = sorted(
-        (d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d)
-    )[:3]
-    return ", ".join(str(d) for d in sorted(divs))
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    near = sorted(divs, key=lambda d: (abs(d - k), d))[:3]
+    return ", ".join(str(d) for d in sorted(near))
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+# %% ../nbs/06_model.ipynb #ffcc3b7b
+def _check_config(c: LLMConfig):
+    "Refuse a configuration that cannot work, in the reader's terms."
+    for name in _INT_FIELDS:
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"LLMConfig.{name} must be a positive integer, got {value!r}."
+            )
+    if c.dim_emb % c.num_heads:
+        raise ValueError(
+            f"num_heads={c.num_heads} does not divide dim_emb={c.dim_emb}: every head "
+            "gets dim_emb // num_heads dimensions, so pick a number of heads that "
+            f"divides the width (e.g. {_divisors_near(c.dim_emb, c.num_heads)})."
+        )
+    if c.num_heads % c.num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads={c.num_kv_heads} does not divide num_heads={c.num_heads}: "
+            "each key/value head must serve the same number of query heads; pick a "
+            "divisor of num_heads "
+            f"(e.g. {_divisors_near(c.num_heads, c.num_kv_heads)})."
+        )
+    if c.head_dim % 2:
+        raise ValueError(
+            f"the head dimension dim_emb // num_heads = {c.head_dim} is odd, but RoPE "
+            "rotates pairs of dimensions; choose dim_emb and num_heads so that it "
+            "is even."
+        )
+    for name in ("norm_eps", "rope_theta"):
+        value = getattr(c, name)
+        if not _is_number(value) or not value > 0 or math.isinf(value):
+            raise ValueError(
+                f"LLMConfig.{name} must be a positive finite number, got {value!r}."
+            )
+    if not _is_number(c.emb_dropout) or not 0.0 <= c.emb_dropout < 1.0:
+        raise ValueError(
+            f"LLMConfig.emb_dropout is a probability in [0, 1), got {c.emb_dropout!r}."
+        )
+    if not isinstance(c.tie_embeddings, bool):
+        raise ValueError(
+            f"LLMConfig.tie_embeddings must be True or False, got {c.tie_embeddings!r}."
+        )
+    if c.attn_impl not in ATTN_IMPLS:
+        raise ValueError(
+            f"LLMConfig.attn_impl must be one of {ATTN_IMPLS}, got {c.attn_impl!r}."
+        )
 
 # %% ../nbs/06_model.ipynb #4c5b839a
 class TransformerBlock(nn.Module):
@@ -113,12 +117,13 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: LLMConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.dim_emb, eps=config.norm_eps)
+        c = config
+        self.input_layernorm = RMSNorm(c.dim_emb, eps=c.norm_eps)
         self.self_attn = GroupedQueryAttention(
-            config.dim_emb, config.num_heads, config.num_kv_heads
+            c.dim_emb, c.num_heads, c.num_kv_heads, attn_impl=c.attn_impl
         )
-        self.post_attention_layernorm = RMSNorm(config.dim_emb, eps=config.norm_eps)
-        self.mlp = SwiGLU(config.dim_emb, config.ffd_hidden_dim)
+        self.post_attention_layernorm = RMSNorm(c.dim_emb, eps=c.norm_eps)
+        self.mlp = SwiGLU(c.dim_emb, c.ffd_hidden_dim)
 
     def forward(
         self,
@@ -126,22 +131,18 @@ class TransformerBlock(nn.Module):
         rope: nn.Module,  # the model's RotaryPositionalEncoding
         start_pos: int = 0,  # position of h's first token
         position_ids: torch.Tensor | None = None,  # (B, T) explicit positions
-        attention_mask: torch.Tensor
-        | None = None,  # (B, S) 1 = real token, 0 = padding
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real, 0 = padding
         kv_cache: KVCache | None = None,  # this block's cache, updated in place
     ) -> torch.Tensor:  # (B, T, dim_emb)
+        "The block's two residual updates (inputs checked by the caller, LLM.forward)."
+        a = self.input_layernorm(h)
         h = h + self.self_attn(
-            self.input_layernorm(h),
-            rope,
-            start_pos=start_pos,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            kv_cache=kv_cache,
+            a, rope, start_pos, position_ids, attention_mask, kv_cache, check=False
         )
         return h + self.mlp(self.post_attention_layernorm(h))
 
 # %% ../nbs/06_model.ipynb #268dbfb8
-INIT_STD = 0.02  # std of every weight matrix at initialisation (GPT-2, Llama's initializer_range)
+INIT_STD = 0.02  # std of every weight matrix at init (GPT-2, Llama's initializer_range)
 
 
 def init_weights(
@@ -150,7 +151,7 @@ def init_weights(
     std: float = INIT_STD,  # std of every other weight matrix
     scale_residual: bool = True,  # False: o_proj and down_proj get plain `std` too
 ) -> nn.Module:
-    "Normal(0, std) weights, std/sqrt(2L) for o_proj and down_proj (GPT-2), RMSNorm gains at one."
+    "Normal(0, std) weights, std/sqrt(2L) for o_proj, down_proj (GPT-2), norm gains 1."
     if (
         isinstance(num_layers, bool)
         or not isinstance(num_layers, int)
@@ -160,7 +161,7 @@ def init_weights(
     resid_std = std / math.sqrt(2 * num_layers) if scale_residual else std
     for name, module in model.named_modules():
         if any(p.is_meta for p in module.parameters(recurse=False)):
-            continue  # a meta tensor has no values to draw (and drawing them would import torch's compiler)
+            continue  # no values to draw (and drawing would import torch's compiler)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             is_residual = name.endswith("o_proj") or name.endswith("down_proj")
             nn.init.normal_(
@@ -174,194 +175,186 @@ def init_weights(
 
 # %% ../nbs/06_model.ipynb #825ef3fd
 class LLM(nn.Module):
-    "A Llama-style decoder: embeddings, `num_layers` pre-norm blocks, final RMSNorm, `lm_head`."
+    "A Llama-style decoder: embeddings, pre-norm blocks, final RMSNorm, `lm_head`."
 
     def __init__(self, config: LLMConfig):
         super().__init__()
         if not isinstance(config, LLMConfig):
             raise ValueError(
-                f"LLM expects an LLMConfig, got {type(config).__name__}; build one with LLMConfig(...)."
+                f"LLM expects an LLMConfig, got {type(config).__name__}; "
+                "build one with LLMConfig(...)."
             )
-        self.config = config
-        # An uninitialised table (init_weights fills it): nn.Embedding's own init would draw it twice.
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size,
-            config.dim_emb,
-            _weight=torch.empty(config.vocab_size, config.dim_emb),
-        )
-        self.emb_dropout = nn.Dropout(config.emb_dropout)
-        self.layers = nn.ModuleList(
-            TransformerBlock(config) for _ in range(config.num_layers)
-        )
-        self.norm = RMSNorm(config.dim_emb, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.dim_emb, config.vocab_size, bias=False)
-        # One rotary table for all blocks; its cos/sin are buffers that are not saved. A model built on
-        # the meta device (shapes only) gets a real table on the CPU: it is small, and computing it on
+        self.config = c = config
+        # An uninitialised table (init_weights fills it): nn.Embedding's own init
+        # would draw it twice.
+        table = torch.empty(c.vocab_size, c.dim_emb)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim_emb, _weight=table)
+        self.emb_dropout = nn.Dropout(c.emb_dropout)
+        self.layers = nn.ModuleList(TransformerBlock(c) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.dim_emb, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.dim_emb, c.vocab_size, bias=False)
+        # One rotary table for all blocks (buffers, not saved). A model built on the
+        # meta device gets a real table on the CPU: it is small, and computing it on
         # meta would make PyTorch import its compiler, which takes seconds.
         on_meta = torch.empty(0).device.type == "meta"
         with torch.device("cpu") if on_meta else contextlib.nullcontext():
             self.rope = RotaryPositionalEncoding(
-                config.head_dim, config.context_size, config.rope_theta
+                c.head_dim, c.context_size, c.rope_theta
             )
-        init_weights(self, config.num_layers)
-        if config.tie_embeddings:
+        init_weights(self, c.num_layers)
+        if c.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight  # one matrix, two uses
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # (B, T) token ids in [0, vocab_size)
-        attention_mask: torch.Tensor
-        | None = None,  # (B, S) 1 = real token, 0 = padding; S = start_pos + T with caches, T without
-        position_ids: torch.Tensor
-        | None = None,  # (B, T) explicit positions; default from start_pos and the mask
-        kv_caches: list[KVCache]
-        | None = None,  # one per block (new_kv_caches); updated in place
-        start_pos: int = 0,  # position of input_ids[:, 0] (number of tokens already in the caches)
-    ) -> torch.Tensor:  # logits (B, T, vocab_size)
-        "Next-token logits for every position of `input_ids`."
-        B, T = self._check_inputs(
-            input_ids, attention_mask, position_ids, kv_caches, start_pos
-        )
-        if position_ids is None and attention_mask is not None:
-            # Count only real tokens so that a left-padded row sees the positions it would see alone.
-            pos = position_ids_from_mask(attention_mask)  # (B, S)
-            position_ids = pos[:, -T:] if kv_caches is not None else pos + start_pos
-        h = self.emb_dropout(self.embed_tokens(input_ids))  # (B, T, d)
-        for i, layer in enumerate(self.layers):
-            h = layer(
-                h,
-                self.rope,
-                start_pos=start_pos,
-                position_ids=position_ids,
-                attention_mask=attention_mask,
-                kv_cache=None if kv_caches is None else kv_caches[i],
-            )
-        return self.lm_head(self.norm(h))  # (B, T, V)
-
-    def new_kv_caches(
-        self,
-        batch_size: int,  # rows that will be decoded together
-        max_seq_len: int | None = None,  # prompt + new tokens; default context_size
-    ) -> list[KVCache]:
-        "One empty KV cache per block, on the model's device and dtype."
-        c = self.config
-        max_seq_len = c.context_size if max_seq_len is None else max_seq_len
-        if (
-            isinstance(max_seq_len, bool)
-            or not isinstance(max_seq_len, int)
-            or not 1 <= max_seq_len <= c.context_size
-        ):
-            raise ValueError(
-                f"max_seq_len must be an integer between 1 and context_size={c.context_size}, "
-                f"got {max_seq_len!r}; the model cannot attend further back than its context."
-            )
-        w = self.embed_tokens.weight
-        return [
-            KVCache(
-                batch_size,
-                c.num_kv_heads,
-                max_seq_len,
-                c.head_dim,
-                device=w.device,
-                dtype=w.dtype,
-            )
-            for _ in range(c.num_layers)
-        ]
-
-    def summary(self) -> "ModelSummary":
-        "Parameter counts per part and size in memory (see `model_summary`)."
-        return model_summary(self)
-
-    def _check_inputs(
+# %% ../nbs/06_model.ipynb #311f064c
+@patch
+def forward(
+    self: LLM,
+    input_ids: torch.Tensor,  # (B, T) token ids in [0, vocab_size)
+    attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real, 0 = padding (*)
+    position_ids: torch.Tensor | None = None,  # (B, T); default: start_pos and mask
+    kv_caches: list[KVCache] | None = None,  # one per block (new_kv_caches); updated
+    start_pos: int = 0,  # position of input_ids[:, 0] (tokens already in the caches)
+) -> torch.Tensor:  # logits (B, T, vocab_size)
+    "Next-token logits for every position of `input_ids`."
+    # (*) S = start_pos + T with caches (one entry per key), T without.
+    B, T = _check_inputs(
         self, input_ids, attention_mask, position_ids, kv_caches, start_pos
-    ):
-        c = self.config
-        if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(
-                f"input_ids must be a tensor of token ids of shape (batch, seq), got {type(input_ids).__name__}."
-            )
-        if input_ids.dim() != 2:
-            hint = (
-                " (for a single sequence use input_ids[None])"
-                if input_ids.dim() == 1
-                else ""
-            )
-            raise ValueError(
-                f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}{hint}."
-            )
-        if (
-            input_ids.dtype.is_floating_point
-            or input_ids.dtype == torch.bool
-            or input_ids.is_complex()
-        ):
-            raise ValueError(
-                f"input_ids must hold integer token ids, got dtype {input_ids.dtype}."
-            )
-        B, T = input_ids.shape
-        if B == 0 or T == 0:
-            raise ValueError(
-                f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per row."
-            )
-        if (
-            isinstance(start_pos, bool)
-            or not isinstance(start_pos, int)
-            or start_pos < 0
-        ):
-            raise ValueError(
-                f"start_pos must be a non-negative integer, got {start_pos!r}."
-            )
-        if start_pos + T > c.context_size:
-            where = (
-                f"start_pos={start_pos} plus {T} new tokens need {start_pos + T} positions"
-                if start_pos
-                else f"the input has {T} tokens"
-            )
-            raise ValueError(
-                f"context_size={c.context_size} but {where}; shorten the "
-                f"prompt (e.g. keep its last {max(c.context_size - start_pos, 1)} tokens) or use a model "
-                "with a larger context_size."
-            )
-        # Reading the ids' range is free on the CPU; on a GPU it would stall every forward
-        # (a host sync) and break compiled graphs, so there the embedding's own check stands.
-        lo, hi = (
-            torch.stack(torch.aminmax(input_ids)).tolist()
-            if input_ids.device.type == "cpu"
-            else (0, 0)
+    )
+    if position_ids is None and attention_mask is not None:
+        # Count only real tokens: a left-padded row sees the positions it sees alone.
+        pos = position_ids_from_mask(attention_mask)  # (B, S)
+        position_ids = pos[:, -T:] if kv_caches is not None else pos + start_pos
+    h = self.emb_dropout(self.embed_tokens(input_ids))  # (B, T, d)
+    for i, layer in enumerate(self.layers):
+        cache = None if kv_caches is None else kv_caches[i]
+        h = layer(h, self.rope, start_pos, position_ids, attention_mask, cache)
+    return self.lm_head(self.norm(h))  # (B, T, V)
+
+# %% ../nbs/06_model.ipynb #fe9cd0e6
+def _check_ids(config: LLMConfig, input_ids):
+    "Clear errors for token ids that are not a (batch, seq) integer tensor in range."
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(
+            "input_ids must be a tensor of token ids of shape (batch, seq), "
+            f"got {type(input_ids).__name__}."
         )
-        if lo < 0 or hi >= c.vocab_size:
-            bad = lo if lo < 0 else hi
+    if input_ids.dim() != 2:
+        one = " (for a single sequence use input_ids[None])"
+        raise ValueError(
+            f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}"
+            f"{one if input_ids.dim() == 1 else ''}."
+        )
+    dt = input_ids.dtype
+    if dt.is_floating_point or dt == torch.bool or input_ids.is_complex():
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {dt}.")
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"input_ids is empty (shape {tuple(input_ids.shape)}); "
+            "give at least one token per row."
+        )
+    # Reading the ids' range is free on the CPU; on a GPU it would stall every forward
+    # (a host sync) and break compiled graphs: there the embedding's own check stands.
+    if input_ids.device.type == "cpu":
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
+        if lo < 0 or hi >= config.vocab_size:
             raise ValueError(
-                f"token id {bad} is outside the vocabulary [0, {c.vocab_size}); the tokenizer and the "
-                "model must agree on vocab_size."
+                f"token id {lo if lo < 0 else hi} is outside the vocabulary "
+                f"[0, {config.vocab_size}); the tokenizer and the model must agree "
+                "on vocab_size."
             )
-        if kv_caches is not None:
-            if len(kv_caches) != c.num_layers:
-                raise ValueError(
-                    f"kv_caches must hold one cache per layer ({c.num_layers}), got {len(kv_caches)}; "
-                    "make them with model.new_kv_caches(batch_size)."
-                )
-            if kv_caches[0].batch_size != B:
-                raise ValueError(
-                    f"the KV caches were made for batch_size={kv_caches[0].batch_size} but input_ids "
-                    f"has {B} rows; make new ones with model.new_kv_caches({B})."
-                )
-        S = start_pos + T if kv_caches is not None else T
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+
+
+def _check_context(config: LLMConfig, T, start_pos):
+    _check_start_pos(start_pos)
+    if start_pos + T > config.context_size:
+        where = f"the input has {T} tokens"
+        if start_pos:
+            need = f"need {start_pos + T} positions"
+            where = f"start_pos={start_pos} plus {T} new tokens {need}"
+        keep = max(config.context_size - start_pos, 1)
+        raise ValueError(
+            f"context_size={config.context_size} but {where}; shorten "
+            f"the prompt (e.g. keep its last {keep} tokens) or use a model with a "
+            "larger context_size."
+        )
+
+# %% ../nbs/06_model.ipynb #05fc0ba4
+def _check_caches(model, kv_caches, B, end):
+    c = model.config
+    if len(kv_caches) != c.num_layers:
+        raise ValueError(
+            f"kv_caches must hold one cache per layer ({c.num_layers}), got "
+            f"{len(kv_caches)}; make them with model.new_kv_caches(batch_size)."
+        )
+    if kv_caches[0].batch_size != B:
+        raise ValueError(
+            f"the KV caches were made for batch_size={kv_caches[0].batch_size} but "
+            f"input_ids has {B} rows; make new ones with model.new_kv_caches({B})."
+        )
+    if kv_caches[0].max_seq_len < end:
+        raise ValueError(
+            f"the KV caches hold max_seq_len={kv_caches[0].max_seq_len} positions, "
+            f"but this call needs {end}; make them with "
+            "model.new_kv_caches(batch_size, max_seq_len) for a longer max_seq_len."
+        )
+
+
+def _check_inputs(model, input_ids, attention_mask, position_ids, kv_caches, start_pos):
+    "Check everything LLM.forward is given, once; returns (B, T)."
+    _check_ids(model.config, input_ids)
+    B, T = input_ids.shape
+    _check_context(model.config, T, start_pos)
+    if kv_caches is not None:
+        _check_caches(model, kv_caches, B, start_pos + T)
+    S = start_pos + T if kv_caches is not None else T
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+        raise ValueError(
+            f"attention_mask must have shape (batch={B}, {S}), one entry per key "
+            "position (start_pos + T with KV caches, T without), got "
+            f"{tuple(attention_mask.shape)}."
+        )
+    if position_ids is not None:
+        if tuple(position_ids.shape) != (B, T):
             raise ValueError(
-                f"attention_mask must have shape (batch={B}, {S}) — one entry per key position "
-                f"(start_pos + T with KV caches, T without) — got {tuple(attention_mask.shape)}."
+                f"position_ids must have shape (batch={B}, seq={T}), "
+                f"got {tuple(position_ids.shape)}."
             )
-        if position_ids is not None and tuple(position_ids.shape) != (B, T):
+        if position_ids.is_floating_point() or position_ids.is_complex():
             raise ValueError(
-                f"position_ids must have shape (batch={B}, seq={T}), got {tuple(position_ids.shape)}."
+                "position_ids must be an integer tensor (token positions)."
             )
-        if position_ids is not None:
-            if position_ids.is_floating_point() or position_ids.is_complex():
-                raise ValueError(
-                    "position_ids must be an integer tensor (token positions)."
-                )
-            self.rope.check_positions(position_ids)  # once here, not in every layer
-        return B, T
+        model.rope.check_positions(position_ids)  # once here, not in every layer
+    return B, T
+
+# %% ../nbs/06_model.ipynb #0363feb3
+@patch
+def new_kv_caches(
+    self: LLM,
+    batch_size: int,  # rows that will be decoded together
+    max_seq_len: int | None = None,  # prompt + new tokens; default context_size
+) -> list[KVCache]:
+    "One empty KV cache per block, on the model's device and dtype."
+    c = self.config
+    max_seq_len = c.context_size if max_seq_len is None else max_seq_len
+    if (
+        isinstance(max_seq_len, bool)
+        or not isinstance(max_seq_len, int)
+        or not 1 <= max_seq_len <= c.context_size
+    ):
+        raise ValueError(
+            "max_seq_len must be an integer between 1 and "
+            f"context_size={c.context_size}, got {max_seq_len!r}; the model cannot "
+            "attend further back than its context."
+        )
+    w = self.embed_tokens.weight
+    shape = (batch_size, c.num_kv_heads, max_seq_len, c.head_dim)
+    return [KVCache(*shape, w.device, w.dtype) for _ in range(c.num_layers)]
+
+
+@patch
+def summary(self: LLM) -> "ModelSummary":
+    "Parameter counts per part and size in memory (see `model_summary`)."
+    return model_summary(self)
 
 # %% ../nbs/06_model.ipynb #29b9ad2d
 def _group(name: str) -> str:
@@ -381,7 +374,7 @@ def _group(name: str) -> str:
 class ModelSummary:
     "Parameter counts per part and the size of the weights."
 
-    groups: dict  # part -> number of parameters (embeddings, attention, mlp, norms, lm_head)
+    groups: dict  # part -> parameters (embeddings, attention, mlp, norms, lm_head)
     total: int  # all parameters, shared ones once
     trainable: int  # parameters with requires_grad
     size_mb: float  # MiB taken by the weights
@@ -394,38 +387,31 @@ class ModelSummary:
             label = part + (" (tied)" if part == "lm_head" and self.tied else "")
             rows.append(f"{label:<15}{n:>16,}{n / max(self.total, 1):>8.1%}")
         rows.append(f"{'total':<15}{self.total:>16,}")
-        rows.append(
-            f"trainable {self.trainable:,} · {self.size_mb:,.1f} MiB of weights in {self.dtype}"
-        )
+        size = f"{self.size_mb:,.1f} MiB of weights in {self.dtype}"
+        rows.append(f"trainable {self.trainable:,} · {size}")
         return "\n".join(rows)
 
     def _repr_pretty_(self, p, cycle):
         p.text(str(self))
 
-
+# %% ../nbs/06_model.ipynb #e3bda89d
 def model_summary(model: nn.Module) -> ModelSummary:
-    "Count the parameters of an `LLM` per part (shared ones once) and the memory of its weights."
+    "Parameters of an `LLM` per part (shared ones once) and the memory of its weights."
     groups = {g: 0 for g in ("embeddings", "attention", "mlp", "norms", "lm_head")}
     size, trainable, by_dtype = 0, 0, {}
-    for (
-        name,
-        p,
-    ) in (
-        model.named_parameters()
-    ):  # a tied lm_head.weight is listed once, as embed_tokens.weight
+    # a tied lm_head.weight is listed once, as embed_tokens.weight
+    for name, p in model.named_parameters():
         groups[_group(name)] += p.numel()
         size += p.numel() * p.element_size()
         trainable += p.numel() if p.requires_grad else 0
         by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
-    dtype = (
-        str(max(by_dtype, key=by_dtype.get)).replace("torch.", "") if by_dtype else "-"
-    )
-    tied = getattr(getattr(model, "lm_head", None), "weight", None) is getattr(
-        getattr(model, "embed_tokens", None), "weight", 0
-    )
-    return ModelSummary(
-        groups, sum(groups.values()), trainable, size / 2**20, dtype, tied
-    )
+    dtype = "-"
+    if by_dtype:
+        dtype = str(max(by_dtype, key=by_dtype.get)).replace("torch.", "")
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    tied = head is getattr(getattr(model, "embed_tokens", None), "weight", 0)
+    total = sum(groups.values())
+    return ModelSummary(groups, total, trainable, size / 2**20, dtype, tied)
 
 # %% ../nbs/06_model.ipynb #502e0cf7
 def parameter_breakdown(config: LLMConfig) -> dict:
@@ -495,3 +481,20 @@ def published_configs() -> dict[str, LLMConfig]:
             rope_theta=10000.0,
         ),
     }
+
+# %% ../nbs/06_model.ipynb #9762444b
+@patch
+def matmul_params(self: LLMConfig) -> int:
+    "N: weights used in matrix multiplies (attention, MLP, lm_head; not embeddings)."
+    parts = parameter_breakdown(self)
+    return parts["attention"] + parts["mlp"] + self.vocab_size * self.dim_emb
+
+
+@patch
+def flops_per_token(
+    self: LLMConfig,
+    seq_len: int | None = None,  # tokens per training sequence; default context_size
+) -> int:
+    "Training FLOPs per token, forward and backward: 6N + 12·L·T·d (PaLM, appendix B)."
+    T = self.context_size if seq_len is None else seq_len
+    return 6 * self.matmul_params() + 12 * self.num_layers * T * self.dim_emb

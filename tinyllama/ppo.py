@@ -2,20 +2,24 @@
 
 # %% ../nbs/11_ppo.ipynb #4970b752
 from __future__ import annotations
-import copy, math, time
+import copy, math, random, string, time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .model import LLM, LLMConfig
 from .attention import position_ids_from_mask
-from .generate import apply_temperature, decode_steps, left_pad
+from .device import get_device
+from .generate import apply_temperature, decode_steps, generate, left_pad
+from .reward import GoldenRewardModel, LetterTokenizer, pad_batch
+from .reward import copy_prompts, copy_task_words
 
 # %% auto #0
 __all__ = ['masked_mean', 'whiten', 'compute_gae', 'ValueModel', 'FixedKLController', 'AdaptiveKLController', 'PPOConfig',
            'token_logprobs', 'kl_penalised_rewards', 'policy_loss', 'value_loss', 'Rollout', 'PPOTrainer', 'PPOPlot',
-           'LetterTokenizer']
+           'PPOPreset', 'ppo_preset', 'CopyEval', 'copy_eval', 'CopyTaskResult', 'run_copy_task']
 
 # %% ../nbs/11_ppo.ipynb #f7bd5218
 def _is_int(x) -> bool:
@@ -34,6 +38,18 @@ def masked_mean(
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def _whiten(x, mask, shift_mean=True, eps=1e-8):
+    "`whiten` without its checks."
+    m = mask.bool()
+    n = int(m.sum())
+    mean = x[m].mean()
+    var = x[m].var() if n > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out.masked_fill(~m, 0.0)
+
+
 def whiten(
     x: torch.Tensor,  # values, e.g. advantages (B, T)
     mask: torch.Tensor,  # same shape; 1 = valid
@@ -43,40 +59,17 @@ def whiten(
     "Standardise `x` to mean 0, variance 1 over its valid entries."
     if x.shape != mask.shape:
         raise ValueError(
-            f"x has shape {tuple(x.shape)} but mask has {tuple(mask.shape)}; give one mask entry per value."
+            f"x has shape {tuple(x.shape)} but mask has {tuple(mask.shape)}; give one "
+            "mask entry per value."
         )
-    m = mask.bool()
-    n = int(m.sum())
-    if n == 0:
+    if not mask.bool().any():
         raise ValueError("the mask selects no entries, so there is nothing to whiten.")
-    mean = x[m].mean()
-    var = x[m].var() if n > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out.masked_fill(~m, 0.0)
+    return _whiten(x, mask, shift_mean, eps)
 
 # %% ../nbs/11_ppo.ipynb #859cca7e
-def compute_gae(
-    rewards: torch.Tensor,  # (B, T) per-token rewards
-    values: torch.Tensor,  # (B, T) V(s_t) before each token
-    mask: torch.Tensor,  # (B, T) 1 up to and including each row's last token, then 0
-    gamma: float = 1.0,  # discount γ
-    lam: float = 0.95,  # GAE λ
-) -> tuple[
-    torch.Tensor, torch.Tensor
-]:  # advantages (B, T), returns (B, T); 0 where mask is 0
-    "GAE advantages Â_t = Σ_l (γλ)^l δ_{t+l} and returns Â_t + V(s_t) (Schulman et al. 2016)."
-    if not (rewards.shape == values.shape == mask.shape) or rewards.dim() != 2:
-        raise ValueError(
-            f"rewards, values and mask must share one (batch, steps) shape, got {tuple(rewards.shape)}, "
-            f"{tuple(values.shape)} and {tuple(mask.shape)}."
-        )
+def _gae(rewards, values, mask, gamma, lam):
+    "`compute_gae` without its checks (the trainer's masks are right by construction)."
     m = mask.to(values.dtype)
-    if (m[:, 1:] > m[:, :-1]).any():
-        raise ValueError(
-            "each row of mask must be ones then zeros (the response up to its EOS, then padding)."
-        )
     B, T = rewards.shape
     adv = torch.zeros_like(values)
     running = torch.zeros(B, dtype=values.dtype, device=values.device)  # Â_{t+1}
@@ -89,9 +82,31 @@ def compute_gae(
         adv[:, t] = running
     return adv, (adv + values) * m
 
+
+def compute_gae(
+    rewards: torch.Tensor,  # (B, T) per-token rewards
+    values: torch.Tensor,  # (B, T) V(s_t) before each token
+    mask: torch.Tensor,  # (B, T) 1 up to and including each row's last token, then 0
+    gamma: float = 1.0,  # discount γ
+    lam: float = 0.95,  # GAE λ
+) -> tuple[torch.Tensor, torch.Tensor]:  # advantages, returns (B, T); 0 where mask is 0
+    "GAE advantages Â_t = Σ_l (γλ)^l δ_{t+l} and returns Â_t + V(s_t)."
+    if not (rewards.shape == values.shape == mask.shape) or rewards.dim() != 2:
+        raise ValueError(
+            "rewards, values and mask must share one (batch, steps) shape, got "
+            f"{tuple(rewards.shape)}, {tuple(values.shape)} and {tuple(mask.shape)}."
+        )
+    m = mask.to(values.dtype)
+    if (m[:, 1:] > m[:, :-1]).any():
+        raise ValueError(
+            "each row of mask must be ones then zeros (the response up to its EOS, "
+            "then padding)."
+        )
+    return _gae(rewards, values, mask, gamma, lam)
+
 # %% ../nbs/11_ppo.ipynb #58236d4f
 class ValueModel(nn.Module):
-    "A transformer trunk with a scalar value head on every position (the head starts at zero)."
+    "A transformer trunk with a scalar value head on every position (starting at 0)."
 
     def __init__(self, config: LLMConfig):
         super().__init__()
@@ -110,7 +125,7 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_llm(cls, llm: LLM) -> "ValueModel":
-        "A value model whose trunk starts from a copy of `llm`'s weights (`llm` is not touched)."
+        "A value model whose trunk starts from a copy of `llm`'s weights."
         if not isinstance(llm, LLM):
             raise ValueError(f"from_llm expects an LLM, got {type(llm).__name__}.")
         w = llm.embed_tokens.weight
@@ -140,11 +155,11 @@ class FixedKLController:
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int):
-        pass
+        "Nothing to do: β is fixed."
 
 
 class AdaptiveKLController:
-    "Ziegler et al. (2019): β ← β·(1 + K·e), e = clip(KL/target − 1, ±0.2), K = n_steps / horizon."
+    "Ziegler et al. (2019): β ← β·(1 + K·e), e = clip(KL/target − 1, ±0.2)."
 
     def __init__(
         self,
@@ -159,9 +174,51 @@ class AdaptiveKLController:
         )
 
     def update(self, current_kl: float, n_steps: int):
-        "Move β up when the KL is above target, down when below (at most ±20% per horizon)."
+        "Move β up when the KL is above target, down when below (K = n_steps/horizon)."
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+# %% ../nbs/11_ppo.ipynb #600f25db
+def _check_number(c, name, lo, lo_open=True, hi=math.inf):
+    v = getattr(c, name)
+    ok = (
+        not isinstance(v, bool)
+        and isinstance(v, (int, float))
+        and (v > lo if lo_open else v >= lo)
+        and v <= hi
+    )
+    if not ok or v == math.inf:
+        raise ValueError(
+            f"PPOConfig.{name} must be a number {'>' if lo_open else '>='} {lo}"
+            + (f" and <= {hi}" if hi < math.inf else "")
+            + f", got {v!r}."
+        )
+
+
+def _check_ppo_config(c):
+    "ValueError for the first field of PPOConfig `c` that is out of its range."
+    for name in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
+        v = getattr(c, name)
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"PPOConfig.{name} must be a positive integer, got {v!r}.")
+    if c.mini_batch_size > c.batch_size:
+        raise ValueError(
+            f"mini_batch_size={c.mini_batch_size} is larger than "
+            f"batch_size={c.batch_size}; a minibatch is a part of the rollout batch."
+        )
+    for name in ("lr", "temperature", "cliprange", "cliprange_value"):
+        _check_number(c, name, 0)
+    for name in ("target_kl", "kl_horizon"):
+        _check_number(c, name, 0)
+    for name in ("vf_coef", "init_kl_coef"):
+        _check_number(c, name, 0, lo_open=False)
+    for name in ("gamma", "lam"):
+        _check_number(c, name, 0, lo_open=False, hi=1)
+    for name in ("value_lr", "max_grad_norm"):
+        if getattr(c, name) is not None:
+            _check_number(c, name, 0)
+    if not _is_int(c.seed):
+        raise ValueError(f"PPOConfig.seed must be an integer, got {c.seed!r}.")
 
 # %% ../nbs/11_ppo.ipynb #7e79e719
 @dataclass
@@ -174,72 +231,22 @@ class PPOConfig:
     lr: float = 3e-4  # AdamW learning rate of the policy
     value_lr: float | None = None  # of the value model (None: lr)
     max_new_tokens: int = 16  # response length at most
-    temperature: float = (
-        1.0  # sampling temperature (> 0); the log-probabilities use the same one
-    )
+    temperature: float = 1.0  # sampling temperature (> 0); log-probs use the same
     gamma: float = 1.0  # discount γ
     lam: float = 0.95  # GAE λ
     cliprange: float = 0.2  # ε of the clipped policy loss
     cliprange_value: float = 0.2  # ε_v of the clipped value loss
     vf_coef: float = 0.1  # weight of the value loss in the total loss
     init_kl_coef: float = 0.05  # β of the per-token KL penalty (fixed by default)
-    adaptive_kl: bool = (
-        False  # True: Ziegler et al.'s controller moves β towards target_kl
-    )
+    adaptive_kl: bool = False  # True: Ziegler et al.'s controller moves β to target_kl
     target_kl: float = 6.0  # nats per response the adaptive controller aims at
     kl_horizon: float = 10000.0  # the adaptive controller's horizon, in responses
-    whiten_advantages: bool = (
-        True  # standardise the advantages over the valid tokens of each batch
-    )
+    whiten_advantages: bool = True  # standardise advantages over each batch's tokens
     max_grad_norm: float | None = 1.0  # gradient clipping (None: off)
     seed: int = 0  # rollouts and minibatch order are deterministic for a seed
 
     def __post_init__(self):
-        def number(name, lo, lo_open=True, hi=math.inf):
-            v = getattr(self, name)
-            ok = (
-                not isinstance(v, bool)
-                and isinstance(v, (int, float))
-                and (v > lo if lo_open else v >= lo)
-                and v <= hi
-            )
-            if not ok or v == math.inf:
-                raise ValueError(
-                    f"PPOConfig.{name} must be a number {'>' if lo_open else '>='} {lo}"
-                    + (f" and <= {hi}" if hi < math.inf else "")
-                    + f", got {v!r}."
-                )
-
-        for name in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(
-                    f"PPOConfig.{name} must be a positive integer, got {v!r}."
-                )
-        if self.mini_batch_size > self.batch_size:
-            raise ValueError(
-                f"mini_batch_size={self.mini_batch_size} is larger than batch_size={self.batch_size}; "
-                "a minibatch is a part of the rollout batch."
-            )
-        for name in (
-            "lr",
-            "temperature",
-            "cliprange",
-            "cliprange_value",
-            "target_kl",
-            "kl_horizon",
-        ):
-            number(name, 0)
-        for name in ("vf_coef", "init_kl_coef"):
-            number(name, 0, lo_open=False)
-        for name in ("gamma", "lam"):
-            number(name, 0, lo_open=False, hi=1)
-        if self.value_lr is not None:
-            number("value_lr", 0)
-        if self.max_grad_norm is not None:
-            number("max_grad_norm", 0)
-        if not _is_int(self.seed):
-            raise ValueError(f"PPOConfig.seed must be an integer, got {self.seed!r}.")
+        _check_ppo_config(self)  # the checks are in the cell above
 
 # %% ../nbs/11_ppo.ipynb #2610a306
 def token_logprobs(
@@ -247,7 +254,7 @@ def token_logprobs(
     tokens: torch.Tensor,  # (B, T) the tokens that were sampled
     temperature: float = 1.0,  # the sampling temperature
 ) -> tuple[torch.Tensor, torch.Tensor]:  # log π(token) (B, T), entropy of π (B, T)
-    "log π(token) and the entropy of π at each position, for π = softmax(logits / temperature)."
+    "log π(token) and the entropy of π at each position; π = softmax(logits / τ)."
     logp_all = F.log_softmax(
         apply_temperature(logits, temperature), dim=-1
     )  # (B, T, V) float32
@@ -262,10 +269,8 @@ def kl_penalised_rewards(
     ref_logprobs: torch.Tensor,  # (B, T) log π_ref of the same tokens
     mask: torch.Tensor,  # (B, T) 1 = valid response token
     kl_coef: float,  # β
-) -> tuple[
-    torch.Tensor, torch.Tensor
-]:  # rewards (B, T), per-token KL (B, T); 0 after EOS
-    "r_t = score_t − β (log π − log π_ref), and the per-token KL estimate log π − log π_ref."
+) -> tuple[torch.Tensor, torch.Tensor]:  # rewards, per-token KL (B, T); 0 after EOS
+    "r_t = score_t − β (log π − log π_ref), and the per-token KL log π − log π_ref."
     m = mask.to(logprobs.dtype)
     kl = (logprobs - ref_logprobs) * m
     return (scores - kl_coef * kl) * m, kl
@@ -278,7 +283,7 @@ def policy_loss(
     mask: torch.Tensor,  # (B, T) 1 = valid
     cliprange: float = 0.2,  # ε
 ) -> tuple[torch.Tensor, dict]:  # loss, statistics
-    "The clipped surrogate −E[min(ρA, clip(ρ, 1−ε, 1+ε)A)] over valid tokens (Schulman et al. 2017)."
+    "The clipped surrogate −E[min(ρA, clip(ρ, 1−ε, 1+ε)A)] over valid tokens."
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped, clipped = (
@@ -295,7 +300,7 @@ def policy_loss(
         }
     return loss, stats
 
-
+# %% ../nbs/11_ppo.ipynb #ce2ac676
 def value_loss(
     values: torch.Tensor,  # (B, T) V_φ, with gradient
     old_values: torch.Tensor,  # (B, T) V_old from the rollout
@@ -320,7 +325,7 @@ def value_loss(
 # %% ../nbs/11_ppo.ipynb #b4ab4e23
 @dataclass
 class Rollout:
-    "One batch of experience: prompts, sampled responses, and what PPO computes from them."
+    "One batch of experience: prompts, responses, and what PPO computes from them."
 
     prompt_ids: torch.Tensor  # (B, Tp) left-padded with PAD
     prompt_mask: torch.Tensor  # (B, Tp) 1 = real token
@@ -329,95 +334,135 @@ class Rollout:
     logprobs: torch.Tensor  # (B, Tr) log π_old of each response token
     ref_logprobs: torch.Tensor  # (B, Tr) log π_ref of each response token
     values: torch.Tensor  # (B, Tr) V_old of the state before each token
-    scores: (
-        torch.Tensor
-    )  # (B, Tr) the reward function's rewards (a score sits on the last token)
+    scores: torch.Tensor  # (B, Tr) the reward function's (a score: on the last token)
     rewards: torch.Tensor  # (B, Tr) scores − β·KL per token
     advantages: torch.Tensor  # (B, Tr) GAE (whitened); 0 after EOS
     returns: torch.Tensor  # (B, Tr) GAE + V_old: the value targets
 
     @property
     def input_ids(self) -> torch.Tensor:
+        "Prompts and responses side by side: (B, Tp + Tr)."
         return torch.cat([self.prompt_ids, self.response_ids], 1)
 
     @property
     def attention_mask(self) -> torch.Tensor:
+        "The mask of `input_ids`: (B, Tp + Tr)."
         return torch.cat([self.prompt_mask, self.response_mask], 1)
 
-
+# %% ../nbs/11_ppo.ipynb #513a468e
 def _check_model(name, m):
     if not isinstance(m, nn.Module) or not isinstance(
         getattr(m, "config", None), LLMConfig
     ):
         raise ValueError(
-            f"{name} must be a tinyllama model with an LLMConfig (an LLM, or a ValueModel for the "
-            f"value model), got {type(m).__name__}."
+            f"{name} must be a tinyllama model with an LLMConfig (an LLM, or a "
+            f"ValueModel for the value model), got {type(m).__name__}."
         )
 
 
+def _check_trainer_args(policy, ref_policy, value_model, reward_fn, config, eos, pad):
+    "ValueError for the first argument of PPOTrainer that cannot work."
+    if not isinstance(config, PPOConfig):
+        raise ValueError(f"config must be a PPOConfig, got {type(config).__name__}.")
+    for name, m in (("policy", policy), ("ref_policy", ref_policy)):
+        _check_model(name, m)
+    _check_model("value_model", value_model)
+    if ref_policy is policy:
+        raise ValueError(
+            "ref_policy is the policy itself, so the KL penalty would always be 0; "
+            "give a frozen copy (copy.deepcopy(policy)) or None."
+        )
+    if not callable(reward_fn):
+        raise ValueError(
+            "reward_fn must be callable: reward_fn(prompt_ids, response_ids)."
+        )
+    V = policy.config.vocab_size
+    for name, v in (("eos_id", eos), ("pad_id", pad)):
+        if not _is_int(v) or not 0 <= v < V:
+            raise ValueError(f"{name} must be a token id in [0, {V}), got {v!r}.")
+    if eos == pad:
+        raise ValueError(
+            f"eos_id and pad_id are both {eos}: PAD must differ from EOS, or the "
+            "padding after a response could not be told from its end (use the "
+            "tokenizer's pad_id)."
+        )
+    if ref_policy.config.vocab_size != V or value_model.config.vocab_size != V:
+        raise ValueError(
+            "policy, ref_policy and value_model must share one vocabulary (the same "
+            "tokenizer)."
+        )
+
+
+def _check_prompts(prompts, vocab_size, context_size, n_new, pad_id) -> list:
+    "The prompts as lists of ints; ValueError for the first one that cannot work."
+    if isinstance(prompts, (torch.Tensor, str)) or not isinstance(
+        prompts, (list, tuple)
+    ):
+        raise ValueError("prompts must be a list of prompts, each a list of token ids.")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt.")
+    return [
+        _check_prompt(i, p, vocab_size, context_size, n_new, pad_id)
+        for i, p in enumerate(prompts)
+    ]
+
+# %% ../nbs/11_ppo.ipynb #27fc41ad
+def _check_prompt(i, p, V, ctx, n_new, pad_id) -> list[int]:
+    p = p.tolist() if isinstance(p, torch.Tensor) else p
+    if (
+        isinstance(p, str)
+        or not isinstance(p, (list, tuple))
+        or not all(_is_int(t) for t in p)
+    ):
+        raise ValueError(
+            f"prompt {i} must be a list of integer token ids, got {p!r:.80}."
+        )
+    if len(p) == 0:
+        raise ValueError(
+            f"prompt {i} is empty: the policy needs at least one token to condition on."
+        )
+    if len(p) + n_new > ctx:
+        raise ValueError(
+            f"prompt {i} has {len(p)} tokens and max_new_tokens={n_new} more would "
+            f"need {len(p) + n_new} positions, but context_size={ctx}; keep prompts "
+            f"to at most {ctx - n_new} tokens or lower max_new_tokens."
+        )
+    if any(not 0 <= t < V for t in p):
+        raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {V}).")
+    if pad_id in p:
+        raise ValueError(
+            f"prompt {i} contains pad_id={pad_id}, which is reserved for padding."
+        )
+    return list(p)
+
+# %% ../nbs/11_ppo.ipynb #cf05864d
 class PPOTrainer:
-    "PPO for a language model: rollouts, a KL-penalised reward, GAE, clipped policy and value losses."
+    "PPO for a language model: rollouts, a KL-penalised reward, GAE, clipped losses."
 
     def __init__(
         self,
         policy: LLM,  # the model being trained
-        ref_policy: LLM
-        | None,  # the frozen reference for the KL penalty (None: a frozen copy of policy)
-        value_model: ValueModel,  # V(s_t) at every position (e.g. ValueModel.from_llm(policy))
-        reward_fn: Callable,  # (prompt_ids (B,Tp), response_ids (B,Tr)) -> rewards (B,Tr) or scores (B,)
+        ref_policy: LLM | None,  # frozen reference for the KL (None: copy of policy)
+        value_model: ValueModel,  # V(s_t) at every position (ValueModel.from_llm)
+        reward_fn: Callable,  # (prompt_ids, response_ids) -> (B, Tr) rewards or (B,)
         config: PPOConfig | None = None,  # hyper-parameters (None: PPOConfig())
         eos_id: int = 2,  # ends a response (the tokenizer's eos_id)
-        pad_id: int = 3,  # pads prompts (left) and responses (after EOS); must differ from eos_id
+        pad_id: int = 3,  # pads prompts (left) and responses (after EOS); not EOS
     ):
         config = PPOConfig() if config is None else config
-        if not isinstance(config, PPOConfig):
-            raise ValueError(
-                f"config must be a PPOConfig, got {type(config).__name__}."
-            )
-        _check_model("policy", policy)
-        if ref_policy is None:
+        if ref_policy is None and isinstance(policy, nn.Module):
             ref_policy = copy.deepcopy(policy)
-        _check_model("ref_policy", ref_policy)
-        _check_model("value_model", value_model)
-        if ref_policy is policy:
-            raise ValueError(
-                "ref_policy is the policy itself, so the KL penalty would always be 0; give a frozen "
-                "copy (copy.deepcopy(policy)) or None."
-            )
-        if not callable(reward_fn):
-            raise ValueError(
-                "reward_fn must be callable: reward_fn(prompt_ids, response_ids)."
-            )
-        V = policy.config.vocab_size
-        for name, v in (("eos_id", eos_id), ("pad_id", pad_id)):
-            if not _is_int(v) or not 0 <= v < V:
-                raise ValueError(f"{name} must be a token id in [0, {V}), got {v!r}.")
-        if eos_id == pad_id:
-            raise ValueError(
-                f"eos_id and pad_id are both {eos_id}: PAD must differ from EOS, or the padding after a "
-                "response could not be told from its end (use the tokenizer's pad_id)."
-            )
-        if ref_policy.config.vocab_size != V or value_model.config.vocab_size != V:
-            raise ValueError(
-                "policy, ref_policy and value_model must share one vocabulary (the same tokenizer)."
-            )
-        self.policy, self.ref_policy, self.value_model = policy, ref_policy, value_model
-        self.reward_fn, self.config, self.eos_id, self.pad_id = (
-            reward_fn,
-            config,
-            eos_id,
-            pad_id,
+        _check_trainer_args(
+            policy, ref_policy, value_model, reward_fn, config, eos_id, pad_id
         )
+        self.policy, self.ref_policy, self.value_model = policy, ref_policy, value_model
+        self.reward_fn, self.config = reward_fn, config
+        self.eos_id, self.pad_id = eos_id, pad_id
         self.ref_policy.requires_grad_(False)
+        trainable = lambda m: [p for p in m.parameters() if p.requires_grad]
         groups = [
-            {
-                "params": [p for p in policy.parameters() if p.requires_grad],
-                "lr": config.lr,
-            },
-            {
-                "params": [p for p in value_model.parameters() if p.requires_grad],
-                "lr": config.value_lr or config.lr,
-            },
+            {"params": trainable(policy), "lr": config.lr},
+            {"params": trainable(value_model), "lr": config.value_lr or config.lr},
         ]
         self.optimizer = torch.optim.AdamW(
             groups, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0
@@ -432,315 +477,233 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)  # minibatch order
         self.n_steps = 0
         self.history: list[dict] = []  # the statistics of every step
-        self.minibatch_stats: list[
-            dict
-        ] = []  # the last step's statistics, one dict per minibatch
+        self.minibatch_stats: list[dict] = []  # the last step's, one per minibatch
         self.last_rollout: Rollout | None = None
 
     @property
     def device(self) -> torch.device:
+        "Where the policy's weights are: every tensor of a step is made there."
         return self.policy.embed_tokens.weight.device
 
     def eval_mode(self):
-        "Dropout off in every model: the policy that samples and the policy that is scored must be one."
+        "Dropout off in every model: the policy that samples is the one that is scored."
         for m in (self.policy, self.ref_policy, self.value_model):
             m.eval()
 
-    def _forward(self, model, ids, mask, n_prompt):
-        "The model's outputs at the positions that predict the response tokens: (B, Tr, ...)."
-        pos = position_ids_from_mask(
-            mask
-        )  # left padding: every row's real tokens start at position 0
-        return model(
-            ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1]
-        )[:, n_prompt - 1 :]
+# %% ../nbs/11_ppo.ipynb #4f68d7f2
+@patch
+def _forward(self: PPOTrainer, model, ids, mask, n_prompt):
+    "The model's outputs at the positions that predict the response tokens."
+    pos = position_ids_from_mask(mask)  # left padding: real tokens start at 0
+    out = model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1])
+    return out[:, n_prompt - 1 :]  # (B, Tr, ...)
 
-    def _check_prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, (torch.Tensor, str)) or not isinstance(
-            prompts, (list, tuple)
-        ):
-            raise ValueError(
-                "prompts must be a list of prompts, each a list of token ids."
-            )
-        if len(prompts) == 0:
-            raise ValueError("prompts is empty: give at least one prompt.")
-        V, ctx, n_new = (
-            self.policy.config.vocab_size,
-            self.policy.config.context_size,
-            self.config.max_new_tokens,
-        )
-        out = []
-        for i, p in enumerate(prompts):
-            p = p.tolist() if isinstance(p, torch.Tensor) else p
-            if (
-                isinstance(p, str)
-                or not isinstance(p, (list, tuple))
-                or not all(_is_int(t) for t in p)
-            ):
-                raise ValueError(
-                    f"prompt {i} must be a list of integer token ids, got {p!r:.80}."
-                )
-            if len(p) == 0:
-                raise ValueError(
-                    f"prompt {i} is empty: the policy needs at least one token to condition on."
-                )
-            if len(p) + n_new > ctx:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} tokens and max_new_tokens={n_new} more would need "
-                    f"{len(p) + n_new} positions, but context_size={ctx}; keep prompts to at most "
-                    f"{ctx - n_new} tokens or lower max_new_tokens."
-                )
-            if any(not 0 <= t < V for t in p):
-                raise ValueError(
-                    f"prompt {i} has token ids outside the vocabulary [0, {V})."
-                )
-            if self.pad_id in p:
-                raise ValueError(
-                    f"prompt {i} contains pad_id={self.pad_id}, which is reserved for padding."
-                )
-            out.append(list(p))
-        return out
 
-    def _scores(self, prompt_ids, response_ids, response_mask) -> torch.Tensor:
-        "The reward function's output as per-token rewards (B, Tr); a score (B,) goes on the last valid token."
-        r = self.reward_fn(prompt_ids, response_ids)
-        B, Tr = response_ids.shape
-        if not isinstance(r, torch.Tensor):
-            raise ValueError(f"reward_fn must return a tensor, got {type(r).__name__}.")
-        r = r.to(self.device, torch.float32)
-        if r.shape == (B,):
-            last = response_mask.sum(1) - 1  # (B,)
-            r = torch.zeros(B, Tr, device=self.device).scatter(
-                1, last[:, None], r[:, None]
-            )
-        elif r.shape != (B, Tr):
-            raise ValueError(
-                f"reward_fn returned shape {tuple(r.shape)}; expected per-token rewards ({B}, {Tr}) "
-                f"or one score per response ({B},)."
-            )
-        if not torch.isfinite(r).all():
-            raise ValueError("reward_fn returned a non-finite reward.")
-        return r * response_mask
+@patch
+def _scores(self: PPOTrainer, prompt_ids, response_ids, response_mask):
+    "The reward function's output as per-token rewards (B, Tr)."
+    r = self.reward_fn(prompt_ids, response_ids)
+    B, Tr = response_ids.shape
+    if not isinstance(r, torch.Tensor):
+        raise ValueError(f"reward_fn must return a tensor, got {type(r).__name__}.")
+    r = r.to(self.device, torch.float32)
+    if r.shape == (B,):  # one score per response: it goes on the last valid token
+        last = response_mask.sum(1) - 1  # (B,)
+        r = torch.zeros(B, Tr, device=self.device).scatter(1, last[:, None], r[:, None])
+    elif r.shape != (B, Tr):
+        raise ValueError(
+            f"reward_fn returned shape {tuple(r.shape)}; expected per-token rewards "
+            f"({B}, {Tr}) or one score per response ({B},)."
+        )
+    if not torch.isfinite(r).all():
+        raise ValueError("reward_fn returned a non-finite reward.")
+    return r * response_mask
 
-    @torch.no_grad()
-    def rollout(
-        self,
-        prompts: Sequence[
-            Sequence[int]
-        ],  # B prompts, lists of token ids (no PAD inside)
-    ) -> Rollout:
-        "Sample one response per prompt from π; compute log-probs, values, rewards, GAE advantages."
-        c, dev = self.config, self.device
-        prompts = self._check_prompts(prompts)
-        self.eval_mode()
-        seed = (
-            c.seed * 1_000_003 + self.n_steps * len(prompts)
-        ) % 2**62  # row i of step s: its own stream
-        tokens, active = [], []
-        for nxt, act in decode_steps(
-            self.policy,
-            prompts,
-            c.max_new_tokens,
-            c.temperature,
-            eos_id=self.eos_id,
-            pad_id=self.pad_id,
-            seed=seed,
-        ):
-            tokens.append(nxt)
-            active.append(act)
-        response_ids = torch.stack(tokens, 1)  # (B, Tr)
-        response_mask = torch.stack(
-            active, 1
-        ).long()  # (B, Tr): 1 up to and including EOS
-        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, dev)  # (B, Tp)
-        Tp = prompt_ids.shape[1]
-        ids, mask = (
-            torch.cat([prompt_ids, response_ids], 1),
-            torch.cat([prompt_mask, response_mask], 1),
-        )
-        m = response_mask.float()
-        logprobs = (
-            token_logprobs(
-                self._forward(self.policy, ids, mask, Tp), response_ids, c.temperature
-            )[0]
-            * m
-        )
-        ref_logprobs = (
-            token_logprobs(
-                self._forward(self.ref_policy, ids, mask, Tp),
-                response_ids,
-                c.temperature,
-            )[0]
-            * m
-        )
-        values = self._forward(self.value_model, ids, mask, Tp) * m
-        scores = self._scores(prompt_ids, response_ids, response_mask)
-        self.eval_mode()  # in case the reward function switched a shared model to training mode
-        rewards, _ = kl_penalised_rewards(
-            scores, logprobs, ref_logprobs, response_mask, self.kl_ctl.value
-        )
-        advantages, returns = compute_gae(
-            rewards, values, response_mask, c.gamma, c.lam
-        )
-        if c.whiten_advantages:
-            advantages = whiten(advantages, response_mask)
-        return Rollout(
-            prompt_ids,
-            prompt_mask,
-            response_ids,
-            response_mask,
-            logprobs,
-            ref_logprobs,
-            values,
-            scores,
-            rewards,
-            advantages,
-            returns,
-        )
+# %% ../nbs/11_ppo.ipynb #06b17b2f
+@patch
+@torch.no_grad()
+def _sample(self: PPOTrainer, prompts: list[list[int]]):
+    "Left-padded prompts, their masks, the sampled responses and their masks."
+    c = self.config
+    seed = (c.seed * 1_000_003 + self.n_steps * len(prompts)) % 2**62  # one per step
+    steps = decode_steps(
+        self.policy,
+        prompts,
+        c.max_new_tokens,
+        c.temperature,
+        eos_id=self.eos_id,
+        pad_id=self.pad_id,
+        seed=seed,  # row i uses seed + i: its own random stream
+    )
+    tokens, active = zip(*steps)
+    response_ids = torch.stack(tokens, 1)  # (B, Tr)
+    response_mask = torch.stack(active, 1).long()  # (B, Tr): 1 up to and incl. EOS
+    prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, self.device)  # (B, Tp)
+    return prompt_ids, prompt_mask, response_ids, response_mask
 
-    def _update(self, ro: Rollout, idx: torch.Tensor) -> dict:
-        "One gradient step on the rows `idx` of the rollout."
-        c = self.config
-        ids, mask, Tp, m = (
-            ro.input_ids[idx],
-            ro.attention_mask[idx],
-            ro.prompt_ids.shape[1],
-            ro.response_mask[idx],
-        )
-        logprobs, entropy = token_logprobs(
-            self._forward(self.policy, ids, mask, Tp),
-            ro.response_ids[idx],
-            c.temperature,
-        )
-        values = self._forward(self.value_model, ids, mask, Tp)
-        pg_loss, pg_stats = policy_loss(
-            logprobs, ro.logprobs[idx], ro.advantages[idx], m, c.cliprange
-        )
-        vf_loss, vf_stats = value_loss(
-            values, ro.values[idx], ro.returns[idx], m, c.cliprange_value
-        )
-        loss = pg_loss + c.vf_coef * vf_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if c.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]],
-                c.max_grad_norm,
-            )
-        self.optimizer.step()
-        stats = {
-            "loss/policy": pg_loss,
-            "loss/value": vf_loss,
-            "loss/total": loss,
-            "policy/entropy": masked_mean(entropy, m),
-            **pg_stats,
-            **vf_stats,
+# %% ../nbs/11_ppo.ipynb #d84c43f6
+@patch
+@torch.no_grad()
+def rollout(
+    self: PPOTrainer,
+    prompts: Sequence[Sequence[int]],  # B prompts, lists of token ids (no PAD inside)
+) -> Rollout:
+    "Sample one response per prompt; compute log-probs, values, rewards, advantages."
+    c, cfg = self.config, self.policy.config
+    prompts = _check_prompts(
+        prompts, cfg.vocab_size, cfg.context_size, c.max_new_tokens, self.pad_id
+    )
+    self.eval_mode()
+    p_ids, p_mask, r_ids, r_mask = self._sample(prompts)
+    Tp, m = p_ids.shape[1], r_mask.float()
+    ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
+    logits = lambda model: self._forward(model, ids, mask, Tp)
+    logprobs = token_logprobs(logits(self.policy), r_ids, c.temperature)[0] * m
+    ref_logprobs = token_logprobs(logits(self.ref_policy), r_ids, c.temperature)[0] * m
+    values = logits(self.value_model) * m
+    scores = self._scores(p_ids, r_ids, r_mask)
+    self.eval_mode()  # in case the reward function switched a shared model to training
+    rewards, _ = kl_penalised_rewards(
+        scores, logprobs, ref_logprobs, r_mask, self.kl_ctl.value
+    )
+    advantages, returns = _gae(rewards, values, r_mask, c.gamma, c.lam)
+    if c.whiten_advantages:
+        advantages = _whiten(advantages, r_mask)
+    return Rollout(
+        p_ids, p_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores,
+        rewards, advantages, returns,
+    )  # fmt: skip
+
+# %% ../nbs/11_ppo.ipynb #ce66008f
+@patch
+def _update(self: PPOTrainer, ro: Rollout, idx: torch.Tensor) -> dict:
+    "One gradient step on the rows `idx` of the rollout; its statistics (tensors)."
+    c, Tp = self.config, ro.prompt_ids.shape[1]
+    ids, mask, m = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
+    logprobs, entropy = token_logprobs(
+        self._forward(self.policy, ids, mask, Tp), ro.response_ids[idx], c.temperature
+    )
+    values = self._forward(self.value_model, ids, mask, Tp)
+    pg_loss, pg_stats = policy_loss(
+        logprobs, ro.logprobs[idx], ro.advantages[idx], m, c.cliprange
+    )
+    vf_loss, vf_stats = value_loss(
+        values, ro.values[idx], ro.returns[idx], m, c.cliprange_value
+    )
+    loss = pg_loss + c.vf_coef * vf_loss
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if c.max_grad_norm is not None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+    self.optimizer.step()
+    stats = {
+        "loss/policy": pg_loss,
+        "loss/value": vf_loss,
+        "loss/total": loss,
+        "policy/entropy": masked_mean(entropy, m),
+        **pg_stats,
+        **vf_stats,
+    }
+    return {k: v.detach() for k, v in stats.items()}  # no host sync per minibatch
+
+# %% ../nbs/11_ppo.ipynb #f51f10a3
+def _rollout_stats(ro: Rollout) -> dict:
+    "Statistics of a rollout (0-d tensors), named as in TRL."
+    m = ro.response_mask.float()
+    B = m.shape[0]
+    kl_seq = ((ro.logprobs - ro.ref_logprobs) * m).sum(1)  # (B,) KL per response
+    score_seq = ro.scores.sum(1)  # (B,) the reward function's total per response
+    centred = (ro.returns - masked_mean(ro.returns, m)).square() * m
+    zero = torch.zeros((), device=m.device)
+    return {
+        "env/reward_mean": score_seq.mean(),
+        "env/reward_std": score_seq.std() if B > 1 else zero,
+        "objective/kl": kl_seq.mean(),
+        "objective/kl_stderr": kl_seq.std() / math.sqrt(B) if B > 1 else zero,
+        "objective/entropy": (-(ro.logprobs * m).sum(1)).mean(),
+        "ppo/mean_scores": score_seq.mean(),
+        "ppo/mean_non_score_reward": ((ro.rewards - ro.scores) * m).sum(1).mean(),
+        "policy/advantages_mean": masked_mean(ro.advantages, m),
+        "returns/mean": masked_mean(ro.returns, m),
+        "returns/var": centred.sum() / (m.sum() - 1).clamp(min=1),  # as torch.var
+        "val/mean": masked_mean(ro.values, m),
+        "tokens/response_len_mean": m.sum(1).mean(),
+    }
+
+
+def _to_host(dicts: list[dict]) -> list[dict]:
+    "Dicts of 0-d tensors as dicts of floats, copied to the host in one go."
+    keys = list(dicts[0])
+    rows = torch.stack([torch.stack([d[k].float() for k in keys]) for d in dicts])
+    return [dict(zip(keys, row)) for row in rows.tolist()]
+
+# %% ../nbs/11_ppo.ipynb #1dd492c6
+@patch
+def step(
+    self: PPOTrainer,
+    prompts: Sequence[Sequence[int]],  # this step's prompts (batch_size, typically)
+) -> dict:  # statistics, named as in TRL (loss/policy, env/reward_mean, ...)
+    "One PPO step: a rollout, then ppo_epochs passes of minibatch updates."
+    c = self.config
+    t0 = time.perf_counter()
+    ro = self.rollout(prompts)
+    t1 = time.perf_counter()
+    B = ro.response_ids.shape[0]
+    self.eval_mode()  # dropout stays off during the updates too
+    mb_stats = []
+    for _ in range(c.ppo_epochs):
+        order = torch.randperm(B, generator=self.generator).to(self.device)
+        for start in range(0, B, c.mini_batch_size):
+            mb_stats.append(self._update(ro, order[start : start + c.mini_batch_size]))
+    t2 = time.perf_counter()
+    mb_stats = _to_host(mb_stats)  # every minibatch's statistics in one copy
+    keys = list(mb_stats[0])
+    stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in keys}
+    stats.update(_to_host([_rollout_stats(ro)])[0])
+    stats.update(
+        {
+            "objective/kl_coef": self.kl_ctl.value,
+            "time/ppo/rollout": t1 - t0,
+            "time/ppo/optimize": t2 - t1,
+            "ppo/step": self.n_steps,
         }
-        return {
-            k: v.detach() for k, v in stats.items()
-        }  # tensors: no host sync per minibatch
+    )
+    self.kl_ctl.update(stats["objective/kl"], B)
+    self.n_steps += 1
+    self.history.append(stats)
+    self.minibatch_stats, self.last_rollout = mb_stats, ro
+    return stats
 
-    def step(
-        self,
-        prompts: Sequence[
-            Sequence[int]
-        ],  # this step's prompts (batch_size of them, typically)
-    ) -> dict:  # statistics, named as in TRL (loss/policy, policy/approxkl, env/reward_mean, ...)
-        "One PPO step: a rollout, then ppo_epochs passes of minibatch updates."
-        c = self.config
-        t0 = time.perf_counter()
-        ro = self.rollout(prompts)
-        t1 = time.perf_counter()
-        B = ro.response_ids.shape[0]
-        self.eval_mode()  # dropout stays off during the updates too
-        mb_stats = []
-        for _ in range(c.ppo_epochs):
-            order = torch.randperm(B, generator=self.generator).to(self.device)
-            for start in range(0, B, c.mini_batch_size):
-                mb_stats.append(
-                    self._update(ro, order[start : start + c.mini_batch_size])
-                )
-        t2 = time.perf_counter()
-        keys = list(
-            mb_stats[0]
-        )  # every minibatch's statistics, copied to the host at once
-        mb_stats = [
-            dict(zip(keys, row))
-            for row in torch.stack(
-                [torch.stack([s[k] for k in keys]) for s in mb_stats]
-            ).tolist()
-        ]
-        m = ro.response_mask.float()
-        kl_seq = ((ro.logprobs - ro.ref_logprobs) * m).sum(
-            1
-        )  # (B,) KL estimate per response
-        score_seq = ro.scores.sum(1)  # (B,) the reward function's total per response
-        n_valid = m.sum()
-        returns_var = ((ro.returns - masked_mean(ro.returns, m)).square() * m).sum() / (
-            n_valid - 1
-        ).clamp(min=1)  # over valid tokens, as torch.var
-        zero = torch.zeros((), device=m.device)
-        rollout_stats = {
-            "env/reward_mean": score_seq.mean(),
-            "env/reward_std": score_seq.std() if B > 1 else zero,
-            "objective/kl": kl_seq.mean(),
-            "objective/kl_stderr": kl_seq.std() / math.sqrt(B) if B > 1 else zero,
-            "objective/entropy": (-(ro.logprobs * m).sum(1)).mean(),
-            "ppo/mean_scores": score_seq.mean(),
-            "ppo/mean_non_score_reward": ((ro.rewards - ro.scores) * m).sum(1).mean(),
-            "policy/advantages_mean": masked_mean(ro.advantages, m),
-            "returns/mean": masked_mean(ro.returns, m),
-            "returns/var": returns_var,
-            "val/mean": masked_mean(ro.values, m),
-            "tokens/response_len_mean": m.sum(1).mean(),
-        }
-        values = torch.stack(
-            [v.float() for v in rollout_stats.values()]
-        ).tolist()  # one copy
-        stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in keys}
-        stats.update(zip(rollout_stats, values))
-        stats.update(
-            {
-                "objective/kl_coef": self.kl_ctl.value,
-                "time/ppo/rollout": t1 - t0,
-                "time/ppo/optimize": t2 - t1,
-                "ppo/step": self.n_steps,
-            }
-        )
-        self.kl_ctl.update(stats["objective/kl"], B)
-        self.n_steps += 1
-        self.history.append(stats)
-        self.minibatch_stats, self.last_rollout = mb_stats, ro
-        return stats
+# %% ../nbs/11_ppo.ipynb #cd212ca9
+@patch
+def train(
+    self: PPOTrainer,
+    prompt_fn: Callable[[int], Sequence[Sequence[int]]],  # step number -> prompts
+    steps: int,  # PPO steps to run at most
+    callback: Callable[[dict], object] | None = None,  # each step's stats; True: stop
+    progress: bool = True,  # show a tqdm progress bar
+) -> list[dict]:  # the statistics of these steps (also appended to self.history)
+    "Run up to `steps` PPO steps on prompts from `prompt_fn`; a callback can stop it."
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    from tqdm.auto import tqdm
 
-    def train(
-        self,
-        prompt_fn: Callable[
-            [int], Sequence[Sequence[int]]
-        ],  # step number -> that step's prompts
-        steps: int,  # PPO steps to run
-        callback: Callable[[dict], object]
-        | None = None,  # called with each step's statistics (e.g. a PPOPlot)
-        progress: bool = True,  # show a tqdm progress bar
-    ) -> list[dict]:  # the statistics of these steps (also appended to self.history)
-        "Run `steps` PPO steps on prompts from `prompt_fn`."
-        if not _is_int(steps) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-        from tqdm.auto import tqdm
-
-        out = []
-        with tqdm(total=steps, disable=not progress, desc="PPO") as bar:
-            for _ in range(steps):
-                stats = self.step(prompt_fn(self.n_steps))
-                out.append(stats)
-                if callback is not None:
-                    callback(stats)
-                bar.set_postfix(
-                    reward=f"{stats['env/reward_mean']:.2f}",
-                    kl=f"{stats['objective/kl']:.2f}",
-                )
-                bar.update()
-        return out
+    out = []
+    with tqdm(total=steps, disable=not progress, desc="PPO", unit="step") as bar:
+        for _ in range(steps):
+            stats = self.step(prompt_fn(self.n_steps))
+            out.append(stats)
+            stop = callback(stats) is True if callback is not None else False
+            bar.set_postfix(
+                reward=f"{stats['env/reward_mean']:.2f}",
+                kl=f"{stats['objective/kl']:.2f}",
+                refresh=False,
+            )
+            bar.update()
+            if stop:
+                break
+    return out
 
 # %% ../nbs/11_ppo.ipynb #577787c3
 class PPOPlot:
@@ -758,15 +721,10 @@ class PPOPlot:
         self,
         every: int = 10,  # redraw every `every` steps
         keys=KEYS,  # (statistic, title) pairs, one panel each
-        extra: dict
-        | None = None,  # name -> list of (step, value) drawn on the first panel (e.g. accuracy)
+        extra: dict | None = None,  # name -> [(step, value)] on the first panel
     ):
-        self.every, self.keys, self.history, self.extra = (
-            every,
-            tuple(keys),
-            [],
-            extra if extra is not None else {},
-        )
+        self.every, self.keys, self.history = every, tuple(keys), []
+        self.extra = extra if extra is not None else {}
         self._handle, self.fig = None, None
 
     def __call__(self, stats: dict):
@@ -776,84 +734,322 @@ class PPOPlot:
 
     def draw(self):
         "Redraw the panels (in a notebook: in place)."
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         if self.fig is None:
-            self.fig, self.axes = plt.subplots(
-                1, len(self.keys), figsize=(3.2 * len(self.keys), 2.8)
-            )
-            plt.close(self.fig)  # shown through display() only, never twice
+            self.fig = Figure(figsize=(3.2 * len(self.keys), 2.8))
+            self.axes = self.fig.subplots(1, len(self.keys))
         steps = [s.get("ppo/step", i) for i, s in enumerate(self.history)]
         for ax, (key, title) in zip(self.axes, self.keys):
             ax.clear()
             ax.plot(steps, [s.get(key, float("nan")) for s in self.history], lw=1.2)
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("PPO step")
+            ax.set(title=title, xlabel="PPO step")
             ax.grid(alpha=0.3)
         for name, points in self.extra.items():
             if points:
-                xs, ys = zip(*points)
-                self.axes[0].plot(xs, ys, "o-", ms=3, label=name)
+                self.axes[0].plot(*zip(*points), "o-", ms=3, label=name)
                 self.axes[0].legend(fontsize=8)
         self.fig.tight_layout()
-        try:
-            from IPython.display import display
-
-            if self._handle is None:
-                self._handle = display(self.fig, display_id=True)
-            else:
-                self._handle.update(self.fig)
-        except ImportError:
-            pass
+        self._show()
         return self.fig
 
+    def _show(self):
+        try:
+            from IPython.display import display
+        except ImportError:
+            return
+        if self._handle is None:
+            self._handle = display(self.fig, display_id=True)
+        else:
+            self._handle.update(self.fig)
+
 # %% ../nbs/11_ppo.ipynb #a70c66dc
-class LetterTokenizer:
-    "One id per letter after the four special ids of the course tokenizer: <unk>, <s>, </s>, <pad> = 0, 1, 2, 3."
+@dataclass(frozen=True)
+class PPOPreset:
+    "The sizes of the copy-task experiment (`run_copy_task`) for one profile."
 
-    def __init__(
-        self, alphabet: str = "abcdefghijklmnopqrstuvwxyz"
-    ):  # the letters, in id order
-        if (
-            not isinstance(alphabet, str)
-            or not alphabet
-            or len(set(alphabet)) != len(alphabet)
-        ):
-            raise ValueError(
-                f"alphabet must be a non-empty string of distinct characters, got {alphabet!r}."
+    alphabet: str  # the letters words are made of (one token each)
+    max_len: int  # longest word, in letters
+    dim_emb: int  # the policy's width (2 layers, 4 heads)
+    max_steps: int  # PPO steps at most
+    batch_size: int  # words per PPO step (one sampled response each)
+    mini_batch_size: int  # responses per gradient step
+    ppo_epochs: int  # passes over each step's responses
+    lr: float  # peak learning rate, lowered as the validation accuracy rises
+    eval_every: int  # PPO steps between validation checks
+    n_train: int  # training words
+    n_eval: int  # validation words, and as many test words
+    min_len: int = 3  # shortest word, in letters
+    init_kl_coef: float = 0.05  # β of the KL penalty to the random reference
+    stop_at: float = 0.995  # stop once this share of validation words is copied
+
+    def __post_init__(self):
+        for name in ("max_len", "min_len", "dim_emb", "max_steps", "eval_every"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ValueError(
+                    f"PPOPreset.{name} must be a positive integer, got {v!r}."
+                )
+
+# %% ../nbs/11_ppo.ipynb #58e07fbe
+def ppo_preset(
+    profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
+) -> PPOPreset:
+    "The copy task's sizes for a profile: ci runs in seconds, cpu in minutes."
+    from tinyllama.profiles import Profile, get_profile
+
+    P = profile if isinstance(profile, Profile) else get_profile(profile)
+    return P.pick(
+        ci=PPOPreset(  # 6 letters and short words: the reward moves within seconds
+            alphabet="abcdef",
+            max_len=4,
+            dim_emb=32,
+            max_steps=30,
+            batch_size=64,
+            mini_batch_size=32,
+            ppo_epochs=2,
+            lr=2e-3,
+            eval_every=5,
+            n_train=400,
+            n_eval=100,
+        ),
+        cpu=PPOPreset(
+            alphabet=string.ascii_lowercase,
+            max_len=6,
+            dim_emb=64,
+            max_steps=650,
+            batch_size=128,
+            mini_batch_size=64,
+            ppo_epochs=4,
+            lr=5e-4,
+            eval_every=25,
+            n_train=20_000,
+            n_eval=500,
+        ),
+        gpu=PPOPreset(
+            alphabet=string.ascii_lowercase,
+            max_len=6,
+            dim_emb=64,
+            max_steps=2000,
+            batch_size=256,
+            mini_batch_size=64,
+            ppo_epochs=4,
+            lr=5e-4,
+            eval_every=25,
+            n_train=20_000,
+            n_eval=1000,
+        ),
+    )
+
+# %% ../nbs/11_ppo.ipynb #b87b737d
+@dataclass
+class CopyEval:
+    "Greedy answers to copy-task prompts, judged by the golden reward."
+
+    exact: float  # share of exact copies (the word, then EOS)
+    tokens: float  # correctly copied tokens per word (a perfect copy: letters + 1)
+    answers: list  # the greedy responses, token-id lists
+    correct: list  # per word: True for an exact copy
+
+
+@torch.no_grad()
+def copy_eval(
+    model: LLM,  # the policy
+    prompts: list[list[int]],  # copy-task prompts (copy_prompts)
+    golden: GoldenRewardModel,  # the copy task's reward (its eos_id, pad_id)
+    max_new_tokens: int,  # the longest word plus its EOS
+) -> CopyEval:
+    "How well `model` copies, answering greedily (temperature 0)."
+    eos, pad = golden.eos_id, golden.pad_id
+    outs = generate(
+        model, prompts, max_new_tokens, temperature=0, eos_id=eos, pad_id=pad
+    )
+    p, r = pad_batch(prompts, pad, "left")[0], pad_batch(outs, pad)[0]
+    exact = golden.exact_copy(p, r)
+    score = golden.score(p, r).mean().item()
+    return CopyEval(exact.float().mean().item(), score, outs, exact.tolist())
+
+# %% ../nbs/11_ppo.ipynb #f69e7693
+class _ValidationRule:
+    "A callback: every eval_every steps, validation accuracy, the lr rule, early stop."
+
+    def __init__(self, trainer, preset, prompts, golden, max_new, log):
+        self.trainer, self.preset, self.log = trainer, preset, log
+        self.accuracy = lambda: copy_eval(trainer.policy, prompts, golden, max_new)
+        self.checks = [(0, self.accuracy().exact)]  # (step, validation exact copies)
+        self.t0 = time.perf_counter()
+
+    def __call__(self, stats: dict) -> bool:  # True: stop training
+        step, pr = stats["ppo/step"] + 1, self.preset
+        if step % pr.eval_every:
+            return False
+        acc = self.accuracy().exact
+        self.checks.append((step, acc))
+        for g in self.trainer.optimizer.param_groups:  # smaller steps near the goal
+            g["lr"] = pr.lr * min(1.0, max(0.25, 2 * (1 - acc)))
+        if self.log:
+            print(
+                f"step {step:4d}  {time.perf_counter() - self.t0:5.0f} s  "
+                f"reward {stats['env/reward_mean']:.2f}  "
+                f"KL {stats['objective/kl']:5.2f}  "
+                f"entropy {stats['policy/entropy']:.2f}  "
+                f"validation exact copy {acc:.1%}"
             )
-        self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 3
-        self.specials = ["<unk>", "<s>", "</s>", "<pad>"]
-        self.alphabet = alphabet
-        self._ids = {c: i + len(self.specials) for i, c in enumerate(alphabet)}
-        self.vocab_size = len(self.specials) + len(alphabet)
+        return acc >= pr.stop_at
 
-    def __len__(self):
-        return self.vocab_size
+# %% ../nbs/11_ppo.ipynb #5ba9e113
+@dataclass
+class CopyTaskResult:
+    "What `run_copy_task` measured, and the trainer that holds the trained policy."
 
-    def __repr__(self):
-        return f"LetterTokenizer({self.alphabet!r})"
+    preset: PPOPreset
+    tokenizer: LetterTokenizer
+    words: dict  # "train", "val", "test": word lists, pairwise disjoint
+    trainer: PPOTrainer  # .policy, .history, .last_rollout, .minibatch_stats
+    before: CopyEval  # the test words, greedy, before PPO
+    after: CopyEval  # the same words after PPO
+    checks: list  # (step, validation exact copies) at step 0 and every eval_every
+    seconds: float  # wall time of PPO, validation checks included
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        "One id per character (<unk> for characters outside the alphabet)."
-        return (
-            [self.bos_id] * bos
-            + [self._ids.get(c, self.unk_id) for c in text]
-            + [self.eos_id] * eos
+    @property
+    def history(self) -> list[dict]:
+        "The statistics of every PPO step."
+        return self.trainer.history
+
+    @property
+    def perfect(self) -> float:
+        "The score of a perfect copy (letters and EOS), mean over the test words."
+        return sum(len(w) + 1 for w in self.words["test"]) / len(self.words["test"])
+
+    def reward_change(self, k: int) -> tuple[float, float]:
+        "Mean sampled reward per response over the first k and the last k steps."
+        r = [s["env/reward_mean"] for s in self.history]
+        return sum(r[:k]) / len(r[:k]), sum(r[-k:]) / len(r[-k:])
+
+# %% ../nbs/11_ppo.ipynb #f2e39633
+@patch
+def plot(self: CopyTaskResult, title: str = "reward"):
+    "The run in four panels (reward, exact copies, KL, entropy): a matplotlib Figure."
+    from matplotlib.figure import Figure
+
+    h = self.history
+    steps = [s["ppo/step"] + 1 for s in h]
+    fig = Figure(figsize=(14, 3.2))
+    ax, bx, cx, dx = fig.subplots(1, 4)
+    ax.plot(steps, [s["env/reward_mean"] for s in h], lw=1, label="sampled reward")
+    non_score = [s["ppo/mean_non_score_reward"] for s in h]
+    ax.plot(steps, non_score, lw=1, label="KL penalty −β·KL")
+    ax.axhline(self.perfect, ls="--", c="gray", lw=0.8, label="perfect copy")
+    ax.set_title(title)
+    bx.plot(*zip(*self.checks), "o-", ms=3, label="validation")
+    test = ([0, len(h)], [self.before.exact, self.after.exact])
+    bx.plot(*test, "r*", ms=10, label="test (before, after)")
+    bx.set(ylim=(-0.02, 1.02), title="greedy exact copies")
+    cx.plot(steps, [s["objective/kl"] for s in h], lw=1)
+    cx.set_title("KL(π‖π_ref), nats per response")
+    dx.plot(steps, [s["policy/entropy"] for s in h], lw=1)
+    dx.set_title("policy entropy, nats per token")
+    for x in (ax, bx, cx, dx):
+        x.set_xlabel("PPO step")
+        x.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/11_ppo.ipynb #e5641019
+def _copy_words(preset: PPOPreset, seed: int) -> dict:
+    "Training, validation and test words, pairwise disjoint."
+    train, other = copy_task_words(
+        preset.n_train,
+        seed=seed,
+        n_heldout=2 * preset.n_eval,
+        min_len=preset.min_len,
+        max_len=preset.max_len,
+        alphabet=preset.alphabet,
+    )
+    return dict(train=train, val=other[: preset.n_eval], test=other[preset.n_eval :])
+
+
+def _copy_policy(preset: PPOPreset, vocab_size: int, seed: int, device) -> LLM:
+    "A two-layer policy with random weights (seeded), on `device`."
+    config = LLMConfig(
+        vocab_size=vocab_size,
+        context_size=max(16, 2 * preset.max_len + 3),  # <s> word </s>, word </s>
+        dim_emb=preset.dim_emb,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        ffd_hidden_dim=(8 * preset.dim_emb // 3) // 8 * 8,
+    )
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+        torch.manual_seed(seed)
+        return LLM(config).to(device).eval()
+
+
+def _copy_config(preset: PPOPreset, max_new: int, seed: int) -> PPOConfig:
+    return PPOConfig(
+        batch_size=preset.batch_size,
+        mini_batch_size=preset.mini_batch_size,
+        ppo_epochs=preset.ppo_epochs,
+        lr=preset.lr,
+        max_new_tokens=max_new,
+        init_kl_coef=preset.init_kl_coef,
+        seed=seed,
+    )
+
+# %% ../nbs/11_ppo.ipynb #98e3fc5d
+def run_copy_task(
+    preset: PPOPreset | str | None = None,  # sizes, or a profile for ppo_preset
+    device=None,  # where the models train (None: get_device())
+    seed: int = 0,  # the words, the initial weights, the rollouts, minibatch order
+    progress: bool = True,  # a tqdm progress bar
+    live: bool = False,  # redraw PPOPlot's panels at every check (in a notebook)
+    log: bool = False,  # print a line at every validation check
+) -> CopyTaskResult:
+    "Chapter 11's experiment: PPO teaches a random letter-level policy to copy words."
+    preset = preset if isinstance(preset, PPOPreset) else ppo_preset(preset)
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    device = get_device() if device is None else torch.device(device)
+    tok, words = LetterTokenizer(preset.alphabet), _copy_words(preset, seed)
+    golden = GoldenRewardModel(tok.eos_id, tok.pad_id, bos_id=tok.bos_id)
+    max_new = preset.max_len + 1  # the longest word and its EOS
+    base = _copy_policy(preset, tok.vocab_size, seed, device)
+    test = copy_prompts(words["test"], tok, bos=True)
+    before = copy_eval(base, test, golden, max_new)
+    trainer = PPOTrainer(
+        copy.deepcopy(base),  # the policy
+        base,  # the frozen reference: the random model itself
+        ValueModel.from_llm(base),
+        golden,
+        _copy_config(preset, max_new, seed),
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+    )
+    val = copy_prompts(words["val"], tok, bos=True)
+    rule = _ValidationRule(trainer, preset, val, golden, max_new, log)
+    plot = (
+        PPOPlot(preset.eval_every, extra={"validation": rule.checks}) if live else None
+    )
+    rng = random.Random(seed)
+
+    def prompts(step):  # this step's words, drawn from the training words
+        return copy_prompts(
+            rng.sample(words["train"], preset.batch_size), tok, bos=True
         )
 
-    def id_to_piece(self, i: int) -> str:
-        i = int(i)
-        return (
-            self.specials[i]
-            if i < len(self.specials)
-            else self.alphabet[i - len(self.specials)]
-        )
+    def callback(stats):
+        stop = rule(stats)
+        if plot is not None:
+            plot(stats)
+        return stop
 
-    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        "The text of `ids` (special tokens dropped, or written out with skip_special=False)."
-        return "".join(
-            self.id_to_piece(i)
-            for i in ids
-            if not (skip_special and int(i) < len(self.specials))
-        )
+    trainer.train(prompts, preset.max_steps, callback, progress)
+    seconds = time.perf_counter() - rule.t0
+    if plot is not None:
+        plot.draw()
+    after = copy_eval(trainer.policy, test, golden, max_new)
+    return CopyTaskResult(
+        preset, tok, words, trainer, before, after, rule.checks, seconds
+    )

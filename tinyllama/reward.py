@@ -8,13 +8,16 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .model import LLM, LLMConfig, INIT_STD
 from .data import StoryWorld, default_world
+from .generate import left_pad
+from .train import lr_at
 
 # %% auto #0
-__all__ = ['pad_batch', 'GoldenRewardModel', 'copy_task_words', 'copy_prompts', 'bradley_terry_loss', 'RewardModel',
-           'PreferencePair', 'encode_completion', 'split_story', 'story_preference_pairs', 'score_texts', 'score_pairs',
-           'pair_accuracy', 'train_reward_model']
+__all__ = ['pad_batch', 'GoldenRewardModel', 'copy_task_words', 'copy_prompts', 'LetterTokenizer', 'bradley_terry_loss',
+           'RewardModel', 'PreferencePair', 'encode_completion', 'split_story', 'story_preference_pairs', 'score_texts',
+           'score_pairs', 'pair_accuracy', 'train_reward_model']
 
 # %% ../nbs/10_reward.ipynb #235cf5f1
 def _is_int(x) -> bool:
@@ -24,36 +27,29 @@ def _is_int(x) -> bool:
 def pad_batch(
     seqs: Sequence[Sequence[int]],  # token-id lists of any lengths
     pad_id: int,  # the id written into the padding
-    side: str = "right",  # "right": real tokens first; "left": real tokens last (prompts to generate from)
-) -> tuple[
-    torch.Tensor, torch.Tensor
-]:  # ids (B, T_max) long, mask (B, T_max) long: 1 real, 0 padding
+    side: str = "right",  # "right": real tokens first; "left": real tokens last
+) -> tuple[torch.Tensor, torch.Tensor]:  # ids (B, T) long, mask (B, T) long: 1 = real
     "Stack token-id lists into one padded batch and its attention mask."
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
     if isinstance(seqs, torch.Tensor) or isinstance(seqs, str):
         raise ValueError(
-            "pad_batch takes a list of token-id lists (one per row), e.g. [[5, 6, 2], [7, 2]]."
+            "pad_batch takes a list of token-id lists (one per row), "
+            "e.g. [[5, 6, 2], [7, 2]]."
         )
     seqs = [[int(t) for t in s] for s in seqs]
     if not seqs:
         raise ValueError(
             "there are no sequences to pad: give at least one list of token ids."
         )
-    T = max(len(s) for s in seqs)
-    if T == 0:
+    if max(len(s) for s in seqs) == 0:
         raise ValueError(
             "every sequence is empty: give at least one token in some row."
         )
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if not s:
-            continue
-        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[i, cols] = torch.tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
+    if side == "left":
+        return left_pad(seqs, pad_id)  # chapter 08's padder
+    ids, mask = left_pad([s[::-1] for s in seqs], pad_id)  # mirror, pad, mirror back
+    return ids.flip(1), mask.flip(1)
 
 # %% ../nbs/10_reward.ipynb #55cb997f
 def _as_ids(x, pad_id: int, side: str, what: str) -> torch.Tensor:
@@ -75,19 +71,19 @@ def _as_ids(x, pad_id: int, side: str, what: str) -> torch.Tensor:
     ):
         return pad_batch(x, pad_id, side)[0]
     raise ValueError(
-        f"{what} must be a (batch, seq) tensor of token ids or a non-empty list of token-id lists."
+        f"{what} must be a (batch, seq) tensor of token ids or a non-empty list of "
+        "token-id lists."
     )
 
-
+# %% ../nbs/10_reward.ipynb #3b131b14
 class GoldenRewardModel:
-    "The copy task's reward: +1 at each response position that repeats the prompt (word, then EOS), up to the first mismatch."
+    "The copy task's reward: +1 per response token that repeats the prompt, in order."
 
     def __init__(
         self,
         eos_id: int,  # ends the word in the prompt; the response must end with it too
         pad_id: int,  # padding: ignored in prompts, never rewarded in responses
-        bos_id: int
-        | None = None,  # if given, a BOS in the prompt is not part of the word
+        bos_id: int | None = None,  # if given, a BOS in the prompt is not in the word
     ):
         for name, v in (("eos_id", eos_id), ("pad_id", pad_id)) + (
             (("bos_id", bos_id),) if bos_id is not None else ()
@@ -96,25 +92,22 @@ class GoldenRewardModel:
                 raise ValueError(f"{name} must be a non-negative token id, got {v!r}.")
         if eos_id == pad_id:
             raise ValueError(
-                f"eos_id and pad_id are both {eos_id}: the copy task needs them distinct, "
-                "or a padded response would look like a copied EOS."
+                f"eos_id and pad_id are both {eos_id}: the copy task needs them "
+                "distinct, or a padded response would look like a copied EOS."
             )
         self.eos_id, self.pad_id, self.bos_id = eos_id, pad_id, bos_id
 
     def targets(
         self, prompt_ids
-    ) -> tuple[
-        torch.Tensor, torch.Tensor
-    ]:  # target (B, Tp) with -1 past the end, lengths (B,)
-        "What each response should be: the prompt without padding (and BOS), i.e. the word's tokens and EOS."
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # target (B, Tp), -1 past the end; n (B,)
+        "What each response should be: the prompt without padding and BOS."
         p = _as_ids(prompt_ids, self.pad_id, "left", "prompt_ids")
         keep = p != self.pad_id
         if self.bos_id is not None:
             keep &= p != self.bos_id
         n = keep.sum(1)  # (B,)
-        order = torch.argsort(
-            (~keep).to(torch.int8), dim=1, stable=True
-        )  # kept tokens first, in their order
+        # a stable sort puts the kept tokens first, in their order
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
         target = p.gather(1, order).masked_fill(
             torch.arange(p.shape[1], device=p.device) >= n[:, None], -1
         )
@@ -122,64 +115,67 @@ class GoldenRewardModel:
         bad = ((n < 2) | (last != self.eos_id)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(
-                f"prompt rows {bad[:5]} are not a word followed by EOS (id {self.eos_id}): a copy-task "
-                "prompt is the word's tokens and then EOS, with PAD only as padding; make prompts with "
+                f"prompt rows {bad[:5]} are not a word followed by EOS (id "
+                f"{self.eos_id}): a copy-task prompt is the word's tokens and then "
+                "EOS, with PAD only as padding; make prompts with "
                 "copy_prompts(words, tokenizer)."
             )
         return target, n
 
-    def rewards(
-        self,
-        prompt_ids,  # (B, Tp) left-padded prompts (word tokens, EOS), or a list of token-id lists
-        response_ids,  # (B, Tr) right-padded responses, or a list of token-id lists
-    ) -> (
-        torch.Tensor
-    ):  # (B, Tr) float: 1 at each position of the correct prefix, 0 elsewhere
-        "Per-token rewards: 1 at response position t if tokens 0..t all equal the target, else 0."
-        target, _ = self.targets(prompt_ids)
-        r = _as_ids(response_ids, self.pad_id, "right", "response_ids").to(
-            target.device
+    def __call__(self, prompt_ids, response_ids) -> torch.Tensor:  # (B, Tr)
+        "The per-token rewards (see `rewards`)."
+        return self.rewards(prompt_ids, response_ids)
+
+# %% ../nbs/10_reward.ipynb #15d065a9
+@patch
+def rewards(
+    self: GoldenRewardModel,
+    prompt_ids,  # (B, Tp) left-padded prompts (word, EOS), or token-id lists
+    response_ids,  # (B, Tr) right-padded responses, or token-id lists
+) -> torch.Tensor:  # (B, Tr) float: 1 at each position of the correct prefix
+    "Per-token rewards: 1 at response position t if tokens 0..t all equal the target."
+    target, _ = self.targets(prompt_ids)
+    r = _as_ids(response_ids, self.pad_id, "right", "response_ids").to(target.device)
+    if r.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"{target.shape[0]} prompts but {r.shape[0]} responses: give one "
+            "response per prompt."
         )
-        if r.shape[0] != target.shape[0]:
-            raise ValueError(
-                f"{target.shape[0]} prompts but {r.shape[0]} responses: give one response per prompt."
-            )
-        Tp, Tr = target.shape[1], r.shape[1]
-        target = F.pad(target, (0, Tr - Tp), value=-1) if Tr > Tp else target[:, :Tr]
-        match = (r == target) & (
-            target >= 0
-        )  # padding never matches: targets hold no PAD
-        return (
-            match.long().cumprod(1).float()
-        )  # stays 1 until the first mismatch, then 0
+    Tp, Tr = target.shape[1], r.shape[1]
+    target = F.pad(target, (0, Tr - Tp), value=-1) if Tr > Tp else target[:, :Tr]
+    match = (r == target) & (target >= 0)  # padding never matches: targets hold no PAD
+    return match.long().cumprod(1).float()  # 1 until the first mismatch, then 0
 
-    __call__ = rewards
 
-    def score(self, prompt_ids, response_ids) -> torch.Tensor:  # (B,) float
-        "The sequence reward: the length of the correctly copied prefix (the sum of `rewards`)."
-        return self.rewards(prompt_ids, response_ids).sum(1)
+@patch
+def score(self: GoldenRewardModel, prompt_ids, response_ids) -> torch.Tensor:  # (B,)
+    "The sequence reward: the length of the correctly copied prefix."
+    return self.rewards(prompt_ids, response_ids).sum(1)
 
-    def exact_copy(self, prompt_ids, response_ids) -> torch.Tensor:  # (B,) bool
-        "True where the response starts with the whole word followed by EOS."
-        _, n = self.targets(prompt_ids)
-        return self.score(prompt_ids, response_ids) == n.to(torch.float32)
+
+@patch
+def exact_copy(self: GoldenRewardModel, prompt_ids, response_ids) -> torch.Tensor:
+    "True where the response starts with the whole word followed by EOS; (B,) bool."
+    _, n = self.targets(prompt_ids)
+    return self.score(prompt_ids, response_ids) == n.to(torch.float32)
 
 # %% ../nbs/10_reward.ipynb #1f255dac
 def copy_task_words(
     n: int,  # training words
     seed: int = 0,  # the same seed gives the same words
-    n_heldout: int = 0,  # further words for evaluation, none of them among the training words
+    n_heldout: int = 0,  # further words for evaluation, none among the training words
     min_len: int = 3,  # shortest word (letters)
     max_len: int = 6,  # longest word (letters)
     alphabet: str = string.ascii_lowercase,  # letters to draw from
 ) -> tuple[list[str], list[str]]:  # (train words, held-out words), all distinct
-    "Distinct random letter strings for the copy task, with a held-out set disjoint from the training set."
+    "Distinct random letter strings: training words and held-out words, disjoint."
     for name, v in (("n", n), ("n_heldout", n_heldout)):
         if not _is_int(v) or v < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
     if not (_is_int(min_len) and _is_int(max_len) and 1 <= min_len <= max_len):
         raise ValueError(
-            f"need 1 <= min_len <= max_len, got min_len={min_len!r}, max_len={max_len!r}."
+            f"need 1 <= min_len <= max_len, got min_len={min_len!r}, "
+            f"max_len={max_len!r}."
         )
     if (
         not isinstance(alphabet, str)
@@ -188,13 +184,15 @@ def copy_task_words(
         or any(c.isspace() for c in alphabet)
     ):
         raise ValueError(
-            f"alphabet must be a non-empty string of distinct, non-space characters, got {alphabet!r}."
+            "alphabet must be a non-empty string of distinct, non-space characters, "
+            f"got {alphabet!r}."
         )
     capacity = sum(len(alphabet) ** k for k in range(min_len, max_len + 1))
     if n + n_heldout > capacity // 2:
         raise ValueError(
-            f"{n + n_heldout} distinct words of {min_len}-{max_len} letters from {len(alphabet)} letters "
-            f"are too many (there are only {capacity}); ask for fewer or allow longer words."
+            f"{n + n_heldout} distinct words of {min_len}-{max_len} letters from "
+            f"{len(alphabet)} letters are too many (there are only {capacity}); "
+            "ask for fewer or allow longer words."
         )
     rng, seen, words = random.Random(seed), set(), []
     while len(words) < n + n_heldout:
@@ -204,11 +202,11 @@ def copy_task_words(
             words.append(w)
     return words[:n], words[n:]
 
-
+# %% ../nbs/10_reward.ipynb #d7289be3
 def copy_prompts(
     words: Sequence[str],  # the words to copy
-    tokenizer,  # a tinyllama Tokenizer (encode, eos_id)
-    bos: bool = False,  # start each prompt with BOS (GoldenRewardModel(bos_id=...) then ignores it)
+    tokenizer,  # a tinyllama Tokenizer or a LetterTokenizer (encode, eos_id)
+    bos: bool = False,  # start with BOS (GoldenRewardModel(bos_id=...) ignores it)
 ) -> list[list[int]]:  # one prompt per word: its tokens followed by EOS (unpadded)
     "Copy-task prompts: each word's tokens followed by EOS."
     if isinstance(words, str):
@@ -222,6 +220,59 @@ def copy_prompts(
         out.append([tokenizer.bos_id] * bos + tokenizer.encode(w) + [tokenizer.eos_id])
     return out
 
+# %% ../nbs/10_reward.ipynb #7c214157
+class LetterTokenizer:
+    "One id per letter, after the special ids <unk>, <s>, </s>, <pad> = 0, 1, 2, 3."
+
+    def __init__(
+        self, alphabet: str = "abcdefghijklmnopqrstuvwxyz"
+    ):  # the letters, in id order
+        if (
+            not isinstance(alphabet, str)
+            or not alphabet
+            or len(set(alphabet)) != len(alphabet)
+        ):
+            raise ValueError(
+                "alphabet must be a non-empty string of distinct characters, "
+                f"got {alphabet!r}."
+            )
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = 0, 1, 2, 3
+        self.specials = ["<unk>", "<s>", "</s>", "<pad>"]
+        self.alphabet = alphabet
+        self._ids = {c: i + len(self.specials) for i, c in enumerate(alphabet)}
+        self.vocab_size = len(self.specials) + len(alphabet)
+
+    def __len__(self):
+        return self.vocab_size
+
+    def __repr__(self):
+        return f"LetterTokenizer({self.alphabet!r})"
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        "One id per character (<unk> for characters outside the alphabet)."
+        return (
+            [self.bos_id] * bos
+            + [self._ids.get(c, self.unk_id) for c in text]
+            + [self.eos_id] * eos
+        )
+
+    def id_to_piece(self, i: int) -> str:
+        "The letter or special token of id `i`."
+        i = int(i)
+        return (
+            self.specials[i]
+            if i < len(self.specials)
+            else self.alphabet[i - len(self.specials)]
+        )
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        "The text of `ids` (special tokens dropped unless skip_special is False)."
+        return "".join(
+            self.id_to_piece(i)
+            for i in ids
+            if not (skip_special and int(i) < len(self.specials))
+        )
+
 # %% ../nbs/10_reward.ipynb #e5794090
 def bradley_terry_loss(
     r_chosen: torch.Tensor,  # (N,) scores of the preferred responses
@@ -234,7 +285,8 @@ def bradley_terry_loss(
         raise ValueError("r_chosen and r_rejected must be tensors of scores.")
     if r_chosen.shape != r_rejected.shape:
         raise ValueError(
-            f"r_chosen has shape {tuple(r_chosen.shape)} but r_rejected has {tuple(r_rejected.shape)}; "
+            f"r_chosen has shape {tuple(r_chosen.shape)} but r_rejected has "
+            f"{tuple(r_rejected.shape)}; "
             "there must be one rejected score per chosen score."
         )
     if r_chosen.numel() == 0:
@@ -248,8 +300,7 @@ class RewardModel(nn.Module):
     def __init__(
         self,
         config: LLMConfig,  # the trunk's shape (an LLM's config)
-        pad_id: int
-        | None = None,  # if given, forward without a mask treats this id as padding
+        pad_id: int | None = None,  # if given, forward without a mask pads with this id
     ):
         super().__init__()
         if not isinstance(config, LLMConfig):
@@ -258,17 +309,16 @@ class RewardModel(nn.Module):
             )
         self.config, self.pad_id = config, pad_id
         self.trunk = LLM(config)
-        self.trunk.lm_head = (
-            nn.Identity()
-        )  # no vocabulary projection: the trunk returns its final hidden states
-        # hidden state -> one number. No bias: the Bradley–Terry loss sees only differences of scores,
-        # so a constant would get no gradient at all.
+        # no vocabulary projection: the trunk returns its final hidden states
+        self.trunk.lm_head = nn.Identity()
+        # hidden state -> one number. No bias: the Bradley–Terry loss sees only
+        # differences of scores, so a constant would get no gradient at all.
         self.score_head = nn.Linear(config.dim_emb, 1, bias=False)
         nn.init.normal_(self.score_head.weight, std=INIT_STD)
 
     @classmethod
     def from_llm(cls, llm: LLM, pad_id: int | None = None) -> "RewardModel":
-        "A reward model whose trunk starts from a copy of `llm`'s weights (`llm` itself is not touched)."
+        "A reward model whose trunk starts from a copy of `llm`'s weights."
         if not isinstance(llm, LLM):
             raise ValueError(f"from_llm expects an LLM, got {type(llm).__name__}.")
         w = llm.embed_tokens.weight
@@ -278,57 +328,55 @@ class RewardModel(nn.Module):
         )
         return rm
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # (B, T) token ids, left- or right-padded
-        attention_mask: torch.Tensor
-        | None = None,  # (B, T) 1 real token, 0 padding; default from pad_id
-    ) -> torch.Tensor:  # (B,) one score per row
-        "The score of each row: score_head(hidden state at the row's last real token)."
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+# %% ../nbs/10_reward.ipynb #cdf65704
+@patch
+def forward(
+    self: RewardModel,
+    input_ids: torch.Tensor,  # (B, T) token ids, left- or right-padded
+    attention_mask: torch.Tensor | None = None,  # (B, T) 1 = real; default from pad_id
+) -> torch.Tensor:  # (B,) one score per row
+    "The score of each row: score_head(hidden state at the row's last real token)."
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(
+            "input_ids must be a (batch, seq) tensor of token ids"
+            + (
+                f", got shape {tuple(input_ids.shape)}."
+                if isinstance(input_ids, torch.Tensor)
+                else "."
+            )
+        )
+    if attention_mask is None:
+        attention_mask = (
+            input_ids != self.pad_id
+            if self.pad_id is not None
+            else torch.ones_like(input_ids)
+        )
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+            f"{tuple(input_ids.shape)}; give one mask entry per token."
+        )
+    mask = attention_mask.bool()
+    full = False  # on a GPU the mask is always passed: a host read would stall
+    if mask.device.type == "cpu":  # the checks that read the mask are free here
+        empty = (~mask.any(1)).nonzero().flatten().tolist()
+        if empty:
             raise ValueError(
-                "input_ids must be a (batch, seq) tensor of token ids"
-                + (
-                    f", got shape {tuple(input_ids.shape)}."
-                    if isinstance(input_ids, torch.Tensor)
-                    else "."
-                )
+                f"rows {empty[:5]} have no non-padding token (their mask is all "
+                "zeros), so there is nothing to score; drop those rows or give each "
+                "row at least one real token."
             )
-        if attention_mask is None:
-            attention_mask = (
-                input_ids != self.pad_id
-                if self.pad_id is not None
-                else torch.ones_like(input_ids)
-            )
-        if tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                f"{tuple(input_ids.shape)}; give one mask entry per token."
-            )
-        mask = attention_mask.bool()
-        full = False  # on a GPU the mask is always passed: reading it on the host would stall
-        if mask.device.type == "cpu":  # the checks that read the mask are free here
-            empty = (~mask.any(1)).nonzero().flatten().tolist()
-            if empty:
-                raise ValueError(
-                    f"rows {empty[:5]} have no non-padding token (their mask is all zeros), so there is "
-                    "nothing to score; drop those rows or give each row at least one real token."
-                )
-            full = bool(mask.all())
-        h = self.trunk(
-            input_ids, attention_mask=None if full else mask.long()
-        )  # (B, T, d)
-        last = (
-            mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
-        )  # (B,) index of each row's last real token
-        return self.score_head(
-            h[torch.arange(h.shape[0], device=h.device), last]
-        ).squeeze(-1)
+        full = bool(mask.all())
+    h = self.trunk(input_ids, attention_mask=None if full else mask.long())  # (B,T,d)
+    last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # (B,) last real token
+    return self.score_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(
+        -1
+    )
 
 # %% ../nbs/10_reward.ipynb #6ed05de1
 @dataclass(frozen=True)
 class PreferencePair:
-    "One judgement: after `prompt`, the completion `chosen` was preferred to `rejected`."
+    "One judgement: after `prompt`, `chosen` was preferred to `rejected`."
 
     prompt: str
     chosen: str
@@ -338,7 +386,8 @@ class PreferencePair:
         for f in ("prompt", "chosen", "rejected"):
             if not isinstance(getattr(self, f), str):
                 raise ValueError(
-                    f"PreferencePair.{f} must be a string, got {type(getattr(self, f)).__name__}."
+                    f"PreferencePair.{f} must be a string, got "
+                    f"{type(getattr(self, f)).__name__}."
                 )
 
 
@@ -347,7 +396,7 @@ def encode_completion(
     prompt: str,  # text before the completion
     completion: str,  # the text being judged
 ) -> list[int]:  # BOS, the tokens of prompt + completion, EOS
-    "The tokens a reward model reads for one completion: the whole text framed as in pretraining."
+    "The tokens a reward model reads: the whole text, framed as in pretraining."
     return (
         [tokenizer.bos_id] + tokenizer.encode(prompt + completion) + [tokenizer.eos_id]
     )
@@ -362,7 +411,7 @@ _FIRST_SENTENCE_FIELDS = (
 
 
 def split_story(text: str, hero: str) -> tuple[str, str]:
-    "(prompt, completion): the story's first sentence (up to the hero's name) and the rest."
+    "(prompt, completion): the first sentence (up to the hero's name) and the rest."
     key = f" named {hero}."
     i = text.find(key)
     if i < 0:
@@ -376,9 +425,9 @@ def story_preference_pairs(
     n: int,  # number of pairs
     seed: int | str = 0,  # the same seed gives the same pairs
     world: StoryWorld | None = None,  # default: the default story world
-    p_matched: float = 0.5,  # share of pairs whose stories differ only from the ending on
+    p_matched: float = 0.5,  # share of pairs that differ only from the ending on
 ) -> list[PreferencePair]:
-    "Pairs judged by a labeler who prefers stories where the hero ends happy (`Story.ending == 'happy'`)."
+    "Pairs judged by a labeler who prefers the story whose hero ends happy."
     if not _is_int(n) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}.")
     if not (isinstance(p_matched, (int, float)) and 0 <= p_matched <= 1):
@@ -388,7 +437,8 @@ def story_preference_pairs(
     for _ in range(n):
         happy = world.sample_story(rng, ending="happy")
         f = happy.fields
-        # Both stories open the same way (the prompt); a matched pair also shares everything up to the event.
+        # Both stories open the same way (the prompt); a matched pair also shares
+        # everything up to the event.
         same = _FIRST_SENTENCE_FIELDS + (
             ("home", "colour", "object", "bond", "when", "trip", "place", "event")
             if rng.random() < p_matched
@@ -413,14 +463,16 @@ def _encode_pairs(rm, tokenizer, pairs, what="pairs"):
     for i, p in enumerate(pairs):
         if not isinstance(p, PreferencePair):
             raise ValueError(
-                f"{what}[{i}] is a {type(p).__name__}, not a PreferencePair(prompt, chosen, rejected)."
+                f"{what}[{i}] is a {type(p).__name__}, not a "
+                "PreferencePair(prompt, chosen, rejected)."
             )
         for out, text in ((chosen, p.chosen), (rejected, p.rejected)):
             ids = encode_completion(tokenizer, p.prompt, text)
             if len(ids) > rm.config.context_size:
                 raise ValueError(
-                    f"{what}[{i}] is {len(ids)} tokens long but the reward model reads at most "
-                    f"context_size={rm.config.context_size}; shorten it or use a larger context_size."
+                    f"{what}[{i}] is {len(ids)} tokens long but the reward model "
+                    f"reads at most context_size={rm.config.context_size}; shorten "
+                    "it or use a larger context_size."
                 )
             out.append(ids)
     return chosen, rejected
@@ -430,6 +482,10 @@ def _device_of(model):
     return next(model.parameters()).device
 
 
+def _agreement(rc, rr) -> float:
+    return float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
+
+# %% ../nbs/10_reward.ipynb #2d7920a2
 @torch.no_grad()
 def score_texts(
     rm: RewardModel,
@@ -467,91 +523,89 @@ def score_pairs(
 def pair_accuracy(
     rm: RewardModel, tokenizer, pairs: Sequence[PreferencePair], batch_size: int = 64
 ) -> float:
-    "Fraction of pairs whose chosen completion scores higher than the rejected one (a tie counts half)."
+    "Share of pairs whose chosen completion scores higher (a tie counts half)."
     return _agreement(*score_pairs(rm, tokenizer, pairs, batch_size))
 
-
-def _agreement(rc, rr) -> float:
-    return float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
-
 # %% ../nbs/10_reward.ipynb #39f53368
+def _check_sizes(lr: float, **sizes):
+    "ValueError unless every size is a positive integer and lr a positive number."
+    for name, v in sizes.items():
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}.")
+
+
+def _pair_batches(n, batch_size, seed):
+    "Index lists of `batch_size` pairs: a new random order each epoch, forever."
+    g, pos = torch.Generator().manual_seed(seed), 0
+    order = torch.randperm(n, generator=g)
+    while True:
+        if pos + batch_size > len(order) and pos > 0:  # a new epoch: a new order
+            order, pos = torch.randperm(n, generator=g), 0
+        yield order[pos : pos + batch_size].tolist()
+        pos += batch_size
+
+
+def _bt_step(rm, opt, chosen, rejected, pad_id, lr, grad_clip):
+    "One Bradley–Terry step on a batch of pairs (token lists); the scores it saw."
+    ids, mask = pad_batch(chosen + rejected, pad_id, "right")
+    dev = _device_of(rm)
+    r = rm(ids.to(dev), mask.to(dev)).float()
+    rc, rr = r[: len(chosen)], r[len(chosen) :]
+    loss = bradley_terry_loss(rc, rr)
+    if not math.isfinite(loss.item()):
+        raise RuntimeError(f"the reward-model loss became {loss.item()}; lower lr.")
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
+    opt.step()
+    return loss.item(), rc, rr
+
+# %% ../nbs/10_reward.ipynb #84aed6fd
 def train_reward_model(
     rm: RewardModel,
     tokenizer,  # encodes the texts (encode_completion)
     pairs: Sequence[PreferencePair],  # training judgements
     steps: int = 200,  # optimizer steps
     batch_size: int = 16,  # pairs per step
-    lr: float = 3e-4,  # peak learning rate (AdamW), after a linear warm-up, then cosine to lr/10
+    lr: float = 3e-4,  # peak AdamW rate: linear warm-up, then cosine to lr/10
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,  # clip the gradient norm (0: off)
-    eval_pairs: Sequence[PreferencePair]
-    | None = None,  # held-out pairs for eval_accuracy
+    eval_pairs: Sequence[PreferencePair] | None = None,  # held-out pairs
     eval_every: int = 50,  # steps between evaluations (and at the last step)
     seed: int = 0,  # order of the pairs
     progress: bool = True,  # show a progress bar
     callback: Callable[[dict], None] | None = None,  # called with each step's metrics
-) -> list[
-    dict
-]:  # one dict per step: step, loss, accuracy, lr (+ eval_loss, eval_accuracy)
-    "Fit `rm` to preference pairs with the Bradley–Terry loss; returns the metrics of every step."
-    for name, v, lo in (
-        ("steps", steps, 1),
-        ("batch_size", batch_size, 1),
-        ("eval_every", eval_every, 1),
-    ):
-        if not _is_int(v) or v < lo:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}.")
+) -> list[dict]:  # per step: step, loss, accuracy, lr (+ eval_loss, eval_accuracy)
+    "Fit `rm` to preference pairs with the Bradley–Terry loss; metrics of every step."
+    _check_sizes(steps=steps, batch_size=batch_size, eval_every=eval_every, lr=lr)
     chosen, rejected = _encode_pairs(rm, tokenizer, pairs)
     if eval_pairs is not None:
         _encode_pairs(rm, tokenizer, eval_pairs, "eval_pairs")
-    dev, g = _device_of(rm), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(
         rm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay
     )
-    warmup = max(1, steps // 10)
-    lr_at = lambda s: (
-        lr * (s + 1) / warmup
-        if s < warmup
-        else lr
-        * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
-    )
-    order, pos, history = torch.randperm(len(pairs), generator=g), 0, []
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="reward model", disable=not progress)
-    except ImportError:
-        bar = None
+    batches, history = _pair_batches(len(pairs), batch_size, seed), []
     rm.train()
-    for step in range(steps):
-        if pos + batch_size > len(order) and pos > 0:  # a new epoch: a new order
-            order, pos = torch.randperm(len(pairs), generator=g), 0
-        idx = order[pos : pos + batch_size].tolist()
-        pos += batch_size
-        ids, mask = pad_batch(
-            [chosen[i] for i in idx] + [rejected[i] for i in idx],
+    for step in tqdm(range(steps), desc="reward model", disable=not progress):
+        idx = next(batches)
+        lr_now = lr_at(step, lr, lr / 10, max(1, steps // 10), steps)  # chapter 07
+        loss, rc, rr = _bt_step(
+            rm,
+            opt,
+            [chosen[i] for i in idx],
+            [rejected[i] for i in idx],
             tokenizer.pad_id,
-            "right",
+            lr_now,
+            grad_clip,
         )
-        r = rm(ids.to(dev), mask.to(dev)).float()
-        rc, rr = r[: len(idx)], r[len(idx) :]
-        loss = bradley_terry_loss(rc, rr)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
-        opt.step()
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(
-                f"the reward-model loss became {loss.item()} at step {step}; lower lr (now {lr})."
-            )
-        m = dict(
-            step=step + 1, loss=loss.item(), accuracy=_agreement(rc, rr), lr=lr_at(step)
-        )
+        m = dict(step=step + 1, loss=loss, accuracy=_agreement(rc, rr), lr=lr_now)
         if eval_pairs is not None and (
             (step + 1) % eval_every == 0 or step + 1 == steps
         ):
@@ -564,17 +618,5 @@ def train_reward_model(
         history.append(m)
         if callback is not None:
             callback(m)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{m['loss']:.3f}",
-                **(
-                    {"eval_acc": f"{m['eval_accuracy']:.2f}"}
-                    if "eval_accuracy" in m
-                    else {}
-                ),
-            )
-    if bar is not None:
-        bar.close()
     rm.eval()
     return history

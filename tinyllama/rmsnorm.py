@@ -9,7 +9,7 @@ from torch import nn
 
 # %% ../nbs/03_rmsnorm.ipynb #39cc3b6e
 class RMSNorm(nn.Module):
-    "Root-mean-square normalisation over the last dimension, with a learned gain `weight`."
+    "Root-mean-square normalisation over the last dimension, with a learned gain."
 
     def __init__(
         self,
@@ -19,7 +19,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
             raise ValueError(
-                f"RMSNorm needs a positive integer dim (the size of the last dimension); got {dim!r}."
+                "RMSNorm needs a positive integer dim (the size of the last "
+                f"dimension); got {dim!r}."
             )
         if not eps >= 0:
             raise ValueError(f"eps must be a non-negative number; got {eps!r}.")
@@ -32,13 +33,15 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor:  # (..., dim), x's dtype
         if x.shape[-1:] != (self.dim,):
             raise ValueError(
-                f"RMSNorm(dim={self.dim}) got an input of shape {tuple(x.shape)}: its last "
-                f"dimension must be {self.dim}. Normalise the feature dimension, or build "
-                f"RMSNorm with dim={x.shape[-1] if x.dim() else 'the feature size'}."
+                f"RMSNorm(dim={self.dim}) got an input of shape {tuple(x.shape)}: its "
+                f"last dimension must be {self.dim}. Normalise the feature dimension, "
+                "or build RMSNorm with "
+                f"dim={x.shape[-1] if x.dim() else 'the feature size'}."
             )
         if not x.is_floating_point():
             raise ValueError(
-                f"RMSNorm needs a floating-point input; got dtype {x.dtype}. Convert it with .float()."
+                f"RMSNorm needs a floating-point input; got dtype {x.dtype}. "
+                "Convert it with .float()."
             )
         dtype = x.dtype
         x32 = x.float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['rope_frequencies', 'rope_cos_sin', 'rotate_half', 'apply_rotary', 'RotaryPositionalEncoding',
@@ -19,8 +20,9 @@ def _check_head_dim(head_dim) -> None:
         or head_dim % 2
     ):
         raise ValueError(
-            f"head_dim must be a positive even integer (RoPE rotates the dimensions of a head in pairs); "
-            f"got {head_dim!r}. Choose dim_emb and num_heads so that dim_emb // num_heads is even."
+            "head_dim must be a positive even integer (RoPE rotates the dimensions of "
+            f"a head in pairs); got {head_dim!r}. Choose dim_emb and num_heads so that "
+            "dim_emb // num_heads is even."
         )
 
 
@@ -32,7 +34,8 @@ def rope_frequencies(
     _check_head_dim(head_dim)
     if not theta > 0:
         raise ValueError(
-            f"theta must be positive (it is the base of the RoPE frequencies); got {theta!r}."
+            "theta must be positive (it is the base of the RoPE frequencies); "
+            f"got {theta!r}."
         )
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
@@ -42,7 +45,7 @@ def rope_cos_sin(
     head_dim: int,  # dimensions per head (even)
     theta: float = 10000.0,  # RoPE base
 ) -> tuple[torch.Tensor, torch.Tensor]:  # cos, sin: float32 (..., T, head_dim)
-    "cos and sin of the rotation angles in the rotate-half layout (the half-size angles written twice)."
+    "cos and sin of the rotation angles in the rotate-half layout (each angle twice)."
     positions = torch.as_tensor(positions)
     inv_freq = rope_frequencies(head_dim, theta).to(positions.device)
     angles = positions[..., None].to(torch.float32) * inv_freq  # (..., T, head_dim//2)
@@ -61,17 +64,18 @@ def apply_rotary(
     cos: torch.Tensor,  # (T, D) or (B, 1, T, D), from rope_cos_sin
     sin: torch.Tensor,  # same shape as cos
 ) -> torch.Tensor:  # x rotated, same shape and dtype
-    "Rotate each pair (i, i + D/2) of x by its angle: x*cos + rotate_half(x)*sin, in x's dtype."
+    "Rotate each pair (i, i + D/2) of x by its angle: x*cos + rotate_half(x)*sin."
     if cos.shape[-1] != x.shape[-1] or sin.shape != cos.shape:
         raise ValueError(
-            f"cos/sin of shape {tuple(cos.shape)}/{tuple(sin.shape)} do not fit x of shape "
-            f"{tuple(x.shape)}: their last dimension must equal the head dimension {x.shape[-1]}."
+            f"cos/sin of shape {tuple(cos.shape)}/{tuple(sin.shape)} do not fit x "
+            f"of shape {tuple(x.shape)}: their last dimension must equal the head "
+            f"dimension {x.shape[-1]}."
         )
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 # %% ../nbs/02_rope.ipynb #7363f9f7
 class RotaryPositionalEncoding(nn.Module):
-    "Rotary positional embeddings (rotate-half layout) with tables precomputed for 0..context_size-1."
+    "Rotary embeddings (rotate-half layout), tables precomputed for 0..context_size-1."
 
     def __init__(
         self,
@@ -86,35 +90,18 @@ class RotaryPositionalEncoding(nn.Module):
                 f"context_size must be a positive integer; got {context_size!r}."
             )
         self.head_dim, self.context_size, self.theta = head_dim, context_size, theta
-        cos, sin = rope_cos_sin(
-            torch.arange(context_size), head_dim, theta
-        )  # (context_size, head_dim)
+        cos, sin = rope_cos_sin(torch.arange(context_size), head_dim, theta)  # (ctx, D)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-
-    def _too_far(self, first: int, last: int) -> ValueError:
-        return ValueError(
-            f"positions {first}..{last} are outside the rotary table, which covers positions "
-            f"0..{self.context_size - 1} (context_size={self.context_size}). Shorten the input, or build "
-            f"the model with a larger context_size."
-        )
-
-    def check_positions(self, position_ids: torch.Tensor):
-        "Raise a clear error for positions outside the table (read on the CPU only: free there)."
-        if position_ids.device.type != "cpu":
-            return  # on a GPU the read would stall every call
-        lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()
-        if lo < 0 or hi >= self.context_size:
-            raise self._too_far(lo, hi)
 
     def forward(
         self,
         x: torch.Tensor,  # (B, H, T, head_dim) queries or keys
         start_pos: int = 0,  # position of x's first token (cached decoding)
-        position_ids: torch.Tensor
-        | None = None,  # (B, T) explicit positions; override start_pos
-        check: bool = True,  # False: the caller checked position_ids' range (LLM.forward does, once)
+        position_ids: torch.Tensor | None = None,  # (B, T); override start_pos
+        check: bool = True,  # False: the caller checked position_ids (LLM.forward)
     ) -> torch.Tensor:  # (B, H, T, head_dim) rotated, x's dtype
+        "Rotate `x` by the angles of its positions."
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
             raise ValueError(
                 f"expected x of shape (batch, heads, seq, head_dim={self.head_dim}); "
@@ -128,34 +115,61 @@ class RotaryPositionalEncoding(nn.Module):
             cos = self.cos[start_pos : start_pos + T]  # (T, D)
             sin = self.sin[start_pos : start_pos + T]
         else:
-            if (
-                position_ids.dim() != 2
-                or position_ids.shape[1] != T
-                or position_ids.shape[0] not in (1, x.shape[0])
-            ):
-                raise ValueError(
-                    f"position_ids must have shape (batch={x.shape[0]}, seq={T}); "
-                    f"got {tuple(position_ids.shape)}."
-                )
-            if position_ids.is_floating_point() or position_ids.is_complex():
-                raise ValueError(
-                    "position_ids must be an integer tensor (token positions)."
-                )
-            # The range check reads the ids on the host: only where that is free (the CPU).
-            if check:
-                self.check_positions(position_ids)
+            self._check_position_ids(x, position_ids, check)
             cos = self.cos[position_ids].unsqueeze(1)  # (B, 1, T, D)
             sin = self.sin[position_ids].unsqueeze(1)
         return apply_rotary(x, cos, sin)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, context_size={self.context_size}, theta={self.theta}"
+        return (
+            f"head_dim={self.head_dim}, context_size={self.context_size}, "
+            f"theta={self.theta}"
+        )
+
+# %% ../nbs/02_rope.ipynb #792dbf0b
+@patch
+def _too_far(self: RotaryPositionalEncoding, first: int, last: int) -> ValueError:
+    "The error for positions `first`..`last` past the table."
+    return ValueError(
+        f"positions {first}..{last} are outside the rotary table, which covers "
+        f"positions 0..{self.context_size - 1} (context_size={self.context_size}). "
+        "Shorten the input, or build the model with a larger context_size."
+    )
+
+
+@patch
+def check_positions(self: RotaryPositionalEncoding, position_ids: torch.Tensor):
+    "Raise a clear error for positions outside the table (read on the CPU only)."
+    if position_ids.device.type != "cpu":
+        return  # on a GPU the read would stall every call
+    lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()
+    if lo < 0 or hi >= self.context_size:
+        raise self._too_far(lo, hi)
+
+
+@patch
+def _check_position_ids(self: RotaryPositionalEncoding, x, position_ids, check: bool):
+    "Raise a ValueError unless `position_ids` fit `x` (and, if `check`, the table)."
+    T = x.shape[2]
+    if (
+        position_ids.dim() != 2
+        or position_ids.shape[1] != T
+        or position_ids.shape[0] not in (1, x.shape[0])
+    ):
+        raise ValueError(
+            f"position_ids must have shape (batch={x.shape[0]}, seq={T}); "
+            f"got {tuple(position_ids.shape)}."
+        )
+    if position_ids.is_floating_point() or position_ids.is_complex():
+        raise ValueError("position_ids must be an integer tensor (token positions).")
+    if check:  # reads the ids on the host: only where that is free (the CPU)
+        self.check_positions(position_ids)
 
 # %% ../nbs/02_rope.ipynb #4ef70516
 def interleaved_to_half_permutation(
     head_dim: int,
 ) -> torch.Tensor:  # (head_dim,) indices
-    "Permutation p of a head's dims with x_half = x_interleaved[..., p]: even dims first, then odd."
+    "Permutation p with x_half = x_interleaved[..., p]: a head's even dims, then odd."
     _check_head_dim(head_dim)
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
@@ -165,7 +179,7 @@ def apply_rotary_interleaved(
     positions,  # (T,) integer positions
     theta: float = 10000.0,  # RoPE base
 ) -> torch.Tensor:  # x rotated, same shape and dtype
-    "RoPE in the interleaved (Meta / RoFormer) layout: pairs (2i, 2i+1) rotate by position * theta_i."
+    "RoPE, interleaved layout (Meta, RoFormer): pair (2i, 2i+1) turns by m·theta_i."
     D = x.shape[-1]
     angles = torch.as_tensor(positions)[:, None].to(torch.float32) * rope_frequencies(
         D, theta

@@ -3,190 +3,169 @@
 # %% ../nbs/09_sft.ipynb #dc092606
 from __future__ import annotations
 import math, random, re, time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .data import Story, StoryWorld, default_world
 from .generate import generate
 from .checkpoint import unwrap_model
 from tinyllama.train import (
-    NextTokenPredictionDataset,
+    IGNORE_INDEX,
     TrainingConfig,
     TrainResult,
     PretrainPreset,
+    plot_losses,
     train,
-    pretrain_preset,
+    _check_shard,
+    _is_int,
     _mix,
+    _shape,
 )
 
 # %% auto #0
-__all__ = ['ROLES', 'IGNORE_INDEX', 'CHAT_TEMPLATE', 'QUESTION_KINDS', 'SFTPreset', 'sft_preset', 'check_messages', 'format_chat',
-           'render_chat', 'fits_context', 'pretty_chat', 'answer_from_fields', 'QAItem', 'story_questions', 'qa_items',
-           'StoryRequest', 'story_request', 'follows_request', 'sft_split', 'sft_conversations', 'masked_labels',
-           'sft_loss', 'SFTDataset', 'sft_train', 'chat_replies', 'chat_reply', 'normalize_answer', 'exact_match',
-           'QAResult', 'score_answers', 'answer_accuracy', 'FollowResult', 'score_stories', 'instruction_following',
-           'SFTRun', 'run_sft']
+__all__ = ['ROLES', 'CHAT_TEMPLATE', 'QUESTION_KINDS', 'SFTPreset', 'sft_preset', 'check_messages', 'format_chat', 'render_chat',
+           'fits_context', 'pretty_chat', 'answer_from_fields', 'QAItem', 'story_questions', 'qa_items', 'StoryRequest',
+           'story_request', 'follows_request', 'sft_split', 'sft_conversations', 'masked_labels', 'sft_loss',
+           'SFTDataset', 'sft_train', 'chat_replies', 'chat_reply', 'normalize_answer', 'exact_match', 'QAResult',
+           'score_answers', 'answer_accuracy', 'FollowResult', 'score_stories', 'instruction_following', 'SFTRun',
+           'run_sft', 'sft_figure']
 
 # %% ../nbs/09_sft.ipynb #ea15486e
-@dataclass
+@dataclass(frozen=True)
 class SFTPreset:
-    "The sizes of a profile's SFT run, and of the chapter-07 pretraining it starts from."
+    "The sizes of a profile's SFT run, and of the pretraining (chapter 07) before it."
 
-    pretrain: PretrainPreset  # model and pretraining sizes (tinyllama.train.pretrain takes it)
+    pretrain: PretrainPreset  # model and pretraining sizes (for train.pretrain)
     train: TrainingConfig  # the fine-tuning run
     n_train_stories: int  # stories that become SFT chats
     n_heldout_stories: int  # held-out stories for the Q/A evaluation
     n_requests: int  # held-out "write a story ..." requests
     write_fraction: float = 0.2  # share of training chats that ask for a story
-    max_questions: int | None = (
-        5  # questions per Q/A chat at most; None: every question the story answers
-    )
+    # questions per Q/A chat at most; None: every question the story answers
+    max_questions: int | None = 5
     band: tuple = (0.8, 1.0)  # exact-match accuracy after SFT this profile promises
 
-
-def sft_preset(
-    profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
-) -> SFTPreset:
-    "Pretraining and SFT sizes for a profile (the model's context holds a story and its questions)."
-    from tinyllama.profiles import Profile, get_profile
-
-    P = profile if isinstance(profile, Profile) else get_profile(profile)
-    base = pretrain_preset(P)
-    model = P.pick(  # with 1024 pieces every name, colour, animal, object and place is one token (stories ~78 tokens)
-        ci=dict(
-            vocab_size=1024,
-            context_size=192,
-            dim_emb=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            ffd_hidden_dim=192,
-        ),
-        cpu=dict(
-            vocab_size=1024,
-            context_size=256,
-            dim_emb=128,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-            ffd_hidden_dim=384,
-        ),
-        gpu=dict(
-            vocab_size=1024,
-            context_size=256,
-            dim_emb=256,
-            num_layers=6,
-            num_heads=8,
-            num_kv_heads=4,
-            ffd_hidden_dim=768,
-        ),
-    )
-    pre_train = P.pick(
+# %% ../nbs/09_sft.ipynb #05944ce5
+def _sft_pretraining(P) -> PretrainPreset:
+    "The pretraining that SFT starts from, in profile P (one thread: a shared CPU)."
+    train = P.pick(
         ci=TrainingConfig(
-            steps=30,
-            batch_size=8,
-            lr=3e-3,
-            min_lr=3e-4,
-            warmup_steps=5,
-            eval_every=0,
-            eval_batches=2,
-            log_every=10,
+            steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+            eval_every=0, eval_batches=2, log_every=10,
         ),
         cpu=TrainingConfig(
-            steps=500,
-            batch_size=16,
-            lr=3e-3,
-            min_lr=3e-4,
-            warmup_steps=50,
-            eval_every=0,
-            eval_batches=4,
-            log_every=10,
+            steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50,
+            eval_every=0, eval_batches=4, log_every=10,
         ),
         gpu=TrainingConfig(
-            steps=2000,
-            batch_size=64,
-            lr=2e-3,
-            min_lr=1e-4,
-            warmup_steps=100,
-            eval_every=500,
-            eval_batches=10,
-            log_every=25,
+            steps=2000, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=100,
+            eval_every=500, eval_batches=10, log_every=25,
         ),
+    )  # fmt: skip
+    model = P.pick(
+        ci=_shape(1024, 192, 64, 2, 4, 2, 192),
+        cpu=_shape(1024, 256, 128, 4, 4, 2, 384),
+        gpu=_shape(1024, 256, 256, 6, 8, 4, 768),
     )
-    pre = PretrainPreset(
+    return PretrainPreset(
         model,
-        pre_train,
+        train,
         profile=P.name,
         corpus="story_world",
         n_train_stories=P.pick(ci=1500, cpu=6000, gpu=20000),
         n_heldout_stories=P.pick(ci=20, cpu=200, gpu=500),
         num_threads=P.pick(ci=1, cpu=1, gpu=None),
-        band=base.band,
-    )  # one thread: a shared CPU
-    sft = P.pick(
+        band=P.pick(ci=(1.0, 15.0), cpu=(1.0, 1.15), gpu=(1.0, 1.15)),
+    )
+
+# %% ../nbs/09_sft.ipynb #9d007083
+def _sft_config(P) -> TrainingConfig:
+    "The fine-tuning run of profile P."
+    return P.pick(
         ci=TrainingConfig(
-            steps=30,
-            batch_size=8,
-            lr=3e-3,
-            min_lr=3e-4,
-            warmup_steps=5,
-            eval_every=0,
-            eval_batches=2,
-            log_every=5,
+            steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+            eval_every=0, eval_batches=2, log_every=5,
         ),
         cpu=TrainingConfig(
-            steps=400,
-            batch_size=16,
-            lr=3e-3,
-            min_lr=1e-4,
-            warmup_steps=20,
-            eval_every=0,
-            eval_batches=4,
-            log_every=10,
+            steps=400, batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=20,
+            eval_every=0, eval_batches=4, log_every=10,
         ),
         gpu=TrainingConfig(
-            steps=1500,
-            batch_size=64,
-            lr=1e-3,
-            min_lr=5e-5,
-            warmup_steps=100,
-            eval_every=250,
-            eval_batches=10,
-            log_every=25,
+            steps=1500, batch_size=64, lr=1e-3, min_lr=5e-5, warmup_steps=100,
+            eval_every=250, eval_batches=10, log_every=25,
         ),
-    )
-    return SFTPreset(
-        pre,
-        sft,
+    )  # fmt: skip
+
+
+def sft_preset(
+    profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
+    speedrun: bool = False,  # the speedrun's smaller cpu run (2-3 min on two cores)
+) -> SFTPreset:
+    "Pretraining and SFT sizes of a profile (the context holds a story and questions)."
+    from tinyllama.profiles import as_profile
+
+    P = as_profile(profile)
+    preset = SFTPreset(
+        _sft_pretraining(P),
+        _sft_config(P),
         n_train_stories=P.pick(ci=300, cpu=8000, gpu=20000),
         n_heldout_stories=P.pick(ci=8, cpu=150, gpu=300),
         n_requests=P.pick(ci=2, cpu=40, gpu=100),
         write_fraction=P.pick(ci=0.2, cpu=0.25, gpu=0.2),
         max_questions=P.pick(ci=5, cpu=None, gpu=None),
+        # cpu: measured 0.64 and 0.68 (0.47 with half the pretraining); 0.8 the aim
         band=P.pick(ci=(0.0, 1.0), cpu=(0.35, 1.0), gpu=(0.9, 1.0)),
-    )  # cpu: measured 0.64 and 0.68 (0.47 with half the pretraining), not the 0.8 aimed at
+    )
+    if (
+        speedrun and P.name == "cpu"
+    ):  # fewer steps and held-out stories than the chapter
+        short = replace(preset.train, steps=150, lr=2e-3)
+        preset = replace(preset, train=short, n_train_stories=4000)
+        preset = replace(preset, n_heldout_stories=60, n_requests=16, max_questions=3)
+    return preset
 
 # %% ../nbs/09_sft.ipynb #0ebe04c9
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100  # the label of a position that adds nothing to the loss (F.cross_entropy's default ignore_index)
-CHAT_TEMPLATE = "<|{role}|>{content}<|end|>"  # one message; a chat is "<s>" + its messages (+ "<|assistant|>" to ask for a reply)
+# one message; a chat is "<s>" + its messages (+ "<|assistant|>" to ask for a reply)
+CHAT_TEMPLATE = "<|{role}|>{content}<|end|>"
 
 
 def _role_id(tokenizer, role: str) -> int:
-    return {
-        "system": tokenizer.system_id,
-        "user": tokenizer.user_id,
-        "assistant": tokenizer.assistant_id,
-    }[role]
+    ids = (tokenizer.system_id, tokenizer.user_id, tokenizer.assistant_id)
+    return dict(zip(ROLES, ids))[role]
+
+# %% ../nbs/09_sft.ipynb #8ad0a672
+def _check_message(i: int, m) -> None:
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise ValueError(
+            f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}."
+        )
+    if m["role"] not in ROLES:
+        raise ValueError(
+            f"message {i} has role {m['role']!r}; the roles are {', '.join(ROLES)}."
+        )
+    if not isinstance(m["content"], str):
+        raise ValueError(
+            f"message {i} ({m['role']}) has content of type "
+            f"{type(m['content']).__name__}; the content must be text."
+        )
+    if not m["content"].strip():
+        raise ValueError(
+            f"message {i} ({m['role']}) is empty; write some text (a question, an "
+            "instruction, a story) or leave the message out."
+        )
+    if m["role"] == "system" and i > 0:
+        raise ValueError(
+            f"message {i} is a system message; a system message may only come first."
+        )
 
 
 def check_messages(
-    messages: Sequence[
-        dict
-    ],  # [{"role": "system" | "user" | "assistant", "content": str}, ...]
-    add_generation_prompt: bool = False,  # the chat will end by asking the assistant for a reply
+    messages: Sequence[dict],  # [{"role": "system" | "user" | "assistant", ...}, ...]
+    add_generation_prompt: bool = False,  # the chat will ask the assistant for a reply
 ) -> list[dict]:
     "Validate a chat: a non-empty list of messages with known roles and non-empty text."
     example = "[{'role': 'user', 'content': 'Who is the hero of the story?'}]"
@@ -200,75 +179,48 @@ def check_messages(
             f"the chat is empty: give at least one message, e.g. {example}."
         )
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(
-                f"message {i} must be a dict with 'role' and 'content', got {m!r:.80}."
-            )
-        if m["role"] not in ROLES:
-            raise ValueError(
-                f"message {i} has role {m['role']!r}; the roles are {', '.join(ROLES)}."
-            )
-        if not isinstance(m["content"], str):
-            raise ValueError(
-                f"message {i} ({m['role']}) has content of type {type(m['content']).__name__}; "
-                "the content must be text."
-            )
-        if not m["content"].strip():
-            raise ValueError(
-                f"message {i} ({m['role']}) is empty; write some text (a question, an instruction, "
-                "a story) or leave the message out."
-            )
-        if m["role"] == "system" and i > 0:
-            raise ValueError(
-                f"message {i} is a system message; a system message may only come first."
-            )
+        _check_message(i, m)
     if add_generation_prompt and messages[-1]["role"] == "assistant":
         raise ValueError(
-            "the chat already ends with the assistant's message; to ask for a reply, end it with a "
-            "user message."
+            "the chat already ends with the assistant's message; to ask for a reply, "
+            "end it with a user message."
         )
     return list(messages)
 
-
+# %% ../nbs/09_sft.ipynb #1630a3be
 def format_chat(
     messages: Sequence[dict],  # [{"role": ..., "content": ...}, ...]
     tokenizer,  # a tinyllama Tokenizer (bos_id and the chat-role ids)
-    add_generation_prompt: bool = False,  # end with <|assistant|>: the prompt for a reply
-    max_tokens: int | None = None,  # raise a ValueError if the chat is longer than this
+    add_generation_prompt: bool = False,  # end with <|assistant|>: ask for a reply
+    max_tokens: int | None = None,  # a ValueError if the chat is longer than this
 ) -> tuple[
     list[int], list[int]
-]:  # ids, loss_mask (1 on the assistant's text and its <|end|>)
-    "Token ids of a chat, `<s><|role|>text<|end|>...`, and the mask of the tokens the assistant wrote."
+]:  # ids, loss mask (1: the assistant's text and <|end|>)
+    "Token ids of a chat, `<s><|role|>text<|end|>...`, and the mask of the assistant's."
     messages = check_messages(messages, add_generation_prompt)
     ids, mask = [tokenizer.bos_id], [0]
     for m in messages:
-        text = tokenizer.encode(
-            m["content"]
-        )  # allow_special=False: "<|end|>" typed in a message stays plain text
+        # allow_special=False: "<|end|>" typed in a message stays plain text
+        text = tokenizer.encode(m["content"])
         a = int(m["role"] == "assistant")
         ids += [_role_id(tokenizer, m["role"])] + text + [tokenizer.end_id]
-        mask += (
-            [0] + [a] * len(text) + [a]
-        )  # the assistant learns its words and when to stop
+        mask += [0] + [a] * len(text) + [a]  # its words, and when to stop
     if add_generation_prompt:
         ids.append(tokenizer.assistant_id)
         mask.append(0)
     if max_tokens is not None and len(ids) > max_tokens:
         raise ValueError(
-            f"the chat has {len(ids)} tokens but at most {max_tokens} fit; shorten the messages "
-            "(a shorter story or question) or start a new chat."
+            f"the chat has {len(ids)} tokens but at most {max_tokens} fit; shorten the "
+            "messages (a shorter story or question) or start a new chat."
         )
     return ids, mask
 
-
+# %% ../nbs/09_sft.ipynb #a5923bee
 def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-    "The chat as text with its special tokens written out; `encode(..., allow_special=True)` gives `format_chat`'s ids."
+    "The chat as text, special tokens written out (encoded: format_chat's ids)."
     messages = check_messages(messages, add_generation_prompt)
-    return (
-        "<s>"
-        + "".join(CHAT_TEMPLATE.format(**m) for m in messages)
-        + "<|assistant|>" * add_generation_prompt
-    )
+    body = "".join(CHAT_TEMPLATE.format(**m) for m in messages)
+    return "<s>" + body + "<|assistant|>" * add_generation_prompt
 
 
 def fits_context(
@@ -300,17 +252,9 @@ def pretty_chat(messages: Sequence[dict], width: int = 100) -> str:
     return "\n".join(out)
 
 # %% ../nbs/09_sft.ipynb #0c893ee9
-QUESTION_KINDS = (
-    "hero",
-    "animal",
-    "colour",
-    "object",
-    "place",
-    "friend",
-    "feeling",
-    "ending",
-)
-_QUESTIONS = {  # kind: (question template over the story's fields, the field or rule that answers it)
+QUESTION_KINDS = ("hero", "animal", "colour", "object", "place", "friend", "feeling")
+QUESTION_KINDS += ("ending",)
+_QUESTIONS = {  # kind: the question, a template over the story's fields
     "hero": "Who is the hero of the story?",
     "animal": "What kind of animal was {hero}?",
     "colour": "What colour was the {object}?",
@@ -326,14 +270,15 @@ def answer_from_fields(
     kind: str,  # one of QUESTION_KINDS
     fields: dict,  # a story's choices (Story.fields)
 ) -> str | None:  # None when the story has no answer to this kind of question
-    "The one correct answer to a question of this kind, read off the story's derivation."
+    "The one correct answer to a question of this kind, read off the derivation."
     if kind not in _QUESTIONS:
         raise ValueError(
-            f"unknown question kind {kind!r}; the kinds are {', '.join(QUESTION_KINDS)}."
+            f"unknown question kind {kind!r}; "
+            f"the kinds are {', '.join(QUESTION_KINDS)}."
         )
     return fields.get(kind)
 
-
+# %% ../nbs/09_sft.ipynb #2699500f
 @dataclass(frozen=True)
 class QAItem:
     "A question about a story with exactly one correct answer."
@@ -350,9 +295,7 @@ class QAItem:
 
 def story_questions(
     story: Story,  # a story of the story world (with its derivation)
-    kinds: Sequence[
-        str
-    ] = QUESTION_KINDS,  # which questions to ask (those the story can answer)
+    kinds: Sequence[str] = QUESTION_KINDS,  # which questions (those the story answers)
 ) -> list[QAItem]:
     "Every question of `kinds` that this story answers, each with its one answer."
     f = story.fields
@@ -415,7 +358,7 @@ def follows_request(
     request: StoryRequest,
     world: StoryWorld | None = None,
 ) -> bool:
-    "True when `text` is a story of the world (it parses) whose fields are those the request names."
+    "True when `text` parses as a story of the world with the fields the request names."
     try:
         story = (world or default_world()).parse(text.strip())
     except ValueError:
@@ -426,24 +369,22 @@ def follows_request(
 # %% ../nbs/09_sft.ipynb #8601c409
 def sft_split(
     n_train: int,  # stories for SFT training
-    n_heldout: int,  # stories for evaluation, none of whose texts is among the training stories
+    n_heldout: int,  # stories for evaluation, none of whose texts is a training one
     seed: int = 0,
-    exclude: Sequence[
-        str
-    ] = (),  # more texts the held-out stories must avoid (e.g. the pretraining corpus)
+    # more texts the held-out stories must avoid (e.g. the pretraining corpus)
+    exclude: Sequence[str] = (),
     world: StoryWorld | None = None,
 ) -> tuple[list[Story], list[Story]]:
-    "Training and held-out stories from two random streams; a held-out text never occurs among the training ones."
+    "Training and held-out stories from two random streams, no text in both."
     for name, v in (("n_train", n_train), ("n_heldout", n_heldout)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if not _is_int(v):
             raise ValueError(f"{name} must be a non-negative integer, got {v!r}.")
     world = world or default_world()
     train_stories = world.sample(n_train, seed=f"{seed}/sft-train")
     seen = {s.text for s in train_stories} | set(getattr(t, "text", t) for t in exclude)
     rng, held = random.Random(f"{seed}/sft-heldout"), []
-    for _ in range(
-        100 * n_heldout + 100
-    ):  # a collision is rare (a story carries about 25 nats), so this ends fast
+    # a collision is rare (a story carries about 25 nats), so this ends fast
+    for _ in range(100 * n_heldout + 100):
         if len(held) == n_heldout:
             break
         s = world.sample_story(rng)
@@ -452,28 +393,40 @@ def sft_split(
             seen.add(s.text)
     else:
         raise ValueError(
-            f"could not find {n_heldout} new stories; the world has too few distinct stories."
+            f"could not find {n_heldout} new stories; "
+            "the world has too few distinct stories."
         )
     return train_stories, held
+
+# %% ../nbs/09_sft.ipynb #0b582fd2
+def _qa_chat(story: Story, rng: random.Random, max_questions: int | None) -> list:
+    "Questions about a story (in the first turn): a random subset, in random order."
+    qs = story_questions(story)
+    n = (
+        len(qs)
+        if max_questions is None
+        else min(len(qs), rng.randint(1, max_questions))
+    )
+    chat = []
+    for i, q in enumerate(rng.sample(qs, n)):
+        chat += q.messages() if i == 0 else [{"role": "user", "content": q.question}]
+        chat.append({"role": "assistant", "content": q.answer})
+    return chat
 
 
 def sft_conversations(
     stories: Sequence[Story],  # training stories
     seed: int = 0,
-    write_fraction: float = 0.2,  # share of stories that become "write a story ..." chats
-    max_questions: int
-    | None = 5,  # a Q/A chat asks 1..max_questions questions about its story; None: all
+    write_fraction: float = 0.2,  # share of stories that become "write a story" chats
+    max_questions: int | None = 5,  # 1..max_questions per Q/A chat; None: all
 ) -> list[list[dict]]:
-    "Chats for SFT: story-writing requests, and questions about a story (the first turn holds the story)."
+    "Chats for SFT: story-writing requests, and questions about a story."
     if not 0 <= write_fraction <= 1:
         raise ValueError(f"write_fraction must be in [0, 1], got {write_fraction!r}.")
-    if max_questions is not None and (
-        isinstance(max_questions, bool)
-        or not isinstance(max_questions, int)
-        or max_questions < 1
-    ):
+    if max_questions is not None and not _is_int(max_questions, 1):
         raise ValueError(
-            f"max_questions must be a positive integer or None (every question), got {max_questions!r}."
+            "max_questions must be a positive integer or None (every question), "
+            f"got {max_questions!r}."
         )
     rng, chats = random.Random(f"{seed}/sft-chats"), []
     for s in stories:
@@ -481,31 +434,14 @@ def sft_conversations(
             req = story_request(s, rng)
             chats.append(req.messages() + [{"role": "assistant", "content": s.text}])
         else:
-            qs = story_questions(s)
-            n = (
-                len(qs)
-                if max_questions is None
-                else min(len(qs), rng.randint(1, max_questions))
-            )
-            qs = rng.sample(
-                qs, n
-            )  # a random subset (None: all of them) in random order
-            chat = []
-            for i, q in enumerate(qs):
-                chat += (
-                    q.messages()
-                    if i == 0
-                    else [{"role": "user", "content": q.question}]
-                )
-                chat.append({"role": "assistant", "content": q.answer})
-            chats.append(chat)
+            chats.append(_qa_chat(s, rng, max_questions))
     return chats
 
 # %% ../nbs/09_sft.ipynb #80f0a0a8
 def masked_labels(
     ids: Sequence[int],  # token ids of a chat
     loss_mask: Sequence[int],  # 1 where the assistant wrote the token
-) -> tuple[list[int], list[int]]:  # inputs ids[:-1], labels: ids[1:] or IGNORE_INDEX
+) -> tuple[list[int], list[int]]:  # inputs ids[:-1]; labels ids[1:] or IGNORE_INDEX
     "Next-token inputs and labels where only the assistant's tokens are targets."
     if len(ids) != len(loss_mask):
         raise ValueError(
@@ -513,127 +449,119 @@ def masked_labels(
         )
     if len(ids) < 2:
         raise ValueError("a chat needs at least two tokens to predict one.")
-    return list(ids[:-1]), [
-        t if m else IGNORE_INDEX for t, m in zip(ids[1:], loss_mask[1:])
-    ]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], loss_mask[1:])]
+    return list(ids[:-1]), labels
 
 
 def sft_loss(
     logits: torch.Tensor,  # (B, T, V)
-    labels: torch.Tensor,  # (B, T) next-token ids, IGNORE_INDEX where nothing is learned
+    labels: torch.Tensor,  # (B, T) next-token ids; IGNORE_INDEX: nothing learned
 ) -> torch.Tensor:  # scalar: mean cross-entropy over the labelled positions
-    "Cross-entropy averaged over the assistant's tokens only (the loss `train` computes)."
+    "Cross-entropy averaged over the assistant's tokens only (what `train` optimises)."
     if not (labels != IGNORE_INDEX).any():
         raise ValueError(
-            "no position has a label: every token is masked, so there is nothing to learn; "
-            "include at least one assistant message."
+            "no position has a label: every token is masked, so there is nothing to "
+            "learn; include at least one assistant message."
         )
     return F.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
     )
 
+# %% ../nbs/09_sft.ipynb #40082dac
+def _chat_rows(conversations, tokenizer, context_size):
+    "(inputs, labels) tensors of each chat, with an error naming the chat at fault."
+    if isinstance(conversations, (str, dict)) or len(conversations) == 0:
+        raise ValueError(
+            "conversations must be a non-empty list of chats (each a list of messages)."
+        )
+    rows = []
+    for i, chat in enumerate(conversations):
+        try:
+            ids, mask = format_chat(chat, tokenizer)
+        except ValueError as e:
+            raise ValueError(f"chat {i}: {e}") from None
+        if not any(mask):
+            raise ValueError(
+                f"chat {i} has no assistant message, so nothing to learn from it."
+            )
+        if context_size is not None and len(ids) - 1 > context_size:
+            raise ValueError(
+                f"chat {i} has {len(ids)} tokens, more than context_size + 1 = "
+                f"{context_size + 1}; drop long chats or use a larger context."
+            )
+        rows.append(tuple(torch.tensor(r) for r in masked_labels(ids, mask)))
+    return rows
 
-class SFTDataset(NextTokenPredictionDataset):
-    "Chats as (inputs, labels) rows with labels = -100 off the assistant's tokens; `train` can use it as it is."
+# %% ../nbs/09_sft.ipynb #3e0abca1
+class SFTDataset:
+    "Chats as (inputs, labels) rows, labels -100 off the assistant's: a batch source."
 
     def __init__(
         self,
         conversations: Sequence[Sequence[dict]],  # chats, each a list of messages
         tokenizer,
-        context_size: int
-        | None = None,  # longest row allowed (the model's context_size); None: no limit
+        context_size: int | None = None,  # longest row allowed (the model's); None: any
         seed: int = 0,  # which rows each step's batch takes
     ):
-        if isinstance(conversations, (str, dict)) or len(conversations) == 0:
-            raise ValueError(
-                "conversations must be a non-empty list of chats (each a list of messages)."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not _is_int(seed, -math.inf):
             raise ValueError(f"seed must be an integer, got {seed!r}.")
-        self.inputs, self.labels = [], []
-        for i, chat in enumerate(conversations):
-            try:
-                ids, mask = format_chat(chat, tokenizer)
-            except ValueError as e:
-                raise ValueError(f"chat {i}: {e}") from None
-            if not any(mask):
-                raise ValueError(
-                    f"chat {i} has no assistant message, so nothing to learn from it."
-                )
-            if context_size is not None and len(ids) - 1 > context_size:
-                raise ValueError(
-                    f"chat {i} has {len(ids)} tokens, more than context_size + 1 = {context_size + 1}; "
-                    "drop long chats or use a model with a larger context."
-                )
-            x, y = masked_labels(ids, mask)
-            self.inputs.append(torch.tensor(x))
-            self.labels.append(torch.tensor(y))
+        rows = _chat_rows(conversations, tokenizer, context_size)
+        self.inputs, self.labels = [x for x, _ in rows], [y for _, y in rows]
         self.pad_id, self.seed = tokenizer.pad_id, seed
-        self.context_size = max(
-            len(x) for x in self.inputs
-        )  # the longest row (train checks it fits the model)
-        self.num_windows = len(self.inputs)
+        self.context_size = max(len(x) for x in self.inputs)  # the longest row
 
     def __len__(self):
         return len(self.inputs)
 
     def __repr__(self):
-        return f"SFTDataset({len(self)} chats, longest {self.context_size} tokens, seed={self.seed})"
+        return (
+            f"SFTDataset({len(self)} chats, longest {self.context_size} tokens, "
+            f"seed={self.seed})"
+        )
 
     def __getitem__(self, i: int):
         "Row `i`: (inputs, labels), unpadded."
         return self.inputs[i], self.labels[i]
 
-    def collate(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        "Rows padded on the right to the longest: inputs with PAD, labels with IGNORE_INDEX."
-        T = max(len(self.inputs[i]) for i in rows)
-        x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        for r, i in enumerate(rows):
-            n = len(self.inputs[i])
-            x[r, :n] = self.inputs[i]
-            y[r, :n] = self.labels[i]
-        return x, y  # causal attention: a real position never sees the padding after it
-
-    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        "Rows rank::world_size of the global batch of `step` (random chats fixed by (seed, step)), padded."
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, int)
-            or batch_size < 1
-        ):
-            raise ValueError(
-                f"batch_size must be a positive integer, got {batch_size!r}."
-            )
-        if not (
-            isinstance(world_size, int)
-            and world_size >= 1
-            and isinstance(rank, int)
-            and 0 <= rank < world_size
-        ):
-            raise ValueError(
-                f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}."
-            )
-        g = torch.Generator().manual_seed(_mix(self.seed, 5, step))
-        rows = torch.randint(0, len(self), (batch_size,), generator=g)[rank::world_size]
-        return self.collate(rows.tolist())
+# %% ../nbs/09_sft.ipynb #36851ca4
+@patch
+def collate(self: SFTDataset, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    "Rows right-padded to the longest: inputs with PAD, labels with IGNORE_INDEX."
+    T = max(len(self.inputs[i]) for i in rows)
+    x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for r, i in enumerate(rows):
+        n = len(self.inputs[i])
+        x[r, :n], y[r, :n] = self.inputs[i], self.labels[i]
+    return x, y
 
 
+@patch
+def batch(
+    self: SFTDataset, step: int, batch_size: int, rank: int = 0, world_size: int = 1
+):
+    "Rows rank::world_size of the global batch of `step` (random chats), padded."
+    _check_shard(batch_size, rank, world_size, even=False)
+    g = torch.Generator().manual_seed(_mix(self.seed, 5, step))
+    rows = torch.randint(0, len(self), (batch_size,), generator=g)[rank::world_size]
+    return self.collate(rows.tolist())
+
+# %% ../nbs/09_sft.ipynb #42bd31d9
 def sft_train(
     model: nn.Module,  # a pretrained LLM
     data: SFTDataset,  # training chats
     config: TrainingConfig,  # steps, batch, lr, ... (chapter 07)
-    eval_data: SFTDataset
-    | None = None,  # held-out chats: eval_loss is their assistant-token loss
+    eval_data: SFTDataset | None = None,  # held-out chats: their assistant-token loss
     callback=None,
     stop_event=None,
     progress: bool = True,
 ) -> TrainResult:
-    "Supervised fine-tuning: chapter 07's `train` on chats, the loss on the assistant's tokens only."
+    "Supervised fine-tuning: chapter 07's `train` on chats, loss on the replies only."
     for name, d in (("data", data), ("eval_data", eval_data)):
         if d is not None and not isinstance(d, SFTDataset):
             raise ValueError(
-                f"{name} must be an SFTDataset (labels masked to the assistant), got {type(d).__name__}."
+                f"{name} must be an SFTDataset (labels masked to the assistant), "
+                f"got {type(d).__name__}."
             )
     return train(
         model,
@@ -647,20 +575,34 @@ def sft_train(
 
 # %% ../nbs/09_sft.ipynb #9f0cf991
 def _reply_prompts(model, tokenizer, chats, max_new_tokens):
+    "Each chat's ids with the generation prompt; a ValueError when one would not fit."
+    if (
+        isinstance(chats, (str, dict))
+        or not isinstance(chats, (list, tuple))
+        or not chats
+    ):
+        raise ValueError(
+            "chats must be a non-empty list of chats (each a list of messages)."
+        )
+    if isinstance(chats[0], dict):
+        raise ValueError(
+            "chats must be a list of chats; for one chat wrap it in a list: [messages]."
+        )
     ctx = unwrap_model(model).config.context_size
     prompts = []
     for i, chat in enumerate(chats):
         ids, _ = format_chat(chat, tokenizer, add_generation_prompt=True)
         if len(ids) + max_new_tokens > ctx:
             raise ValueError(
-                f"chat {i} has {len(ids)} tokens and the reply may take {max_new_tokens} more, but the "
-                f"model's context_size is {ctx}; shorten the chat (at most {ctx - max_new_tokens} "
-                "tokens) or ask for fewer new tokens."
+                f"chat {i} has {len(ids)} tokens and the reply may take "
+                f"{max_new_tokens} more, but the model's context_size is {ctx}; "
+                f"shorten the chat (at most {ctx - max_new_tokens} tokens) "
+                "or ask for fewer new tokens."
             )
         prompts.append(ids)
     return prompts
 
-
+# %% ../nbs/09_sft.ipynb #15585889
 def chat_replies(
     model: nn.Module,  # an LLM (SFT-trained to follow the template)
     tokenizer,
@@ -673,20 +615,8 @@ def chat_replies(
     batch_size: int = 32,  # chats decoded together
 ) -> list[str]:
     "The assistant's reply to each chat, decoded until <|end|>."
-    if (
-        isinstance(chats, (str, dict))
-        or not isinstance(chats, (list, tuple))
-        or not chats
-    ):
-        raise ValueError(
-            "chats must be a non-empty list of chats (each a list of messages)."
-        )
-    if chats and isinstance(chats[0], dict):
-        raise ValueError(
-            "chats must be a list of chats; for one chat wrap it in a list: [messages]."
-        )
     prompts = _reply_prompts(model, tokenizer, chats, max_new_tokens)
-    out = []
+    end, out = tokenizer.end_id, []
     for i in range(0, len(prompts), batch_size):
         new = generate(
             model,
@@ -695,14 +625,11 @@ def chat_replies(
             temperature,
             top_k,
             top_p,
-            eos_id=tokenizer.end_id,
+            eos_id=end,
             pad_id=tokenizer.pad_id,
             seed=None if seed is None else seed + i,
         )
-        out += [
-            tokenizer.decode([t for t in n if t != tokenizer.end_id]).strip()
-            for n in new
-        ]
+        out += [tokenizer.decode([t for t in n if t != end]).strip() for n in new]
     return out
 
 
@@ -723,13 +650,13 @@ def chat_reply(
 
 # %% ../nbs/09_sft.ipynb #7122d8c6
 def normalize_answer(text: str) -> str:
-    "Lower case, no surrounding spaces or final punctuation, no leading a/an/the: 'The Red.' → 'red'."
+    "Lower case, no spaces or final punctuation around, no leading a/an/the."
     t = text.strip().lower().rstrip(".!?").strip()
     return re.sub(r"^(a|an|the)\s+", "", t)
 
 
 def exact_match(prediction: str, answer: str) -> bool:
-    "The prediction is the answer, up to case, spaces, a final full stop and a leading article."
+    "The prediction is the answer, up to case, spaces, a final stop and an article."
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
@@ -752,7 +679,8 @@ def score_answers(items: Sequence[QAItem], predictions: Sequence[str]) -> QAResu
     "Exact-match accuracy of `predictions` against the items' answers."
     if len(items) != len(predictions):
         raise ValueError(
-            f"got {len(predictions)} predictions for {len(items)} questions; give one per question."
+            f"got {len(predictions)} predictions for {len(items)} questions; "
+            "give one per question."
         )
     if not items:
         raise ValueError("no questions to score: give at least one QAItem.")
@@ -760,11 +688,10 @@ def score_answers(items: Sequence[QAItem], predictions: Sequence[str]) -> QAResu
     kinds = [k for k in QUESTION_KINDS if any(q.kind == k for q in items)]
     count = {k: sum(q.kind == k for q in items) for k in kinds}
     by_kind = {k: sum(ok for q, _, ok in rows if q.kind == k) / count[k] for k in kinds}
-    return QAResult(
-        sum(ok for *_, ok in rows) / len(rows), len(rows), by_kind, count, rows
-    )
+    accuracy = sum(ok for *_, ok in rows) / len(rows)
+    return QAResult(accuracy, len(rows), by_kind, count, rows)
 
-
+# %% ../nbs/09_sft.ipynb #fae2063f
 def answer_accuracy(
     model: nn.Module,
     tokenizer,
@@ -777,17 +704,13 @@ def answer_accuracy(
         raise ValueError(
             "qa_items is empty: give at least one question (see qa_items(stories))."
         )
+    chats = [q.messages() for q in qa_items]
     preds = chat_replies(
-        model,
-        tokenizer,
-        [q.messages() for q in qa_items],
-        max_new_tokens,
-        0.0,
-        batch_size=batch_size,
+        model, tokenizer, chats, max_new_tokens, 0.0, batch_size=batch_size
     )
     return score_answers(qa_items, preds)
 
-
+# %% ../nbs/09_sft.ipynb #1ab2dd1a
 @dataclass
 class FollowResult:
     "How often written stories honour their requests."
@@ -798,7 +721,10 @@ class FollowResult:
     rows: list  # (StoryRequest, story text, parses, follows)
 
     def __str__(self):
-        return f"followed {self.rate:.1%} of {self.n} requests ({self.parse_rate:.0%} well-formed stories)"
+        return (
+            f"followed {self.rate:.1%} of {self.n} requests "
+            f"({self.parse_rate:.0%} well-formed stories)"
+        )
 
 
 def score_stories(
@@ -831,14 +757,12 @@ def instruction_following(
     batch_size: int = 32,
     world: StoryWorld | None = None,
 ) -> FollowResult:
-    "Ask for each story and check that what comes back is a story of the world with the requested fields."
+    "Ask for each story; is what comes back a story with the requested fields?"
     if not requests:
         raise ValueError("requests is empty: give at least one StoryRequest.")
     chats = [r.messages() for r in requests]
-    longest = max(
-        len(format_chat(c, tokenizer, add_generation_prompt=True)[0]) for c in chats
-    )
-    room = unwrap_model(model).config.context_size - longest
+    prompt = lambda c: format_chat(c, tokenizer, add_generation_prompt=True)[0]
+    room = unwrap_model(model).config.context_size - max(len(prompt(c)) for c in chats)
     texts = chat_replies(
         model, tokenizer, chats, room, temperature, seed=seed, batch_size=batch_size
     )
@@ -863,60 +787,54 @@ class SFTRun:
     wall_s: float = 0.0
 
 
-def run_sft(
-    model: nn.Module,  # a pretrained LLM (chapter 07), fine-tuned in place
-    tokenizer,  # its tokenizer
-    preset: SFTPreset
-    | str
-    | None = None,  # sizes; a profile name; None: the current profile
-    seed: int = 0,
-    exclude: Sequence[
-        str
-    ] = (),  # texts the held-out stories must avoid (e.g. the pretraining stories)
-    evaluate_before: bool = True,  # measure the model before SFT too
-    callback=None,
-    progress: bool = True,
-    **train_overrides,  # TrainingConfig fields to change, e.g. steps=100
-) -> SFTRun:
-    "Chats from the story world → SFT (loss on the assistant's tokens) → held-out accuracy and instruction following."
-    t0 = time.perf_counter()
-    preset = preset if isinstance(preset, SFTPreset) else sft_preset(preset)
-    ctx = unwrap_model(model).config.context_size
+def _sft_data(tokenizer, preset: SFTPreset, ctx: int, seed: int, exclude):
+    "(training chats that fit, all chats made, held-out QAItems, held-out requests)."
+    n_held = preset.n_heldout_stories
     train_stories, held = sft_split(
-        preset.n_train_stories,
-        preset.n_heldout_stories + preset.n_requests,
-        seed,
-        exclude,
+        preset.n_train_stories, n_held + preset.n_requests, seed, exclude
     )
     chats = sft_conversations(
         train_stories, seed, preset.write_fraction, preset.max_questions
     )
     kept = [c for c in chats if fits_context(c, tokenizer, ctx)]
-    items = [
-        q
-        for q in qa_items(held[: preset.n_heldout_stories])
-        if fits_context(q.messages(), tokenizer, ctx, 8)
-    ]
+    items = qa_items(held[:n_held])
+    items = [q for q in items if fits_context(q.messages(), tokenizer, ctx, 8)]
     rng = random.Random(f"{seed}/sft-requests")
-    requests = [story_request(s, rng) for s in held[preset.n_heldout_stories :]]
+    requests = [story_request(s, rng) for s in held[n_held:]]
     if not kept or not items:
         raise ValueError(
-            f"the model's context_size={ctx} is too small for the chats; use a larger one."
+            f"the model's context_size={ctx} is too small for the chats; "
+            "use a larger one."
         )
-    before = answer_accuracy(model, tokenizer, items) if evaluate_before else None
-    follow_before = (
-        instruction_following(model, tokenizer, requests) if evaluate_before else None
-    )
+    return kept, len(chats), items, requests
+
+# %% ../nbs/09_sft.ipynb #fb2e0e9c
+def run_sft(
+    model: nn.Module,  # a pretrained LLM (chapter 07), fine-tuned in place
+    tokenizer,  # its tokenizer
+    preset: SFTPreset | str | None = None,  # sizes; a profile name; None: the current
+    seed: int = 0,
+    exclude: Sequence[str] = (),  # texts the held-out stories avoid (pretraining's)
+    evaluate_before: bool = True,  # measure the model before SFT too
+    callback=None,
+    progress: bool = True,
+    **train_overrides,  # TrainingConfig fields to change, e.g. steps=100
+) -> SFTRun:
+    "Story-world chats → SFT → held-out accuracy and instruction following."
+    t0 = time.perf_counter()
+    preset = preset if isinstance(preset, SFTPreset) else sft_preset(preset)
+    ctx = unwrap_model(model).config.context_size
+    kept, n_all, items, requests = _sft_data(tokenizer, preset, ctx, seed, exclude)
+    before = follow_before = None
+    if evaluate_before:
+        before = answer_accuracy(model, tokenizer, items)
+        follow_before = instruction_following(model, tokenizer, requests)
     cfg = TrainingConfig(**{**asdict(preset.train), "seed": seed, **train_overrides})
-    result = sft_train(
-        model,
-        SFTDataset(kept, tokenizer, ctx, seed=seed),
-        cfg,
-        callback=callback,
-        progress=progress,
-    )
+    data = SFTDataset(kept, tokenizer, ctx, seed=seed)
+    result = sft_train(model, data, cfg, callback=callback, progress=progress)
     after = answer_accuracy(model, tokenizer, items)
     follow_after = instruction_following(model, tokenizer, requests)
+    dropped, wall = n_all - len(kept), time.perf_counter() - t0
     return SFTRun(
         model,
         tokenizer,
@@ -928,6 +846,33 @@ def run_sft(
         follow_before,
         follow_after,
         len(kept),
-        len(chats) - len(kept),
-        time.perf_counter() - t0,
+        dropped,
+        wall,
     )
+
+# %% ../nbs/09_sft.ipynb #821e9718
+def sft_figure(
+    run: SFTRun,  # what run_sft returned
+    title: str = "SFT",  # the loss plot's title
+):
+    "The SFT loss, and held-out exact match by kind before and after: a Figure."
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.4))
+    ax, bx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1, 1.4)))
+    plot_losses(run.result.history, title=title, ylabel="nats per reply token", ax=ax)
+    kinds, at = list(run.after.by_kind), range(len(run.after.by_kind))
+    if run.before is not None:
+        before = [run.before.by_kind.get(k, 0) for k in kinds]
+        bx.bar([i - 0.2 for i in at], before, 0.4, label="before SFT")
+    after = [run.after.by_kind[k] for k in kinds]
+    bx.bar([i + 0.2 for i in at], after, 0.4, label="after SFT")
+    bx.set_xticks(list(at))
+    bx.set_xticklabels(kinds, rotation=30, fontsize=8)
+    bx.set_ylim(0, 1.05)
+    bx.set_ylabel("exact match")
+    bx.set_title("held-out questions, by kind")
+    bx.legend(fontsize=8)
+    bx.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig

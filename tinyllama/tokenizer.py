@@ -6,6 +6,7 @@ import io, re
 from pathlib import Path
 from typing import Iterable, Sequence
 import sentencepiece as spm
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['CHAT_TOKENS', 'UNK', 'BOS', 'EOS', 'PAD', 'Tokenizer', 'train_tokenizer']
@@ -16,11 +17,9 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 
 
 class Tokenizer:
-    "A SentencePiece model with bos/eos/pad and the chat-role tokens; decode(encode(s)) == s."
+    "A SentencePiece model with bos/eos/pad and chat tokens; decode(encode(s)) == s."
 
-    def __init__(
-        self, model_proto: bytes
-    ):  # the serialized SentencePiece model (the bytes of a .model file)
+    def __init__(self, model_proto: bytes):  # the bytes of a SentencePiece .model file
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.model_proto = model_proto
         self.vocab_size = self.sp.get_piece_size()
@@ -35,7 +34,8 @@ class Tokenizer:
             or self.unk_id in self.special_ids.values()
         ):
             raise ValueError(
-                "this SentencePiece model lacks tinyllama's special tokens; train one with train_tokenizer."
+                "this SentencePiece model lacks tinyllama's special tokens; "
+                "train one with train_tokenizer."
             )
         self.system_id, self.user_id, self.assistant_id, self.end_id = (
             self.special_ids[p] for p in CHAT_TOKENS
@@ -46,120 +46,124 @@ class Tokenizer:
         )
 
     def __len__(self):
+        "The vocabulary size."
         return self.vocab_size
 
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size})"
 
-    def encode(
-        self,
-        text: str,
-        bos: bool = False,  # start with <s>
-        eos: bool = False,  # end with </s>
-        allow_special: bool = False,  # turn "<|user|>", "</s>", ... written in the text into their ids
-    ) -> list[int]:
-        "Token ids of `text`."
-        if not isinstance(text, str):
-            raise ValueError(
-                f"encode takes a string, got {type(text).__name__}; use encode_batch for a list."
-            )
-        if allow_special:
-            ids = []
-            for i, part in enumerate(
-                self._special_re.split(text)
-            ):  # odd parts are the markers
-                if i % 2:
-                    ids.append(self.special_ids[part])
-                elif part:
-                    ids.extend(self.sp.encode(part))
-        else:
-            ids = self.sp.encode(text)
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def encode_batch(
-        self, texts: Sequence[str], bos: bool = False, eos: bool = False
-    ) -> list[list[int]]:
-        "`encode` of each text."
-        if isinstance(texts, str):
-            raise ValueError(
-                "encode_batch takes a list of strings; use encode for one string."
-            )
-        return [self.encode(t, bos, eos) for t in texts]
-
-    def decode(
-        self,
-        ids: Sequence[int],
-        skip_special: bool = True,  # drop bos/eos/pad/chat tokens; False writes them out as text
-    ) -> str:
-        "The text of `ids`."
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})."
-            )
-        out, run = [], []
-        for i in (
-            ids
-        ):  # decode the runs between special tokens separately, as encode wrote them
-            if i in self._id_to_special:
-                out.append(self.sp.decode(run))
-                run = []
-                if not skip_special:
-                    out.append(self._id_to_special[i])
-            else:
-                run.append(i)
-        return "".join(out + [self.sp.decode(run)])
-
-    def decode_batch(
-        self, batch: Sequence[Sequence[int]], skip_special: bool = True
-    ) -> list[str]:
-        "`decode` of each row."
-        return [self.decode(ids, skip_special) for ids in batch]
-
     def id_to_piece(self, i: int) -> str:
+        "The piece of token id `i`."
         return self.sp.id_to_piece(int(i))
 
     @property
     def pieces(self) -> list[str]:
+        "Every piece, in id order."
         return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
 
-    def save(self, path) -> Path:
-        "Write the model file (a plain SentencePiece .model, which sentencepiece itself can load)."
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self.model_proto)
-        return path
+# %% ../nbs/01b_tokenizer.ipynb #6bc7e2f0
+@patch
+def encode(
+    self: Tokenizer,
+    text: str,
+    bos: bool = False,  # start with <s>
+    eos: bool = False,  # end with </s>
+    allow_special: bool = False,  # turn "<|user|>", "</s>", ... in the text into ids
+) -> list[int]:
+    "Token ids of `text`."
+    if not isinstance(text, str):
+        raise ValueError(
+            f"encode takes a string, got {type(text).__name__}; use "
+            "encode_batch for a list."
+        )
+    if allow_special:
+        ids = []
+        parts = self._special_re.split(text)  # odd parts are the markers
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self.special_ids[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
+    else:
+        ids = self.sp.encode(text)
+    return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
-    @classmethod
-    def load(cls, path) -> Tokenizer:
-        "The tokenizer saved at `path`."
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(
-                f"no tokenizer file at {path}; train one with train_tokenizer(texts, vocab_size, path)."
-            )
-        try:
-            return cls(path.read_bytes())
-        except RuntimeError as e:
-            raise ValueError(
-                f"{path} is not a SentencePiece model file ({e})."
-            ) from None
 
-    from_file = load
+@patch
+def encode_batch(
+    self: Tokenizer, texts: Sequence[str], bos: bool = False, eos: bool = False
+) -> list[list[int]]:
+    "`encode` of each text."
+    if isinstance(texts, str):
+        raise ValueError(
+            "encode_batch takes a list of strings; use encode for one string."
+        )
+    return [self.encode(t, bos, eos) for t in texts]
 
-# %% ../nbs/01b_tokenizer.ipynb #d3c02aa6
-def train_tokenizer(
-    texts: Iterable[
-        str
-    ],  # training texts (stories); each is one SentencePiece "sentence"
-    vocab_size: int = 512,  # pieces in all, special tokens and the 256 byte pieces included
-    path=None,  # also save the model file here
-    model_type: str = "bpe",  # "bpe" or "unigram"
-    max_texts: int | None = None,  # train on the first max_texts texts only
-    num_threads: int = 2,
-) -> Tokenizer:
-    "Train a SentencePiece tokenizer whose decode(encode(s)) == s."
+# %% ../nbs/01b_tokenizer.ipynb #da8ee163
+@patch
+def decode(
+    self: Tokenizer,
+    ids: Sequence[int],
+    skip_special: bool = True,  # drop bos/eos/pad/chat tokens; False writes them out
+) -> str:
+    "The text of `ids`."
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < self.vocab_size]
+    if bad:
+        raise ValueError(
+            f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})."
+        )
+    out, run = [], []
+    # decode the runs between special tokens separately, as encode wrote them
+    for i in ids:
+        if i in self._id_to_special:
+            out.append(self.sp.decode(run))
+            run = []
+            if not skip_special:
+                out.append(self._id_to_special[i])
+        else:
+            run.append(i)
+    return "".join(out + [self.sp.decode(run)])
+
+
+@patch
+def decode_batch(
+    self: Tokenizer, batch: Sequence[Sequence[int]], skip_special: bool = True
+) -> list[str]:
+    "`decode` of each row."
+    return [self.decode(ids, skip_special) for ids in batch]
+
+# %% ../nbs/01b_tokenizer.ipynb #0ad4ed15
+@patch
+def save(self: Tokenizer, path) -> Path:
+    "Write the model file: a plain SentencePiece .model, which sentencepiece can load."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(self.model_proto)
+    return path
+
+
+@patch(cls_method=True)
+def load(cls: Tokenizer, path) -> Tokenizer:
+    "The tokenizer saved at `path`."
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"no tokenizer file at {path}; train one with "
+            "train_tokenizer(texts, vocab_size, path)."
+        )
+    try:
+        return cls(path.read_bytes())
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a SentencePiece model file ({e}).") from None
+
+
+Tokenizer.from_file = Tokenizer.load  # another name for it
+
+# %% ../nbs/01b_tokenizer.ipynb #99a0ca8c
+def _checked_corpus(texts, vocab_size, max_texts) -> list[str]:
+    "The non-empty texts to train on, once the corpus and vocab_size are checked."
     if isinstance(texts, str):
         raise ValueError(
             "texts must be a list of strings, not one string; wrap it: [text]."
@@ -180,9 +184,23 @@ def train_tokenizer(
         or vocab_size < n_fixed + n_chars
     ):
         raise ValueError(
-            f"vocab_size={vocab_size!r} is too small: the special tokens, the 256 byte pieces and the "
-            f"{n_chars} characters of this corpus take {n_fixed + n_chars}; use a larger vocab_size."
+            f"vocab_size={vocab_size!r} is too small: the special tokens, the "
+            f"256 byte pieces and the {n_chars} characters of this corpus take "
+            f"{n_fixed + n_chars}; use a larger vocab_size."
         )
+    return texts
+
+# %% ../nbs/01b_tokenizer.ipynb #d3c02aa6
+def train_tokenizer(
+    texts: Iterable[str],  # training texts; each is one SentencePiece "sentence"
+    vocab_size: int = 512,  # pieces in all, special tokens and 256 bytes included
+    path=None,  # also save the model file here
+    model_type: str = "bpe",  # "bpe" or "unigram"
+    max_texts: int | None = None,  # train on the first max_texts texts only
+    num_threads: int = 2,
+) -> Tokenizer:
+    "Train a SentencePiece tokenizer whose decode(encode(s)) == s."
+    texts = _checked_corpus(texts, vocab_size, max_texts)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -208,8 +226,8 @@ def train_tokenizer(
         m = re.search(r"value <= (\d+)", str(e))
         if m:
             raise ValueError(
-                f"vocab_size={vocab_size} is more than this corpus can fill (at most {m.group(1)} "
-                "pieces); use a smaller vocab_size or more text."
+                f"vocab_size={vocab_size} is more than this corpus can fill (at "
+                f"most {m.group(1)} pieces); use a smaller vocab_size or more text."
             ) from None
         raise ValueError(f"SentencePiece could not train on this corpus: {e}") from None
     tok = Tokenizer(model.getvalue())

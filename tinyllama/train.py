@@ -2,13 +2,14 @@
 
 # %% ../nbs/07_pretraining.ipynb #e5d57489
 from __future__ import annotations
-import contextlib, json, math, os, threading, time
+import contextlib, json, math, os, statistics, threading, time
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .model import LLM, LLMConfig
 from .rmsnorm import RMSNorm
 from .device import get_device, autocast_dtype
@@ -23,11 +24,12 @@ from tinyllama.checkpoint import (
 )
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'METRICS_FILE', 'tokenize_stories', 'NextTokenPredictionDataset', 'heldout_split', 'TrainingConfig',
-           'lr_at', 'lr_schedule', 'param_groups', 'make_optimizer', 'resolve_precision', 'TrainingDiverged',
-           'TrainResult', 'setup_distributed', 'evaluate', 'read_metrics', 'train', 'story_nlls',
-           'heldout_nll_per_story', 'FloorComparison', 'compare_to_floor', 'LossPlot', 'cpu_threads', 'PretrainPreset',
-           'pretrain_preset', 'tokenizer_vocab_size', 'load_corpus', 'PretrainRun', 'pretrain']
+__all__ = ['IGNORE_INDEX', 'PRECISIONS', 'METRICS_FILE', 'tokenize_stories', 'BatchSource', 'NextTokenPredictionDataset',
+           'heldout_split', 'TrainingConfig', 'lr_at', 'lr_schedule', 'param_groups', 'make_optimizer',
+           'resolve_precision', 'TrainingDiverged', 'TrainResult', 'setup_distributed', 'evaluate', 'read_metrics',
+           'train', 'story_nlls', 'heldout_nll_per_story', 'FloorComparison', 'compare_to_floor', 'plot_losses',
+           'LossPlot', 'cpu_threads', 'set_cpu_threads', 'PretrainPreset', 'pretrain_preset', 'tokenizer_vocab_size',
+           'load_corpus', 'PretrainRun', 'steps_overrides', 'pretrain']
 
 # %% ../nbs/07_pretraining.ipynb #2b0cff22
 def _texts(stories) -> list[str]:
@@ -54,9 +56,31 @@ def tokenize_stories(
         ids.extend(ids_one)
     return torch.tensor(ids, dtype=torch.long)
 
+# %% ../nbs/07_pretraining.ipynb #fe5d6850
+IGNORE_INDEX = (
+    -100
+)  # a target that adds nothing to the loss (F.cross_entropy's default)
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    "What `train` draws from: the rows of each step's batch, and the longest row."
+
+    context_size: int  # tokens in the longest row a batch can hold
+
+    def batch(
+        self,
+        step: int,  # optimizer step: the global batch depends only on (seed, step)
+        batch_size: int,  # rows in the global batch (all processes together)
+        rank: int = 0,  # this process under DDP
+        world_size: int = 1,  # processes sharing the global batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # inputs, targets: (rows, T) each
+        "Rows rank::world_size of the global batch of `step`."
+        ...
+
 # %% ../nbs/07_pretraining.ipynb #433ead86
 def _mix(*xs: int) -> int:
-    "A 63-bit seed from integers (splitmix64-style), so (seed, step) pairs give unrelated streams."
+    "A 63-bit seed from integers (splitmix64-style); unrelated per (seed, step)."
     h = 0x9E3779B97F4A7C15
     for x in xs:
         h = (
@@ -65,9 +89,54 @@ def _mix(*xs: int) -> int:
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
 
+# %% ../nbs/07_pretraining.ipynb #251c2478
+def _is_int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
+
+def _check_stream(tokens: torch.Tensor, context_size, seed):
+    if not _is_int(context_size, 1):
+        raise ValueError(
+            f"context_size must be a positive integer, got {context_size!r}."
+        )
+    if not _is_int(seed, -math.inf):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    if (
+        tokens.dim() != 1
+        or tokens.dtype.is_floating_point
+        or tokens.dtype == torch.bool
+    ):
+        raise ValueError(
+            "tokens must be a 1-D stream of integer ids, got dtype "
+            f"{tokens.dtype} and shape {tuple(tokens.shape)}; "
+            "build one with tokenize_stories(texts, tokenizer)."
+        )
+    if len(tokens) < context_size + 1:
+        raise ValueError(
+            f"the token stream has {len(tokens)} tokens but one window needs "
+            f"context_size + 1 = {context_size + 1}; "
+            "give more text or use a smaller context_size."
+        )
+
+
+def _check_shard(batch_size, rank, world_size, even: bool = True):
+    "The arguments of a batch source's `batch`: a positive size, a valid rank."
+    if not _is_int(batch_size, 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if not (_is_int(world_size, 1) and _is_int(rank) and rank < world_size):
+        raise ValueError(
+            "need 0 <= rank < world_size, "
+            f"got rank={rank!r}, world_size={world_size!r}."
+        )
+    if even and batch_size % world_size:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by world_size={world_size}; "
+            "every process must get the same number of rows."
+        )
+
+# %% ../nbs/07_pretraining.ipynb #c12cc342
 class NextTokenPredictionDataset(torch.utils.data.Dataset):
-    "Random windows of context_size + 1 tokens from a token stream: x = w[:-1], y = w[1:]."
+    "Random windows of context_size + 1 tokens of a stream: x = w[:-1], y = w[1:]."
 
     def __init__(
         self,
@@ -75,31 +144,8 @@ class NextTokenPredictionDataset(torch.utils.data.Dataset):
         context_size: int,  # T: tokens the model sees per row
         seed: int = 0,  # the windows are a function of (seed, index) / (seed, step)
     ):
-        if (
-            isinstance(context_size, bool)
-            or not isinstance(context_size, int)
-            or context_size < 1
-        ):
-            raise ValueError(
-                f"context_size must be a positive integer, got {context_size!r}."
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}.")
         tokens = torch.as_tensor(tokens)
-        if (
-            tokens.dim() != 1
-            or tokens.dtype.is_floating_point
-            or tokens.dtype == torch.bool
-        ):
-            raise ValueError(
-                f"tokens must be a 1-D stream of integer ids, got dtype {tokens.dtype} and shape "
-                f"{tuple(tokens.shape)}; build one with tokenize_stories(texts, tokenizer)."
-            )
-        if len(tokens) < context_size + 1:
-            raise ValueError(
-                f"the token stream has {len(tokens)} tokens but one window needs context_size + 1 = "
-                f"{context_size + 1}; give more text or use a smaller context_size."
-            )
+        _check_stream(tokens, context_size, seed)
         self.tokens, self.context_size, self.seed = tokens.long(), context_size, seed
         self.num_windows = len(tokens) - context_size  # distinct start positions
 
@@ -108,8 +154,8 @@ class NextTokenPredictionDataset(torch.utils.data.Dataset):
 
     def __repr__(self):
         return (
-            f"NextTokenPredictionDataset({len(self.tokens):,} tokens, context_size="
-            f"{self.context_size}, seed={self.seed})"
+            f"NextTokenPredictionDataset({len(self.tokens):,} tokens, "
+            f"context_size={self.context_size}, seed={self.seed})"
         )
 
     def _window(self, starts: torch.Tensor):
@@ -118,55 +164,35 @@ class NextTokenPredictionDataset(torch.utils.data.Dataset):
         return w[:, :-1], w[:, 1:]  # inputs, targets (B, T)
 
     def __getitem__(self, i: int):
-        "Window number `i`: (x, y), each (context_size,), a random start fixed by (seed, i)."
+        "Window `i`: (x, y), each (context_size,), from a start fixed by (seed, i)."
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} windows.")
         g = torch.Generator().manual_seed(_mix(self.seed, 1, i % len(self)))
         x, y = self._window(torch.randint(0, self.num_windows, (1,), generator=g))
         return x[0], y[0]
 
-    def batch(
-        self,
-        step: int,  # optimizer step: the global batch depends only on (seed, step)
-        batch_size: int,  # rows in the global batch
-        rank: int = 0,  # this process's rank under DDP
-        world_size: int = 1,  # processes sharing the global batch
-    ):
-        "The rows rank::world_size of the global batch of `step`: (x, y), each (batch_size // world_size, T)."
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, int)
-            or batch_size < 1
-        ):
-            raise ValueError(
-                f"batch_size must be a positive integer, got {batch_size!r}."
-            )
-        if not (
-            isinstance(world_size, int)
-            and world_size >= 1
-            and isinstance(rank, int)
-            and 0 <= rank < world_size
-        ):
-            raise ValueError(
-                f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}."
-            )
-        if batch_size % world_size:
-            raise ValueError(
-                f"batch_size={batch_size} is not divisible by world_size={world_size}; every process "
-                "must get the same number of rows."
-            )
-        g = torch.Generator().manual_seed(_mix(self.seed, 2, step))
-        starts = torch.randint(0, self.num_windows, (batch_size,), generator=g)
-        return self._window(starts[rank::world_size])
+# %% ../nbs/07_pretraining.ipynb #0598fb8b
+@patch
+def batch(
+    self: NextTokenPredictionDataset,
+    step: int,  # optimizer step: the global batch depends only on (seed, step)
+    batch_size: int,  # rows in the global batch
+    rank: int = 0,  # this process's rank under DDP
+    world_size: int = 1,  # processes sharing the global batch
+):
+    "Rows rank::world_size of the global batch of `step`: (x, y), (rows, T) each."
+    _check_shard(batch_size, rank, world_size)
+    g = torch.Generator().manual_seed(_mix(self.seed, 2, step))
+    starts = torch.randint(0, self.num_windows, (batch_size,), generator=g)
+    return self._window(starts[rank::world_size])
 
 # %% ../nbs/07_pretraining.ipynb #5113b8c2
 def heldout_split(
     tokens,  # 1-D token stream
     fraction: float = 0.1,  # share of the tokens kept out of training
-    bos_id: int
-    | None = None,  # cut at a BOS so no story is split between the two parts
+    bos_id: int | None = None,  # cut at a BOS so that no story is split in two
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Split a token stream into (train, held-out); the held-out part is the end of the stream."
+    "Split a token stream into (train, held-out); held-out is the end of the stream."
     tokens = torch.as_tensor(tokens)
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise ValueError(
@@ -177,7 +203,8 @@ def heldout_split(
         starts = (tokens[: cut + 1] == bos_id).nonzero().flatten()
         if len(starts) == 0 or starts[-1] == 0:
             raise ValueError(
-                "no story boundary (BOS) before the cut point: give more stories or a larger fraction."
+                "no story boundary (BOS) before the cut point: "
+                "give more stories or a larger fraction."
             )
         cut = int(starts[-1])
     if cut < 1 or cut >= len(tokens):
@@ -190,104 +217,110 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass
 class TrainingConfig:
-    "How to train: steps, batch, optimizer, schedule, precision, logging and checkpoints."
+    "How to train: steps, batch, optimizer, schedule, precision, logs and checkpoints."
 
     steps: int = 1000  # optimizer steps
-    batch_size: int = 32  # rows per optimizer step (the global batch, all processes and micro-batches together)
+    # rows per optimizer step: the global batch, all processes and micro-batches
+    batch_size: int = 32
     lr: float = 1e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-4  # the cosine ends here at the last step
     warmup_steps: int = 100  # linear warmup from lr / warmup_steps to lr
-    weight_decay: float = (
-        0.1  # AdamW decay of the weight matrices (not of norms and embeddings)
-    )
+    weight_decay: float = 0.1  # AdamW decay of the weight matrices only
     beta1: float = 0.9  # AdamW momentum
     beta2: float = 0.95  # AdamW second-moment decay
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
-    grad_accum_steps: int = (
-        1  # micro-batches per optimizer step (each batch_size // grad_accum_steps rows)
-    )
-    eval_every: int = 100  # held-out loss every this many steps (0 = only at the end)
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    eval_every: int = 100  # held-out loss every this many steps (0: only at the end)
     eval_batches: int = 10  # batches per held-out evaluation
-    precision: str = "auto"  # "auto" (bf16 where supported, fp16 + GradScaler on older GPUs, fp32 on CPU), "fp32", "bf16", "fp16"
+    # "auto": bf16 where fast, fp16 + GradScaler on older GPUs, fp32 on CPUs
+    precision: str = "auto"
     compile: bool = False  # torch.compile the model (worth it on GPUs)
-    device: str | None = None  # None = get_device()
+    device: str | None = None  # None: get_device()
     seed: int = 0  # model-independent randomness: data order, dropout
     log_every: int = 10  # metrics (and the callback) every this many steps
-    checkpoint_every: int = (
-        0  # save every this many steps (0 = only at the end); needs out_dir
-    )
-    out_dir: str | None = None  # checkpoint and metrics.jsonl go here (None = no files)
+    checkpoint_every: int = 0  # save every this many steps (0: only at the end)
+    out_dir: str | None = None  # checkpoint and metrics.jsonl go here (None: no files)
 
     def __post_init__(self):
-        for name in (
-            "steps",
-            "batch_size",
-            "grad_accum_steps",
-            "eval_batches",
-            "log_every",
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(
-                    f"TrainingConfig.{name} must be a positive integer, got {v!r}."
-                )
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(
-                    f"TrainingConfig.{name} must be a non-negative integer, got {v!r}."
-                )
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, (int, float))
-                or not 0 <= v < math.inf
-            ):
-                raise ValueError(
-                    f"TrainingConfig.{name} must be a finite number >= 0, got {v!r}."
-                )
-        if self.lr <= 0:
-            raise ValueError(
-                f"TrainingConfig.lr must be positive, got {self.lr!r} (try 1e-3)."
-            )
-        if self.min_lr > self.lr:
-            raise ValueError(
-                f"min_lr={self.min_lr} is above lr={self.lr}: the cosine decays from lr down to min_lr."
-            )
-        for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-                raise ValueError(
-                    f"TrainingConfig.{name} must be in [0, 1), got {v!r} (typical: 0.9 and 0.95)."
-                )
-        if self.warmup_steps > self.steps:
-            raise ValueError(
-                f"warmup_steps={self.warmup_steps} is more than steps={self.steps}; use fewer warmup steps."
-            )
-        if self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by grad_accum_steps="
-                f"{self.grad_accum_steps}; every micro-batch must have the same number of rows."
-            )
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."
-            )
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be True or False, got {self.compile!r}.")
+        _check_training_config(self)
         if self.device is not None:
             self.device = str(self.device)
-            get_device(
-                self.device
-            )  # raises a clear ValueError if the device is not there
         if self.out_dir is not None:
             self.out_dir = str(self.out_dir)
 
     @property
     def micro_batch_size(self) -> int:
-        "Rows per forward pass in one process."
+        "Rows per forward pass, all processes together."
         return self.batch_size // self.grad_accum_steps
+
+# %% ../nbs/07_pretraining.ipynb #1b846b5c
+def _check_numbers(c: TrainingConfig):
+    for name in (
+        "steps",
+        "batch_size",
+        "grad_accum_steps",
+        "eval_batches",
+        "log_every",
+    ):
+        if not _is_int(getattr(c, name), 1):
+            raise ValueError(
+                f"TrainingConfig.{name} must be a positive integer, "
+                f"got {getattr(c, name)!r}."
+            )
+    for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+        if not _is_int(getattr(c, name)):
+            raise ValueError(
+                f"TrainingConfig.{name} must be a non-negative integer, "
+                f"got {getattr(c, name)!r}."
+            )
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        v = getattr(c, name)
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not 0 <= v < math.inf
+        ):
+            raise ValueError(
+                f"TrainingConfig.{name} must be a finite number >= 0, got {v!r}."
+            )
+    for name in ("beta1", "beta2"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ValueError(
+                f"TrainingConfig.{name} must be in [0, 1), got {v!r} "
+                "(typical: 0.9 and 0.95)."
+            )
+
+# %% ../nbs/07_pretraining.ipynb #bb3b2aef
+def _check_training_config(c: TrainingConfig):
+    _check_numbers(c)
+    if c.lr <= 0:
+        raise ValueError(
+            f"TrainingConfig.lr must be positive, got {c.lr!r} (try 1e-3)."
+        )
+    if c.min_lr > c.lr:
+        raise ValueError(
+            f"min_lr={c.min_lr} is above lr={c.lr}: "
+            "the cosine decays from lr down to min_lr."
+        )
+    if c.warmup_steps > c.steps:
+        raise ValueError(
+            f"warmup_steps={c.warmup_steps} is more than steps={c.steps}; "
+            "use fewer warmup steps."
+        )
+    if c.batch_size % c.grad_accum_steps:
+        raise ValueError(
+            f"batch_size={c.batch_size} is not divisible by grad_accum_steps="
+            f"{c.grad_accum_steps}; every micro-batch must have as many rows."
+        )
+    if c.precision not in PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}."
+        )
+    if not isinstance(c.compile, bool):
+        raise ValueError(f"compile must be True or False, got {c.compile!r}.")
+    if c.device is not None:
+        get_device(str(c.device))  # a clear ValueError if the device is not there
 
 # %% ../nbs/07_pretraining.ipynb #b4e43e7e
 def lr_at(
@@ -297,7 +330,7 @@ def lr_at(
     warmup_steps: int,
     steps: int,
 ) -> float:
-    "Linear warmup to `lr` over `warmup_steps`, then cosine decay reaching `min_lr` at the last step."
+    "Linear warmup to `lr`, then a cosine decay that reaches `min_lr` at the last step."
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     span = steps - 1 - warmup_steps
@@ -309,10 +342,8 @@ def lr_at(
 
 def lr_schedule(config: TrainingConfig) -> list[float]:
     "The learning rate of every step of a run."
-    return [
-        lr_at(s, config.lr, config.min_lr, config.warmup_steps, config.steps)
-        for s in range(config.steps)
-    ]
+    c = config
+    return [lr_at(s, c.lr, c.min_lr, c.warmup_steps, c.steps) for s in range(c.steps)]
 
 # %% ../nbs/07_pretraining.ipynb #cbebd52f
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -336,7 +367,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, config: TrainingConfig):
-    "AdamW on `param_groups` and its warmup + cosine scheduler (LambdaLR, stepped once per optimizer step)."
+    "AdamW on `param_groups`, and its warmup + cosine schedule (a LambdaLR)."
     device = next(unwrap_model(model).parameters()).device
     opt = torch.optim.AdamW(
         param_groups(model, config.weight_decay),
@@ -379,7 +410,7 @@ def resolve_precision(precision: str, device) -> torch.dtype:
 
 # %% ../nbs/07_pretraining.ipynb #fd4cec6b
 class TrainingDiverged(RuntimeError):
-    "The loss became NaN or infinite; training stopped and the last good checkpoint is kept."
+    "The loss became NaN or infinite: training stopped, the last checkpoint is kept."
 
 
 @dataclass
@@ -395,15 +426,23 @@ class TrainResult:
 
     @property
     def final_loss(self):
+        "The last logged training loss."
         return next((h["loss"] for h in reversed(self.history) if "loss" in h), None)
 
     @property
     def final_eval_loss(self):
-        return next(
-            (h["eval_loss"] for h in reversed(self.history) if "eval_loss" in h), None
-        )
+        "The last held-out loss."
+        evals = [h["eval_loss"] for h in self.history if "eval_loss" in h]
+        return evals[-1] if evals else None
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        "Median of the logged rates: one slow moment on a busy machine does not decide."
+        rates = [h["tokens_per_s"] for h in self.history if "tokens_per_s" in h]
+        return statistics.median(rates) if rates else self.tokens_per_s
 
     def losses(self) -> list[float]:
+        "The logged training losses."
         return [h["loss"] for h in self.history if "loss" in h]
 
 # %% ../nbs/07_pretraining.ipynb #d6024262
@@ -417,7 +456,7 @@ def _dist_env() -> tuple[int, int, int]:
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int, bool]:
-    "Join torchrun's process group (gloo on CPU, nccl on CUDA); returns (rank, world_size, created)."
+    "Join torchrun's group (gloo on CPU, nccl on CUDA): (rank, world_size, created)."
     import torch.distributed as dist
 
     rank, local_rank, world = _dist_env()
@@ -434,29 +473,30 @@ def setup_distributed(device: torch.device) -> tuple[int, int, bool]:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    data: NextTokenPredictionDataset,
+    data: BatchSource,
     batches: int,
     batch_size: int,
     amp_dtype: torch.dtype = torch.float32,
 ) -> float:
-    "Mean next-token loss on `batches` fixed batches of `data` (the same batches at every call)."
+    "Mean loss per target token on `batches` fixed batches of `data` (same each call)."
     inner = unwrap_model(model)
     device = next(inner.parameters()).device
     was_training = inner.training
     inner.eval()
-    total = 0.0
+    total, count = 0.0, 0
     for i in range(batches):
-        x, y = data.batch(
-            -1 - i, batch_size
-        )  # negative steps: never the training batches of the same seed
+        x, y = data.batch(-1 - i, batch_size)  # negative steps: never a training batch
         x, y = x.to(device), y.to(device)
         with torch.autocast(
             device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32
         ):
             logits = inner(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+        total += F.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), reduction="sum"
+        ).item()
+        count += int((y != IGNORE_INDEX).sum())
     inner.train(was_training)
-    return total / batches
+    return total / max(count, 1)
 
 # %% ../nbs/07_pretraining.ipynb #5353955a
 METRICS_FILE = "metrics.jsonl"
@@ -468,7 +508,7 @@ def _metrics_log(out_dir, entry: dict):
 
 
 def _trim_metrics(out_dir, step: int):
-    "Drop metrics logged after `step` (a run that went on past its last checkpoint before it was stopped)."
+    "Drop metrics logged after `step` (a run that went on past its last checkpoint)."
     path = Path(out_dir) / METRICS_FILE
     if not path.is_file():
         return
@@ -485,275 +525,322 @@ def read_metrics(out_dir) -> list[dict]:
     path = Path(out_dir) / METRICS_FILE
     if not path.is_file():
         raise ValueError(
-            f"no metrics at {path}; train with TrainingConfig(out_dir=...) to write them."
+            f"no metrics at {path}; "
+            "train with TrainingConfig(out_dir=...) to write them."
         )
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 # %% ../nbs/07_pretraining.ipynb #4638f403
 def train(
     model: nn.Module,  # an LLM, moved to config.device here
-    train_data: NextTokenPredictionDataset,  # training windows
+    train_data: BatchSource,  # training batches, e.g. a NextTokenPredictionDataset
     config: TrainingConfig,
-    eval_data: NextTokenPredictionDataset
-    | None = None,  # held-out windows for eval_loss
-    callback: Callable[[dict], None]
-    | None = None,  # called with each metrics dict (e.g. a LossPlot)
-    stop_event: threading.Event
-    | None = None,  # set it to stop cleanly at the next step (a checkpoint is kept)
+    eval_data: BatchSource | None = None,  # held-out batches for eval_loss
+    callback: Callable[[dict], None] | None = None,  # gets each metrics dict
+    stop_event: threading.Event | None = None,  # set: stop cleanly before the next step
     resume: bool = False,  # continue exactly from the checkpoint in config.out_dir
     progress: bool = True,  # show a tqdm progress bar
 ) -> TrainResult:
-    "Train `model` on next-token prediction; single process, or DDP under torchrun."
-    from tqdm.auto import tqdm
-
-    c = config
-    if not isinstance(c, TrainingConfig):
-        raise ValueError(f"config must be a TrainingConfig, got {type(c).__name__}.")
-    if not isinstance(train_data, NextTokenPredictionDataset):
-        raise ValueError(
-            f"train_data must be a NextTokenPredictionDataset, got {type(train_data).__name__}."
-        )
+    "Train `model` on next-token prediction; one process, or DDP under torchrun."
     inner = unwrap_model(model)
-    ctx = getattr(getattr(inner, "config", None), "context_size", None)
-    for name, d in (("train_data", train_data), ("eval_data", eval_data)):
-        if d is not None and ctx is not None and d.context_size > ctx:
-            raise ValueError(
-                f"{name} has context_size={d.context_size} but the model's context_size is {ctx}; "
-                f"build the dataset with context_size <= {ctx}."
-            )
-    if (resume or c.checkpoint_every) and c.out_dir is None:
-        raise ValueError(
-            "resume and checkpoint_every need a folder: set TrainingConfig(out_dir=...)."
-        )
-    device = torch.device(c.device) if c.device else get_device()
+    _check_train_args(inner, train_data, config, eval_data, resume)
+    device = torch.device(config.device) if config.device else get_device()
     rank, world, created_group = setup_distributed(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     try:
-        if c.micro_batch_size % world:
-            raise ValueError(
-                f"batch_size={c.batch_size} with grad_accum_steps={c.grad_accum_steps} gives micro-batches of "
-                f"{c.micro_batch_size} rows, not divisible by the {world} processes."
-            )
-        return _train(
-            inner,
-            train_data,
-            c,
-            eval_data,
-            callback,
-            stop_event,
-            resume,
-            progress and rank == 0,
-            device,
-            rank,
-            world,
-            tqdm,
-        )
+        _check_world(config, world)
+        run = _start_run(inner, train_data, config, device, rank, world, resume)
+        return _train(run, eval_data, callback, stop_event, progress and rank == 0)
     finally:
         if created_group:
-            import torch.distributed as dist
+            torch.distributed.destroy_process_group()
 
-            dist.destroy_process_group()
+# %% ../nbs/07_pretraining.ipynb #6080ea5a
+def _check_train_args(inner, train_data, config, eval_data, resume):
+    if not isinstance(config, TrainingConfig):
+        raise ValueError(
+            f"config must be a TrainingConfig, got {type(config).__name__}."
+        )
+    ctx = getattr(getattr(inner, "config", None), "context_size", None)
+    for name, d in (("train_data", train_data), ("eval_data", eval_data)):
+        if d is None and name == "eval_data":
+            continue
+        if not isinstance(d, BatchSource):
+            raise ValueError(
+                f"{name} must be a batch source (a context_size and a "
+                "batch(step, batch_size, rank, world_size) method), such as a "
+                f"NextTokenPredictionDataset; got {type(d).__name__}."
+            )
+        if ctx is not None and d.context_size > ctx:
+            raise ValueError(
+                f"{name} has context_size={d.context_size} but the model's "
+                f"context_size is {ctx}; build the data with context_size <= {ctx}."
+            )
+    if (resume or config.checkpoint_every) and config.out_dir is None:
+        raise ValueError(
+            "resume and checkpoint_every need a folder: "
+            "set TrainingConfig(out_dir=...)."
+        )
 
-# %% ../nbs/07_pretraining.ipynb #ab807e35
-def _train(
-    inner,
-    train_data,
-    c,
-    eval_data,
-    callback,
-    stop_event,
-    resume,
-    progress,
-    device,
-    rank,
-    world,
-    tqdm,
-):
-    import torch.distributed as dist
 
-    main = rank == 0
+def _check_world(c: TrainingConfig, world: int):
+    if c.micro_batch_size % world:
+        raise ValueError(
+            f"batch_size={c.batch_size} with grad_accum_steps={c.grad_accum_steps} "
+            f"gives micro-batches of {c.micro_batch_size} rows, "
+            f"not divisible by the {world} processes."
+        )
+
+# %% ../nbs/07_pretraining.ipynb #7704b616
+@dataclass
+class _Run:
+    "The parts of one training run, shared by the steps of the loop."
+
+    inner: nn.Module  # the model itself (what is saved)
+    model: nn.Module  # what the forward pass calls: inner, compiled and/or in DDP
+    data: BatchSource
+    config: TrainingConfig
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    amp_dtype: torch.dtype  # the compute dtype of the forward pass
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    start: int = 0  # the first step of this call (a resumed run: the checkpoint's)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _start_run(inner, data, c, device, rank, world, resume) -> _Run:
+    "Place the model, make the optimizer, restore or start afresh, then wrap the model."
     inner.to(device).train()
     amp_dtype = resolve_precision(c.precision, device)
-    use_amp = amp_dtype != torch.float32
     opt, sched = make_optimizer(inner, c)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start = 0
+    run = _Run(
+        inner, inner, data, c, opt, sched, scaler, amp_dtype, device, rank, world
+    )
     if resume:
-        if not has_checkpoint(c.out_dir):
-            raise CheckpointError(
-                f"resume=True but there is no checkpoint in {c.out_dir}."
-            )
-        _, state = load_checkpoint(c.out_dir, inner, opt, sched, map_location=device)
-        start = int(state["step"])
-        extra = state.get("extra", {})
-        if extra.get("data_seed", train_data.seed) != train_data.seed:
-            raise ValueError(
-                f"the checkpoint was trained on data with seed {extra['data_seed']} but train_data has "
-                f"seed {train_data.seed}; resume with the same dataset."
-            )
-        if extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        set_rng_state(state["rng"])
-        if main:
-            _trim_metrics(c.out_dir, start)
-    elif main and c.out_dir is not None:
-        Path(c.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(c.out_dir) / METRICS_FILE).unlink(
-            missing_ok=True
-        )  # a fresh run starts a fresh log
-    if not resume:
-        torch.manual_seed(
-            _mix(c.seed, 3, rank)
-        )  # dropout; a resumed run restored its RNG states instead
-    model = inner
+        run.start = _restore(run)
+    else:
+        _fresh_start(run)
     if c.compile:
-        model = torch.compile(model)
+        run.model = torch.compile(run.model)
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        ids = [device.index] if device.type == "cuda" else None
+        run.model = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
+    return run
+
+# %% ../nbs/07_pretraining.ipynb #8a90d17b
+def _restore(run: _Run) -> int:
+    "Load the checkpoint in out_dir into the run; the step it was saved at."
+    c, seed = run.config, getattr(run.data, "seed", None)
+    if not has_checkpoint(c.out_dir):
+        raise CheckpointError(f"resume=True but there is no checkpoint in {c.out_dir}.")
+    _, state = load_checkpoint(
+        c.out_dir, run.inner, run.opt, run.sched, map_location=run.device
+    )
+    extra = state.get("extra", {})
+    if extra.get("data_seed", seed) != seed:
+        raise ValueError(
+            f"the checkpoint was trained on data with seed {extra['data_seed']} but "
+            f"train_data has seed {seed}; resume with the same dataset."
         )
-    tokens_per_step = c.batch_size * train_data.context_size
-    micro = c.micro_batch_size // world  # rows per forward pass in this process
+    if extra.get("scaler"):
+        run.scaler.load_state_dict(extra["scaler"])
+    set_rng_state(state["rng"])
+    if run.main:
+        _trim_metrics(c.out_dir, int(state["step"]))
+    return int(state["step"])
 
-    def checkpoint(step):
-        if main and c.out_dir is not None:
-            save_checkpoint(
-                c.out_dir,
-                inner,
-                opt,
-                sched,
-                step=step,
-                extra={
-                    "data_seed": train_data.seed,
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                    "config": {k: v for k, v in asdict(c).items() if v is not None},
-                },
+
+def _fresh_start(run: _Run):
+    "A fresh metrics file, and this rank's dropout seed."
+    c = run.config
+    if run.main and c.out_dir is not None:
+        Path(c.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(c.out_dir) / METRICS_FILE).unlink(missing_ok=True)
+    torch.manual_seed(_mix(c.seed, 3, run.rank))
+
+
+def _save(run: _Run, step: int):
+    "A checkpoint from rank 0 (when there is an out_dir); every rank waits for it."
+    c = run.config
+    if run.main and c.out_dir is not None:
+        extra = {
+            "data_seed": getattr(run.data, "seed", None),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+            "config": {k: v for k, v in asdict(c).items() if v is not None},
+        }
+        save_checkpoint(
+            c.out_dir, run.inner, run.opt, run.sched, step=step, extra=extra
+        )
+    if run.world > 1:
+        torch.distributed.barrier()
+
+# %% ../nbs/07_pretraining.ipynb #c7bd4cb3
+def _target_count(run: _Run, y: torch.Tensor) -> int:
+    "Targets (labels other than IGNORE_INDEX) in the step's batch, all ranks together."
+    n = (y != IGNORE_INDEX).sum()
+    if run.world > 1:
+        n = n.to(run.device)
+        torch.distributed.all_reduce(n)  # SUM
+    return max(int(n), 1)
+
+
+def _forward_backward(run: _Run, x_all, y_all) -> torch.Tensor:
+    "Backpropagate this process's rows; their summed token losses / (N / W)."
+    c, micro = run.config, run.config.micro_batch_size // run.world
+    share = _target_count(run, y_all) / run.world  # DDP averages: sum / (N / W)
+    amp = dict(dtype=run.amp_dtype, enabled=run.amp_dtype != torch.float32)
+    total = torch.zeros((), device=run.device)
+    for k in range(c.grad_accum_steps):
+        x = x_all[k * micro : (k + 1) * micro].to(run.device)
+        y = y_all[k * micro : (k + 1) * micro].to(run.device)
+        sync = k == c.grad_accum_steps - 1 or run.world == 1
+        with contextlib.nullcontext() if sync else run.model.no_sync():
+            with torch.autocast(run.device.type, **amp):
+                logits = run.model(x)
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), reduction="sum"
             )
-        if world > 1:
-            dist.barrier()
+            loss = loss / share
+            run.scaler.scale(loss).backward()
+        total += loss.detach()
+    return total
 
-    history, t0 = [], time.perf_counter()
-    t_log, tok_log, loss_sum, loss_n, stopped, step = t0, 0, 0.0, 0, False, start
+
+def _step_loss(run: _Run, x, y) -> float:
+    "Forward and backward on the step's batch: its mean loss per target token."
+    loss = _forward_backward(run, x, y)
+    if run.world > 1:
+        torch.distributed.all_reduce(loss)  # SUM over ranks (gloo has no AVG)
+    return loss.item() / run.world
+
+# %% ../nbs/07_pretraining.ipynb #87945d7f
+def _optimizer_step(run: _Run, loss: float, step: int):
+    "Check the loss, clip, step AdamW and the schedule: (gradient norm, lr used)."
+    c = run.config
+    if not math.isfinite(loss):
+        raise _diverged(run, f"the loss became {loss}", step, checkpoint_note=True)
+    run.scaler.unscale_(run.opt)
+    clip = c.grad_clip if c.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.inner.parameters(), clip)
+    if not run.scaler.is_enabled() and not torch.isfinite(grad_norm):
+        # (with fp16 the scaler skips such a step and lowers its scale)
+        raise _diverged(run, f"the gradient norm became {float(grad_norm)}", step)
+    lr = run.sched.get_last_lr()[0]
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    run.sched.step()
+    return grad_norm, lr
+
+# %% ../nbs/07_pretraining.ipynb #5899a4bf
+def _diverged(run: _Run, what: str, step: int, checkpoint_note=False):
+    "The TrainingDiverged error of step `step`, with what to try."
+    c = run.config
+    lr = f" (lr {run.sched.get_last_lr()[0]:.3g})" if checkpoint_note else ""
+    kept = ""
+    if checkpoint_note and c.out_dir and has_checkpoint(c.out_dir):
+        kept = f"The last good checkpoint in {c.out_dir} is intact. "
+    hint = "a lower lr, a longer warmup or" if checkpoint_note else "a lower lr or"
+    return TrainingDiverged(
+        f"{what} at step {step + 1}{lr}; training stopped before updating the "
+        f"weights. {kept}Try {hint} grad_clip=1.0."
+    )
+
+# %% ../nbs/07_pretraining.ipynb #30c0de2d
+class _Log:
+    "Running means between logs; the history, metrics file, bar and callback."
+
+    def __init__(self, run: _Run, callback, bar):
+        self.run, self.callback, self.bar = run, callback, bar
+        self.history, self.t0 = [], time.perf_counter()
+        self.t_log, self.tokens, self.loss_sum, self.n = self.t0, 0, 0.0, 0
+        self.tokens_per_step = run.config.batch_size * run.data.context_size
+
+    def step(self, done: int, loss: float, grad_norm, lr: float, eval_data):
+        c = self.run.config
+        self.loss_sum, self.n = self.loss_sum + loss, self.n + 1
+        self.tokens += self.tokens_per_step
+        self.bar.update(1)
+        do_eval = eval_data is not None and (
+            (c.eval_every and done % c.eval_every == 0) or done == c.steps
+        )
+        if done % c.log_every == 0 or do_eval or done == c.steps:
+            self.emit(done, grad_norm, lr, eval_data if do_eval else None)
+
+    def emit(self, done: int, grad_norm, lr: float, eval_data):
+        r, now = self.run, time.perf_counter()
+        entry = {"step": done, "loss": self.loss_sum / self.n, "lr": lr}
+        entry["grad_norm"] = float(grad_norm)
+        entry["tokens"] = done * self.tokens_per_step
+        entry["tokens_per_s"] = self.tokens / max(now - self.t_log, 1e-9)
+        entry["elapsed_s"] = now - self.t0
+        if eval_data is not None:
+            b, mb = r.config.eval_batches, r.config.micro_batch_size
+            entry["eval_loss"] = evaluate(r.inner, eval_data, b, mb, r.amp_dtype)
+        self.t_log, self.tokens, self.loss_sum, self.n = time.perf_counter(), 0, 0.0, 0
+        self.history.append(entry)
+        tok_s = f"{entry['tokens_per_s']:,.0f}"
+        self.bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=tok_s, refresh=False)
+        if r.main and r.config.out_dir is not None:
+            _metrics_log(r.config.out_dir, entry)
+        if self.callback is not None and r.main:
+            self.callback(dict(entry))
+
+    def result(self, done: int) -> TrainResult:
+        c, wall = self.run.config, time.perf_counter() - self.t0
+        rate = (done - self.run.start) * self.tokens_per_step / max(wall, 1e-9)
+        return TrainResult(self.history, done < c.steps, done, c.out_dir, wall, rate)
+
+# %% ../nbs/07_pretraining.ipynb #ab807e35
+def _train(run: _Run, eval_data, callback, stop_event, progress) -> TrainResult:
+    "The loop: batch, forward and backward, update, log, checkpoint."
+    from tqdm.auto import tqdm
+
+    c, done = run.config, run.start
     bar = tqdm(
         total=c.steps,
-        initial=start,
+        initial=run.start,
         desc="train",
         unit="step",
         disable=not progress,
         dynamic_ncols=True,
     )
+    log = _Log(run, callback, bar)
     try:
-        for step in range(start, c.steps):
+        for step in range(run.start, c.steps):
             if stop_event is not None and stop_event.is_set():
-                stopped = True
                 break
-            x_all, y_all = train_data.batch(
-                step, c.batch_size, rank, world
-            )  # this process's rows
-            step_loss = torch.zeros((), device=device)
-            for k in range(c.grad_accum_steps):
-                x, y = (
-                    x_all[k * micro : (k + 1) * micro].to(device),
-                    y_all[k * micro : (k + 1) * micro].to(device),
-                )
-                sync = k == c.grad_accum_steps - 1 or world == 1
-                with model.no_sync() if not sync else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                        logits = model(x)
-                    loss = (
-                        F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                        / c.grad_accum_steps
-                    )
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            if world > 1:
-                dist.all_reduce(
-                    step_loss
-                )  # SUM (gloo has no AVG); each rank's loss is a mean of equal-size shards
-            loss_value = step_loss.item() / world
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"the loss became {loss_value} at step {step + 1} (lr {sched.get_last_lr()[0]:.3g}); training "
-                    f"stopped before updating the weights. "
-                    + (
-                        f"The last good checkpoint in {c.out_dir} is intact. "
-                        if c.out_dir and has_checkpoint(c.out_dir)
-                        else ""
-                    )
-                    + "Try a lower lr, a longer warmup or grad_clip=1.0."
-                )
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                inner.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf
-            )
-            if not scaler.is_enabled() and not torch.isfinite(
-                grad_norm
-            ):  # (with fp16 the scaler skips such steps)
-                raise TrainingDiverged(
-                    f"the gradient norm became {float(grad_norm)} at step {step + 1}; training stopped "
-                    "before updating the weights. Try a lower lr or grad_clip=1.0."
-                )
-            lr_now = sched.get_last_lr()[0]
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
+            x, y = run.data.batch(step, c.batch_size, run.rank, run.world)
+            loss = _step_loss(run, x, y)
+            grad_norm, lr = _optimizer_step(run, loss, step)
             done = step + 1
-            loss_sum, loss_n, tok_log = (
-                loss_sum + loss_value,
-                loss_n + 1,
-                tok_log + tokens_per_step,
-            )
-            bar.update(1)
-            do_eval = eval_data is not None and (
-                (c.eval_every and done % c.eval_every == 0) or done == c.steps
-            )
-            if done % c.log_every == 0 or do_eval or done == c.steps:
-                now = time.perf_counter()
-                entry = {
-                    "step": done,
-                    "loss": loss_sum / loss_n,
-                    "lr": lr_now,
-                    "grad_norm": float(grad_norm),
-                    "tokens": done * tokens_per_step,
-                    "tokens_per_s": tok_log / max(now - t_log, 1e-9),
-                    "elapsed_s": now - t0,
-                }
-                if do_eval:
-                    entry["eval_loss"] = evaluate(
-                        inner, eval_data, c.eval_batches, c.micro_batch_size, amp_dtype
-                    )
-                t_log, tok_log, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-                history.append(entry)
-                bar.set_postfix(
-                    loss=f"{entry['loss']:.3f}",
-                    tok_s=f"{entry['tokens_per_s']:,.0f}",
-                    refresh=False,
-                )
-                if main and c.out_dir is not None:
-                    _metrics_log(c.out_dir, entry)
-                if callback is not None and main:
-                    callback(dict(entry))
+            log.step(done, loss, grad_norm, lr, eval_data)
             if c.checkpoint_every and done % c.checkpoint_every == 0 and done < c.steps:
-                checkpoint(done)
-        else:
-            step = c.steps
-        checkpoint(step if stopped else c.steps)
+                _save(run, done)
+        _save(run, done)
     finally:
         bar.close()
-    wall = time.perf_counter() - t0
-    done_steps = step if stopped else c.steps
-    return TrainResult(
-        history,
-        stopped,
-        done_steps,
-        c.out_dir,
-        wall,
-        (done_steps - start) * tokens_per_step / max(wall, 1e-9),
-    )
+    return log.result(done)
 
 # %% ../nbs/07_pretraining.ipynb #86817f74
+def _padded(seqs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "Token lists right-padded into one (B, T + 1) tensor, and the (B, T) target mask."
+    T = max(len(s) for s in seqs) - 1
+    ids = torch.full((len(seqs), T + 1), pad_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)  # right padding: causal rows ignore it
+    mask = torch.arange(T)[None, :] < torch.tensor([len(s) - 1 for s in seqs])[:, None]
+    return ids, mask
+
+
 @torch.no_grad()
 def story_nlls(
     model: nn.Module,  # a trained LLM
@@ -761,73 +848,62 @@ def story_nlls(
     stories: Sequence,  # held-out stories (strings or Story objects)
     batch_size: int = 32,  # stories per forward pass
 ) -> list[float]:
-    "Negative log-likelihood (nats) of each story: -log p(text tokens, EOS | BOS), summed over its tokens."
-    inner = unwrap_model(model)
-    texts = _texts(stories)
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or batch_size < 1
-    ):
+    "NLL (nats) of each story, -log p(text tokens, EOS | BOS): its token losses summed."
+    inner, texts = unwrap_model(model), _texts(stories)
+    if not _is_int(batch_size, 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     seqs = tokenizer.encode_batch(texts, bos=True, eos=True)
-    ctx = inner.config.context_size
-    longest = max(len(s) for s in seqs)
+    ctx, longest = inner.config.context_size, max(len(s) for s in seqs)
     if longest - 1 > ctx:
         raise ValueError(
-            f"a story has {longest - 1} tokens to predict but the model's context_size is {ctx}; "
-            "score shorter stories or use a model with a larger context."
+            f"a story has {longest - 1} tokens to predict but the model's "
+            f"context_size is {ctx}; score shorter stories or use a model with "
+            "a larger context."
         )
-    device = next(inner.parameters()).device
-    was_training = inner.training
+    device, was_training = next(inner.parameters()).device, inner.training
     inner.eval()
     out = []
     for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
-        T = max(len(s) for s in chunk) - 1
-        ids = torch.full((len(chunk), T + 1), tokenizer.pad_id, dtype=torch.long)
-        for r, s in enumerate(chunk):
-            ids[r, : len(s)] = torch.tensor(s)  # right padding: causal rows ignore it
-        ids = ids.to(device)
+        ids, mask = _padded(seqs[i : i + batch_size], tokenizer.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
         logits = inner(ids[:, :-1]).float()  # (B, T, V)
-        nll = F.cross_entropy(
-            logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none"
-        ).view(len(chunk), T)
-        mask = (
-            torch.arange(T, device=device)[None, :]
-            < torch.tensor([len(s) - 1 for s in chunk], device=device)[:, None]
-        )
-        out.extend((nll * mask).sum(1).tolist())
+        targets = ids[:, 1:].flatten()
+        nll = F.cross_entropy(logits.flatten(0, 1), targets, reduction="none")
+        out.extend((nll.view(mask.shape) * mask).sum(1).tolist())
     inner.train(was_training)
     return out
 
-
+# %% ../nbs/07_pretraining.ipynb #e870545e
 def heldout_nll_per_story(
     model: nn.Module, tokenizer, stories: Sequence, batch_size: int = 32
 ) -> Estimate:
-    "Mean held-out NLL per story (nats, summed over tokens) with a 95% interval; compare with entropy_estimate()."
+    "Mean held-out NLL per story (nats), with a 95% interval: compare the floor."
     return mean_ci(story_nlls(model, tokenizer, stories, batch_size))
 
 
 @dataclass
 class FloorComparison:
-    "Held-out NLL per story against the story world's entropy (the floor no model can beat on average)."
+    "Held-out NLL per story against the story world's entropy (the floor)."
 
     nll: Estimate  # model: nats per story
     floor: Estimate  # entropy_estimate(): nats per story
 
     @property
     def ratio(self) -> float:
+        "NLL / floor: 1 is a perfect model."
         return self.nll.mean / self.floor.mean
 
     @property
     def excess(self) -> float:
-        return self.nll.mean - self.floor.mean  # nats per story above the floor
+        "Nats per story above the floor."
+        return self.nll.mean - self.floor.mean
 
     def __str__(self):
+        n, f = self.nll, self.floor
         return (
-            f"held-out NLL {self.nll.mean:.2f} nats/story (95% CI {self.nll.lo:.2f} to {self.nll.hi:.2f}) vs "
-            f"entropy floor {self.floor.mean:.2f}: ratio {self.ratio:.3f}, {self.excess:+.2f} nats/story"
+            f"held-out NLL {n.mean:.2f} nats/story (95% CI {n.lo:.2f} to {n.hi:.2f}) "
+            f"vs entropy floor {f.mean:.2f}: ratio {self.ratio:.3f}, "
+            f"{self.excess:+.2f} nats/story"
         )
 
 
@@ -835,10 +911,10 @@ def compare_to_floor(
     model: nn.Module,
     tokenizer,
     stories: Sequence,
-    floor: Estimate | None = None,
+    floor: Estimate | None = None,  # None: entropy_estimate(5000)
     batch_size: int = 32,
 ) -> FloorComparison:
-    "Score held-out stories and set them against the entropy floor (default: entropy_estimate(5000))."
+    "Score held-out stories and set them against the entropy floor."
     from tinyllama.data import entropy_estimate
 
     return FloorComparison(
@@ -847,33 +923,50 @@ def compare_to_floor(
     )
 
 # %% ../nbs/07_pretraining.ipynb #bcbe3f15
+def plot_losses(
+    history: Sequence[dict],  # metrics dicts: "step", and "loss" and/or "eval_loss"
+    floor: float | None = None,  # a dashed line, e.g. the entropy floor per token
+    title: str = "training",
+    ylabel: str = "nats per token",
+    ax=None,  # a matplotlib Axes to draw on; None: a new Figure
+):
+    "Training and held-out loss against the step (log scale); returns the Figure."
+    from matplotlib.figure import Figure
+
+    if ax is None:
+        ax = Figure(figsize=(7, 3.6)).add_subplot()
+    tr = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if tr:
+        ax.plot(*zip(*tr), label="training loss", lw=1.2)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out loss", ms=3)
+    if floor is not None:
+        ax.axhline(floor, color="k", ls="--", lw=1, label="entropy floor")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if tr or ev:
+        ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3, which="both")
+    ax.figure.tight_layout()
+    return ax.figure
+
+# %% ../nbs/07_pretraining.ipynb #c8295d21
 class LossPlot:
-    "A live plot of training and held-out loss in a notebook; pass it to train as the callback."
+    "A live loss plot in a notebook: pass it to `train` as the callback."
 
     def __init__(
         self,
-        floor: float
-        | None = None,  # a horizontal line (e.g. the entropy floor per token)
+        floor: float | None = None,  # a horizontal line (e.g. the floor per token)
         every: int = 1,  # redraw every this many calls
         title: str = "training",
         live: bool | None = None,  # None: redraw only inside a notebook
     ):
-        self.floor, self.every, self.title, self.history, self._handle, self._calls = (
-            floor,
-            max(int(every), 1),
-            title,
-            [],
-            None,
-            0,
-        )
-        if live is None:
-            try:
-                from IPython import get_ipython
-
-                live = get_ipython() is not None and hasattr(get_ipython(), "kernel")
-            except ImportError:
-                live = False
-        self.live = live
+        self.floor, self.every, self.title = floor, max(int(every), 1), title
+        self.history, self._handle, self._calls = [], None, 0
+        self.live = _in_notebook() if live is None else live
 
     def __call__(self, metrics: dict):
         self.history.append(dict(metrics))
@@ -883,198 +976,155 @@ class LossPlot:
 
     def figure(self):
         "A matplotlib Figure of the history so far."
-        from matplotlib.figure import Figure
+        return plot_losses(self.history, self.floor, self.title)
 
-        fig = Figure(figsize=(7, 3.6))
-        ax = fig.add_subplot()
-        tr = [(h["step"], h["loss"]) for h in self.history if "loss" in h]
-        ev = [(h["step"], h["eval_loss"]) for h in self.history if "eval_loss" in h]
-        if tr:
-            ax.plot(*zip(*tr), label="training loss", lw=1.2)
-        if ev:
-            ax.plot(*zip(*ev), "o-", label="held-out loss", ms=3)
-        if self.floor is not None:
-            ax.axhline(self.floor, color="k", ls="--", lw=1, label="entropy floor")
-        ax.set_xlabel("step")
-        ax.set_ylabel("nats per token")
-        ax.set_title(self.title)
-        if tr or ev:
-            ax.set_yscale("log")
-            ax.legend()
-            ax.grid(alpha=0.3, which="both")
-        fig.tight_layout()
-        return fig
+# %% ../nbs/07_pretraining.ipynb #46e5bca7
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None and hasattr(get_ipython(), "kernel")
 
-    def update(self):
-        from IPython.display import display, Image
 
-        img = Image(
-            data=self._repr_png_()
-        )  # a PNG shows under every matplotlib backend
-        if self._handle is None:
-            self._handle = display(img, display_id=True)
-        else:
-            self._handle.update(img)
+@patch
+def update(self: LossPlot):
+    "Redraw the plot in place (a PNG shows under every matplotlib backend)."
+    from IPython.display import display, Image
 
-    def _repr_png_(self):
-        import io
+    img = Image(data=self._repr_png_())
+    if self._handle is None:
+        self._handle = display(img, display_id=True)
+    else:
+        self._handle.update(img)
 
-        buf = io.BytesIO()
-        self.figure().savefig(buf, format="png", dpi=100)
-        return buf.getvalue()
+
+@patch
+def _repr_png_(self: LossPlot):
+    import io
+
+    buf = io.BytesIO()
+    self.figure().savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
 
 # %% ../nbs/07_pretraining.ipynb #9b671562
 def cpu_threads(requested="auto") -> int:
-    "CPU threads for training: 'auto' takes the cores that are idle now (at least 1), an int is used as is."
+    "CPU threads to train with: 'auto' takes the cores idle now (at least 1)."
     if requested != "auto":
-        if (
-            isinstance(requested, bool)
-            or not isinstance(requested, int)
-            or requested < 1
-        ):
+        if not _is_int(requested, 1):
             raise ValueError(
                 f"threads must be a positive integer or 'auto', got {requested!r}."
             )
         return requested
     cores = os.cpu_count() or 1
     try:
-        busy = os.getloadavg()[0]  # runnable processes, averaged over the last minute
+        busy = os.getloadavg()[0]  # runnable processes, mean of the last minute
     except (OSError, AttributeError):
         busy = 0.0  # (Windows has no load average)
-    # Threads that wait for a busy core spin and slow everyone down: on a shared machine, one thread is faster.
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
-class PretrainPreset(tuple):
-    "The sizes of a profile's pretraining run; unpacks as (model_kwargs, training_config)."
+def set_cpu_threads(
+    num_threads: int | str | None,  # an int, "auto" (the idle cores) or None (leave)
+    device,  # the training device: only a CPU run changes torch's threads
+) -> int:
+    "Set torch's CPU threads for a run on `device`; the thread count after."
+    if torch.device(device).type == "cpu" and num_threads:
+        torch.set_num_threads(cpu_threads(num_threads))
+    return torch.get_num_threads()
 
-    def __new__(cls, model: dict, train: TrainingConfig, **more):
-        self = super().__new__(cls, (model, train))
-        self.model, self.train = model, train
-        self.__dict__.update(more)
-        return self
+# %% ../nbs/07_pretraining.ipynb #19a32cce
+_SHAPE = ("vocab_size", "context_size", "dim_emb", "num_layers", "num_heads")
 
-    def __repr__(self):
-        more = {k: v for k, v in self.__dict__.items() if k not in ("model", "train")}
-        return f"PretrainPreset(model={self.model}, train={self.train}, {more})"
+
+def _shape(*sizes: int) -> dict:
+    "LLMConfig arguments: V, T, d, layers, heads, kv heads, hidden, in this order."
+    return dict(zip(_SHAPE + ("num_kv_heads", "ffd_hidden_dim"), sizes))
+
+
+@dataclass(frozen=True)
+class PretrainPreset:
+    "The sizes of a profile's pretraining run: model, training, data, expected band."
+
+    model: dict  # LLMConfig arguments (vocab_size: the tokenizer's at most)
+    train: TrainingConfig  # the training run
+    profile: str = "cpu"  # the profile these sizes belong to
+    corpus: str = "story_world"  # "story_world" or "tinystories"
+    n_train_stories: int = 20000  # training stories
+    n_heldout_stories: int = 500  # held-out stories, scored against the floor
+    # cap of the tokenizer's size on the story world (~1280 pieces fill it); None: none
+    story_world_vocab: int | None = None
+    num_threads: int | str | None = "auto"  # CPU threads (set_cpu_threads)
+    band: tuple = (1.0, 1.15)  # held-out NLL / entropy floor the profile promises
+
+# %% ../nbs/07_pretraining.ipynb #9e9cf5cf
+def _pretrain_config(P) -> TrainingConfig:
+    "The pretraining run of profile P."
+    return P.pick(
+        ci=TrainingConfig(
+            steps=60, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=10,
+            eval_every=20, eval_batches=4, log_every=10,
+        ),
+        cpu=TrainingConfig(
+            steps=500, batch_size=32, lr=3e-3, min_lr=1e-4, warmup_steps=50,
+            eval_every=50, eval_batches=8, log_every=10,
+        ),
+        gpu=TrainingConfig(
+            steps=2000, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=200,
+            eval_every=250, eval_batches=20, log_every=25, compile=True,
+        ),
+    )  # fmt: skip
 
 
 def pretrain_preset(
     profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
 ) -> PretrainPreset:
-    "Model and training sizes for a profile; `.model` (LLMConfig kwargs), `.train` (TrainingConfig) and data sizes."
-    from tinyllama.profiles import Profile, get_profile
+    "Model, training and data sizes of a profile's pretraining run."
+    from tinyllama.profiles import as_profile
 
-    P = profile if isinstance(profile, Profile) else get_profile(profile)
-    model = P.pick(
-        ci=dict(
-            vocab_size=768,
-            context_size=128,
-            dim_emb=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            ffd_hidden_dim=192,
-        ),
-        cpu=dict(
-            vocab_size=768,
-            context_size=128,
-            dim_emb=128,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-            ffd_hidden_dim=384,
-        ),
-        gpu=dict(
-            vocab_size=4096,
-            context_size=256,
-            dim_emb=288,
-            num_layers=6,
-            num_heads=6,
-            num_kv_heads=2,
-            ffd_hidden_dim=768,
-        ),
-    )
-    train = P.pick(
-        ci=TrainingConfig(
-            steps=60,
-            batch_size=16,
-            lr=3e-3,
-            min_lr=3e-4,
-            warmup_steps=10,
-            eval_every=20,
-            eval_batches=4,
-            log_every=10,
-        ),
-        cpu=TrainingConfig(
-            steps=500,
-            batch_size=32,
-            lr=3e-3,
-            min_lr=1e-4,
-            warmup_steps=50,
-            eval_every=50,
-            eval_batches=8,
-            log_every=10,
-        ),
-        gpu=TrainingConfig(
-            steps=2000,
-            batch_size=64,
-            lr=2e-3,
-            min_lr=1e-4,
-            warmup_steps=200,
-            eval_every=250,
-            eval_batches=20,
-            log_every=25,
-            compile=True,
-        ),
-    )
+    P = as_profile(profile)
     return PretrainPreset(
-        model,
-        train,
+        model=P.pick(
+            ci=_shape(768, 128, 64, 2, 4, 2, 192),
+            cpu=_shape(768, 128, 128, 4, 4, 2, 384),
+            gpu=_shape(4096, 256, 288, 6, 6, 2, 768),
+        ),
+        train=_pretrain_config(P),
         profile=P.name,
         corpus=P.pick(ci="story_world", cpu="story_world", gpu="tinystories"),
         n_train_stories=P.pick(ci=1500, cpu=20000, gpu=30000),
-        story_world_vocab=P.pick(
-            ci=768, cpu=768, gpu=768
-        ),  # the story world fills at most ~1280 pieces
         n_heldout_stories=P.pick(ci=100, cpu=500, gpu=500),
-        num_threads=P.pick(
-            ci=1, cpu="auto", gpu=None
-        ),  # ci: tiny matrices gain nothing from threads
+        story_world_vocab=768,
+        num_threads=P.pick(ci=1, cpu="auto", gpu=None),  # ci: tiny matrices
         band=P.pick(ci=(1.0, 15.0), cpu=(1.0, 1.15), gpu=(1.0, 1.15)),
-    )  # NLL / floor on the story world
+    )
 
 # %% ../nbs/07_pretraining.ipynb #252e73b9
 def tokenizer_vocab_size(preset: PretrainPreset, corpus: str) -> int:
-    "The tokenizer's size for `corpus`: the preset's, capped for the story world (its small vocabulary fills ~1280 pieces)."
+    "The tokenizer's size for `corpus`: the preset's, capped on the story world."
     V = preset.model["vocab_size"]
-    return (
-        min(V, getattr(preset, "story_world_vocab", V))
-        if corpus == "story_world"
-        else V
-    )
+    cap = preset.story_world_vocab or V
+    return min(V, cap) if corpus == "story_world" else V
 
 
 def load_corpus(
-    preset: PretrainPreset,  # its corpus, n_train_stories and n_heldout_stories are used
+    preset: PretrainPreset,  # its corpus, n_train_stories and n_heldout_stories
     seed: int = 0,  # which stories (story world)
     progress: bool = True,  # download progress bar (TinyStories)
 ) -> tuple[str, list[str], list]:
-    "(corpus name, training texts, held-out stories): the story world, or TinyStories with a fallback offline."
+    "(corpus, training texts, held-out stories): the story world, or TinyStories."
     from tinyllama.data import train_heldout, load_tinystories, DownloadError
 
     if preset.corpus == "tinystories":
         try:
             texts = load_tinystories("validation", progress=progress)
             n_held = min(preset.n_heldout_stories, len(texts) // 10)
-            return (
-                "tinystories",
-                texts[n_held:][: preset.n_train_stories],
-                texts[:n_held],
-            )
+            train_texts = texts[n_held:][: preset.n_train_stories]
+            return "tinystories", train_texts, texts[:n_held]
         except DownloadError as e:
             print(
-                f"Note: TinyStories is not reachable ({str(e)[:100]}...); using the built-in story world instead."
+                f"Note: TinyStories is not reachable ({str(e)[:100]}...); "
+                "using the built-in story world instead."
             )
     elif preset.corpus != "story_world":
         raise ValueError(
@@ -1085,7 +1135,7 @@ def load_corpus(
     )
     return "story_world", [s.text for s in train_stories], heldout
 
-
+# %% ../nbs/07_pretraining.ipynb #3f6f4204
 @dataclass
 class PretrainRun:
     "Everything a pretraining run made."
@@ -1095,16 +1145,36 @@ class PretrainRun:
     result: TrainResult  # history, steps, checkpoint folder
     corpus: str  # "story_world" or "tinystories"
     heldout_stories: list  # texts (or Story objects) kept out of training
-    comparison: FloorComparison | None = (
-        None  # held-out NLL per story vs the entropy floor (story world only)
-    )
+    # held-out NLL per story vs the entropy floor (story world only)
+    comparison: FloorComparison | None = None
     wall_s: float = 0.0  # seconds for data, tokenizer, training and scoring
 
+    @property
+    def floor_per_token(self) -> float | None:
+        "The entropy floor per held-out token (None without a floor)."
+        if self.comparison is None:
+            return None
+        texts = [getattr(s, "text", s) for s in self.heldout_stories]
+        n = sum(len(t) for t in self.tokenizer.encode_batch(texts, eos=True))
+        return self.comparison.floor.mean * len(texts) / n
 
+
+def steps_overrides(
+    config: TrainingConfig,  # a preset's training run
+    steps: int | None,  # the steps wanted instead; None: no change
+) -> dict:
+    "TrainingConfig changes for a run of `steps`: warmup and eval interval shrink too."
+    if steps is None:
+        return {}
+    c = config
+    warm = min(c.warmup_steps, round(c.warmup_steps * steps / c.steps))
+    ev = min(c.eval_every, max(steps // 2, 1)) if c.eval_every else 0
+    log = min(c.log_every, steps)
+    return dict(steps=steps, warmup_steps=warm, eval_every=ev, log_every=log)
+
+# %% ../nbs/07_pretraining.ipynb #26e18653
 def pretrain(
-    preset: PretrainPreset
-    | str
-    | None = None,  # a preset, a profile name, or None for the current profile
+    preset: PretrainPreset | str | None = None,  # a preset, a profile name, or None
     out_dir=None,  # checkpoint, metrics.jsonl and tokenizer.model go here
     callback=None,
     stop_event=None,
@@ -1113,49 +1183,31 @@ def pretrain(
     resume: bool = False,  # continue the run in out_dir
     **train_overrides,  # TrainingConfig fields to change, e.g. steps=100
 ) -> PretrainRun:
-    "Stories → tokenizer → LLM → train → held-out NLL vs the entropy floor, sized by a profile."
+    "Stories → tokenizer → LLM → train → held-out NLL vs the floor, sized by a profile."
     from tinyllama.data import entropy_estimate
     from tinyllama.tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
-    preset = preset if isinstance(preset, PretrainPreset) else pretrain_preset(preset)
-    cfg = TrainingConfig(
-        **{
-            **asdict(preset.train),
-            "seed": seed,
-            **train_overrides,
-            **({"out_dir": str(out_dir)} if out_dir is not None else {}),
-        }
-    )
-    device = torch.device(cfg.device) if cfg.device else get_device()
-    if device.type == "cpu" and getattr(preset, "num_threads", None):
-        torch.set_num_threads(cpu_threads(preset.num_threads))
+    if not isinstance(preset, PretrainPreset):
+        preset = pretrain_preset(preset)
+    where = {"out_dir": str(out_dir)} if out_dir is not None else {}
+    cfg = asdict(preset.train) | {"seed": seed} | train_overrides | where
+    cfg = TrainingConfig(**cfg)
+    set_cpu_threads(preset.num_threads, cfg.device or get_device())
     corpus, train_texts, heldout = load_corpus(preset, seed=seed, progress=progress)
     tok = train_tokenizer(train_texts, vocab_size=tokenizer_vocab_size(preset, corpus))
     if out_dir is not None:
         tok.save(Path(out_dir) / "tokenizer.model")
     ctx = preset.model["context_size"]
-    train_ds = NextTokenPredictionDataset(
-        tokenize_stories(train_texts, tok), ctx, seed=seed
-    )
-    eval_ds = NextTokenPredictionDataset(
-        tokenize_stories(heldout, tok), ctx, seed=seed + 1
-    )
+    train_ds = NextTokenPredictionDataset(tokenize_stories(train_texts, tok), ctx, seed)
+    eval_ds = NextTokenPredictionDataset(tokenize_stories(heldout, tok), ctx, seed + 1)
     torch.manual_seed(seed)
     model = LLM(LLMConfig(**{**preset.model, "vocab_size": tok.vocab_size}))
     result = train(
-        model,
-        train_ds,
-        cfg,
-        eval_ds,
-        callback=callback,
-        stop_event=stop_event,
-        resume=resume,
-        progress=progress,
+        model, train_ds, cfg, eval_ds, callback, stop_event, resume, progress
     )
     comparison = None
     if corpus == "story_world":
-        comparison = compare_to_floor(model, tok, heldout, floor=entropy_estimate(5000))
-    return PretrainRun(
-        model, tok, result, corpus, heldout, comparison, time.perf_counter() - t0
-    )
+        comparison = compare_to_floor(model, tok, heldout, entropy_estimate(5000))
+    wall = time.perf_counter() - t0
+    return PretrainRun(model, tok, result, corpus, heldout, comparison, wall)

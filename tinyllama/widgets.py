@@ -6,11 +6,13 @@ import dataclasses, functools, html, io, tempfile, threading, time
 from pathlib import Path
 import torch
 import ipywidgets as W
+from fastcore.basics import patch
 from .profiles import get_profile, Profile
 from .device import get_device
 from .model import LLM, LLMConfig, parameter_count
 from .feedforward import llama_hidden_dim
 from .data import train_heldout
+from .generate import generate_text
 from .tokenizer import train_tokenizer
 from tinyllama.train import (
     PRECISIONS,
@@ -23,8 +25,8 @@ from tinyllama.train import (
 
 # %% auto #0
 __all__ = ['MODEL_FIELDS', 'RUN_FIELDS', 'FFN_MULTIPLE', 'SAMPLE_PROMPTS', 'available_devices', 'panel_defaults',
-           'configs_from_fields', 'training_flops', 'field_problem', 'plot_loss', 'LossChart', 'loss_png',
-           'greedy_continue', 'sample_texts', 'story_data', 'TrainingPanel']
+           'configs_from_fields', 'field_problem', 'plot_loss', 'LossChart', 'loss_png', 'story_data', 'sample_texts',
+           'TrainingPanel']
 
 # %% ../nbs/07c_training_panel.ipynb #92163a40
 MODEL_FIELDS = (
@@ -64,15 +66,15 @@ def panel_defaults(
     )
     return values, run
 
-
-FFN_MULTIPLE = 64  # Llama's SwiGLU width rule (chapter 04) rounded to 64: gives every preset's ffd_hidden_dim
+# %% ../nbs/07c_training_panel.ipynb #0e8d6101
+FFN_MULTIPLE = 64  # Llama's SwiGLU width rule (chapter 04) rounded up to 64
 
 
 def configs_from_fields(
     values: dict,  # field name -> value, as the panel holds them
     base: TrainingConfig | None = None,  # the preset the other run settings come from
 ) -> tuple[LLMConfig, TrainingConfig]:
-    "The model and run configurations the fields describe; ValueError (in plain words) when they can't work."
+    "The model and run configs the fields describe; a ValueError in plain words if not."
     missing = [f for f in MODEL_FIELDS + RUN_FIELDS if f not in values]
     if missing:
         raise ValueError(f"the fields {', '.join(missing)} are missing.")
@@ -82,9 +84,8 @@ def configs_from_fields(
         if isinstance(d, int) and not isinstance(d, bool) and d > 0
         else 1
     )
-    model = LLMConfig(
-        **{f: values[f] for f in MODEL_FIELDS}, ffd_hidden_dim=hidden
-    )  # a bad d: LLMConfig explains
+    # a bad width: LLMConfig explains
+    model = LLMConfig(**{f: values[f] for f in MODEL_FIELDS}, ffd_hidden_dim=hidden)
     if values["device"] not in available_devices():
         raise ValueError(
             f"device {values['device']!r} is not available here; pick one of "
@@ -96,7 +97,8 @@ def configs_from_fields(
         raise ValueError(f"steps must be a positive whole number, got {steps!r}.")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(
-            f"the learning rate lr must be a positive number (such as 1e-3), got {lr!r}."
+            "the learning rate lr must be a positive number (such as 1e-3), "
+            f"got {lr!r}."
         )
     run = dataclasses.replace(
         base,
@@ -109,25 +111,13 @@ def configs_from_fields(
         log_every=max(1, min(base.log_every, steps // 100)),  # enough points to plot
         device=values["device"],
         precision=values["precision"],
-        compile=False,
-    )  # compiling takes a minute per new shape: not for quick runs
+        compile=False,  # compiling takes a minute per new shape: not for quick runs
+    )
     return model, run
 
-
-def training_flops(
-    model: LLMConfig,  # the model's shape
-    run: TrainingConfig,  # steps and batch size
-) -> float:  # floating-point operations of the whole run (forward and backward)
-    "≈ 6 FLOPs per matmul weight per token, plus 6·L·T·d per token for attention scores (Kaplan et al., 2020)."
-    n_matmul = parameter_count(model) - (
-        0 if model.tie_embeddings else model.vocab_size * model.dim_emb
-    )
-    per_token = 6 * n_matmul + 6 * model.num_layers * model.context_size * model.dim_emb
-    return float(per_token) * run.steps * run.batch_size * model.context_size
-
-
+# %% ../nbs/07c_training_panel.ipynb #5ed54d29
 def field_problem(values: dict, base: TrainingConfig | None = None) -> str | None:
-    "None when the fields describe a run that can start, else what is wrong, in plain words."
+    "None when the fields describe a run that can start, else what is wrong."
     try:
         configs_from_fields(values, base)
     except ValueError as e:
@@ -160,7 +150,7 @@ def plot_loss(
 
 
 class LossChart:
-    "A loss plot kept as one matplotlib Figure (no pyplot: safe in the training thread), rendered to PNG."
+    "A loss plot on its own matplotlib Figure (no pyplot: safe in a thread), as PNG."
 
     def __init__(self, size=(6.0, 3.0), dpi=90):
         from matplotlib.figure import Figure
@@ -181,63 +171,6 @@ def loss_png(history: list[dict], floor: float | None = None, size=(6.0, 3.0)) -
     "The loss plot of `history` as PNG bytes."
     return LossChart(size).png(history, floor)
 
-# %% ../nbs/07c_training_panel.ipynb #97b142d9
-@torch.no_grad()
-def greedy_continue(
-    model: LLM, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None
-) -> list[int]:
-    "Greedy continuation of one prompt with plain forward passes (no cache): the fallback sampler."
-    ids = list(prompt_ids)
-    device = next(model.parameters()).device
-    for _ in range(max_new_tokens):
-        window = ids[-model.config.context_size :]
-        nxt = int(model(torch.tensor([window], device=device))[0, -1].argmax())
-        if nxt == eos_id:
-            break
-        ids.append(nxt)
-    return ids[len(prompt_ids) :]
-
-
-def sample_texts(
-    model: LLM,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int = 80,  # at most this many; fewer if the context is shorter
-    temperature: float = 0.8,
-    seed: int = 0,
-) -> list[str]:
-    "Continuations of `prompts`: chapter 08's generate_text when present, else greedy decoding."
-    longest = max(len(tokenizer.encode(p, bos=True)) for p in prompts)
-    n_new = min(max_new_tokens, model.config.context_size - longest)
-    if n_new < 1:
-        raise ValueError(
-            f"context_size={model.config.context_size} leaves no room after a prompt of {longest} tokens."
-        )
-    was_training = model.training
-    model.eval()
-    try:
-        try:
-            from tinyllama.generate import generate_text
-        except ImportError:  # chapter 08 is not installed: plain greedy decoding
-            return [
-                tokenizer.decode(
-                    greedy_continue(
-                        model, tokenizer.encode(p, bos=True), n_new, tokenizer.eos_id
-                    )
-                )
-                for p in prompts
-            ]
-        return generate_text(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=n_new,
-            temperature=temperature,
-            seed=seed,
-        )
-    finally:
-        model.train(was_training)
-
 # %% ../nbs/07c_training_panel.ipynb #887e547e
 @functools.lru_cache(maxsize=4)
 def story_data(
@@ -250,23 +183,60 @@ def story_data(
     train_s, held_s = train_heldout(n_train, n_heldout, seed=0)
     tok = tokenizer or train_tokenizer([s.text for s in train_s], vocab_size=vocab_size)
     train_t, eval_t = tokenize_stories(train_s, tok), tokenize_stories(held_s, tok)
-    floor = sum(-s.log_prob for s in train_s) / len(
-        train_t
-    )  # exact nats of the stories / their tokens
-    return tok, train_t, eval_t, floor
+    nats = sum(-s.log_prob for s in train_s)  # the stories' exact information
+    return tok, train_t, eval_t, nats / len(train_t)
+
+# %% ../nbs/07c_training_panel.ipynb #97b142d9
+def sample_texts(
+    model: LLM,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 80,  # at most this many; fewer if the context is shorter
+    temperature: float = 0.8,
+    seed: int = 0,
+) -> list[str]:
+    "Continuations of `prompts` by `generate_text` (chapter 08), as the context allows."
+    longest = max(len(tokenizer.encode(p, bos=True)) for p in prompts)
+    n_new = min(max_new_tokens, model.config.context_size - longest)
+    if n_new < 1:
+        raise ValueError(
+            f"context_size={model.config.context_size} leaves no room after a "
+            f"prompt of {longest} tokens."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        return generate_text(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=n_new,
+            temperature=temperature,
+            seed=seed,
+        )
+    finally:
+        model.train(was_training)
 
 # %% ../nbs/07c_training_panel.ipynb #62121404
-SAMPLE_PROMPTS = ("Once upon a time, there was", "")
+def _checked_stream(tokens):
+    "`tokens` when it is None or a 1-D tensor; a ValueError otherwise."
+    if tokens is not None and not (
+        isinstance(tokens, torch.Tensor) and tokens.dim() == 1
+    ):
+        raise ValueError(
+            "train_tokens must be a 1-D tensor of token ids (see tokenize_stories)."
+        )
+    return tokens
 
 
 def _forget_frames(e: BaseException) -> BaseException:
-    "`e` without its traceback, whose frames hold the model, optimizer state and activations."
+    "`e` without its traceback, whose frames hold the model and its activations."
     e.__traceback__, e.__context__, e.__cause__ = None, None, None
     return e
 
 
 def _free_memory():
-    "Collect the frames a failed run left (they form cycles), then the GPU memory they held."
+    "Collect the frames a failed run left (they form cycles), then their GPU memory."
     import gc
 
     gc.collect()
@@ -274,38 +244,39 @@ def _free_memory():
         torch.cuda.empty_cache()
 
 
+def _close_widget(w):
+    "Close `w`, its children, and their layout and style widgets."
+    for child in getattr(w, "children", ()):
+        _close_widget(child)
+    for part in (getattr(w, "layout", None), getattr(w, "style", None)):
+        if isinstance(part, W.Widget):
+            part.close()
+    w.close()
+
+# %% ../nbs/07c_training_panel.ipynb #3d5411b0
+SAMPLE_PROMPTS = ("Once upon a time, there was", "")
+
+
 class TrainingPanel:
-    "A form to size a model and a run, with Start and Stop: training runs in a background thread."
+    "A form to size a model and a run, with Start and Stop; training runs in a thread."
 
     def __init__(
         self,
         profile: Profile | str | None = None,  # sizes the defaults and the story corpus
-        out_dir=None,  # each run writes run-001/, run-002/, ... here; None: a fresh temporary folder
-        tokenizer=None,  # a Tokenizer; None: trained on the story world with the vocab_size field
-        train_tokens: torch.Tensor
-        | None = None,  # 1-D token stream; None: story-world stories
+        out_dir=None,  # run-001/, run-002/, ... go here; None: a new temporary folder
+        tokenizer=None,  # a Tokenizer; None: one trained on the story world
+        train_tokens: torch.Tensor | None = None,  # 1-D token ids; None: story world
         eval_tokens: torch.Tensor | None = None,  # held-out stream for eval_loss
         n_stories: int
-        | None = None,  # stories in the built-in corpus; None: the profile's
-        prompts=SAMPLE_PROMPTS,  # the panel samples continuations of these when a run ends
+        | None = None,  # stories in the story corpus; None: the profile's
+        prompts=SAMPLE_PROMPTS,  # the panel continues these when a run ends
     ):
         self.profile = profile if isinstance(profile, Profile) else get_profile(profile)
-        self.out_dir = (
-            Path(out_dir)
-            if out_dir is not None
-            else Path(tempfile.mkdtemp(prefix="tinyllama-panel-"))
-        )
-        self.tokenizer, self.train_tokens, self.eval_tokens = (
-            tokenizer,
-            train_tokens,
-            eval_tokens,
-        )
-        if train_tokens is not None and not (
-            isinstance(train_tokens, torch.Tensor) and train_tokens.dim() == 1
-        ):
-            raise ValueError(
-                "train_tokens must be a 1-D tensor of token ids (see tokenize_stories)."
-            )
+        self.tokenizer, self.eval_tokens = tokenizer, eval_tokens
+        self.train_tokens = _checked_stream(train_tokens)
+        if out_dir is None:
+            out_dir = tempfile.mkdtemp(prefix="tinyllama-panel-")
+        self.out_dir = Path(out_dir)
         preset = pretrain_preset(self.profile)
         self.n_stories = n_stories or preset.n_train_stories
         self.n_heldout = (
@@ -314,344 +285,356 @@ class TrainingPanel:
         self.prompts = list(prompts)
         self.model = self.result = self.error = self.thread = self.run_dir = None
         self.history, self.samples, self.floor = [], [], None
-        self.stop_event = threading.Event()
-        self._lock = threading.Lock()
+        self.stop_event, self._lock = threading.Event(), threading.Lock()
         self._chart, self._last_plot, self._draw_s = LossChart(), 0.0, 0.0
         defaults, self.base_config = panel_defaults(self.profile)
-        if tokenizer is not None:
+        self._fixed_vocab = tokenizer is not None  # the model's vocabulary is its
+        if self._fixed_vocab:
             defaults["vocab_size"] = tokenizer.vocab_size
-        self.fields = self._make_fields(defaults)
-        self._fixed_vocab = (
-            tokenizer is not None
-        )  # the model's vocabulary is the given tokenizer's
-        self.fields["vocab_size"].disabled = self._fixed_vocab
-        self.start_button = W.Button(
-            description="Start", button_style="success", icon="play"
-        )
-        self.stop_button = W.Button(
-            description="Stop", button_style="danger", icon="stop", disabled=True
-        )
-        self.start_button.on_click(self._on_start)
-        self.stop_button.on_click(self._on_stop)
-        self.progress = W.IntProgress(value=0, min=0, max=1, description="progress")
-        self.status = W.HTML()
-        self.summary = W.HTML()
-        self.message = W.HTML()
-        self.plot = W.Image(format="png", layout=W.Layout(width="540px"))
-        self.samples_view = W.HTML()
-        for w in self.fields.values():
-            w.observe(self._on_field_change, names="value")
-        self._on_field_change()
-        self.widget = self._layout()
-
-    # -- building blocks
-    def _make_fields(self, v):
-        style, lay = {"description_width": "110px"}, W.Layout(width="210px")
-        ints = lambda name, label: W.IntText(
-            value=v[name], description=label, style=style, layout=lay
-        )
-        return {
-            "vocab_size": ints("vocab_size", "vocab size"),
-            "dim_emb": ints("dim_emb", "width (dim_emb)"),
-            "num_layers": ints("num_layers", "layers"),
-            "num_heads": ints("num_heads", "heads"),
-            "num_kv_heads": ints("num_kv_heads", "kv heads"),
-            "context_size": ints("context_size", "context"),
-            "batch_size": ints("batch_size", "batch size"),
-            "lr": W.FloatText(
-                value=v["lr"], description="learning rate", style=style, layout=lay
-            ),
-            "steps": ints("steps", "steps"),
-            "device": W.Dropdown(
-                options=available_devices(),
-                value=v["device"]
-                if v["device"] in available_devices()
-                else available_devices()[-1],
-                description="device",
-                style=style,
-                layout=lay,
-            ),
-            "precision": W.Dropdown(
-                options=PRECISIONS,
-                value=v["precision"],
-                description="precision",
-                style=style,
-                layout=lay,
-            ),
-        }
-
-    def _layout(self):
-        f = self.fields
-        grid = lambda names: W.GridBox(
-            [f[n] for n in names],
-            layout=W.Layout(grid_template_columns="repeat(3, 220px)"),
-        )
-        return W.VBox(
-            [
-                W.HTML("<b>Model</b>"),
-                grid(MODEL_FIELDS),
-                W.HTML("<b>Run</b>"),
-                grid(RUN_FIELDS),
-                self.summary,
-                W.HBox([self.start_button, self.stop_button, self.progress]),
-                self.status,
-                self.message,
-                self.plot,
-                self.samples_view,
-            ]
-        )
-
-    def values(self) -> dict:
-        "The fields' current values."
-        return {name: w.value for name, w in self.fields.items()}
-
-    def set(self, **values):
-        "Set fields by name, as a reader typing into them would."
-        unknown = set(values) - set(self.fields)
-        if unknown:
-            raise ValueError(
-                f"no field named {', '.join(sorted(unknown))}; the fields are {', '.join(self.fields)}."
-            )
-        for name, value in values.items():
-            self.fields[name].value = value
-        return self
-
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
+        self._build_widgets(defaults)
 
     @property
     def running(self) -> bool:
         "Whether a training run is going on."
         return self.thread is not None and self.thread.is_alive()
 
-    # -- messages
-    def _say(self, text, kind="info"):
-        color = {"info": "#333", "ok": "#1a7f37", "error": "#b42318"}[kind]
-        self.message.value = (
-            f'<span style="color:{color}">{html.escape(text)}</span>' if text else ""
+# %% ../nbs/07c_training_panel.ipynb #f12b14c3
+@patch
+def _build_widgets(self: TrainingPanel, defaults: dict):
+    "The fields, buttons, progress bar, text lines and plot, wired and laid out."
+    self.fields = self._make_fields(defaults)
+    self.fields["vocab_size"].disabled = self._fixed_vocab
+    self.start_button = W.Button(
+        description="Start", button_style="success", icon="play"
+    )
+    self.stop_button = W.Button(
+        description="Stop", button_style="danger", icon="stop", disabled=True
+    )
+    self.start_button.on_click(self._on_start)
+    self.stop_button.on_click(self._on_stop)
+    self.progress = W.IntProgress(value=0, min=0, max=1, description="progress")
+    self.status, self.summary, self.message = W.HTML(), W.HTML(), W.HTML()
+    self.plot = W.Image(format="png", layout=W.Layout(width="540px"))
+    self.samples_view = W.HTML()
+    for w in self.fields.values():
+        w.observe(self._on_field_change, names="value")
+    self._on_field_change()
+    self.widget = self._layout()
+
+
+@patch
+def _layout(self: TrainingPanel) -> W.VBox:
+    "The form: model fields, run fields, cost, buttons, status, plot, samples."
+    f = self.fields
+    grid = lambda names: W.GridBox(
+        [f[n] for n in names],
+        layout=W.Layout(grid_template_columns="repeat(3, 220px)"),
+    )
+    return W.VBox(
+        [
+            W.HTML("<b>Model</b>"),
+            grid(MODEL_FIELDS),
+            W.HTML("<b>Run</b>"),
+            grid(RUN_FIELDS),
+            self.summary,
+            W.HBox([self.start_button, self.stop_button, self.progress]),
+            self.status,
+            self.message,
+            self.plot,
+            self.samples_view,
+        ]
+    )
+
+
+@patch
+def _ipython_display_(self: TrainingPanel):
+    from IPython.display import display
+
+    display(self.widget)
+
+# %% ../nbs/07c_training_panel.ipynb #f65f09a2
+@patch
+def _make_fields(self: TrainingPanel, v: dict) -> dict:
+    "One input widget per field, holding the values `v`."
+    style, lay = {"description_width": "110px"}, W.Layout(width="210px")
+    ints = lambda name, label: W.IntText(
+        value=v[name], description=label, style=style, layout=lay
+    )
+    return {
+        "vocab_size": ints("vocab_size", "vocab size"),
+        "dim_emb": ints("dim_emb", "width (dim_emb)"),
+        "num_layers": ints("num_layers", "layers"),
+        "num_heads": ints("num_heads", "heads"),
+        "num_kv_heads": ints("num_kv_heads", "kv heads"),
+        "context_size": ints("context_size", "context"),
+        "batch_size": ints("batch_size", "batch size"),
+        "lr": W.FloatText(
+            value=v["lr"], description="learning rate", style=style, layout=lay
+        ),
+        "steps": ints("steps", "steps"),
+        "device": W.Dropdown(
+            options=available_devices(),
+            value=v["device"]
+            if v["device"] in available_devices()
+            else available_devices()[-1],
+            description="device",
+            style=style,
+            layout=lay,
+        ),
+        "precision": W.Dropdown(
+            options=PRECISIONS,
+            value=v["precision"],
+            description="precision",
+            style=style,
+            layout=lay,
+        ),
+    }
+
+# %% ../nbs/07c_training_panel.ipynb #6489ff24
+@patch
+def values(self: TrainingPanel) -> dict:
+    "The fields' current values."
+    return {name: w.value for name, w in self.fields.items()}
+
+
+@patch
+def set(self: TrainingPanel, **values):
+    "Set fields by name, as a reader typing into them would."
+    unknown = set(values) - set(self.fields)
+    if unknown:
+        raise ValueError(
+            f"no field named {', '.join(sorted(unknown))}; the fields are "
+            f"{', '.join(self.fields)}."
         )
-        self.message_text, self.message_kind = text, kind
+    for name, value in values.items():
+        self.fields[name].value = value
+    return self
 
-    def _on_field_change(self, change=None):
-        problem = field_problem(self.values(), self.base_config)
-        if problem:
-            self.summary_text = problem
-            self.summary.value = (
-                f'<span style="color:#b42318">{html.escape(problem)}</span>'
-            )
-            return
-        model, run = configs_from_fields(self.values(), self.base_config)
-        n = parameter_count(model)
-        tokens = run.batch_size * model.context_size
-        self.summary.value = self.summary_text = (
-            f"{n / 1e6:.2f} M parameters · {run.batch_size} × {model.context_size} = "
-            f"{tokens:,} tokens per step · {run.steps * tokens / 1e6:.2f} M tokens in all · "
-            f"≈ {training_flops(model, run) / 1e12:.2g} TFLOP"
+# %% ../nbs/07c_training_panel.ipynb #540ed2a0
+@patch
+def _say(self: TrainingPanel, text: str, kind: str = "info"):  # kind: info | ok | error
+    "Show `text` as the panel's message."
+    color = {"info": "#333", "ok": "#1a7f37", "error": "#b42318"}[kind]
+    escaped = html.escape(text)
+    self.message.value = f'<span style="color:{color}">{escaped}</span>' if text else ""
+    self.message_text, self.message_kind = text, kind
+
+
+@patch
+def _on_field_change(self: TrainingPanel, change=None):
+    "Show the cost of the run the fields describe, or what is wrong with them."
+    problem = field_problem(self.values(), self.base_config)
+    if problem:
+        self.summary_text = problem
+        self.summary.value = (
+            f'<span style="color:#b42318">{html.escape(problem)}</span>'
         )
+        return
+    model, run = configs_from_fields(self.values(), self.base_config)
+    n = parameter_count(model)
+    tokens = run.batch_size * model.context_size
+    flops = model.flops_per_token() * run.steps * tokens
+    self.summary.value = self.summary_text = (
+        f"{n / 1e6:.2f} M parameters · {run.batch_size} × {model.context_size} = "
+        f"{tokens:,} tokens per step · {run.steps * tokens / 1e6:.2f} M tokens in all"
+        f" · ≈ {flops / 1e12:.2g} TFLOP"
+    )
 
-    # -- data
-    def _data(self, vocab_size):
-        "(tokenizer, train stream, eval stream, floor per token): the given ones, or the story world's."
-        if self.train_tokens is not None:
-            return self.tokenizer, self.train_tokens, self.eval_tokens, None
-        if self._fixed_vocab and self.tokenizer.vocab_size != vocab_size:
-            raise ValueError(
-                f"vocab_size={vocab_size} but the tokenizer has {self.tokenizer.vocab_size} tokens."
-            )
-        return story_data(
-            self.n_stories,
-            self.n_heldout,
-            vocab_size,
-            self.tokenizer if self._fixed_vocab else None,
+# %% ../nbs/07c_training_panel.ipynb #b4fb396e
+@patch
+def _data(self: TrainingPanel, vocab_size: int) -> tuple:
+    "(tokenizer, train stream, eval stream, floor): given, or the story world's."
+    if self.train_tokens is not None:
+        return self.tokenizer, self.train_tokens, self.eval_tokens, None
+    if self._fixed_vocab and self.tokenizer.vocab_size != vocab_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} but the tokenizer has "
+            f"{self.tokenizer.vocab_size} tokens."
         )
+    return story_data(
+        self.n_stories,
+        self.n_heldout,
+        vocab_size,
+        self.tokenizer if self._fixed_vocab else None,
+    )
 
-    # -- buttons
-    def _on_start(self, button=None):
-        with self._lock:
-            if self.running:
-                self._say(
-                    "A run is already going: press Stop first, or wait for it to end.",
-                    "error",
-                )
-                return
-            try:
-                model_config, run_config = configs_from_fields(
-                    self.values(), self.base_config
-                )
-                run_dir = self._next_run_dir()
-                run_config = dataclasses.replace(run_config, out_dir=str(run_dir))
-                tok, train_t, eval_t, floor = self._data(model_config.vocab_size)
-                if int(train_t.max()) >= model_config.vocab_size:
-                    raise ValueError(
-                        f"vocab_size={model_config.vocab_size} is too small for the token stream, "
-                        f"whose largest id is {int(train_t.max())}."
-                    )
-                train_data = NextTokenPredictionDataset(
-                    train_t, model_config.context_size, seed=run_config.seed
-                )
-                eval_data = (
-                    NextTokenPredictionDataset(
-                        eval_t, model_config.context_size, seed=run_config.seed + 1
-                    )
-                    if eval_t is not None
-                    else None
-                )
-            except ValueError as e:
-                self._say(str(e), "error")
-                return
-            torch.manual_seed(run_config.seed)
-            self.model, self.tokenizer, self.floor = LLM(model_config), tok, floor
-            self.history, self.samples, self.result, self.error = [], [], None, None
-            self.run_config, self.run_dir = run_config, run_dir
-            self.stop_event = threading.Event()
-            self.progress.max, self.progress.value = run_config.steps, 0
-            self.samples_view.value = ""
-            self._show_running(True)
-            self._say(
-                f"Training on {run_config.device}; the checkpoint goes to {run_dir}.",
-                "info",
-            )
-            self.thread = threading.Thread(
-                target=self._run,
-                args=(train_data, eval_data, run_config),
-                name="tinyllama-training-panel",
-                daemon=True,
-            )
-            self.thread.start()
 
-    def _next_run_dir(self) -> Path:
-        "The first free run-NNN folder in out_dir."
-        n = 1
-        while (self.out_dir / f"run-{n:03d}").exists():
-            n += 1
-        return self.out_dir / f"run-{n:03d}"
+@patch
+def _prepare(self: TrainingPanel) -> tuple:
+    "The configs and data of the run the fields describe; ValueError if it cannot run."
+    model_config, run_config = configs_from_fields(self.values(), self.base_config)
+    run_config = dataclasses.replace(run_config, out_dir=str(self._next_run_dir()))
+    tok, train_t, eval_t, floor = self._data(model_config.vocab_size)
+    if int(train_t.max()) >= model_config.vocab_size:
+        raise ValueError(
+            f"vocab_size={model_config.vocab_size} is too small for the token stream, "
+            f"whose largest id is {int(train_t.max())}."
+        )
+    T, seed = model_config.context_size, run_config.seed
+    train_data = NextTokenPredictionDataset(train_t, T, seed=seed)
+    eval_data = None
+    if eval_t is not None:
+        eval_data = NextTokenPredictionDataset(eval_t, T, seed=seed + 1)
+    return model_config, run_config, tok, floor, train_data, eval_data
 
-    def _on_stop(self, button=None):
+
+@patch
+def _next_run_dir(self: TrainingPanel) -> Path:
+    "The first free run-NNN folder in out_dir."
+    n = 1
+    while (self.out_dir / f"run-{n:03d}").exists():
+        n += 1
+    return self.out_dir / f"run-{n:03d}"
+
+# %% ../nbs/07c_training_panel.ipynb #b3a3a4b5
+@patch
+def _on_start(self: TrainingPanel, button=None):
+    "Start a run in a background thread, or say why not."
+    with self._lock:
         if self.running:
-            self.stop_event.set()
-            self._say("Stopping at the next step…", "info")
-
-    def _show_running(self, running):
-        self.start_button.disabled, self.stop_button.disabled = running, not running
-        for name, w in self.fields.items():
-            w.disabled = running or (name == "vocab_size" and self._fixed_vocab)
-
-    # -- the training thread
-    def _run(self, train_data, eval_data, run_config):
-        try:
-            self.result = train(
-                self.model,
-                train_data,
-                run_config,
-                eval_data=eval_data,
-                callback=self._on_metrics,
-                stop_event=self.stop_event,
-                progress=False,
-            )
-            r = self.result
-            how = (
-                f"Stopped at step {r.steps_done}"
-                if r.stopped_early
-                else f"Finished {r.steps_done} steps"
-            )
-            last = next(
-                (
-                    m["loss"]
-                    for m in reversed(self.history)
-                    if m.get("loss") is not None
-                ),
-                None,
-            )
             self._say(
-                f"{how}"
-                + (f", loss {last:.3f}" if last is not None else "")
-                + f"; checkpoint in {self.run_dir}.",
-                "ok",
+                "A run is already going: press Stop first, or wait for it.", "error"
             )
-            self._show_samples()
-        except (
-            Exception
-        ) as e:  # shown in the panel: a reader's run must never end in a traceback
-            self.error = _forget_frames(
-                e
-            )  # after an out-of-memory error the next Start must fit
-            self._say(f"Training stopped with an error: {e}", "error")
-        finally:
-            if self.error is not None:
-                _free_memory()  # outside the except block: its frames are gone
-            self._draw(force=True)
-            self._show_running(False)
-
-    def _show_samples(self):
-        if self.tokenizer is None or not self.prompts:
             return
         try:
-            self.samples = sample_texts(self.model, self.tokenizer, self.prompts)
-        except Exception as e:
-            self.samples_view.value = f"<i>no samples: {html.escape(str(e))}</i>"
-            return
-        self.samples_view.value = "<b>Samples</b><br>" + "<br>".join(
-            f"<i>{html.escape(p)}</i>{html.escape(s)}"
-            for p, s in zip(self.prompts, self.samples)
-        )
-
-    def _on_metrics(self, m: dict):
-        self.history.append(dict(m))
-        if m.get("step") is not None:
-            self.progress.value = min(int(m["step"]), self.progress.max)
-        if m.get("loss") is not None:
-            self.status.value = (
-                f"step {m['step']}/{self.progress.max} · loss {m['loss']:.3f}"
-                + (
-                    f" · held-out {m['eval_loss']:.3f}"
-                    if m.get("eval_loss") is not None
-                    else ""
-                )
-                + (
-                    f" · {m['tokens_per_s']:,.0f} tokens/s"
-                    if m.get("tokens_per_s")
-                    else ""
-                )
+            model_config, run_config, tok, floor, train_data, eval_data = (
+                self._prepare()
             )
-        self._draw()
-
-    def _draw(self, force=False, every_s=1.0):
-        "Redraw the loss plot unless forced: at most every `every_s` s, and at most 20% of the run's time."
-        now = time.monotonic()
-        if not force and now - self._last_plot < max(every_s, 4 * self._draw_s):
+        except ValueError as e:
+            self._say(str(e), "error")
             return
-        self.plot.value = self._chart.png(self.history, self.floor)
-        self._last_plot = time.monotonic()
-        self._draw_s = self._last_plot - now
+        torch.manual_seed(run_config.seed)
+        self.model, self.tokenizer, self.floor = LLM(model_config), tok, floor
+        self.history, self.samples, self.result, self.error = [], [], None, None
+        self.run_config, self.run_dir = run_config, Path(run_config.out_dir)
+        self.stop_event = threading.Event()
+        self.progress.max, self.progress.value = run_config.steps, 0
+        self.samples_view.value = ""
+        self._show_running(True)
+        where = (
+            f"Training on {run_config.device}; the checkpoint goes to {self.run_dir}."
+        )
+        self._say(where, "info")
+        self.thread = threading.Thread(
+            target=self._run,
+            args=(train_data, eval_data, run_config),
+            name="tinyllama-training-panel",
+            daemon=True,
+        )
+        self.thread.start()
 
-    def wait(self, timeout: float | None = None):
-        "Block until the run ends (or `timeout` seconds pass); the TrainResult, or None if still running."
-        if self.thread is not None:
-            self.thread.join(timeout)
-        return None if self.running else self.result
 
-    def close(self):
-        "Stop a run if one goes on, wait for it, and close the panel's widgets."
-        if self.running:
-            self.stop_event.set()
-            self.thread.join()
+@patch
+def _on_stop(self: TrainingPanel, button=None):
+    "Ask the run to stop at its next step."
+    if self.running:
+        self.stop_event.set()
+        self._say("Stopping at the next step…", "info")
 
-        def close_all(w):
-            for child in getattr(w, "children", ()):
-                close_all(child)
-            for part in (getattr(w, "layout", None), getattr(w, "style", None)):
-                if isinstance(part, W.Widget):
-                    part.close()
-            w.close()
 
-        close_all(self.widget)
+@patch
+def _show_running(self: TrainingPanel, running: bool):
+    "Enable Stop while a run goes on; Start and the fields otherwise."
+    self.start_button.disabled, self.stop_button.disabled = running, not running
+    for name, w in self.fields.items():
+        w.disabled = running or (name == "vocab_size" and self._fixed_vocab)
 
-    def figure(self, ax=None):
-        "The run's loss curve on `ax` (a new pyplot figure if None), for a static picture of the run."
-        if ax is None:
-            import matplotlib.pyplot as plt
+# %% ../nbs/07c_training_panel.ipynb #e30c74e3
+@patch
+def _run(self: TrainingPanel, train_data, eval_data, run_config):
+    "The training thread: train, then say how the run ended (it never raises)."
+    try:
+        self.result = r = train(
+            self.model,
+            train_data,
+            run_config,
+            eval_data=eval_data,
+            callback=self._on_metrics,
+            stop_event=self.stop_event,
+            progress=False,
+        )
+        how = f"Finished {r.steps_done} steps"
+        if r.stopped_early:
+            how = f"Stopped at step {r.steps_done}"
+        losses = [m["loss"] for m in self.history if m.get("loss") is not None]
+        loss = f", loss {losses[-1]:.3f}" if losses else ""
+        self._say(f"{how}{loss}; checkpoint in {self.run_dir}.", "ok")
+        self._show_samples()
+    except Exception as e:  # a reader's run never ends in a traceback
+        self.error = _forget_frames(e)
+        self._say(f"Training stopped with an error: {e}", "error")
+    finally:
+        if self.error is not None:
+            _free_memory()  # outside the except block: its frames are gone
+        self._draw(force=True)
+        self._show_running(False)
 
-            ax = plt.subplots(figsize=(6.5, 3.2))[1]
-        return plot_loss(self.history, ax, self.floor)
+
+@patch
+def _show_samples(self: TrainingPanel):
+    "Continue the prompts with the trained model, under the plot."
+    if self.tokenizer is None or not self.prompts:
+        return
+    try:
+        self.samples = sample_texts(self.model, self.tokenizer, self.prompts)
+    except Exception as e:
+        self.samples_view.value = f"<i>no samples: {html.escape(str(e))}</i>"
+        return
+    self.samples_view.value = "<b>Samples</b><br>" + "<br>".join(
+        f"<i>{html.escape(p)}</i>{html.escape(s)}"
+        for p, s in zip(self.prompts, self.samples)
+    )
+
+# %% ../nbs/07c_training_panel.ipynb #fdd6f054
+@patch
+def _on_metrics(self: TrainingPanel, m: dict):
+    "Record one step's metrics and show them."
+    self.history.append(dict(m))
+    if m.get("step") is not None:
+        self.progress.value = min(int(m["step"]), self.progress.max)
+    if m.get("loss") is not None:
+        parts = [f"step {m['step']}/{self.progress.max}", f"loss {m['loss']:.3f}"]
+        if m.get("eval_loss") is not None:
+            parts.append(f"held-out {m['eval_loss']:.3f}")
+        if m.get("tokens_per_s"):
+            parts.append(f"{m['tokens_per_s']:,.0f} tokens/s")
+        self.status.value = " · ".join(parts)
+    self._draw()
+
+
+@patch
+def _draw(self: TrainingPanel, force: bool = False, every_s: float = 1.0):
+    "Redraw the plot: at most every `every_s` s and 20% of the time, unless forced."
+    now = time.monotonic()
+    if not force and now - self._last_plot < max(every_s, 4 * self._draw_s):
+        return
+    self.plot.value = self._chart.png(self.history, self.floor)
+    self._last_plot = time.monotonic()
+    self._draw_s = self._last_plot - now
+
+# %% ../nbs/07c_training_panel.ipynb #d01ad2d5
+@patch
+def wait(self: TrainingPanel, timeout: float | None = None):
+    "Wait for the run to end (at most `timeout` s): its TrainResult, or None."
+    if self.thread is not None:
+        self.thread.join(timeout)
+    return None if self.running else self.result
+
+
+@patch
+def close(self: TrainingPanel):
+    "Stop a run if one goes on, wait for it, and close the panel's widgets."
+    if self.running:
+        self.stop_event.set()
+        self.thread.join()
+    _close_widget(self.widget)
+
+
+@patch
+def figure(self: TrainingPanel, ax=None):
+    "The run's loss curve on `ax` (None: a new pyplot figure), a static picture."
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        ax = plt.subplots(figsize=(6.5, 3.2))[1]
+    return plot_loss(self.history, ax, self.floor)
