@@ -9,7 +9,7 @@ CI_ENV := TINYLLAMA_PROFILE=ci MPLBACKEND=Agg PYTHONHASHSEED=0
 
 SPEEDRUN_PROFILE ?= cpu
 
-.PHONY: speedrun bench help venv export clean-nbs check-export test test-nbs test-unit test-book book browser notebooks
+.PHONY: speedrun bench help venv export clean-nbs check-export test test-fast test-nbs test-unit test-book book browser notebooks
 
 help:
 	@echo "make test   - set up .venv and run everything CI runs (export check, notebooks, unit tests, book + browser)"
@@ -48,6 +48,10 @@ test-nbs: venv
 
 test-unit: venv
 	$(CI_ENV) $(BIN)/pytest -n 2 tests/ --ignore=tests/test_book.py
+
+# The unit tests without the slow ones (processes, whole pipelines): under a minute.
+test-fast: venv
+	$(CI_ENV) $(BIN)/pytest -m "not slow" tests/ --ignore=tests/test_book.py
 
 book: venv
 	bash scripts/vendor_book_assets.sh

@@ -296,6 +296,7 @@ def test_bad_input_is_reported_before_any_token(model):
 
 
 # ------------------------------------------------------------------ the compiled decoder
+@pytest.mark.slow
 def test_compiled_decoder_gives_generates_tokens(model):
     "The first call compiles (guards on); later calls skip the guard checks; every call matches generate."
     from tinyllama.generate import CompiledDecoder

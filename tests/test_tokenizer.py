@@ -55,6 +55,7 @@ def test_the_corpus_compresses(tok, corpus):
     assert tokens < chars / 2
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_round_trip_on_texts_of_corpus_words(tok, corpus, data):

@@ -291,6 +291,7 @@ def test_steps_overrides_shrink_warmup_and_evaluation():
         assert o["steps"] == steps and 0 <= o["warmup_steps"] <= min(steps, cfg.warmup_steps)
 
 # ---------- DDP
+@pytest.mark.slow
 @pytest.mark.parametrize("ragged", [False, True])
 def test_ddp_two_processes_match_one_process(ragged, tmp_path):
     "Two ranks give the curve and weights of one process; ragged: rows of 1 to 16 targets, 2 micro-batches."
