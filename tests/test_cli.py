@@ -11,7 +11,8 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-from tinyllama.cli import (Metric, Section, Speedrun, main, matmul_params, model_flops_per_token,  # noqa: E402
+from tinyllama.cli import main  # noqa: E402
+from tinyllama.speedrun import (Metric, Section, Speedrun, matmul_params, model_flops_per_token,  # noqa: E402
                            metrics_table, run_speedrun, _train_overrides)
 from tinyllama.model import LLM, LLMConfig  # noqa: E402
 from tinyllama.train import pretrain_preset  # noqa: E402
@@ -145,7 +146,7 @@ def test_bad_stages_fail_before_anything_runs(stages, words, tmp_path, capsys):
 
 
 def test_parse_stages_keeps_pipeline_order():
-    from tinyllama.cli import parse_stages, SPEEDRUN_STAGES
+    from tinyllama.speedrun import parse_stages, SPEEDRUN_STAGES
     assert [n for n, _ in parse_stages(None)] == [n for n, _ in SPEEDRUN_STAGES] == ["pretrain", "samples", "sft", "ppo", "feedback"]
     assert [n for n, _ in parse_stages("PPO, sft,pretrain")] == ["pretrain", "sft", "ppo"]
 
