@@ -57,6 +57,12 @@ def test_every_public_function_and_class_has_a_docstring():
                 continue  # re-exported: checked where it is defined
             if _undocumented(obj):
                 missing.append(f"{mod.__name__}.{name}")
+            for attr, member in vars(obj).items() if inspect.isclass(obj) else ():
+                prop = isinstance(member, property)
+                if attr.startswith("_") or not (prop or inspect.isfunction(member)):
+                    continue
+                if not (member.__doc__ or "").strip():  # a property's is its own or fget's
+                    missing.append(f"{mod.__name__}.{name}.{attr}")
     assert not missing, "no docstring: " + ", ".join(missing)
 
 

@@ -45,6 +45,7 @@ class RegularSwiGLU(nn.Module):
         self,
         x: torch.Tensor,  # (..., dim_in)
     ) -> torch.Tensor:  # (..., dim_out)
+        "Swish_beta(xW + b) * (xV + c): the gated unit of the paper."
         _check_last_dim(x, self.linear.in_features, type(self).__name__)
         gate = self.linear_gate(x)
         return gate * torch.sigmoid(self.beta * gate) * self.linear(x)
@@ -69,6 +70,7 @@ class SwiGLU(nn.Module):
         self,
         x: torch.Tensor,  # (..., dim)
     ) -> torch.Tensor:  # (..., dim)
+        "down_proj(silu(gate_proj(x)) * up_proj(x)): Llama's feed-forward block."
         _check_last_dim(x, self.dim, type(self).__name__)
         return self.down_proj(
             F.silu(self.gate_proj(x)) * self.up_proj(x)

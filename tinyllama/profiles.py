@@ -34,6 +34,7 @@ class Profile:
 
     @property
     def description(self) -> str:
+        "What this profile is sized for, in a sentence."
         return DESCRIPTIONS[self.name]
 
     def __str__(self):

@@ -31,6 +31,7 @@ class RMSNorm(nn.Module):
         self,
         x: torch.Tensor,  # (..., dim)
     ) -> torch.Tensor:  # (..., dim), x's dtype
+        "x / RMS(x) * weight, computed in float32 and returned in x's dtype."
         if x.shape[-1:] != (self.dim,):
             raise ValueError(
                 f"RMSNorm(dim={self.dim}) got an input of shape {tuple(x.shape)}: its "
@@ -49,4 +50,5 @@ class RMSNorm(nn.Module):
         return self.weight.to(dtype) * x32.to(dtype)
 
     def extra_repr(self) -> str:
+        "The size and eps, shown when the module is printed."
         return f"{self.dim}, eps={self.eps}"

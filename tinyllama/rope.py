@@ -121,6 +121,7 @@ class RotaryPositionalEncoding(nn.Module):
         return apply_rotary(x, cos, sin)
 
     def extra_repr(self) -> str:
+        "The sizes and theta, shown when the module is printed."
         return (
             f"head_dim={self.head_dim}, context_size={self.context_size}, "
             f"theta={self.theta}"

@@ -339,6 +339,7 @@ class StoryRequest:
     constraints: tuple  # ((field, value), ...) the story must honour
 
     def messages(self) -> list[dict]:
+        "The chat that asks for the story: one user message."
         return [{"role": "user", "content": self.instruction}]
 
 
