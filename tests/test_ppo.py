@@ -250,6 +250,22 @@ def test_a_score_per_response_lands_on_its_last_token():
         assert torch.equal(ro.scores[i], expected)
 
 
+def test_missing_eos_penalty_lowers_only_cut_off_replies():
+    score = lambda p, r: torch.ones(r.shape[0])
+    ro0 = make_trainer(reward_fn=score).rollout(prompts(seed=3))
+    ro = make_trainer(reward_fn=score, missing_eos_penalty=2.5).rollout(prompts(seed=3))
+    assert torch.equal(ro.response_ids, ro0.response_ids)  # same samples, seeded
+    ended = ((ro.response_ids == EOS) & ro.response_mask.bool()).any(1)
+    assert ended.any() and (~ended).any()  # both kinds occur in this batch
+    totals = ro.scores.sum(1)
+    assert torch.equal(totals[ended], torch.ones(int(ended.sum())))
+    assert torch.allclose(totals[~ended], torch.full((int((~ended).sum()),), -1.5))
+    last = ro.response_mask.sum(1) - 1  # the penalty sits on the last real token
+    assert torch.equal(ro.scores.nonzero()[:, 1], last[ro.scores.sum(1) != 0])
+    with pytest.raises(ValueError, match="missing_eos_penalty"):
+        PPOConfig(missing_eos_penalty=-1.0)
+
+
 def test_dropout_is_off_in_every_model_during_rollouts_and_updates():
     tr = make_trainer(config_kw=dict(emb_dropout=0.5))
     modes = []

@@ -372,3 +372,18 @@ def test_bad_input_elsewhere(tok, stories):
         sft_train(model, plain, TrainingConfig(steps=1, batch_size=2, warmup_steps=0))
     with pytest.raises(ValueError, match="unknown question kind"):
         answer_from_fields("weather", stories[0].fields)
+
+
+def test_wilson_interval_matches_known_values_and_rejects_bad_counts():
+    from tinyllama.sft import format_rate, wilson_interval
+
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and abs(hi - 0.27754) < 1e-4
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and abs(lo - 0.72246) < 1e-4  # symmetric to the case above
+    lo, hi = wilson_interval(50, 100)  # about ±9.6 points at 50% of 100
+    assert abs((hi - lo) / 2 - 0.0962) < 1e-3 and abs((lo + hi) / 2 - 0.5) < 1e-12
+    assert format_rate(32, 50) == "64.0% of 50 (50.1%–75.9%)"
+    for k, n in [(3, 2), (-1, 5), (1, 0), (1.5, 4)]:
+        with pytest.raises(ValueError, match="0 <= k <= n"):
+            wilson_interval(k, n)

@@ -23,7 +23,7 @@ from .interop import load_hf, save_hf  # chapter 06b
 from .train import NextTokenPredictionDataset, TrainingConfig, pretrain, train  # 07
 from .checkpoint import load_checkpoint, load_model, save_checkpoint  # chapter 07b
 from .generate import CompiledDecoder, generate, generate_text  # chapter 08
-from .sft import SFTDataset, run_sft, sft_train  # chapter 09
+from .sft import SFTDataset, format_rate, run_sft, sft_train, wilson_interval  # chapter 09
 from .reward import GoldenRewardModel, RewardModel, train_reward_model  # chapter 10
 from .ppo import PPOConfig, PPOTrainer, run_copy_task  # chapter 11
 from .feedback import run_feedback_loop  # chapter 12
@@ -52,6 +52,8 @@ __all__ = [
     "SFTDataset",
     "sft_train",
     "run_sft",
+    "wilson_interval",
+    "format_rate",
     "RewardModel",
     "GoldenRewardModel",
     "train_reward_model",

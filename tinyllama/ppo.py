@@ -214,9 +214,9 @@ def _check_ppo_config(c):
         _check_number(c, name, 0, lo_open=False)
     for name in ("gamma", "lam"):
         _check_number(c, name, 0, lo_open=False, hi=1)
-    for name in ("value_lr", "max_grad_norm"):
+    for name in ("value_lr", "max_grad_norm", "missing_eos_penalty"):
         if getattr(c, name) is not None:
-            _check_number(c, name, 0)
+            _check_number(c, name, 0, lo_open=name != "missing_eos_penalty")
     if not _is_int(c.seed):
         raise ValueError(f"PPOConfig.seed must be an integer, got {c.seed!r}.")
 
@@ -241,6 +241,8 @@ class PPOConfig:
     adaptive_kl: bool = False  # True: Ziegler et al.'s controller moves β to target_kl
     target_kl: float = 6.0  # nats per response the adaptive controller aims at
     kl_horizon: float = 10000.0  # the adaptive controller's horizon, in responses
+    missing_eos_penalty: float | None = None  # subtracted from the score of a
+    # response cut off at max_new_tokens without EOS (TRL's; None: off)
     whiten_advantages: bool = True  # standardise advantages over each batch's tokens
     max_grad_norm: float | None = 1.0  # gradient clipping (None: off)
     seed: int = 0  # rollouts and minibatch order are deterministic for a seed
@@ -517,6 +519,11 @@ def _scores(self: PPOTrainer, prompt_ids, response_ids, response_mask):
         )
     if not torch.isfinite(r).all():
         raise ValueError("reward_fn returned a non-finite reward.")
+    if self.config.missing_eos_penalty is not None:  # a cut-off reply is not finished
+        ended = ((response_ids == self.eos_id) & response_mask.bool()).any(1)  # (B,)
+        last = (response_mask.sum(1) - 1).clamp(min=0)[:, None]  # (B, 1)
+        penalty = (~ended).float()[:, None] * self.config.missing_eos_penalty
+        r = r.scatter_add(1, last, -penalty)
     return r * response_mask
 
 # %% ../nbs/11_ppo.ipynb #06b17b2f

@@ -29,9 +29,9 @@ from tinyllama.train import (
 __all__ = ['ROLES', 'CHAT_TEMPLATE', 'QUESTION_KINDS', 'SFTPreset', 'sft_preset', 'check_messages', 'format_chat', 'render_chat',
            'fits_context', 'pretty_chat', 'answer_from_fields', 'QAItem', 'story_questions', 'qa_items', 'StoryRequest',
            'story_request', 'follows_request', 'sft_split', 'sft_conversations', 'masked_labels', 'sft_loss',
-           'SFTDataset', 'sft_train', 'chat_replies', 'chat_reply', 'normalize_answer', 'exact_match', 'QAResult',
-           'score_answers', 'answer_accuracy', 'FollowResult', 'score_stories', 'instruction_following', 'SFTRun',
-           'run_sft', 'sft_figure']
+           'SFTDataset', 'sft_train', 'chat_replies', 'chat_reply', 'wilson_interval', 'format_rate',
+           'normalize_answer', 'exact_match', 'QAResult', 'score_answers', 'answer_accuracy', 'FollowResult',
+           'score_stories', 'instruction_following', 'SFTRun', 'run_sft', 'sft_figure']
 
 # %% ../nbs/09_sft.ipynb #ea15486e
 @dataclass(frozen=True)
@@ -649,6 +649,26 @@ def chat_reply(
         model, tokenizer, [messages], max_new_tokens, temperature, top_k, top_p, seed
     )[0]
 
+# %% ../nbs/09_sft.ipynb #992ba4e2
+def wilson_interval(
+    k: int,  # successes
+    n: int,  # trials (> 0)
+    z: float = 1.96,  # 1.96: a 95% interval
+) -> tuple[float, float]:  # (low, high), inside [0, 1]
+    "Wilson's score interval for a rate of k successes in n trials."
+    if not (isinstance(n, int) and isinstance(k, int) and 0 <= k <= n and n > 0):
+        raise ValueError(f"need integers 0 <= k <= n and n > 0, got k={k!r}, n={n!r}.")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_rate(k: int, n: int) -> str:
+    "A rate with its count and 95% Wilson interval: '64.0% of 50 (50.1–75.9%)'."
+    lo, hi = wilson_interval(k, n)
+    return f"{k / n:.1%} of {n} ({lo:.1%}–{hi:.1%})"
+
 # %% ../nbs/09_sft.ipynb #7122d8c6
 def normalize_answer(text: str) -> str:
     "Lower case, no spaces or final punctuation around, no leading a/an/the."
@@ -671,9 +691,18 @@ class QAResult:
     count_by_kind: dict  # kind -> questions asked
     rows: list  # (QAItem, prediction, correct) for each question
 
+    @property
+    def interval(self) -> tuple[float, float]:
+        "The 95% Wilson interval of the accuracy."
+        return wilson_interval(round(self.accuracy * self.n), self.n)
+
     def __str__(self):
         kinds = ", ".join(f"{k} {v:.0%}" for k, v in self.by_kind.items())
-        return f"exact match {self.accuracy:.1%} of {self.n} questions ({kinds})"
+        lo, hi = self.interval
+        return (
+            f"exact match {self.accuracy:.1%} of {self.n} questions "
+            f"(95% CI {lo:.1%}–{hi:.1%}; {kinds})"
+        )
 
 
 def score_answers(items: Sequence[QAItem], predictions: Sequence[str]) -> QAResult:
