@@ -11,7 +11,8 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-from tinyllama.cli import ChatSession, main  # noqa: E402
+from tinyllama.cli import main  # noqa: E402
+from tinyllama.sft import ChatSession  # noqa: E402
 from tinyllama.checkpoint import save_checkpoint  # noqa: E402
 from tinyllama.data import StoryWorld  # noqa: E402
 from tinyllama.feedback import read_labels, story_comparisons, write_pairs, pair_key  # noqa: E402

@@ -19,7 +19,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['PROG', 'DEFAULT_PROMPTS', 'COMMANDS', 'CLIError', 'positive_int', 'non_negative_float', 'probability', 'build_parser',
-           'cmd_pretrain', 'cmd_sample', 'cmd_speedrun', 'ChatSession', 'cmd_chat', 'cmd_label', 'main']
+           'cmd_pretrain', 'cmd_sample', 'cmd_speedrun', 'cmd_chat', 'cmd_label', 'main']
 
 # %% ../nbs/93_cli.ipynb #ead703d5
 PROG = "tinyllama"
@@ -460,107 +460,6 @@ def _read_line(prompt: str) -> str:
     )  # a piped line is not echoed by a terminal: show what was read
     return line
 
-# %% ../nbs/93_cli.ipynb #848cc82e
-class ChatSession:
-    """A conversation with a chat model that keeps its history within the model's
-    context.
-    """
-
-    MIN_REPLY = (
-        16  # tokens of room a reply gets at least; older turns are dropped to keep it
-    )
-
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        temperature: float = 0.0,  # 0: greedy
-        top_k: int | None = None,
-        top_p: float | None = None,
-        max_new_tokens: int
-        | None = None,  # a reply's length at most (None: up to the end of the context)
-        seed: int = 0,  # turn i samples with seed + i (temperature > 0)
-    ):
-        self.model, self.tokenizer = model, tokenizer
-        self.temperature, self.top_k, self.top_p, self.max_new_tokens, self.seed = (
-            temperature,
-            top_k,
-            top_p,
-            max_new_tokens,
-            seed,
-        )
-        self.context = model.config.context_size
-        self.messages: list[dict] = []  # the conversation kept so far
-        self.notes: list[
-            str
-        ] = []  # what the last reply() had to do to fit (dropped turns)
-        self.turns = 0
-
-    def reset(self):
-        "Forget the conversation."
-        self.messages, self.notes = [], []
-
-    def _length(self, messages) -> int:
-        from tinyllama.sft import format_chat
-
-        return len(format_chat(messages, self.tokenizer, add_generation_prompt=True)[0])
-
-# %% ../nbs/93_cli.ipynb #8b4d7e82
-@patch
-def reply(self: ChatSession, text: str) -> str:
-    """Add the user message `text`, drop the oldest turns if needed, and return the
-    model's reply.
-    """
-    from tinyllama.sft import chat_reply
-
-    text = text.replace("\\n", "\n")
-    if not text.strip():
-        raise ValueError("the message is empty; type a question or an instruction.")
-    reserve = min(self.MIN_REPLY, self.max_new_tokens or self.MIN_REPLY)
-    limit = self.context - reserve  # the prompt may take this many tokens
-    alone = self._length([{"role": "user", "content": text}])
-    if alone > limit:
-        raise ValueError(
-            f"the message takes {alone} tokens with the chat markers, but the model's "
-            f"context holds "
-            f"{self.context} and the reply needs {reserve}; shorten it to fit {limit} "
-            f"tokens."
-        )
-    messages, self.notes = self.messages + [{"role": "user", "content": text}], []
-    dropped = 0
-    while self._length(messages) > limit:
-        cut = next(
-            (i for i in range(1, len(messages)) if messages[i]["role"] == "user"),
-            len(messages) - 1,
-        )
-        messages, dropped = messages[cut:], dropped + 1
-    if dropped:
-        self.notes.append(
-            f"dropped the oldest {'turn' if dropped == 1 else f'{dropped} turns'} to "
-            f"fit the "
-            f"model's context of {self.context} tokens"
-        )
-    room = self.context - self._length(messages)
-    n_new = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
-    seed = self.seed + self.turns if self.temperature > 0 else None
-    answer = chat_reply(
-        self.model,
-        self.tokenizer,
-        messages,
-        n_new,
-        self.temperature,
-        self.top_k,
-        self.top_p,
-        seed,
-    )
-    self.turns += 1
-    # an empty reply cannot be a message of the next prompt; the question stays without
-    # an answer
-    self.messages = messages + (
-        [{"role": "assistant", "content": answer}] if answer.strip() else []
-    )
-    return answer
-
 # %% ../nbs/93_cli.ipynb #7d7f4927
 def _chat_tokens_missing(tok_path: Path) -> list:
     """The chat-role pieces a SentencePiece model file lacks (None if the file is not a
@@ -624,6 +523,7 @@ def cmd_chat(args) -> int:
     line by line until EOF or /quit.
     """
     from tinyllama.device import get_device
+    from tinyllama.sft import ChatSession
 
     model, tok, chat_trained = _load_for_chat(args.checkpoint)
     model = model.to(get_device(args.device))

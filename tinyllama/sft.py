@@ -29,7 +29,7 @@ from tinyllama.train import (
 __all__ = ['ROLES', 'CHAT_TEMPLATE', 'QUESTION_KINDS', 'SFTPreset', 'sft_preset', 'check_messages', 'format_chat', 'render_chat',
            'fits_context', 'pretty_chat', 'answer_from_fields', 'QAItem', 'story_questions', 'qa_items', 'StoryRequest',
            'story_request', 'follows_request', 'sft_split', 'sft_conversations', 'masked_labels', 'sft_loss',
-           'SFTDataset', 'sft_train', 'chat_replies', 'chat_reply', 'wilson_interval', 'format_rate',
+           'SFTDataset', 'sft_train', 'chat_replies', 'chat_reply', 'ChatSession', 'wilson_interval', 'format_rate',
            'normalize_answer', 'exact_match', 'QAResult', 'score_answers', 'answer_accuracy', 'FollowResult',
            'score_stories', 'instruction_following', 'SFTRun', 'run_sft', 'sft_figure']
 
@@ -648,6 +648,84 @@ def chat_reply(
     return chat_replies(
         model, tokenizer, [messages], max_new_tokens, temperature, top_k, top_p, seed
     )[0]
+
+# %% ../nbs/09_sft.ipynb #64fdcb67
+class ChatSession:
+    "A conversation with a chat model that keeps its history within the context."
+
+    MIN_REPLY = 16  # tokens a reply gets at least; older turns are dropped to keep it
+
+    def __init__(
+        self,
+        model: nn.Module,  # an LLM fine-tuned on chats
+        tokenizer,
+        temperature: float = 0.0,  # 0: greedy
+        top_k: int | None = None,
+        top_p: float | None = None,
+        max_new_tokens: int | None = None,  # a reply's length at most (None: all room)
+        seed: int = 0,  # turn i samples with seed + i (temperature > 0)
+    ):
+        self.model, self.tokenizer, self.seed = model, tokenizer, seed
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.max_new_tokens = max_new_tokens
+        self.context = unwrap_model(model).config.context_size
+        self.messages: list[dict] = []  # the conversation kept so far
+        self.notes: list[str] = []  # what the last reply() dropped to fit
+        self.turns = 0
+
+    def reset(self):
+        "Forget the conversation."
+        self.messages, self.notes = [], []
+
+    def _length(self, messages) -> int:
+        return len(format_chat(messages, self.tokenizer, add_generation_prompt=True)[0])
+
+# %% ../nbs/09_sft.ipynb #56789b5a
+@patch
+def _fit(self: ChatSession, messages: list, limit: int) -> list:
+    "The newest turns of `messages` that fit in `limit` tokens; notes what was dropped."
+    dropped = 0
+    while self._length(messages) > limit:
+        users = [i for i in range(1, len(messages)) if messages[i]["role"] == "user"]
+        cut = users[0] if users else len(messages) - 1  # the oldest turn goes
+        messages, dropped = messages[cut:], dropped + 1
+    if dropped:
+        turns = "turn" if dropped == 1 else f"{dropped} turns"
+        self.notes.append(
+            f"dropped the oldest {turns} to fit the model's context of "
+            f"{self.context} tokens"
+        )
+    return messages
+
+
+@patch
+def reply(self: ChatSession, text: str) -> str:
+    "Add the user message `text`, drop the oldest turns if needed, return the reply."
+    text = text.replace("\\n", "\n")  # typed lines cannot hold a line break
+    if not text.strip():
+        raise ValueError("the message is empty; type a question or an instruction.")
+    reserve = min(self.MIN_REPLY, self.max_new_tokens or self.MIN_REPLY)
+    limit = self.context - reserve  # the prompt may take this many tokens
+    alone = self._length([{"role": "user", "content": text}])
+    if alone > limit:
+        raise ValueError(
+            f"the message takes {alone} tokens with the chat markers, but the model's "
+            f"context holds {self.context} and the reply needs {reserve}; shorten it "
+            f"to fit {limit} tokens."
+        )
+    self.notes = []
+    messages = self._fit(self.messages + [{"role": "user", "content": text}], limit)
+    room = self.context - self._length(messages)
+    n_new = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
+    seed = self.seed + self.turns if self.sampling["temperature"] > 0 else None
+    answer = chat_replies(
+        self.model, self.tokenizer, [messages], n_new, seed=seed, **self.sampling
+    )[0]
+    self.turns += 1
+    # an empty reply cannot be a message of the next prompt: the question stays alone
+    reply = [{"role": "assistant", "content": answer}] if answer.strip() else []
+    self.messages = messages + reply
+    return answer
 
 # %% ../nbs/09_sft.ipynb #992ba4e2
 def wilson_interval(
