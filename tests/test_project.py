@@ -116,3 +116,38 @@ def test_notebook_code_is_formatted_by_ruff():
     ruff = pathlib.Path(sys.executable).with_name("ruff")
     out = subprocess.run([str(ruff), "format", "--check", str(ROOT / "nbs")], capture_output=True, text=True)
     assert out.returncode == 0, "run `ruff format nbs/` (then nbdev-export):\n" + out.stdout[-2000:]
+
+
+def _readme_commands() -> dict:
+    "The README's `make` commands (from its code blocks), by target."
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [ln.split("#")[0].strip() for b in blocks for ln in b.splitlines()]
+    return {ln.split()[1]: ln for ln in lines if ln.startswith("make ")}
+
+
+def test_the_workflow_runs_the_readmes_test_command_and_publishes_its_book():
+    import yaml
+
+    wf = yaml.safe_load((ROOT / ".github/workflows/book.yml").read_text())
+    test_job = wf["jobs"]["test"]
+    runs = [s["run"].strip() for s in test_job["steps"] if "run" in s]
+    readme = _readme_commands()
+    assert readme["test"] == "make test"
+    assert readme["test"] in runs  # the README's test command, verbatim
+    assert (ROOT / ".ci/run").read_text().strip().endswith(readme["test"])
+    # every other step only prepares: nothing but the CPU torch wheel is installed
+    for r in runs:
+        if r != readme["test"]:
+            assert "torch==" in r and "whl/cpu" in r, r
+    pinned = re.search(r"torch==([\d.]+)", (ROOT / "Makefile").read_text()).group(1)
+    assert f"torch=={pinned} " in " ".join(runs) + " "  # the Makefile's pin, CPU build
+    # the book `make test` builds is the one published, from where `make book` puts it
+    upload = [s for s in test_job["steps"] if "upload-pages-artifact" in s.get("uses", "")]
+    assert upload and upload[0]["with"]["path"] == "book/_build/html"
+    assert "book/_build/html" in (ROOT / "Makefile").read_text()
+    deploy = wf["jobs"]["publish"]
+    assert deploy["needs"] == "test" and deploy["permissions"]["pages"] == "write"
+    assert any("deploy-pages" in s.get("uses", "") for s in deploy["steps"])
