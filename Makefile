@@ -9,13 +9,14 @@ CI_ENV := TINYLLAMA_PROFILE=ci MPLBACKEND=Agg PYTHONHASHSEED=0
 
 SPEEDRUN_PROFILE ?= cpu
 
-.PHONY: speedrun bench help venv export clean-nbs check-export test test-fast test-nbs test-unit test-book book browser notebooks
+.PHONY: speedrun bench student help venv export clean-nbs check-export test test-fast test-nbs test-unit test-book book browser notebooks
 
 help:
 	@echo "make test   - set up .venv and run everything CI runs (export check, notebooks, unit tests, book + browser)"
 	@echo "make book   - set up .venv and build the rendered book into book/_build/html"
 	@echo "make speedrun - set up .venv, then tokenizer -> pretraining -> samples -> SFT -> PPO on the story world; writes runs/<time>/report.md"
 	@echo "make bench - the benchmarks against transformers (bench/)"
+	@echo "make student - the notebooks without their solutions, for a class, in dist/student/"
 	@echo "make export - regenerate tinyllama/ from nbs/ (nbdev-export) and clean the notebooks"
 
 venv: $(STAMP)
@@ -75,6 +76,10 @@ notebooks: venv
 # The first thing to run: tokenizer -> pretraining -> samples, with a report.
 speedrun: venv
 	$(BIN)/tinyllama speedrun --profile $(SPEEDRUN_PROFILE)
+
+# The student edition: solutions (### BEGIN/END SOLUTION, {solution} cells) removed.
+student: venv
+	$(PY) scripts/make_student.py --out dist/student
 
 bench: venv
 	$(PY) bench/train_throughput.py

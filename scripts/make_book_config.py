@@ -145,6 +145,8 @@ html:
   baseurl: "{docs.rstrip("/") + "/" if docs else ""}"   # [project.urls] Documentation (canonical links)
 
 sphinx:
+  extra_extensions:
+    - sphinx_exercise   # {{exercise}} and {{solution}}: solutions hidden until clicked
   local_extensions:
     nbdev_cells: _ext
   config:
