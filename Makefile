@@ -5,17 +5,19 @@ PY    := .venv/bin/python
 BIN   := .venv/bin
 STAMP := .venv/.installed-stamp
 # The notebook tests and CI run the smallest profile.
-CI_ENV := TINYLLAMA_PROFILE=ci MPLBACKEND=Agg PYTHONHASHSEED=0
+# No download at test time (HF_HUB_OFFLINE), and base models cached inside the clone.
+CI_ENV := TINYLLAMA_PROFILE=ci MPLBACKEND=Agg PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 TINYLLAMA_CACHE=$(CURDIR)/.cache/tinyllama
 
 SPEEDRUN_PROFILE ?= cpu
 
-.PHONY: speedrun bench student help venv export clean-nbs check-export test test-fast test-nbs test-unit test-book book browser notebooks
+.PHONY: speedrun bench student base-models help venv export clean-nbs check-export test test-fast test-nbs test-unit test-book book browser notebooks
 
 help:
 	@echo "make test   - set up .venv and run everything CI runs (export check, notebooks, unit tests, book + browser)"
 	@echo "make book   - set up .venv and build the rendered book into book/_build/html"
 	@echo "make speedrun - set up .venv, then tokenizer -> pretraining -> samples -> SFT -> PPO on the story world; writes runs/<time>/report.md"
 	@echo "make bench - the benchmarks against transformers (bench/)"
+	@echo "make base-models - train (or take from the cache) each profile's base model into dist/base-models/ for the Hub"
 	@echo "make student - the notebooks without their solutions, for a class, in dist/student/"
 	@echo "make export - regenerate tinyllama/ from nbs/ (nbdev-export) and clean the notebooks"
 
@@ -78,6 +80,10 @@ speedrun: venv
 	$(BIN)/tinyllama speedrun --profile $(SPEEDRUN_PROFILE)
 
 # The student edition: solutions (### BEGIN/END SOLUTION, {solution} cells) removed.
+# The folders a maintainer uploads to the Hub (chapter 07d): each profile's base model.
+base-models: venv
+	$(PY) -c "from tinyllama.base import export_base_models as e; e('dist/base-models')"
+
 student: venv
 	$(PY) scripts/make_student.py --out dist/student
 

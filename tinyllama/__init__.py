@@ -23,6 +23,7 @@ from .interop import load_hf, save_hf  # chapter 06b
 from .train import NextTokenPredictionDataset, TrainingConfig, pretrain, train  # 07
 from .checkpoint import load_checkpoint, load_model, save_checkpoint  # chapter 07b
 from .generate import CompiledDecoder, generate, generate_text  # chapter 08
+from .base import base_model  # chapter 07d
 from .sft import SFTDataset, format_rate, run_sft, sft_train, wilson_interval  # chapter 09
 from .reward import GoldenRewardModel, RewardModel, train_reward_model  # chapter 10
 from .ppo import PPOConfig, PPOTrainer, run_copy_task  # chapter 11
@@ -46,6 +47,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "base_model",
     "generate",
     "generate_text",
     "CompiledDecoder",

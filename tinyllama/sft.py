@@ -12,6 +12,7 @@ from fastcore.basics import patch
 from .data import Story, StoryWorld, default_world
 from .generate import generate
 from .checkpoint import unwrap_model
+from .base import base_preset
 from tinyllama.train import (
     IGNORE_INDEX,
     TrainingConfig,
@@ -22,7 +23,6 @@ from tinyllama.train import (
     _check_shard,
     _is_int,
     _mix,
-    _shape,
 )
 
 # %% auto #0
@@ -36,9 +36,9 @@ __all__ = ['ROLES', 'CHAT_TEMPLATE', 'QUESTION_KINDS', 'SFTPreset', 'sft_preset'
 # %% ../nbs/09_sft.ipynb #ea15486e
 @dataclass(frozen=True)
 class SFTPreset:
-    "The sizes of a profile's SFT run, and of the pretraining (chapter 07) before it."
+    "The sizes of a profile's SFT run, and the recipe of the base model it starts from."
 
-    pretrain: PretrainPreset  # model and pretraining sizes (for train.pretrain)
+    pretrain: PretrainPreset  # the base model's recipe (base.base_preset)
     train: TrainingConfig  # the fine-tuning run
     n_train_stories: int  # stories that become SFT chats
     n_heldout_stories: int  # held-out stories for the Q/A evaluation
@@ -47,39 +47,6 @@ class SFTPreset:
     # questions per Q/A chat at most; None: every question the story answers
     max_questions: int | None = 5
     band: tuple = (0.8, 1.0)  # exact-match accuracy after SFT this profile promises
-
-# %% ../nbs/09_sft.ipynb #05944ce5
-def _sft_pretraining(P) -> PretrainPreset:
-    "The pretraining that SFT starts from, in profile P (one thread: a shared CPU)."
-    train = P.pick(
-        ci=TrainingConfig(
-            steps=30, batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5,
-            eval_every=0, eval_batches=2, log_every=10,
-        ),
-        cpu=TrainingConfig(
-            steps=500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50,
-            eval_every=0, eval_batches=4, log_every=10,
-        ),
-        gpu=TrainingConfig(
-            steps=2000, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=100,
-            eval_every=500, eval_batches=10, log_every=25,
-        ),
-    )  # fmt: skip
-    model = P.pick(
-        ci=_shape(1024, 192, 64, 2, 4, 2, 192),
-        cpu=_shape(1024, 256, 128, 4, 4, 2, 384),
-        gpu=_shape(1024, 256, 256, 6, 8, 4, 768),
-    )
-    return PretrainPreset(
-        model,
-        train,
-        profile=P.name,
-        corpus="story_world",
-        n_train_stories=P.pick(ci=1500, cpu=6000, gpu=20000),
-        n_heldout_stories=P.pick(ci=20, cpu=200, gpu=500),
-        num_threads=P.pick(ci=1, cpu=1, gpu=None),
-        band=P.pick(ci=(1.0, 15.0), cpu=(1.0, 1.15), gpu=(1.0, 1.15)),
-    )
 
 # %% ../nbs/09_sft.ipynb #9d007083
 def _sft_config(P) -> TrainingConfig:
@@ -109,7 +76,7 @@ def sft_preset(
 
     P = as_profile(profile)
     preset = SFTPreset(
-        _sft_pretraining(P),
+        base_preset(P),  # chapter 07d's base model
         _sft_config(P),
         n_train_stories=P.pick(ci=300, cpu=8000, gpu=20000),
         n_heldout_stories=P.pick(ci=8, cpu=150, gpu=300),
