@@ -1,4 +1,4 @@
-"""Tests of tinyllama.widgets: the training panel, driven as a reader drives it (set fields, click
+"""Tests of tinyllama.widgets: the training and PPO panels, driven as a reader drives it (set fields, click
 Start / Stop, wait), plus its validation, plotting and sampling helpers. ipywidgets objects are
 plain Python, so no kernel is needed."""
 import threading
@@ -9,11 +9,13 @@ import torch
 
 from tinyllama.checkpoint import load_checkpoint
 from tinyllama.model import LLM, LLMConfig
+from tinyllama.ppo import PPOConfig
 from tinyllama.profiles import get_profile
 from tinyllama.train import pretrain_preset
 from tinyllama import widgets
 from tinyllama.widgets import (MODEL_FIELDS, TrainingPanel, configs_from_fields, field_problem, loss_png,
                                panel_defaults, sample_texts)
+from tinyllama.widgets import PPO_FIELDS, PPOPanel, RunPanel, ppo_config_from_fields
 
 # A model and run small enough that a panel run takes a second or two on 2 CPU cores.
 TINY = dict(vocab_size=320, dim_emb=32, num_layers=1, num_heads=4, num_kv_heads=2, context_size=32,
@@ -284,3 +286,243 @@ def test_the_cost_line_counts_flops_as_the_model_does():
     model, run = configs_from_fields(panel.values(), panel.base_config)
     flops = model.flops_per_token() * run.steps * run.batch_size * model.context_size
     assert f"≈ {flops / 1e12:.2g} TFLOP" in panel.summary_text
+
+
+# ---------------------------------------------------------------- the PPO panel
+
+FIVE = 5  # the token the tiny task rewards
+
+
+def five_reward(prompt_ids, response_ids):
+    "+1 for each token 5 in the response (PAD after EOS is masked out by the trainer)."
+    return (response_ids == FIVE).float()
+
+
+def tiny_policy(seed=0):
+    torch.manual_seed(seed)
+    return LLM(
+        LLMConfig(
+            vocab_size=8,
+            context_size=12,
+            dim_emb=16,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            ffd_hidden_dim=32,
+        )
+    )
+
+
+TINY_PROMPTS = [
+    [1, 4 + (i % 4), 4 + (i // 4) % 4] for i in range(16)
+]  # BOS and two tokens; no PAD (3)
+TINY_PPO = PPOConfig(
+    batch_size=16, mini_batch_size=8, ppo_epochs=2, lr=1e-2, max_new_tokens=4
+)
+
+
+def ppo_panel(steps=8, reward_fn=five_reward, **kw):
+    "A PPO panel on the tiny task: a run of a few steps takes about a second."
+    decode = lambda ids: " ".join(map(str, ids))
+    return PPOPanel(
+        tiny_policy(),
+        reward_fn,
+        TINY_PROMPTS,
+        decode,
+        **{**dict(config=TINY_PPO, steps=steps), **kw},
+    )
+
+
+def test_both_panels_are_run_panels():
+    assert issubclass(TrainingPanel, RunPanel) and issubclass(PPOPanel, RunPanel)
+    for name in (
+        "_on_start",
+        "_on_stop",
+        "_run",
+        "_draw",
+        "wait",
+        "close",
+        "set",
+        "values",
+        "_say",
+    ):
+        assert name not in vars(TrainingPanel) and name not in vars(PPOPanel), (
+            name
+        )  # shared, not copied
+
+
+def test_ppo_fields_start_from_the_config_and_the_policy_device():
+    panel = ppo_panel(steps=7)
+    assert list(panel.fields) == list(PPO_FIELDS)
+    assert panel.values() == dict(
+        init_kl_coef=TINY_PPO.init_kl_coef,
+        temperature=TINY_PPO.temperature,
+        lr=TINY_PPO.lr,
+        steps=7,
+        batch_size=16,
+        device="cpu",
+    )
+    assert panel.thread is None and not panel.running and panel.stop_button.disabled
+    assert "16 responses" in panel.summary_text and "M parameters" in panel.summary_text
+
+
+def test_ppo_start_runs_ppo_and_the_stats_arrive():
+    start = tiny_policy()
+    panel = ppo_panel(steps=12)
+    panel.start()
+    assert (
+        panel.running and panel.start_button.disabled and not panel.stop_button.disabled
+    )
+    result = panel.wait(timeout=120)
+    assert result is not None and panel.error is None, panel.message_text
+    assert result.steps_done == 12 and not result.stopped_early
+    assert len(panel.history) == 12
+    for key in (
+        "env/reward_mean",
+        "objective/kl",
+        "policy/approxkl",
+        "policy/clipfrac",
+    ):
+        assert all(key in s for s in panel.history), key
+    rewards = [s["env/reward_mean"] for s in panel.history]
+    assert sum(rewards[-3:]) > sum(rewards[:3]), rewards  # PPO finds the rewarded token
+    assert panel.history[-1]["objective/kl"] > 0  # and moves away from the reference
+    assert (
+        panel.progress.value == 12
+        and "step 12/12" in panel.status.value
+        and "reward" in panel.status.value
+    )
+    assert panel.plot.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        len(panel.samples) == 3
+        and "Samples" in panel.samples_view.value
+        and "→" in panel.samples_view.value
+    )
+    assert panel.message_kind == "ok" and "Finished 12 steps" in panel.message_text
+    assert (
+        panel.policy is panel.trainer.policy and panel.trainer.history == panel.history
+    )
+    assert state_dicts_equal(
+        panel.start_policy, start
+    )  # the policy given is left as it was
+    assert not panel.start_button.disabled and panel.stop_button.disabled
+
+
+def test_ppo_stop_ends_cleanly_and_keeps_the_policy_it_reached():
+    panel = ppo_panel(steps=100_000)
+    panel.start_button.click()
+    wait_until(lambda: len(panel.history) >= 3 or not panel.running)
+    assert panel.running, panel.message_text
+    panel.stop_button.click()
+    result = panel.wait(timeout=60)
+    assert not panel.running and panel.error is None, panel.message_text
+    assert result.stopped_early and 3 <= result.steps_done < 100_000
+    assert (
+        result.steps_done == len(panel.history) == panel.trainer.n_steps
+    )  # nothing ran after the callback said stop
+    assert "Stopped at step" in panel.message_text and panel.message_kind == "ok"
+    assert not state_dicts_equal(
+        panel.policy, panel.start_policy
+    )  # the policy PPO reached is kept
+    assert state_dicts_equal(panel.start_policy, tiny_policy())
+
+
+@pytest.mark.parametrize(
+    "bad, word",
+    [
+        (dict(init_kl_coef=-0.1), "init_kl_coef"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(lr=0.0), "lr"),
+        (dict(steps=0), "steps"),
+        (dict(batch_size=0), "batch_size"),
+    ],
+)
+def test_ppo_bad_fields_give_a_message_and_start_nothing(bad, word):
+    panel = ppo_panel().set(**bad)
+    assert word in panel.summary_text
+    panel.start()
+    assert panel.thread is None and panel.trainer is None and not panel.running
+    assert word in panel.message_text and panel.message_kind == "error"
+
+
+def test_ppo_double_start_starts_one_run():
+    before = threading.active_count()
+    panel = ppo_panel(steps=100_000)
+    panel.start()
+    first = panel.thread
+    panel.start()
+    assert panel.thread is first and "already" in panel.message_text
+    assert threading.active_count() == before + 1
+    panel.stop()
+    assert panel.wait(timeout=60).stopped_early
+
+
+def test_ppo_an_error_in_the_thread_is_a_message():
+    def broken(prompt_ids, response_ids):
+        raise RuntimeError("the reward model is on another device")
+
+    panel = ppo_panel(reward_fn=broken)
+    panel.start()
+    assert panel.wait(timeout=30) is None
+    assert isinstance(panel.error, RuntimeError) and panel.error.__traceback__ is None
+    assert "another device" in panel.message_text and panel.message_kind == "error"
+    assert (
+        not panel.start_button.disabled and panel.stop_button.disabled
+    )  # ready for another try
+
+
+def test_a_device_this_machine_lacks_is_refused_by_both_panels():
+    values = dict(
+        init_kl_coef=0.05, temperature=1.0, lr=1e-3, steps=5, batch_size=8, device="tpu"
+    )
+    with pytest.raises(ValueError, match="not available"):
+        ppo_config_from_fields(values, PPOConfig())
+    for panel in (ppo_panel(), TrainingPanel(profile="ci", n_stories=200)):
+        with pytest.raises(ValueError, match="'tpu' is not available here"):
+            panel.set(device="tpu")
+        assert panel.values()["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ppo_panel_trains_on_cuda():
+    panel = ppo_panel(steps=3).set(device="cuda")
+    panel.start()
+    assert panel.wait(timeout=120).steps_done == 3, panel.message_text
+    assert panel.policy.embed_tokens.weight.device.type == "cuda"
+    assert panel.start_policy.embed_tokens.weight.device.type == "cpu"
+
+
+def test_ppo_prompts_from_a_function_are_cut_or_cycled_to_the_batch():
+    calls = []
+
+    def prompts(step):
+        calls.append(step)
+        return TINY_PROMPTS[:5]
+
+    panel = PPOPanel(tiny_policy(), five_reward, prompts, str, TINY_PPO, steps=2).set(
+        batch_size=12
+    )
+    panel.start()
+    assert panel.wait(timeout=60).steps_done == 2, panel.message_text
+    assert calls == [0, 1] and panel.trainer.last_rollout.prompt_ids.shape[0] == 12
+
+
+def test_ppo_panel_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="policy must be an LLM"):
+        PPOPanel("model", five_reward, TINY_PROMPTS, str)
+    with pytest.raises(ValueError, match="prompts must be"):
+        PPOPanel(tiny_policy(), five_reward, [], str)
+    with pytest.raises(ValueError, match="reward_fn must be a function"):
+        PPOPanel(tiny_policy(), None, TINY_PROMPTS, str)
+    with pytest.raises(ValueError, match="config must be a PPOConfig"):
+        PPOPanel(tiny_policy(), five_reward, TINY_PROMPTS, str, config=dict(lr=1e-3))
+
+
+def test_ppo_close_stops_the_run_and_closes_the_widgets():
+    panel = ppo_panel(steps=100_000)
+    parts = [panel.widget, panel.start_button, panel.plot, *panel.fields.values()]
+    panel.start()
+    wait_until(lambda: len(panel.history) >= 1 or not panel.running)
+    panel.close()
+    assert not panel.running and panel.result.stopped_early
+    assert all(w.comm is None for w in parts)

@@ -2,8 +2,10 @@
 
 # %% ../nbs/07c_training_panel.ipynb #eabcc282
 from __future__ import annotations
-import dataclasses, functools, html, io, tempfile, threading, time
+import copy, dataclasses, functools, html, io, math, tempfile, threading, time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 import torch
 import ipywidgets as W
 from fastcore.basics import patch
@@ -22,11 +24,13 @@ from tinyllama.train import (
     train,
     pretrain_preset,
 )
+from .ppo import PPOConfig, PPOTrainer, ValueModel
 
 # %% auto #0
-__all__ = ['MODEL_FIELDS', 'RUN_FIELDS', 'FFN_MULTIPLE', 'SAMPLE_PROMPTS', 'available_devices', 'panel_defaults',
-           'configs_from_fields', 'field_problem', 'plot_loss', 'LossChart', 'loss_png', 'story_data', 'sample_texts',
-           'TrainingPanel']
+__all__ = ['MODEL_FIELDS', 'RUN_FIELDS', 'FFN_MULTIPLE', 'SAMPLE_PROMPTS', 'PPO_FIELDS', 'PPO_PLOTS', 'available_devices',
+           'panel_defaults', 'configs_from_fields', 'field_problem', 'plot_loss', 'Chart', 'LossChart', 'loss_png',
+           'story_data', 'sample_texts', 'RunPanel', 'TrainingPanel', 'ppo_config_from_fields', 'plot_ppo_stats',
+           'PPOChart', 'PPORunResult', 'PPOPanel']
 
 # %% ../nbs/07c_training_panel.ipynb #92163a40
 MODEL_FIELDS = (
@@ -66,6 +70,28 @@ def panel_defaults(
     )
     return values, run
 
+# %% ../nbs/07c_training_panel.ipynb #fa8bc223
+def _whole(v) -> bool:
+    "Whether `v` is a whole number (an int, not a bool)."
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_run_fields(values: dict):
+    "A ValueError for a device, a step count or a learning rate that cannot work."
+    if values["device"] not in available_devices():
+        raise ValueError(
+            f"device {values['device']!r} is not available here; pick one of "
+            f"{', '.join(available_devices())}."
+        )
+    steps, lr = values["steps"], values["lr"]
+    if not _whole(steps) or steps < 1:
+        raise ValueError(f"steps must be a positive whole number, got {steps!r}.")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(
+            "the learning rate lr must be a positive number (such as 1e-3), "
+            f"got {lr!r}."
+        )
+
 # %% ../nbs/07c_training_panel.ipynb #0e8d6101
 FFN_MULTIPLE = 64  # Llama's SwiGLU width rule (chapter 04) rounded up to 64
 
@@ -79,33 +105,18 @@ def configs_from_fields(
     if missing:
         raise ValueError(f"the fields {', '.join(missing)} are missing.")
     d = values["dim_emb"]
-    hidden = (
-        llama_hidden_dim(d, FFN_MULTIPLE)
-        if isinstance(d, int) and not isinstance(d, bool) and d > 0
-        else 1
-    )
+    hidden = llama_hidden_dim(d, FFN_MULTIPLE) if _whole(d) and d > 0 else 1
     # a bad width: LLMConfig explains
     model = LLMConfig(**{f: values[f] for f in MODEL_FIELDS}, ffd_hidden_dim=hidden)
-    if values["device"] not in available_devices():
-        raise ValueError(
-            f"device {values['device']!r} is not available here; pick one of "
-            f"{', '.join(available_devices())}."
-        )
+    _check_run_fields(values)  # the device, the steps, the learning rate
     base = base or TrainingConfig()
-    steps, lr = values["steps"], values["lr"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive whole number, got {steps!r}.")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(
-            "the learning rate lr must be a positive number (such as 1e-3), "
-            f"got {lr!r}."
-        )
+    steps, lr = values["steps"], float(values["lr"])
     run = dataclasses.replace(
         base,
         steps=steps,
         batch_size=values["batch_size"],
-        lr=float(lr),
-        min_lr=float(lr) * base.min_lr / base.lr,  # keep the preset's decay ratio
+        lr=lr,
+        min_lr=lr * base.min_lr / base.lr,  # keep the preset's decay ratio
         warmup_steps=min(base.warmup_steps, steps // 10),
         eval_every=min(base.eval_every, steps),
         log_every=max(1, min(base.log_every, steps // 100)),  # enough points to plot
@@ -149,27 +160,40 @@ def plot_loss(
     return ax
 
 
-class LossChart:
-    "A loss plot on its own matplotlib Figure (no pyplot: safe in a thread), as PNG."
+class Chart:
+    "Plots on a matplotlib Figure of their own (no pyplot: safe in a thread), as PNG."
 
-    def __init__(self, size=(6.0, 3.0), dpi=90):
+    def __init__(self, n: int = 1, size=(6.0, 3.0), dpi=90):  # n: axes side by side
         from matplotlib.figure import Figure
 
         self.fig = Figure(figsize=size, dpi=dpi, layout="constrained")
-        self.ax = self.fig.subplots()
+        self.axes = list(self.fig.subplots(1, n, squeeze=False)[0])
 
-    def png(self, history: list[dict], floor: float | None = None) -> bytes:
+    def draw(self, history: list[dict], *args):
+        "Draw `history` on the axes (each kind of chart says how)."
+        raise NotImplementedError
+
+    def png(self, history: list[dict], *args) -> bytes:
         "The plot of `history` as PNG bytes."
-        self.ax.clear()
-        plot_loss(history, self.ax, floor)
+        for ax in self.axes:
+            ax.clear()
+        self.draw(history, *args)
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png")
         return buf.getvalue()
 
 
+class LossChart(Chart):
+    "The loss plot of a pretraining run."
+
+    def draw(self, history: list[dict], floor: float | None = None):
+        "Draw the loss of `history`, and the floor."
+        plot_loss(history, self.axes[0], floor)
+
+
 def loss_png(history: list[dict], floor: float | None = None, size=(6.0, 3.0)) -> bytes:
     "The loss plot of `history` as PNG bytes."
-    return LossChart(size).png(history, floor)
+    return LossChart(size=size).png(history, floor)
 
 # %% ../nbs/07c_training_panel.ipynb #887e547e
 @functools.lru_cache(maxsize=4)
@@ -253,12 +277,295 @@ def _close_widget(w):
             part.close()
     w.close()
 
+
+def _field_widgets(
+    specs,  # (name, label, kind): kind is int, float, or a list of choices
+    values: dict,  # name -> first value
+) -> dict:  # name -> an input widget
+    "The input boxes (or menus) of a form, one per field."
+    style, lay = {"description_width": "110px"}, W.Layout(width="210px")
+    out = {}
+    for name, label, kind in specs:
+        kw = dict(description=label, style=style, layout=lay)
+        if isinstance(kind, (list, tuple)):
+            value = values[name] if values[name] in kind else kind[-1]
+            out[name] = W.Dropdown(options=list(kind), value=value, **kw)
+        else:
+            box = W.IntText if kind is int else W.FloatText
+            out[name] = box(value=values[name], **kw)
+    return out
+
+# %% ../nbs/07c_training_panel.ipynb #b7e29fb3
+class RunPanel:
+    "A form with Start and Stop that trains in a thread; subclasses say what to train."
+
+    field_groups: tuple = ()  # (title, field names): one grid of the form each
+    fixed_fields: frozenset = frozenset()  # fields that stay disabled
+    thread_name, plot_width, sample_sep = "tinyllama-panel", "540px", ""
+
+    def __init__(self, defaults: dict, chart: Chart):  # the fields' first values
+        self.result = self.error = self.thread = None
+        self.history, self.samples = [], []  # the run's statistics and samples
+        self.stop_event, self._lock = threading.Event(), threading.Lock()
+        self._chart, self._last_plot, self._draw_s = chart, 0.0, 0.0
+        self._build_widgets(defaults)
+
+    @property
+    def running(self) -> bool:
+        "Whether a run is going on."
+        return self.thread is not None and self.thread.is_alive()
+
+    def _make_fields(self, values: dict) -> dict:  # name -> input widget
+        raise NotImplementedError
+
+    def _problem(self) -> str | None:  # what is wrong with the fields; None: nothing
+        raise NotImplementedError
+
+    def _cost(self) -> str:  # the size of the run the fields describe
+        raise NotImplementedError
+
+    def _prepare(self):  # all Start checks: what the run needs, or a ValueError
+        raise NotImplementedError
+
+    def _setup(self, prepared) -> tuple[int, str]:  # (steps, where the run goes)
+        raise NotImplementedError
+
+    def _train(self, prepared):  # the run itself, in the thread: its result
+        raise NotImplementedError
+
+    def _ended(self, result) -> str:  # how the run ended, in words
+        raise NotImplementedError
+
+    def _sample_pairs(self) -> list:  # (prompt, sample) pairs to show
+        return []
+
+    def _png(self) -> bytes:  # the live plot
+        return self._chart.png(self.history)
+
+# %% ../nbs/07c_training_panel.ipynb #f12b14c3
+@patch
+def _build_widgets(self: RunPanel, defaults: dict):
+    "The fields, buttons, progress bar, text lines and plot, wired and laid out."
+    self.fields = self._make_fields(defaults)
+    self.start_button = W.Button(
+        description="Start", button_style="success", icon="play"
+    )
+    self.stop_button = W.Button(
+        description="Stop", button_style="danger", icon="stop", disabled=True
+    )
+    self.start_button.on_click(self._on_start)
+    self.stop_button.on_click(self._on_stop)
+    self.progress = W.IntProgress(value=0, min=0, max=1, description="progress")
+    self.status, self.summary, self.message = W.HTML(), W.HTML(), W.HTML()
+    self.plot = W.Image(format="png", layout=W.Layout(width=self.plot_width))
+    self.samples_view = W.HTML()
+    for w in self.fields.values():
+        w.observe(self._on_field_change, names="value")
+    self._on_field_change()
+    self._show_running(False)
+    self.widget = self._layout()
+
+
+@patch
+def _layout(self: RunPanel) -> W.VBox:
+    "The form: a grid per field group, cost, buttons, status, plot, samples."
+    grids = []
+    for title, names in self.field_groups:
+        grids.append(W.HTML(f"<b>{title}</b>"))
+        grids.append(
+            W.GridBox(
+                [self.fields[n] for n in names],
+                layout=W.Layout(grid_template_columns="repeat(3, 220px)"),
+            )
+        )
+    buttons = W.HBox([self.start_button, self.stop_button, self.progress])
+    return W.VBox(
+        grids
+        + [self.summary, buttons, self.status, self.message]
+        + [self.plot, self.samples_view]
+    )
+
+
+@patch
+def _ipython_display_(self: RunPanel):
+    from IPython.display import display
+
+    display(self.widget)
+
+# %% ../nbs/07c_training_panel.ipynb #6489ff24
+@patch
+def values(self: RunPanel) -> dict:
+    "The fields' current values."
+    return {name: w.value for name, w in self.fields.items()}
+
+
+@patch
+def set(self: RunPanel, **values):
+    "Set fields by name, as a reader typing into them would."
+    unknown = set(values) - set(self.fields)
+    if unknown:
+        raise ValueError(
+            f"no field named {', '.join(sorted(unknown))}; the fields are "
+            f"{', '.join(self.fields)}."
+        )
+    for name, value in values.items():
+        options = getattr(self.fields[name], "options", None)
+        if options is not None and value not in options:
+            raise ValueError(
+                f"{name} {value!r} is not available here; pick one of "
+                f"{', '.join(map(str, options))}."
+            )
+        self.fields[name].value = value
+    return self
+
+
+@patch
+def start(self: RunPanel):
+    "Press Start: the run begins in a thread, or the message says why not."
+    self.start_button.click()
+    return self
+
+
+@patch
+def stop(self: RunPanel):
+    "Press Stop: the run ends after its current step."
+    self.stop_button.click()
+    return self
+
+# %% ../nbs/07c_training_panel.ipynb #540ed2a0
+@patch
+def _say(self: RunPanel, text: str, kind: str = "info"):  # kind: info | ok | error
+    "Show `text` as the panel's message."
+    color = {"info": "#333", "ok": "#1a7f37", "error": "#b42318"}[kind]
+    escaped = html.escape(text)
+    self.message.value = f'<span style="color:{color}">{escaped}</span>' if text else ""
+    self.message_text, self.message_kind = text, kind
+
+
+@patch
+def _on_field_change(self: RunPanel, change=None):
+    "Show the cost of the run the fields describe, or what is wrong with them."
+    problem = self._problem()
+    if problem:
+        self.summary_text = problem
+        self.summary.value = (
+            f'<span style="color:#b42318">{html.escape(problem)}</span>'
+        )
+        return
+    self.summary.value = self.summary_text = self._cost()
+
+# %% ../nbs/07c_training_panel.ipynb #b3a3a4b5
+@patch
+def _on_start(self: RunPanel, button=None):
+    "Start a run in a background thread, or say why not."
+    with self._lock:
+        if self.running:
+            self._say(
+                "A run is already going: press Stop first, or wait for it.", "error"
+            )
+            return
+        try:
+            prepared = self._prepare()
+        except ValueError as e:
+            self._say(str(e), "error")
+            return
+        self.history, self.samples, self.result, self.error = [], [], None, None
+        self.stop_event = threading.Event()
+        steps, where = self._setup(prepared)
+        self.progress.max, self.progress.value = steps, 0
+        self.samples_view.value = ""
+        self._show_running(True)
+        self._say(where, "info")
+        self.thread = threading.Thread(
+            target=self._run, args=(prepared,), name=self.thread_name, daemon=True
+        )
+        self.thread.start()
+
+
+@patch
+def _on_stop(self: RunPanel, button=None):
+    "Ask the run to stop at its next step."
+    if self.running:
+        self.stop_event.set()
+        self._say("Stopping at the next step…", "info")
+
+
+@patch
+def _show_running(self: RunPanel, running: bool):
+    "Enable Stop while a run goes on; Start and the fields otherwise."
+    self.start_button.disabled, self.stop_button.disabled = running, not running
+    for name, w in self.fields.items():
+        w.disabled = running or name in self.fixed_fields
+
+# %% ../nbs/07c_training_panel.ipynb #e30c74e3
+@patch
+def _run(self: RunPanel, prepared):
+    "The training thread: run, then say how the run ended (it never raises)."
+    try:
+        self.result = self._train(prepared)
+        self._say(self._ended(self.result), "ok")
+        self._show_samples()
+    except Exception as e:  # a reader's run never ends in a traceback
+        self.error = _forget_frames(e)
+        self._say(f"Training stopped with an error: {e}", "error")
+    finally:
+        if self.error is not None:
+            _free_memory()  # outside the except block: its frames are gone
+        self._draw(force=True)
+        self._show_running(False)
+
+
+@patch
+def _show_samples(self: RunPanel):
+    "Show the panel's samples under the plot (each after its prompt, in italics)."
+    try:
+        pairs = self._sample_pairs()
+    except Exception as e:
+        self.samples_view.value = f"<i>no samples: {html.escape(str(e))}</i>"
+        return
+    if pairs:
+        self.samples_view.value = "<b>Samples</b><br>" + "<br>".join(
+            f"<i>{html.escape(p)}</i>{self.sample_sep}{html.escape(s)}"
+            for p, s in pairs
+        )
+
+# %% ../nbs/07c_training_panel.ipynb #fdd6f054
+@patch
+def _draw(self: RunPanel, force: bool = False, every_s: float = 1.0):
+    "Redraw the plot: at most every `every_s` s and 20% of the time, unless forced."
+    now = time.monotonic()
+    if not force and now - self._last_plot < max(every_s, 4 * self._draw_s):
+        return
+    self.plot.value = self._png()
+    self._last_plot = time.monotonic()
+    self._draw_s = self._last_plot - now
+
+# %% ../nbs/07c_training_panel.ipynb #d01ad2d5
+@patch
+def wait(self: RunPanel, timeout: float | None = None):
+    "Wait for the run to end (at most `timeout` s): its result, or None."
+    if self.thread is not None:
+        self.thread.join(timeout)
+    return None if self.running else self.result
+
+
+@patch
+def close(self: RunPanel):
+    "Stop a run if one goes on, wait for it, and close the panel's widgets."
+    if self.running:
+        self.stop_event.set()
+        self.thread.join()
+    _close_widget(self.widget)
+
 # %% ../nbs/07c_training_panel.ipynb #3d5411b0
 SAMPLE_PROMPTS = ("Once upon a time, there was", "")
 
 
-class TrainingPanel:
+class TrainingPanel(RunPanel):
     "A form to size a model and a run, with Start and Stop; training runs in a thread."
+
+    field_groups = (("Model", MODEL_FIELDS), ("Run", RUN_FIELDS))
+    thread_name = "tinyllama-training-panel"
 
     def __init__(
         self,
@@ -283,158 +590,48 @@ class TrainingPanel:
             max(20, self.n_stories // 10) if n_stories else preset.n_heldout_stories
         )
         self.prompts = list(prompts)
-        self.model = self.result = self.error = self.thread = self.run_dir = None
-        self.history, self.samples, self.floor = [], [], None
-        self.stop_event, self._lock = threading.Event(), threading.Lock()
-        self._chart, self._last_plot, self._draw_s = LossChart(), 0.0, 0.0
+        self.model = self.run_dir = self.floor = None
         defaults, self.base_config = panel_defaults(self.profile)
-        self._fixed_vocab = tokenizer is not None  # the model's vocabulary is its
+        self._fixed_vocab = tokenizer is not None  # then the vocabulary is its
         if self._fixed_vocab:
             defaults["vocab_size"] = tokenizer.vocab_size
-        self._build_widgets(defaults)
-
-    @property
-    def running(self) -> bool:
-        "Whether a training run is going on."
-        return self.thread is not None and self.thread.is_alive()
-
-# %% ../nbs/07c_training_panel.ipynb #f12b14c3
-@patch
-def _build_widgets(self: TrainingPanel, defaults: dict):
-    "The fields, buttons, progress bar, text lines and plot, wired and laid out."
-    self.fields = self._make_fields(defaults)
-    self.fields["vocab_size"].disabled = self._fixed_vocab
-    self.start_button = W.Button(
-        description="Start", button_style="success", icon="play"
-    )
-    self.stop_button = W.Button(
-        description="Stop", button_style="danger", icon="stop", disabled=True
-    )
-    self.start_button.on_click(self._on_start)
-    self.stop_button.on_click(self._on_stop)
-    self.progress = W.IntProgress(value=0, min=0, max=1, description="progress")
-    self.status, self.summary, self.message = W.HTML(), W.HTML(), W.HTML()
-    self.plot = W.Image(format="png", layout=W.Layout(width="540px"))
-    self.samples_view = W.HTML()
-    for w in self.fields.values():
-        w.observe(self._on_field_change, names="value")
-    self._on_field_change()
-    self.widget = self._layout()
-
-
-@patch
-def _layout(self: TrainingPanel) -> W.VBox:
-    "The form: model fields, run fields, cost, buttons, status, plot, samples."
-    f = self.fields
-    grid = lambda names: W.GridBox(
-        [f[n] for n in names],
-        layout=W.Layout(grid_template_columns="repeat(3, 220px)"),
-    )
-    return W.VBox(
-        [
-            W.HTML("<b>Model</b>"),
-            grid(MODEL_FIELDS),
-            W.HTML("<b>Run</b>"),
-            grid(RUN_FIELDS),
-            self.summary,
-            W.HBox([self.start_button, self.stop_button, self.progress]),
-            self.status,
-            self.message,
-            self.plot,
-            self.samples_view,
-        ]
-    )
-
-
-@patch
-def _ipython_display_(self: TrainingPanel):
-    from IPython.display import display
-
-    display(self.widget)
+            self.fixed_fields = frozenset({"vocab_size"})
+        super().__init__(defaults, LossChart())
 
 # %% ../nbs/07c_training_panel.ipynb #f65f09a2
 @patch
 def _make_fields(self: TrainingPanel, v: dict) -> dict:
     "One input widget per field, holding the values `v`."
-    style, lay = {"description_width": "110px"}, W.Layout(width="210px")
-    ints = lambda name, label: W.IntText(
-        value=v[name], description=label, style=style, layout=lay
-    )
-    return {
-        "vocab_size": ints("vocab_size", "vocab size"),
-        "dim_emb": ints("dim_emb", "width (dim_emb)"),
-        "num_layers": ints("num_layers", "layers"),
-        "num_heads": ints("num_heads", "heads"),
-        "num_kv_heads": ints("num_kv_heads", "kv heads"),
-        "context_size": ints("context_size", "context"),
-        "batch_size": ints("batch_size", "batch size"),
-        "lr": W.FloatText(
-            value=v["lr"], description="learning rate", style=style, layout=lay
-        ),
-        "steps": ints("steps", "steps"),
-        "device": W.Dropdown(
-            options=available_devices(),
-            value=v["device"]
-            if v["device"] in available_devices()
-            else available_devices()[-1],
-            description="device",
-            style=style,
-            layout=lay,
-        ),
-        "precision": W.Dropdown(
-            options=PRECISIONS,
-            value=v["precision"],
-            description="precision",
-            style=style,
-            layout=lay,
-        ),
-    }
+    specs = [
+        ("vocab_size", "vocab size", int),
+        ("dim_emb", "width (dim_emb)", int),
+        ("num_layers", "layers", int),
+        ("num_heads", "heads", int),
+        ("num_kv_heads", "kv heads", int),
+        ("context_size", "context", int),
+        ("batch_size", "batch size", int),
+        ("lr", "learning rate", float),
+        ("steps", "steps", int),
+        ("device", "device", available_devices()),
+        ("precision", "precision", PRECISIONS),
+    ]
+    return _field_widgets(specs, v)
 
-# %% ../nbs/07c_training_panel.ipynb #6489ff24
+# %% ../nbs/07c_training_panel.ipynb #306a8836
 @patch
-def values(self: TrainingPanel) -> dict:
-    "The fields' current values."
-    return {name: w.value for name, w in self.fields.items()}
+def _problem(self: TrainingPanel) -> str | None:
+    "What is wrong with the fields, or None."
+    return field_problem(self.values(), self.base_config)
 
 
 @patch
-def set(self: TrainingPanel, **values):
-    "Set fields by name, as a reader typing into them would."
-    unknown = set(values) - set(self.fields)
-    if unknown:
-        raise ValueError(
-            f"no field named {', '.join(sorted(unknown))}; the fields are "
-            f"{', '.join(self.fields)}."
-        )
-    for name, value in values.items():
-        self.fields[name].value = value
-    return self
-
-# %% ../nbs/07c_training_panel.ipynb #540ed2a0
-@patch
-def _say(self: TrainingPanel, text: str, kind: str = "info"):  # kind: info | ok | error
-    "Show `text` as the panel's message."
-    color = {"info": "#333", "ok": "#1a7f37", "error": "#b42318"}[kind]
-    escaped = html.escape(text)
-    self.message.value = f'<span style="color:{color}">{escaped}</span>' if text else ""
-    self.message_text, self.message_kind = text, kind
-
-
-@patch
-def _on_field_change(self: TrainingPanel, change=None):
-    "Show the cost of the run the fields describe, or what is wrong with them."
-    problem = field_problem(self.values(), self.base_config)
-    if problem:
-        self.summary_text = problem
-        self.summary.value = (
-            f'<span style="color:#b42318">{html.escape(problem)}</span>'
-        )
-        return
+def _cost(self: TrainingPanel) -> str:
+    "Parameters, tokens and FLOPs of the run the fields describe."
     model, run = configs_from_fields(self.values(), self.base_config)
     n = parameter_count(model)
     tokens = run.batch_size * model.context_size
     flops = model.flops_per_token() * run.steps * tokens
-    self.summary.value = self.summary_text = (
+    return (
         f"{n / 1e6:.2f} M parameters · {run.batch_size} × {model.context_size} = "
         f"{tokens:,} tokens per step · {run.steps * tokens / 1e6:.2f} M tokens in all"
         f" · ≈ {flops / 1e12:.2g} TFLOP"
@@ -486,106 +683,44 @@ def _next_run_dir(self: TrainingPanel) -> Path:
         n += 1
     return self.out_dir / f"run-{n:03d}"
 
-# %% ../nbs/07c_training_panel.ipynb #b3a3a4b5
+# %% ../nbs/07c_training_panel.ipynb #0a89715b
 @patch
-def _on_start(self: TrainingPanel, button=None):
-    "Start a run in a background thread, or say why not."
-    with self._lock:
-        if self.running:
-            self._say(
-                "A run is already going: press Stop first, or wait for it.", "error"
-            )
-            return
-        try:
-            model_config, run_config, tok, floor, train_data, eval_data = (
-                self._prepare()
-            )
-        except ValueError as e:
-            self._say(str(e), "error")
-            return
-        torch.manual_seed(run_config.seed)
-        self.model, self.tokenizer, self.floor = LLM(model_config), tok, floor
-        self.history, self.samples, self.result, self.error = [], [], None, None
-        self.run_config, self.run_dir = run_config, Path(run_config.out_dir)
-        self.stop_event = threading.Event()
-        self.progress.max, self.progress.value = run_config.steps, 0
-        self.samples_view.value = ""
-        self._show_running(True)
-        where = (
-            f"Training on {run_config.device}; the checkpoint goes to {self.run_dir}."
-        )
-        self._say(where, "info")
-        self.thread = threading.Thread(
-            target=self._run,
-            args=(train_data, eval_data, run_config),
-            name="tinyllama-training-panel",
-            daemon=True,
-        )
-        self.thread.start()
+def _setup(self: TrainingPanel, prepared) -> tuple[int, str]:
+    "A new model for the run: (its steps, where it trains)."
+    model_config, run_config, tok, floor = prepared[:4]
+    torch.manual_seed(run_config.seed)
+    self.model, self.tokenizer, self.floor = LLM(model_config), tok, floor
+    self.run_config, self.run_dir = run_config, Path(run_config.out_dir)
+    where = f"Training on {run_config.device}; the checkpoint goes to {self.run_dir}."
+    return run_config.steps, where
 
 
 @patch
-def _on_stop(self: TrainingPanel, button=None):
-    "Ask the run to stop at its next step."
-    if self.running:
-        self.stop_event.set()
-        self._say("Stopping at the next step…", "info")
-
-
-@patch
-def _show_running(self: TrainingPanel, running: bool):
-    "Enable Stop while a run goes on; Start and the fields otherwise."
-    self.start_button.disabled, self.stop_button.disabled = running, not running
-    for name, w in self.fields.items():
-        w.disabled = running or (name == "vocab_size" and self._fixed_vocab)
-
-# %% ../nbs/07c_training_panel.ipynb #e30c74e3
-@patch
-def _run(self: TrainingPanel, train_data, eval_data, run_config):
-    "The training thread: train, then say how the run ended (it never raises)."
-    try:
-        self.result = r = train(
-            self.model,
-            train_data,
-            run_config,
-            eval_data=eval_data,
-            callback=self._on_metrics,
-            stop_event=self.stop_event,
-            progress=False,
-        )
-        how = f"Finished {r.steps_done} steps"
-        if r.stopped_early:
-            how = f"Stopped at step {r.steps_done}"
-        losses = [m["loss"] for m in self.history if m.get("loss") is not None]
-        loss = f", loss {losses[-1]:.3f}" if losses else ""
-        self._say(f"{how}{loss}; checkpoint in {self.run_dir}.", "ok")
-        self._show_samples()
-    except Exception as e:  # a reader's run never ends in a traceback
-        self.error = _forget_frames(e)
-        self._say(f"Training stopped with an error: {e}", "error")
-    finally:
-        if self.error is not None:
-            _free_memory()  # outside the except block: its frames are gone
-        self._draw(force=True)
-        self._show_running(False)
-
-
-@patch
-def _show_samples(self: TrainingPanel):
-    "Continue the prompts with the trained model, under the plot."
-    if self.tokenizer is None or not self.prompts:
-        return
-    try:
-        self.samples = sample_texts(self.model, self.tokenizer, self.prompts)
-    except Exception as e:
-        self.samples_view.value = f"<i>no samples: {html.escape(str(e))}</i>"
-        return
-    self.samples_view.value = "<b>Samples</b><br>" + "<br>".join(
-        f"<i>{html.escape(p)}</i>{html.escape(s)}"
-        for p, s in zip(self.prompts, self.samples)
+def _train(self: TrainingPanel, prepared):
+    "Chapter 07's `train`, reporting each logged step to `_on_metrics`: a TrainResult."
+    run_config, train_data, eval_data = prepared[1], prepared[4], prepared[5]
+    return train(
+        self.model,
+        train_data,
+        run_config,
+        eval_data=eval_data,
+        callback=self._on_metrics,
+        stop_event=self.stop_event,
+        progress=False,
     )
 
-# %% ../nbs/07c_training_panel.ipynb #fdd6f054
+
+@patch
+def _ended(self: TrainingPanel, r) -> str:
+    "How the run ended: its steps, its last loss, its checkpoint."
+    how = f"Finished {r.steps_done} steps"
+    if r.stopped_early:
+        how = f"Stopped at step {r.steps_done}"
+    losses = [m["loss"] for m in self.history if m.get("loss") is not None]
+    loss = f", loss {losses[-1]:.3f}" if losses else ""
+    return f"{how}{loss}; checkpoint in {self.run_dir}."
+
+# %% ../nbs/07c_training_panel.ipynb #a19b05cc
 @patch
 def _on_metrics(self: TrainingPanel, m: dict):
     "Record one step's metrics and show them."
@@ -603,31 +738,18 @@ def _on_metrics(self: TrainingPanel, m: dict):
 
 
 @patch
-def _draw(self: TrainingPanel, force: bool = False, every_s: float = 1.0):
-    "Redraw the plot: at most every `every_s` s and 20% of the time, unless forced."
-    now = time.monotonic()
-    if not force and now - self._last_plot < max(every_s, 4 * self._draw_s):
-        return
-    self.plot.value = self._chart.png(self.history, self.floor)
-    self._last_plot = time.monotonic()
-    self._draw_s = self._last_plot - now
-
-# %% ../nbs/07c_training_panel.ipynb #d01ad2d5
-@patch
-def wait(self: TrainingPanel, timeout: float | None = None):
-    "Wait for the run to end (at most `timeout` s): its TrainResult, or None."
-    if self.thread is not None:
-        self.thread.join(timeout)
-    return None if self.running else self.result
+def _png(self: TrainingPanel) -> bytes:
+    "The loss plot, with the entropy floor."
+    return self._chart.png(self.history, self.floor)
 
 
 @patch
-def close(self: TrainingPanel):
-    "Stop a run if one goes on, wait for it, and close the panel's widgets."
-    if self.running:
-        self.stop_event.set()
-        self.thread.join()
-    _close_widget(self.widget)
+def _sample_pairs(self: TrainingPanel) -> list:
+    "The prompts and the trained model's continuations of them."
+    if self.tokenizer is None or not self.prompts:
+        return []
+    self.samples = sample_texts(self.model, self.tokenizer, self.prompts)
+    return list(zip(self.prompts, self.samples))
 
 
 @patch
@@ -638,3 +760,262 @@ def figure(self: TrainingPanel, ax=None):
 
         ax = plt.subplots(figsize=(6.5, 3.2))[1]
     return plot_loss(self.history, ax, self.floor)
+
+# %% ../nbs/07c_training_panel.ipynb #c77a8776
+PPO_FIELDS = ("init_kl_coef", "temperature", "lr", "steps", "batch_size", "device")
+
+
+def ppo_config_from_fields(
+    values: dict,  # field name -> value, as the PPO panel holds them
+    base: PPOConfig,  # where the settings that are not fields come from
+) -> PPOConfig:
+    "The PPOConfig the fields describe; a ValueError in plain words if not."
+    missing = [f for f in PPO_FIELDS if f not in values]
+    if missing:
+        raise ValueError(f"the fields {', '.join(missing)} are missing.")
+    _check_run_fields(values)  # the device, the steps, the learning rate
+    b = values["batch_size"]
+    mini = base.mini_batch_size
+    if _whole(b) and b > 0:
+        mini = min(mini, b)  # a minibatch is a part of the batch
+    return dataclasses.replace(  # PPOConfig checks the rest, in words
+        base,
+        init_kl_coef=values["init_kl_coef"],
+        temperature=values["temperature"],
+        lr=values["lr"],
+        batch_size=b,
+        mini_batch_size=mini,
+    )
+
+# %% ../nbs/07c_training_panel.ipynb #39ba39b9
+PPO_PLOTS = (  # (statistic of PPOTrainer.step, title)
+    ("env/reward_mean", "reward per response"),
+    ("objective/kl", "KL(π‖π_ref), nats"),
+    ("policy/approxkl", "approx. KL per update"),
+    ("policy/clipfrac", "clip fraction"),
+)
+
+
+def plot_ppo_stats(
+    history: list[dict],  # PPOTrainer.step's statistics, one dict per step
+    axes,  # one matplotlib Axes per entry of PPO_PLOTS
+):
+    "Draw reward, KL, approximate KL and clip fraction against the PPO step."
+    steps = [s.get("ppo/step", i) + 1 for i, s in enumerate(history)]
+    for ax, (key, title) in zip(axes, PPO_PLOTS):
+        ax.plot(steps, [s.get(key, float("nan")) for s in history], lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+    return axes
+
+
+class PPOChart(Chart):
+    "The four PPO plots side by side."
+
+    def __init__(self, size=(10.0, 2.6), dpi=90):
+        super().__init__(len(PPO_PLOTS), size, dpi)
+
+    def draw(self, history: list[dict]):
+        "Draw `history` on the four axes."
+        plot_ppo_stats(history, self.axes)
+
+# %% ../nbs/07c_training_panel.ipynb #75de49bb
+@dataclass
+class PPORunResult:
+    "How a PPO panel's run ended."
+
+    steps_done: int  # PPO steps taken
+    stopped_early: bool  # True: Stop ended it before its last step
+    wall_s: float  # seconds, building the trainer included
+
+
+class PPOPanel(RunPanel):
+    "A form for a PPO run: β, temperature, lr, steps, batch, device; Start and Stop."
+
+    field_groups = (("PPO", PPO_FIELDS),)
+    thread_name, plot_width, sample_sep = "tinyllama-ppo-panel", "900px", " → "
+
+    def __init__(
+        self,
+        policy: LLM,  # where PPO starts (copied at each Start; left as it is)
+        reward_fn: Callable,  # (prompt_ids, response_ids) -> rewards (PPOTrainer's)
+        prompts,  # a list of prompts (token-id lists), or step -> such a list
+        decode: Callable,  # token ids -> text, for the samples
+        config: PPOConfig | None = None,  # the settings that are not fields
+        steps: int = 50,  # PPO steps (a field)
+        eos_id: int = 2,  # ends a response
+        pad_id: int = 3,  # pads prompts and responses; not EOS
+        ref_policy: LLM | None = None,  # the KL's reference (None: the policy)
+        n_samples: int = 3,  # responses of the last rollout shown
+    ):
+        config = PPOConfig() if config is None else config
+        _check_ppo_panel(policy, reward_fn, prompts, decode, config, steps, ref_policy)
+        self.start_policy, self.ref_policy = policy, ref_policy
+        self.reward_fn, self.prompts, self.decode = reward_fn, prompts, decode
+        self.eos_id, self.pad_id, self.n_samples = eos_id, pad_id, n_samples
+        self.base_config, self.config = config, None
+        self.trainer = self.policy = None  # after Start: the run's
+        defaults = {f: getattr(config, f) for f in PPO_FIELDS[:3]}
+        where = policy.embed_tokens.weight.device.type
+        defaults.update(steps=steps, batch_size=config.batch_size, device=where)
+        super().__init__(defaults, PPOChart())
+
+# %% ../nbs/07c_training_panel.ipynb #3b7979e4
+def _check_ppo_panel(policy, reward_fn, prompts, decode, config, steps, ref_policy):
+    "A ValueError for the first argument of PPOPanel that cannot work."
+    for name, m in (("policy", policy), ("ref_policy", ref_policy)):
+        if not isinstance(m, LLM) and not (name == "ref_policy" and m is None):
+            raise ValueError(f"{name} must be an LLM, got {type(m).__name__}.")
+    for name, f in (("reward_fn", reward_fn), ("decode", decode)):
+        if not callable(f):
+            raise ValueError(f"{name} must be a function, got {type(f).__name__}.")
+    if not callable(prompts) and not (isinstance(prompts, list) and prompts):
+        raise ValueError(
+            "prompts must be a non-empty list of prompts (token-id lists) or a "
+            "function of the step that returns such a list."
+        )
+    if not isinstance(config, PPOConfig):
+        raise ValueError(f"config must be a PPOConfig, got {type(config).__name__}.")
+    if not _whole(steps) or steps < 1:
+        raise ValueError(f"steps must be a positive whole number, got {steps!r}.")
+
+
+@patch
+def _make_fields(self: PPOPanel, v: dict) -> dict:
+    "One input widget per field, holding the values `v`."
+    specs = [
+        ("init_kl_coef", "β (KL weight)", float),
+        ("temperature", "temperature", float),
+        ("lr", "learning rate", float),
+        ("steps", "steps", int),
+        ("batch_size", "batch size", int),
+        ("device", "device", available_devices()),
+    ]
+    return _field_widgets(specs, v)
+
+# %% ../nbs/07c_training_panel.ipynb #e875f269
+@patch
+def _problem(self: PPOPanel) -> str | None:
+    "What is wrong with the fields, or None."
+    try:
+        ppo_config_from_fields(self.values(), self.base_config)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@patch
+def _cost(self: PPOPanel) -> str:
+    "Parameters, responses per step, gradient steps and responses in all."
+    c = ppo_config_from_fields(self.values(), self.base_config)
+    n = parameter_count(self.start_policy.config)
+    updates = c.ppo_epochs * math.ceil(c.batch_size / c.mini_batch_size)
+    steps = self.values()["steps"]
+    return (
+        f"{n / 1e6:.2f} M parameters · {c.batch_size} responses of at most "
+        f"{c.max_new_tokens} tokens per step, {updates} gradient step"
+        f"{'s' if updates > 1 else ''} each · "
+        f"{steps * c.batch_size:,} responses in all"
+    )
+
+
+@patch
+def _prepare(self: PPOPanel) -> tuple:
+    "(config, steps, device) of the run the fields describe; ValueError if none."
+    values = self.values()
+    config = ppo_config_from_fields(values, self.base_config)
+    return config, values["steps"], values["device"]
+
+
+@patch
+def _setup(self: PPOPanel, prepared) -> tuple[int, str]:
+    "(steps, where the run goes); the models are made in the thread."
+    self.config, steps, device = prepared
+    return steps, f"PPO on {device}: {steps} steps of {self.config.batch_size} prompts."
+
+# %% ../nbs/07c_training_panel.ipynb #572b8c7c
+@patch
+def _trainer(self: PPOPanel, config: PPOConfig, device: str) -> PPOTrainer:
+    "A new trainer on `device`: copies of the policy and reference, a value model."
+    policy = copy.deepcopy(self.start_policy).to(device)
+    ref = copy.deepcopy(self.ref_policy or self.start_policy).to(device)
+    value = ValueModel.from_llm(policy)
+    return PPOTrainer(
+        policy, ref, value, self.reward_fn, config, self.eos_id, self.pad_id
+    )
+
+
+@patch
+def _batch(self: PPOPanel, step: int) -> list:
+    "Step `step`'s prompts: the list's next batch, or the function's, cut or cycled."
+    B, src = self.config.batch_size, self.prompts
+    got = list(src(step)) if callable(src) else src
+    if not got:
+        raise ValueError(f"prompts({step}) gave no prompts.")
+    first = step * B if not callable(src) else 0
+    return [got[(first + i) % len(got)] for i in range(B)]
+
+
+@patch
+def _train(self: PPOPanel, prepared) -> PPORunResult:
+    "PPO in the thread: build the trainer, train, report each step to `_on_stats`."
+    config, steps, device = prepared
+    t0 = time.perf_counter()
+    self.trainer = self._trainer(config, device)
+    self.policy = self.trainer.policy
+    done = self.trainer.train(self._batch, steps, self._on_stats, progress=False)
+    return PPORunResult(len(done), len(done) < steps, time.perf_counter() - t0)
+
+
+@patch
+def _on_stats(self: PPOPanel, s: dict) -> bool:
+    "Record and show one step's statistics; True (stop) once Stop was pressed."
+    self.history.append(dict(s))
+    step = int(s["ppo/step"]) + 1
+    self.progress.value = min(step, self.progress.max)
+    self.status.value = (
+        f"step {step}/{self.progress.max} · reward {s['env/reward_mean']:.3f} · "
+        f"KL {s['objective/kl']:.3f} · approx. KL {s['policy/approxkl']:.4f} · "
+        f"clip fraction {s['policy/clipfrac']:.3f}"
+    )
+    self._show_samples()
+    self._draw()
+    return self.stop_event.is_set()
+
+# %% ../nbs/07c_training_panel.ipynb #aa933e8e
+@patch
+def _sample_pairs(self: PPOPanel) -> list:
+    "The first prompts and responses of the last rollout, decoded."
+    ro = self.trainer.last_rollout if self.trainer is not None else None
+    if ro is None:
+        return []
+    n = min(self.n_samples, ro.response_ids.shape[0])
+    keep = lambda ids, mask: [t for t, m in zip(ids, mask) if m]
+    text = lambda ids, mask: [self.decode(keep(*r)) for r in zip(ids, mask)]
+    prompts = text(ro.prompt_ids[:n].tolist(), ro.prompt_mask[:n].tolist())
+    self.samples = text(ro.response_ids[:n].tolist(), ro.response_mask[:n].tolist())
+    return list(zip(prompts, self.samples))
+
+
+@patch
+def _ended(self: PPOPanel, r: PPORunResult) -> str:
+    "How the run ended: its steps, its last reward and KL."
+    how = f"Finished {r.steps_done} steps"
+    if r.stopped_early:
+        how = f"Stopped at step {r.steps_done}"
+    s = self.history[-1]
+    return (
+        f"{how} in {r.wall_s:.1f} s: reward {s['env/reward_mean']:.3f}, "
+        f"KL {s['objective/kl']:.3f}; the policy it reached is panel.policy."
+    )
+
+
+@patch
+def figure(self: PPOPanel, axes=None):
+    "The run's four curves on `axes` (None: a new pyplot figure), a static picture."
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        axes = plt.subplots(1, len(PPO_PLOTS), figsize=(12, 2.8))[1]
+    return plot_ppo_stats(self.history, axes)
