@@ -13,9 +13,9 @@ import torch
 os.environ.setdefault("MPLBACKEND", "Agg")
 from tinyllama.cli import main  # noqa: E402
 from tinyllama.speedrun import (Metric, Section, Speedrun, matmul_params, model_flops_per_token,  # noqa: E402
-                           metrics_table, run_speedrun, _train_overrides)
+                           metrics_table, run_speedrun)
 from tinyllama.model import LLM, LLMConfig  # noqa: E402
-from tinyllama.train import pretrain_preset  # noqa: E402
+from tinyllama.train import pretrain_preset, steps_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,9 +213,9 @@ def test_steps_override_keeps_the_config_valid():
     "--steps below the preset's warmup shrinks the warmup and eval interval with it."
     preset = pretrain_preset("cpu")
     for steps in (1, 5, 50, preset.train.steps, 10 * preset.train.steps):
-        o = _train_overrides(preset, steps)
+        o = steps_overrides(preset.train, steps)
         assert o["steps"] == steps and 0 <= o["warmup_steps"] <= steps and o["eval_every"] <= max(steps, 1)
-    assert _train_overrides(preset, None) == {}
+    assert steps_overrides(preset.train, None) == {}
 
 
 @pytest.mark.parametrize("shape", [

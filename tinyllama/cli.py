@@ -3,19 +3,12 @@
 # %% ../nbs/93_cli.ipynb #32cae077
 from __future__ import annotations
 import argparse
-import contextlib
 import datetime
 import os
-import platform
-import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import torch
-from fastcore.basics import patch
+from .profiles import decode_threads, format_seconds
 
 # %% auto #0
 __all__ = ['PROG', 'DEFAULT_PROMPTS', 'COMMANDS', 'CLIError', 'positive_int', 'non_negative_float', 'probability', 'build_parser',
@@ -247,22 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 # %% ../nbs/93_cli.ipynb #6794d00b
-@contextlib.contextmanager
-def _decode_threads(device):
-    "One CPU thread while decoding: a few tokens per step gain little from a second."
-    old = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _fmt_s(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
-
-
 def _preset(profile, corpus=None):
     "The profile's pretraining preset, with another corpus when one is asked for."
     from dataclasses import replace
@@ -270,13 +247,6 @@ def _preset(profile, corpus=None):
 
     preset = pretrain_preset(profile)
     return preset if corpus is None else replace(preset, corpus=corpus)
-
-
-def _train_overrides(preset, steps):
-    "TrainingConfig changes for a --steps override (warmup and evaluation shrink too)."
-    from tinyllama.train import steps_overrides
-
-    return steps_overrides(preset.train, steps)
 
 # %% ../nbs/93_cli.ipynb #cf7a04e2
 def _resolve(args):
@@ -289,7 +259,7 @@ def cmd_pretrain(args) -> int:
     """tinyllama pretrain: train with the profile's preset and save the checkpoint
     folder.
     """
-    from tinyllama.train import pretrain, pretrain_preset
+    from tinyllama.train import pretrain, steps_overrides
     from tinyllama.checkpoint import has_checkpoint
 
     profile = _resolve(args)
@@ -302,7 +272,7 @@ def cmd_pretrain(args) -> int:
             f"choose another --out."
         )
     preset = _preset(profile, args.corpus)
-    overrides = _train_overrides(preset, args.steps)
+    overrides = steps_overrides(preset.train, args.steps)
     if args.device:
         overrides["device"] = args.device
     print(f"pretraining ({profile} profile) into {out}", flush=True)
@@ -316,8 +286,8 @@ def cmd_pretrain(args) -> int:
     )
     res = pr.result
     print(
-        f"{res.steps_done} steps in {_fmt_s(res.wall_s)}, {res.tokens_per_s:,.0f} "
-        f"tokens/s; final loss {res.final_loss:.3f}"
+        f"{res.steps_done} steps in {format_seconds(res.wall_s)}, "
+        f"{res.tokens_per_s:,.0f} tokens/s; final loss {res.final_loss:.3f}"
         + (
             f", held-out {res.final_eval_loss:.3f}"
             if res.final_eval_loss is not None
@@ -371,7 +341,7 @@ def cmd_sample(args) -> int:
         )
     max_new = room if max_new is None else min(max_new, room)
     lines = []
-    with _decode_threads(next(model.parameters()).device):
+    with decode_threads(next(model.parameters()).device):
         _stream_prompts(args, model, tok, prompts, max_new, lines)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -543,7 +513,7 @@ def cmd_chat(args) -> int:
             "not answer you. A speedrun saves a fine-tuned model in <run>/sft/.",
             file=sys.stderr,
         )
-    with _decode_threads(next(model.parameters()).device):
+    with decode_threads(next(model.parameters()).device):
         if args.message is not None:
             try:
                 answer = session.reply(args.message)

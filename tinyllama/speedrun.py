@@ -2,26 +2,18 @@
 
 # %% ../nbs/94_speedrun.ipynb #ea017d96
 from __future__ import annotations
-import contextlib
 import datetime
 import os
 import platform
-import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from tinyllama.cli import (
-    DEFAULT_PROMPTS,
-    _decode_threads,
-    _fmt_s,
-    _preset,
-    _train_overrides,
-)
+from .cli import DEFAULT_PROMPTS, _preset
+from .profiles import decode_threads, format_seconds
+from .train import steps_overrides
 
 # %% auto #0
 __all__ = ['SPEEDRUN_STAGES', 'STAGE_NEEDS', 'matmul_params', 'model_flops_per_token', 'matmul_peak_flops', 'machine_description',
@@ -189,7 +181,7 @@ def _speed_metrics(pr, preset, amp, peak: float) -> list:
         ),
         Metric(
             "training wall time",
-            _fmt_s(res.wall_s),
+            format_seconds(res.wall_s),
             f"{res.steps_done} steps of {preset.train.batch_size} "
             f"sequences of {ctx} tokens",
         ),
@@ -221,7 +213,7 @@ def stage_pretrain(run: Speedrun) -> Section:
     from tinyllama.train import plot_losses, pretrain, set_cpu_threads
 
     preset = _preset(run.profile, run.corpus)
-    overrides = _train_overrides(preset, run.steps)
+    overrides = steps_overrides(preset.train, run.steps)
     overrides |= {"device": run.device} if run.device else {}
     device = torch.device(run.device) if run.device else get_device()
     set_cpu_threads(preset.num_threads, device)  # "auto": the cores idle now
@@ -249,7 +241,7 @@ def stage_samples(run: Speedrun) -> Section:
     model, tok = run.state["model"].eval(), run.state["tokenizer"]
     ctx = model.config.context_size
     prompts = list(DEFAULT_PROMPTS)
-    with _decode_threads(next(model.parameters()).device):
+    with decode_threads(next(model.parameters()).device):
         return _samples_section(run, model, tok, prompts, ctx)
 
 # %% ../nbs/94_speedrun.ipynb #d1563d4b
@@ -367,7 +359,7 @@ def _sft_body(sft, preset, ctx: int, ckpt) -> str:
             f"story-world chats ({sft.n_dropped} longer than the context of {ctx} "
             f"tokens left out), {res.steps_done} steps of {preset.train.batch_size} "
             "chats, loss on the assistant's tokens only "
-            f"({_fmt_s(res.wall_s)} of training).",
+            f"({format_seconds(res.wall_s)} of training).",
             f"Held-out questions: {b} before SFT, {a} after."
             if b is not None
             else f"Held-out questions: {a}.",
@@ -410,7 +402,7 @@ def _small_model_stage(run: Speedrun, section) -> Section:
     from tinyllama.device import get_device
 
     device = torch.device(run.device) if run.device else get_device()
-    with _decode_threads(device):  # small models gain nothing from more threads
+    with decode_threads(device):  # small models gain nothing from more threads
         return section(run, device)
 
 
@@ -496,9 +488,9 @@ def _ppo_body(res) -> str:
         f"most "
         f"{p.max_steps}; it stops when {p.stop_at:.1%} of {p.n_eval} validation words "
         f"are copied) of {p.batch_size} words of {p.min_len}–{p.max_len} letters from "
-        f"{p.n_train} training words ({_fmt_s(res.seconds)}), {p.ppo_epochs} epochs "
-        f"of minibatches of {p.mini_batch_size}, lr {p.lr:g}, β = {p.init_kl_coef}, "
-        "the golden reward.",
+        f"{p.n_train} training words ({format_seconds(res.seconds)}), "
+        f"{p.ppo_epochs} epochs of minibatches of {p.mini_batch_size}, lr {p.lr:g}, "
+        f"β = {p.init_kl_coef}, the golden reward.",
         f"Test words (greedy): exact copies {res.before.exact:.1%} → "
         f"{res.after.exact:.1%}; correctly copied tokens per word "
         f"{res.before.tokens:.2f} → {res.after.tokens:.2f} of {res.perfect:.2f}. "
@@ -623,8 +615,10 @@ def metrics_table(run: Speedrun) -> str:
     rows.append(
         Metric(
             "wall time",
-            _fmt_s(total),
-            " + ".join(f"{s.title.lower()} {_fmt_s(s.wall_s)}" for s in run.sections),
+            format_seconds(total),
+            " + ".join(
+                f"{s.title.lower()} {format_seconds(s.wall_s)}" for s in run.sections
+            ),
         )
     )
     return "\n".join(
@@ -649,7 +643,8 @@ def render_report(run: Speedrun) -> str:
         metrics_table(run),
     ]
     for s in run.sections:
-        out += ["", f"## {s.title}", "", f"*wall time {_fmt_s(s.wall_s)}*", "", s.body]
+        out += ["", f"## {s.title}", "", f"*wall time {format_seconds(s.wall_s)}*", ""]
+        out.append(s.body)
     return "\n".join(out) + "\n"
 
 
