@@ -1,6 +1,9 @@
 """Tests of tinyllama.interop: both directions of parity with Hugging Face transformers (fp32,
-atol 1e-4; GQA, MQA and tied embeddings included), config mapping, atomic saves, and error cases.
-Every Hugging Face model is built locally from a LlamaConfig: nothing is downloaded."""
+atol 1e-4; GQA, MQA and tied embeddings included), config mapping, atomic saves, and error cases;
+and the folder as a complete model repository: tokenizer.json encodes exactly as the course's
+Tokenizer, the chat template gives format_chat's ids, and pipeline("text-generation") gives
+generate_text's greedy text. Every Hugging Face model and tokenizer is built locally from files
+the tests write: nothing is downloaded."""
 import json
 
 import pytest
@@ -302,3 +305,228 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_hf(m, fresh)
     assert list(fresh.iterdir()) == []  # a crash on a first save leaves no weights file at all
+
+
+
+# ---------------------------------------------------------------- the tokenizer's files
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from tinyllama.data import story_corpus  # noqa: E402
+from tinyllama.generate import generate, generate_text  # noqa: E402
+from tinyllama.interop import (HF_CHAT_TEMPLATE, _is_text_piece, bpe_merges, load_hf_tokenizer,  # noqa: E402
+                               to_hf_tokenizer)
+from tinyllama.sft import chat_reply, format_chat  # noqa: E402
+from tinyllama.tokenizer import CHAT_TOKENS, train_tokenizer  # noqa: E402
+
+# text that is not a story: nothing, spaces, control characters, characters the stories never use
+# (byte fallback), digits, the visible-space character, and special tokens typed in the text
+EDGES = ["", " ", "  ", "\n", "\t x", " leading", "trailing ", "two  spaces", "a\n\nb", "café ✓ 日本語 😀",
+         "e\u0301", "123 4567.89", "\x00\x7f", "<0x41>", "\u2581", "a\u2581b", "<s>", "</s>", "<pad>", "<unk>",
+         "<s>Hi</s><pad><pad>", "<|user|>Hi<|end|><|assistant|> Mia", "x<|system|>y", "<|end|>", "<|end|",
+         "a . b , c ! d ? e 's f n't"]  # spaces that transformers' clean_up_tokenization_spaces would remove
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return story_corpus(2000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(stories):
+    return train_tokenizer(stories, vocab_size=512)
+
+
+def _silenced(tok, seed=0):
+    "An untrained LLM of tok's vocabulary whose special and byte tokens get logit 0: greedy never picks them."
+    cfg = LLMConfig(vocab_size=len(tok), context_size=64, dim_emb=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    ffd_hidden_dim=128)
+    model = randomized(cfg, seed)
+    with torch.no_grad():
+        model.lm_head.weight[[i for i in range(len(tok)) if not _is_text_piece(tok.sp, i)]] = 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def chat_repo(tok, tmp_path_factory):
+    "(model, folder): a chat model saved with its tokenizer and the chat template."
+    model = _silenced(tok)
+    return model, save_hf(model, tmp_path_factory.mktemp("chat") / "m", tokenizer=tok, chat_template=True)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(chat_repo):
+    return transformers.AutoTokenizer.from_pretrained(chat_repo[1])
+
+
+@pytest.fixture(scope="module")
+def pipe(chat_repo):
+    return transformers.pipeline("text-generation", model=str(chat_repo[1]), dtype=torch.float32)
+
+
+def test_save_hf_with_a_tokenizer_writes_a_complete_model_repository(tok, chat_repo):
+    model, folder = chat_repo
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer.model", "tokenizer_config.json"]
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (tok.bos_id, tok.eos_id,
+                                                                                        tok.pad_id)
+    gen = transformers.GenerationConfig.from_pretrained(folder)
+    assert gen.eos_token_id == [tok.end_id, tok.eos_id]  # a chat model stops at <|end|> too
+    assert (gen.bos_token_id, gen.pad_token_id, gen.max_length) == (tok.bos_id, tok.pad_id, 64)
+    assert gen.do_sample and gen.temperature == 1.0 and gen.top_k == 0 and gen.top_p == 1.0  # generate_text's
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == HF_CHAT_TEMPLATE
+    assert (folder / "tokenizer.model").read_bytes() == tok.model_proto
+
+
+def test_without_chat_template_and_without_tokenizer(tok, tmp_path):
+    model = _silenced(tok)
+    save_hf(model, tmp_path / "base", tokenizer=tok)
+    assert "chat_template" not in json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
+    assert not hf.chat_template
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "base").eos_token_id == tok.eos_id
+    save_hf(model, tmp_path / "ids", tok.bos_id, tok.eos_id, tok.pad_id)  # the call of older code
+    names = {p.name for p in (tmp_path / "ids").iterdir()}
+    assert names == {"config.json", "generation_config.json", "model.safetensors"}
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "ids")
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+def test_special_token_ids(tok, hf_tok):
+    assert len(hf_tok) == len(tok)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.unk_token_id) == \
+        (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id)
+    assert hf_tok.convert_tokens_to_ids(list(CHAT_TOKENS)) == [tok.system_id, tok.user_id, tok.assistant_id,
+                                                               tok.end_id]
+    assert set(hf_tok.all_special_ids) == {tok.unk_id, *tok.special_ids.values()}
+    assert hf_tok.convert_ids_to_tokens(list(range(len(tok)))) == tok.pieces
+
+
+def test_auto_tokenizer_encodes_exactly_as_the_course_tokenizer(tok, hf_tok, stories):
+    for text in stories + EDGES:
+        # markers typed in the text are plain text: the course's default, transformers' split_special_tokens
+        assert hf_tok(text, add_special_tokens=False, split_special_tokens=True).input_ids == tok.encode(text)
+        if text != "<unk>":  # the one difference: transformers matches "<unk>", allow_special does not
+            assert hf_tok(text, add_special_tokens=False).input_ids == tok.encode(text, allow_special=True)
+            assert hf_tok(text).input_ids == tok.encode(text, bos=True, allow_special=True)  # <s> in front
+    assert hf_tok("<unk>").input_ids == [tok.bos_id, tok.unk_id]
+    assert tok.encode("<unk>", allow_special=True) == tok.encode("<unk>")
+
+
+def test_auto_tokenizer_decodes_as_the_course_tokenizer(tok, hf_tok, stories):
+    for text in stories + EDGES:
+        ids = tok.encode(text, bos=True, eos=True) + [tok.pad_id] * 2  # as the course frames a story
+        assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids)
+        if "\u2581" not in text:
+            assert hf_tok.decode(ids, skip_special_tokens=True) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text())
+def test_auto_tokenizer_encodes_any_text_as_the_course(tok, hf_tok, text):
+    ids = tok.encode(text, bos=True)
+    assert hf_tok(text, split_special_tokens=True).input_ids == ids
+    assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids)
+
+
+def test_bpe_merges_rank_every_split_by_score(tok):
+    merges = bpe_merges(tok)
+    pieces = set(tok.pieces)
+    assert all(a + b in pieces for a, b in merges) and len(set(merges)) == len(merges)
+    made = [a + b for a, b in merges]
+    score = {p: tok.sp.get_score(tok.sp.piece_to_id(p)) for p in made}
+    assert [score[p] for p in made] == sorted((score[p] for p in made), reverse=True)
+    # every multi-character piece that encoding can produce is reachable by some merge
+    text_pieces = {p for i, p in enumerate(tok.pieces) if _is_text_piece(tok.sp, i)}
+    assert {p for p in text_pieces if len(p) > 1} <= set(made)
+
+
+def test_tokenizer_json_is_plain_json(tok, stories, monkeypatch):
+    # writing needs no tokenizers library; the tokenizers library reads it and encodes as we do
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    data = json.loads(json.dumps(to_hf_tokenizer(tok)))
+    monkeypatch.undo()
+    from tokenizers import Tokenizer as FastTokenizer
+    fast = FastTokenizer.from_str(json.dumps(data))
+    assert all(fast.encode(s).ids == tok.encode(s, bos=True) for s in stories[:200])
+
+
+def test_pipeline_gives_the_greedy_text_of_generate_text(tok, chat_repo, pipe):
+    model, _ = chat_repo
+    for prompt in ["Once upon a time", "Mia saw a big dog. She", " two  spaces", "", "café ✓"]:
+        ids = tok.encode(prompt, bos=True)
+        new = generate(model, [ids], 24, temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
+        out = pipe(prompt, max_new_tokens=24, do_sample=False)
+        assert pipe(prompt, max_new_tokens=24, do_sample=False, return_tensors=True)[0]["generated_token_ids"] == \
+            ids + new
+        cont = generate_text(model, tok, [prompt], 24, temperature=0.0)[0]
+        # transformers 5 decodes the new tokens alone (a leading word's space is dropped, as tok.decode(new)
+        # does); transformers 4 cut the decoded prompt off the decoded whole, as generate_text does
+        assert out[0]["generated_text"] in (prompt + tok.decode(new), prompt + cont)
+        assert cont.removeprefix(" ") == tok.decode(new)
+
+
+def test_pipeline_gives_the_greedy_ids_of_generate(tok, tmp_path):
+    # an untrained model left as it is also writes special and byte tokens, and stops at </s>
+    model = randomized(LLMConfig(vocab_size=len(tok), context_size=64, dim_emb=64, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, ffd_hidden_dim=128), seed=3)
+    pipe = transformers.pipeline("text-generation", model=str(save_hf(model, tmp_path, tokenizer=tok)),
+                                 dtype=torch.float32)
+    for prompt in ["Once upon a time", "Tom", "日本"]:
+        ids = tok.encode(prompt, bos=True)
+        out = pipe(prompt, max_new_tokens=40, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+        new = generate(model, [ids], 40, temperature=0.0, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
+        assert list(out) == ids + new
+
+
+CHATS = [
+    [{"role": "user", "content": "Who is the hero of the story?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": " Where did Mia go?\n"}],
+    [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time, café ✓."},
+     {"role": "user", "content": "Another one, 42 words."}],
+]
+
+
+@pytest.mark.parametrize("gen_prompt", [True, False])
+def test_apply_chat_template_gives_the_ids_of_format_chat(tok, hf_tok, gen_prompt):
+    for chat in CHATS + [CHATS[2][:2]]:
+        if gen_prompt and chat[-1]["role"] == "assistant":
+            continue
+        ids = hf_tok.apply_chat_template(chat, add_generation_prompt=gen_prompt, return_dict=True)["input_ids"]
+        assert ids == format_chat(chat, tok, add_generation_prompt=gen_prompt)[0]
+    with pytest.raises(Exception, match="roles are system, user and assistant"):
+        hf_tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_chat_pipeline_gives_the_reply_of_chat_reply(tok, chat_repo, pipe):
+    model, _ = chat_repo
+    for chat in CHATS:
+        out = pipe(chat, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+        assert out[:-1] == chat and out[-1]["role"] == "assistant"
+        assert out[-1]["content"].strip() == chat_reply(model, tok, chat, max_new_tokens=12)
+
+
+def test_load_hf_tokenizer(tok, chat_repo, tmp_path):
+    back = load_hf_tokenizer(chat_repo[1])
+    assert back.pieces == tok.pieces and back.encode("Once upon a time") == tok.encode("Once upon a time")
+    save_hf(randomized(CONFIGS["mqa"]), tmp_path)
+    with pytest.raises(FileNotFoundError, match="tokenizer=tok"):
+        load_hf_tokenizer(tmp_path)
+
+
+def test_save_hf_tokenizer_errors(tok, stories, tmp_path):
+    model = _silenced(tok)
+    with pytest.raises(ValueError, match="tinyllama Tokenizer"):
+        save_hf(model, tmp_path, tokenizer="tokenizer.model")
+    with pytest.raises(ValueError, match="model_type='unigram'"):
+        save_hf(model, tmp_path, tokenizer=train_tokenizer(stories, vocab_size=480, model_type="unigram"))
+    with pytest.raises(ValueError, match="chat_template=True needs the tokenizer"):
+        save_hf(model, tmp_path, chat_template=True)
+    with pytest.raises(ValueError, match="512 tokens but the model only 211"):
+        save_hf(randomized(CONFIGS["gqa"]), tmp_path, tokenizer=tok)
+    with pytest.raises(ValueError, match="eos_token_id=5 but the tokenizer's is 2"):
+        save_hf(model, tmp_path, eos_token_id=5, tokenizer=tok)
+    assert not any(tmp_path.iterdir())  # nothing was written
+    save_hf(model, tmp_path, tok.bos_id, tok.eos_id, tok.pad_id, tokenizer=tok)  # the same ids are fine

@@ -8,15 +8,20 @@ import torch
 from .checkpoint import atomic_write
 from .model import LLM, LLMConfig
 from .rope import RotaryPositionalEncoding
+from .tokenizer import BOS, CHAT_TOKENS, EOS, PAD, UNK, Tokenizer
 
 # %% auto #0
-__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'WEIGHTS_INDEX_NAME', 'hf_name', 'our_name', 'to_hf_config', 'from_hf_config',
-           'to_hf_state_dict', 'save_hf', 'read_hf_weights', 'from_hf_state_dict', 'load_hf']
+__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'WEIGHTS_INDEX_NAME', 'GENERATION_CONFIG_NAME', 'TOKENIZER_MODEL_NAME',
+           'HF_CHAT_TEMPLATE', 'hf_name', 'our_name', 'to_hf_config', 'from_hf_config', 'bpe_merges', 'to_hf_tokenizer',
+           'to_hf_tokenizer_config', 'to_hf_generation_config', 'hf_tokenizer_files', 'to_hf_state_dict', 'save_hf',
+           'read_hf_weights', 'from_hf_state_dict', 'load_hf', 'load_hf_tokenizer']
 
 # %% ../nbs/06b_interop.ipynb #744cb637
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_MODEL_NAME = "tokenizer.model"  # the SentencePiece file, as in Llama repos
 
 
 def hf_name(name: str) -> str:
@@ -154,6 +159,238 @@ def from_hf_config(hf: dict) -> LLMConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
+# %% ../nbs/06b_interop.ipynb #b5ddb82c
+def _is_text_piece(sp, i: int) -> bool:  # sp: a SentencePieceProcessor
+    "True for a piece that encoding can make from text (not special, byte, unused)."
+    return not (
+        sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i)
+    )
+
+
+def bpe_merges(tokenizer: Tokenizer) -> list[tuple[str, str]]:
+    "The merges of a SentencePiece BPE `tokenizer`, best first (for `tokenizer.json`)."
+    sp = tokenizer.sp
+    pieces = {sp.id_to_piece(i): i for i in range(len(tokenizer))}
+    pieces = {p: i for p, i in pieces.items() if _is_text_piece(sp, i)}
+    ranked = []
+    for piece, i in pieces.items():
+        for k in range(1, len(piece)):  # every split into two pieces
+            left, right = piece[:k], piece[k:]
+            if left in pieces and right in pieces:
+                ranked.append(
+                    (-sp.get_score(i), pieces[left], pieces[right], left, right)
+                )
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+# %% ../nbs/06b_interop.ipynb #af725601
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    "The protobuf varint at `b[i:]` and the index after it."
+    n = shift = 0
+    while True:
+        n, shift, i = n | (b[i] & 0x7F) << shift, shift + 7, i + 1
+        if b[i - 1] < 0x80:
+            return n, i
+
+
+def _proto_fields(b: bytes) -> dict:
+    "Field number -> last value (int or bytes) of a protobuf message."
+    fields, i = {}, 0
+    while i < len(b):
+        key, i = _varint(b, i)
+        if key & 7 == 0:
+            value, i = _varint(b, i)
+        elif key & 7 == 2:
+            n, i = _varint(b, i)
+            value, i = b[i : i + n], i + n
+        else:
+            n = {1: 8, 5: 4}[key & 7]  # fixed 64 or 32 bits (a KeyError otherwise)
+            value, i = b[i : i + n], i + n
+        fields[key >> 3] = value
+    return fields
+
+# %% ../nbs/06b_interop.ipynb #bce12b00
+def _spm_settings(tokenizer: Tokenizer) -> dict:
+    "The SentencePiece options that decide how `tokenizer` encodes."
+    model = _proto_fields(tokenizer.model_proto)  # 2: TrainerSpec, 3: NormalizerSpec
+    trainer, norm = _proto_fields(model.get(2, b"")), _proto_fields(model.get(3, b""))
+    return {  # field numbers and defaults of sentencepiece_model.proto
+        "model_type": {1: "unigram", 2: "bpe", 3: "word", 4: "char"}[trainer.get(3, 1)],
+        "byte_fallback": bool(trainer.get(35, 0)),
+        "normalization": norm.get(1, b"").decode(),
+        "add_dummy_prefix": bool(norm.get(3, 1)),
+        "remove_extra_whitespaces": bool(norm.get(4, 1)),
+        "escape_whitespaces": bool(norm.get(5, 1)),
+    }
+
+
+_EXACT = dict(  # the options for which tokenizer.json encodes exactly as SentencePiece
+    model_type="bpe",
+    byte_fallback=True,
+    normalization="identity",
+    add_dummy_prefix=True,
+    remove_extra_whitespaces=False,
+    escape_whitespaces=True,
+)
+
+
+def _check_convertible(tokenizer) -> None:
+    "A ValueError unless `to_hf_tokenizer` can reproduce `tokenizer` exactly."
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError(
+            f"tokenizer must be a tinyllama Tokenizer, got {type(tokenizer).__name__}."
+        )
+    try:
+        found = _spm_settings(tokenizer)
+    except (IndexError, KeyError, UnicodeDecodeError):
+        raise ValueError(
+            "the tokenizer's model file is not a SentencePiece model."
+        ) from None
+    off = [
+        f"{k}={found[k]!r} (needs {v!r})" for k, v in _EXACT.items() if found[k] != v
+    ]
+    if off:
+        raise ValueError(
+            "this tokenizer cannot be written as an exact tokenizer.json: "
+            + "; ".join(off)
+            + ". train_tokenizer(texts, vocab_size) makes one that can (model_type="
+            "'bpe')."
+        )
+
+# %% ../nbs/06b_interop.ipynb #fdd8a283
+def _added_token(tokenizer: Tokenizer, piece: str) -> dict:
+    "A special token of `tokenizer.json`: cut out of the text before anything else."
+    i = tokenizer.sp.piece_to_id(piece)
+    flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False)
+    return {"id": i, "content": piece, **flags, "special": True}
+
+
+def _bpe_model(tokenizer: Tokenizer) -> dict:
+    "The `model` of `tokenizer.json`: BPE over our vocabulary, with byte fallback."
+    return {
+        "type": "BPE",
+        "vocab": {p: i for i, p in enumerate(tokenizer.pieces)},  # our ids
+        "merges": [list(m) for m in bpe_merges(tokenizer)],
+        "byte_fallback": True,
+        "unk_token": UNK,
+        "fuse_unk": True,
+        "dropout": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "ignore_merges": False,
+    }
+
+# %% ../nbs/06b_interop.ipynb #6ec4ac09
+def to_hf_tokenizer(tokenizer: Tokenizer) -> dict:
+    "The `tokenizer.json` of a fast tokenizer that encodes exactly as `tokenizer`."
+    _check_convertible(tokenizer)
+    space = "\u2581"  # "▁", SentencePiece's visible space
+    bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
+    seq = [{"Sequence": {"id": s, "type_id": t}} for s, t in (("A", 0), ("B", 1))]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            _added_token(tokenizer, p) for p in (UNK, BOS, EOS, PAD, *CHAT_TOKENS)
+        ],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": space},  # the dummy prefix
+                {"type": "Replace", "pattern": {"String": " "}, "content": space},
+            ],
+        },
+        "pre_tokenizer": None,  # SentencePiece merges over the whole text
+        "model": _bpe_model(tokenizer),
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [bos, seq[0]],
+            "pair": [bos, seq[0], {"SpecialToken": {"id": BOS, "type_id": 1}}, seq[1]],
+            "special_tokens": {
+                BOS: {"id": BOS, "ids": [tokenizer.bos_id], "tokens": [BOS]}
+            },
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": space}, "content": " "},
+                {"type": "ByteFallback"},  # <0xE2><0x9C><0x93> -> "✓"
+                {"type": "Fuse"},
+                # drop the dummy prefix's space
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+    }
+
+# %% ../nbs/06b_interop.ipynb #cc29e9f3
+HF_CHAT_TEMPLATE = (  # chapter 09's format_chat, as Jinja
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles are system, user and assistant') }}{% endif %}"
+    "{% endfor %}{{ bos_token }}{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def to_hf_tokenizer_config(
+    tokenizer: Tokenizer,
+    context_size: int,  # the model's; longer inputs get a warning
+    chat_template: bool = False,  # include HF_CHAT_TEMPLATE (a chat model)
+) -> dict:
+    "The `tokenizer_config.json` of `tokenizer`: class, special tokens, chat template."
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "pad_token": PAD,
+        "additional_special_tokens": list(CHAT_TOKENS),
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # decode gives the text exactly
+        "model_max_length": context_size,
+        "padding_side": "left",  # prompts are padded on the left, as in chapter 08
+    }
+    if chat_template:
+        config["chat_template"] = HF_CHAT_TEMPLATE
+    return config
+
+
+def to_hf_generation_config(
+    context_size: int,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,  # a list: stop at any of them
+    pad_token_id: int | None = None,
+) -> dict:
+    "The `generation_config.json`: special ids and `generate_text`'s defaults."
+    return {
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "max_length": context_size,  # prompt and new tokens: the model's context
+        "do_sample": True,  # temperature 1, no top-k, no top-p: generate_text's
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+    }
+
+# %% ../nbs/06b_interop.ipynb #da034904
+def hf_tokenizer_files(
+    tokenizer: Tokenizer,
+    context_size: int,  # the model's context size
+    chat_template: bool = False,  # include the chat template (a chat model)
+) -> dict:
+    "File name -> content (a dict for JSON, bytes) of `tokenizer` in a model folder."
+    config = to_hf_tokenizer_config(tokenizer, context_size, chat_template)
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    special = {k: config[k] for k in (*names, "additional_special_tokens")}
+    return {
+        "tokenizer.json": to_hf_tokenizer(tokenizer),
+        "tokenizer_config.json": config,
+        "special_tokens_map.json": special,
+        TOKENIZER_MODEL_NAME: tokenizer.model_proto,  # for sentencepiece and load_hf
+    }
+
 # %% ../nbs/06b_interop.ipynb #b12f38fa
 def to_hf_state_dict(model: LLM) -> dict[str, torch.Tensor]:
     "`model`'s weights under `LlamaForCausalLM` names, on the CPU (no tied `lm_head`)."
@@ -165,7 +402,21 @@ def to_hf_state_dict(model: LLM) -> dict[str, torch.Tensor]:
     return sd
 
 # %% ../nbs/06b_interop.ipynb #e9cfd291
-def _checked_save_args(model, path, bos_token_id, eos_token_id, pad_token_id) -> Path:
+def _checked_token_id(name: str, value, vocab_size: int) -> None:
+    "A ValueError unless `value` is None or a token id below `vocab_size`."
+    if value is not None and (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 0 <= value < vocab_size
+    ):
+        raise ValueError(
+            f"{name}={value!r} must be a token id in [0, {vocab_size}) or None."
+        )
+
+
+def _checked_save_args(
+    model, path, bos_token_id, eos_token_id, pad_token_id, tokenizer=None, chat=False
+) -> Path:
     "`path` as a Path, after checking the arguments of `save_hf`."
     if not isinstance(model, LLM):
         raise ValueError(f"save_hf saves an LLM, got {type(model).__name__}.")
@@ -173,15 +424,26 @@ def _checked_save_args(model, path, bos_token_id, eos_token_id, pad_token_id) ->
         bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
     )
     for name, value in ids.items():
-        if value is not None and (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or not 0 <= value < model.config.vocab_size
-        ):
+        _checked_token_id(name, value, model.config.vocab_size)
+    if chat and tokenizer is None:
+        raise ValueError(
+            "chat_template=True needs the tokenizer: save_hf(..., tokenizer=tok)."
+        )
+    if tokenizer is not None:
+        _check_convertible(tokenizer)
+        if len(tokenizer) > model.config.vocab_size:
             raise ValueError(
-                f"{name}={value!r} must be a token id in [0, "
-                f"{model.config.vocab_size}) or None."
+                f"the tokenizer has {len(tokenizer)} tokens but the model only "
+                f"{model.config.vocab_size}; save the model trained with this "
+                "tokenizer."
             )
+        own = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+        for (name, value), id_ in zip(ids.items(), own):
+            if value is not None and value != id_:
+                raise ValueError(
+                    f"{name}={value} but the tokenizer's is {id_}; leave it out, the "
+                    "tokenizer's ids are used."
+                )
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(
@@ -191,29 +453,46 @@ def _checked_save_args(model, path, bos_token_id, eos_token_id, pad_token_id) ->
     return path
 
 # %% ../nbs/06b_interop.ipynb #42e21ee8
+def _write_file(path: Path, content) -> None:
+    "Write `content` (bytes, or a dict as JSON) to `path` atomically."
+    if isinstance(content, dict):
+        content = (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(content))
+
+
 def save_hf(
     model: LLM,
-    path,  # folder to write config.json and model.safetensors into (created if needed)
-    bos_token_id: int | None = None,  # the tokenizer's special ids, for config.json
+    path,  # folder to write the files into (created if needed)
+    bos_token_id: int | None = None,  # special ids for the configs; None: tokenizer's
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    tokenizer: Tokenizer | None = None,  # also write its files (tokenizer.json, ...)
+    chat_template: bool = False,  # a chat model: chat template, stop at <|end|> too
 ) -> Path:
-    "Save `model` as a Llama checkpoint for `AutoModelForCausalLM.from_pretrained`."
+    "Save `model` (and its tokenizer) as a Hugging Face Llama model folder."
     from safetensors.torch import save_file
 
-    path = _checked_save_args(model, path, bos_token_id, eos_token_id, pad_token_id)
-    path.mkdir(parents=True, exist_ok=True)
+    ids = (bos_token_id, eos_token_id, pad_token_id)
+    path = _checked_save_args(model, path, *ids, tokenizer, chat_template)
+    if tokenizer is not None:
+        ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    bos, eos, pad = ids
+    stop = [tokenizer.end_id, eos] if chat_template else eos
+    ctx, dtype = model.config.context_size, model.embed_tokens.weight.dtype
+    files = {
+        CONFIG_NAME: to_hf_config(model.config, dtype, *ids),
+        GENERATION_CONFIG_NAME: to_hf_generation_config(ctx, bos, stop, pad),
+    }
+    if tokenizer is not None:
+        files |= hf_tokenizer_files(tokenizer, ctx, chat_template)
     state = to_hf_state_dict(model)
-    dtype = model.embed_tokens.weight.dtype
-    config = to_hf_config(model.config, dtype, bos_token_id, eos_token_id, pad_token_id)
+    path.mkdir(parents=True, exist_ok=True)
     atomic_write(
         path / WEIGHTS_NAME,
         lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
     )
-    atomic_write(
-        path / CONFIG_NAME,
-        lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"),
-    )
+    for name, content in files.items():
+        _write_file(path / name, content)
     return path
 
 # %% ../nbs/06b_interop.ipynb #0f98e894
@@ -343,3 +622,16 @@ def load_hf(
         raise ValueError(f"{path / CONFIG_NAME} is not valid JSON ({e}).") from None
     config = from_hf_config(hf)
     return from_hf_state_dict(config, read_hf_weights(path), dtype=dtype, device=device)
+
+# %% ../nbs/06b_interop.ipynb #2aba09c2
+def load_hf_tokenizer(
+    path,  # a folder written by save_hf(..., tokenizer=tok)
+) -> Tokenizer:
+    "The course `Tokenizer` saved in a model folder (its `tokenizer.model`)."
+    file = Path(path) / TOKENIZER_MODEL_NAME
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{Path(path)} has no {TOKENIZER_MODEL_NAME}; save the model with "
+            "save_hf(model, path, tokenizer=tok) to keep its tokenizer."
+        )
+    return Tokenizer.load(file)
