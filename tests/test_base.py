@@ -23,7 +23,7 @@ def test_the_first_call_trains_and_saves_a_complete_model_folder(trained):
     b, cache = trained
     assert b.source == "trained" and b.path.parent == cache
     names = {p.name for p in b.path.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.model", "base.json"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "base.json"} <= names
     rec = json.loads((b.path / "base.json").read_text())
     assert rec["fingerprint"] == base_fingerprint(base_preset("ci"))
     assert rec["steps"] == base_preset("ci").train.steps and rec["losses"][-1] < rec["losses"][0]
@@ -113,3 +113,16 @@ def test_two_callers_at_once_train_one_model(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and sorted(b.source for b in out) == ["cache", "trained"]
+
+
+def test_transformers_loads_the_base_folder_as_it_is(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    b, _ = trained
+    text = "Once upon a time, there was a little cat named Mia."
+    hf_tok = AutoTokenizer.from_pretrained(b.path)
+    assert hf_tok(text)["input_ids"] == b.tokenizer.encode(text, bos=True)
+    hf = AutoModelForCausalLM.from_pretrained(b.path).eval()
+    ids = torch.tensor([b.tokenizer.encode(text, bos=True)])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, b.model(ids), atol=1e-4)
