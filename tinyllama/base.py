@@ -56,7 +56,7 @@ def base_preset(
     )
 
 # %% ../nbs/07d_base_model.ipynb #e417367c
-FORMAT = 1  # bump when the saved folder's layout or the recipe's meaning changes
+FORMAT = 2  # bump when the saved folder's layout or the recipe's meaning changes
 HUB_REPO = "tinyllama-course/tinyllama-base-{profile}"  # the Hub's model repositories
 
 
@@ -110,8 +110,7 @@ def save_base(base: BaseModel, folder) -> Path:
     folder, tok = Path(folder), base.tokenizer
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(base.model, tmp, tok.bos_id, tok.eos_id, tok.pad_id)
-    tok.save(tmp / "tokenizer.model")
+    save_hf(base.model, tmp, tokenizer=tok)  # weights, config, tokenizer files
     (tmp / "base.json").write_text(json.dumps(base.record, indent=1, default=str))
     if folder.exists():
         shutil.rmtree(folder)
@@ -136,7 +135,7 @@ def _record(run, preset: PretrainPreset, seed: int) -> dict:
 
 def load_base(folder, preset: PretrainPreset, seed: int = 0) -> BaseModel:
     "The base model in `folder`; a ValueError when it was made by another recipe."
-    from tinyllama.interop import load_hf
+    from tinyllama.interop import load_hf, load_hf_tokenizer
 
     folder = Path(folder)
     record = json.loads((folder / "base.json").read_text())
@@ -147,7 +146,7 @@ def load_base(folder, preset: PretrainPreset, seed: int = 0) -> BaseModel:
             f"recipe is {want}; delete the folder, or use the recipe that made it."
         )
     model = load_hf(folder, dtype=torch.float32).eval()
-    tok = Tokenizer.load(folder / "tokenizer.model")
+    tok = load_hf_tokenizer(folder)
     return BaseModel(model, tok, preset, seed, "cache", folder, record)
 
 # %% ../nbs/07d_base_model.ipynb #ac11127a
