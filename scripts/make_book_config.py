@@ -169,6 +169,9 @@ sphinx:
         # keeps the manager from fetching them from a CDN (a local 404 instead).
         data-jupyter-widgets-cdn: vendor/html-manager/unavailable/
     nb_execution_raise_on_error: true
+    # Markdown outputs (show_doc in the API reference, tables that cells display) are GitHub
+    # Markdown: with the default, commonmark, their tables would show as raw pipes.
+    nb_render_markdown_format: gfm
     myst_dmath_double_inline: true   # $$...$$ inside a paragraph is display math too
     myst_heading_anchors: 3          # [text](05_attention.ipynb#kv-cache) links resolve
     nbdev_lib_name: {lib_name}
