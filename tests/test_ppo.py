@@ -145,6 +145,31 @@ def test_kl_penalised_rewards():
     assert torch.allclose(r, torch.tensor([[-0.05, 1.1, 0.0]]))
 
 
+def test_the_k3_estimator_is_schulmans_and_the_trainer_uses_it():
+    lp, ref, m = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -3.0]]), torch.tensor([[1, 1, 0]])
+    r, kl = kl_penalised_rewards(torch.zeros(1, 3), lp, ref, m, kl_coef=0.1, estimator="k3")
+    rho = torch.exp(ref - lp)  # π_ref/π
+    assert torch.allclose(kl, ((rho - 1) - torch.log(rho)) * m) and (kl >= 0).all() and kl[0, 2] == 0
+    assert torch.allclose(r, -0.1 * kl)
+    # unbiased: the mean over tokens sampled from p is KL(p‖q), which is exact for two small distributions
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(6, generator=g).log_softmax(0), torch.randn(6, generator=g).log_softmax(0)
+    true = float((p.exp() * (p - q)).sum())
+    x = torch.multinomial(p.exp(), 200_000, replacement=True, generator=g)[None]
+    ones = torch.ones_like(x)
+    for est in ("k1", "k3"):
+        _, k = kl_penalised_rewards(torch.zeros(x.shape), p[x], q[x], ones, 0.0, estimator=est)
+        assert abs(float(k.mean()) - true) < 0.02, (est, float(k.mean()), true)
+    tr = make_trainer(kl_estimator="k3", init_kl_coef=0.1, model_seed=0)
+    tr.ref_policy = LLM(tiny_config()).requires_grad_(False)  # a reference that differs
+    ro = tr.rollout(prompts())
+    rho = torch.exp(ro.ref_logprobs - ro.logprobs)
+    k3 = ((rho - 1) - torch.log(rho)) * ro.response_mask
+    assert torch.allclose(ro.rewards, ro.scores - 0.1 * k3, atol=1e-5)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        PPOConfig(kl_estimator="k2")
+
+
 def test_token_logprobs_use_the_temperature():
     z = torch.randn(2, 3, 7)
     t = torch.randint(0, 7, (2, 3))
@@ -182,8 +207,10 @@ def test_ratio_is_one_on_the_first_minibatch_at_any_temperature():
         assert tr.minibatch_stats[-1]["policy/approxkl"] > 1e-6  # later minibatches do see a moved policy
 
 
-def test_logprobs_without_the_temperature_would_break_the_ratio():
-    """The check above can fail: log-probs at temperature 1 of tokens sampled at 0.7 are different."""
+def test_logprobs_at_the_wrong_temperature_differ_from_the_sampled_ones():
+    """Log-probs at temperature 1 of tokens sampled at 0.7 are measurably different from the rollout's. The
+    first-minibatch ratio cannot show this (old and new log-probs come from the same function, so a wrong
+    temperature in it cancels); tests/test_ppo_bugs.py compares them with the sampler's own logits."""
     tr = make_trainer(temperature=0.7)
     ro = tr.rollout(prompts())
     Tp = ro.prompt_ids.shape[1]
@@ -193,7 +220,7 @@ def test_logprobs_without_the_temperature_would_break_the_ratio():
     right, _ = token_logprobs(logits, ro.response_ids, 0.7)
     m = ro.response_mask
     assert torch.allclose(right * m, ro.logprobs, atol=1e-6)
-    assert 0.5 * masked_mean((wrong * m - ro.logprobs) ** 2, m) > 1e-5  # the ratio test demands < 1e-6
+    assert 0.5 * masked_mean((wrong * m - ro.logprobs) ** 2, m) > 1e-5
 
 
 def test_left_padding_and_position_ids_from_the_mask():

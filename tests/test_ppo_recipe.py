@@ -12,8 +12,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import tinyllama.ppo as ppo
 from tinyllama.model import LLM, LLMConfig
-from tinyllama.ppo import (CopyTaskResult, PPOConfig, PPOPreset, PPOTrainer, ValueModel, copy_eval, ppo_preset,
-                           run_copy_task)
+from tinyllama.ppo import (CopyTask, CopyTaskResult, PPOConfig, PPOPreset, PPOTrainer, ValueModel, copy_eval,
+                           copy_task, ppo_preset, run_copy_task)
 from tinyllama.reward import GoldenRewardModel, LetterTokenizer, copy_prompts
 
 
@@ -83,6 +83,43 @@ def test_the_validation_rule_sets_the_learning_rate(result):
     p, acc = result.preset, result.checks[-1][1]
     expected = p.lr * min(1.0, max(0.25, 2 * (1 - acc)))
     assert [g["lr"] for g in result.trainer.optimizer.param_groups] == [expected, expected]
+
+
+def test_the_speedrun_preset_is_smaller_on_the_cpu_only():
+    small, full = ppo_preset("cpu", speedrun=True), ppo_preset("cpu")
+    assert small.alphabet == "abcdefghijkl" and small.max_len == 5 and small.max_steps == 300
+    assert (small.batch_size, small.mini_batch_size, small.lr) == (64, 32, 1e-3)
+    assert (small.eval_every, small.n_train, small.n_eval) == (10, 5000, 200)
+    assert small.dim_emb == full.dim_emb and small.max_steps < full.max_steps
+    assert ppo_preset("ci", speedrun=True) == ppo_preset("ci") and ppo_preset("gpu", speedrun=True) == ppo_preset("gpu")
+    with pytest.raises(ValueError, match="speedrun must be True or False"):
+        ppo_preset("cpu", speedrun="yes")
+
+
+def test_copy_task_has_the_parts_a_trainer_needs(one_thread):
+    pr = tiny_preset()
+    task = copy_task(pr, seed=0, device="cpu")
+    assert isinstance(task, CopyTask) and isinstance(task.config, PPOConfig)
+    assert isinstance(task.tokenizer, LetterTokenizer) and isinstance(task.reward_fn, GoldenRewardModel)
+    assert (task.eos_id, task.pad_id) == (task.tokenizer.eos_id, task.tokenizer.pad_id)
+    assert task.config.batch_size == pr.batch_size and task.max_new_tokens == pr.max_len + 1
+    assert task.policy is not task.ref_policy and isinstance(task.value_model, ValueModel)
+    for a, b in zip(task.policy.parameters(), task.ref_policy.parameters()):
+        assert torch.equal(a, b)  # the policy starts as its reference
+    batch = task.prompts(0)
+    assert len(batch) == pr.batch_size and all(p[0] == task.tokenizer.bos_id for p in batch)
+    assert batch != task.prompts(1)  # a fresh draw per step
+    stats = task.trainer().step(batch)
+    assert stats["objective/kl"] == 0.0 and stats["policy/approxkl_first"] < 1e-6
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        copy_task(pr, seed=1.5)
+
+
+def test_run_copy_task_builds_on_copy_task(monkeypatch, one_thread):
+    calls, real = [], ppo.copy_task
+    monkeypatch.setattr(ppo, "copy_task", lambda *a, **k: calls.append(a) or real(*a, **k))
+    run_copy_task(tiny_preset(max_steps=1, eval_every=1), device="cpu", progress=False)
+    assert len(calls) == 1
 
 
 def test_the_run_goes_through_ppo_trainer_train(monkeypatch):

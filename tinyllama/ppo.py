@@ -3,7 +3,7 @@
 # %% ../nbs/11_ppo.ipynb #4970b752
 from __future__ import annotations
 import copy, math, random, string, time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 import torch
 import torch.nn as nn
@@ -19,7 +19,8 @@ from .reward import copy_prompts, copy_task_words
 # %% auto #0
 __all__ = ['masked_mean', 'whiten', 'compute_gae', 'ValueModel', 'FixedKLController', 'AdaptiveKLController', 'PPOConfig',
            'token_logprobs', 'kl_penalised_rewards', 'policy_loss', 'value_loss', 'Rollout', 'PPOTrainer', 'PPOPlot',
-           'PPOPreset', 'ppo_preset', 'CopyEval', 'copy_eval', 'CopyTaskResult', 'run_copy_task']
+           'PPOPreset', 'ppo_preset', 'CopyEval', 'copy_eval', 'CopyTaskResult', 'CopyTask', 'copy_task',
+           'run_copy_task']
 
 # %% ../nbs/11_ppo.ipynb #f7bd5218
 def _is_int(x) -> bool:
@@ -217,6 +218,10 @@ def _check_ppo_config(c):
     for name in ("value_lr", "max_grad_norm", "missing_eos_penalty"):
         if getattr(c, name) is not None:
             _check_number(c, name, 0, lo_open=name != "missing_eos_penalty")
+    if c.kl_estimator not in ("k1", "k3"):
+        raise ValueError(
+            f"PPOConfig.kl_estimator must be 'k1' or 'k3', got {c.kl_estimator!r}."
+        )
     if not _is_int(c.seed):
         raise ValueError(f"PPOConfig.seed must be an integer, got {c.seed!r}.")
 
@@ -243,6 +248,7 @@ class PPOConfig:
     kl_horizon: float = 10000.0  # the adaptive controller's horizon, in responses
     missing_eos_penalty: float | None = None  # subtracted from the score of a
     # response cut off at max_new_tokens without EOS (TRL's; None: off)
+    kl_estimator: str = "k1"  # per-token KL in the reward: "k1" log π/π_ref, or "k3"
     whiten_advantages: bool = True  # standardise advantages over each batch's tokens
     max_grad_norm: float | None = 1.0  # gradient clipping (None: off)
     seed: int = 0  # rollouts and minibatch order are deterministic for a seed
@@ -271,10 +277,16 @@ def kl_penalised_rewards(
     ref_logprobs: torch.Tensor,  # (B, T) log π_ref of the same tokens
     mask: torch.Tensor,  # (B, T) 1 = valid response token
     kl_coef: float,  # β
+    estimator: str = "k1",  # "k1": log π/π_ref; "k3": (ρ − 1) − log ρ, ρ = π_ref/π
 ) -> tuple[torch.Tensor, torch.Tensor]:  # rewards, per-token KL (B, T); 0 after EOS
-    "r_t = score_t − β (log π − log π_ref), and the per-token KL log π − log π_ref."
+    "r_t = score_t − β·KL_t, with the per-token KL estimate KL_t (k1 or k3)."
     m = mask.to(logprobs.dtype)
-    kl = (logprobs - ref_logprobs) * m
+    log_ratio = logprobs - ref_logprobs  # log π/π_ref
+    if estimator == "k3":  # Schulman's k3: unbiased and never negative
+        kl = (torch.exp(-log_ratio) - 1) + log_ratio
+    else:
+        kl = log_ratio
+    kl = kl * m
     return (scores - kl_coef * kl) * m, kl
 
 
@@ -285,7 +297,7 @@ def policy_loss(
     mask: torch.Tensor,  # (B, T) 1 = valid
     cliprange: float = 0.2,  # ε
 ) -> tuple[torch.Tensor, dict]:  # loss, statistics
-    "The clipped surrogate −E[min(ρA, clip(ρ, 1−ε, 1+ε)A)] over valid tokens."
+    "Clipped surrogate −E[min(ρA, clip(ρ,1±ε)A)]: a mean over all valid tokens."
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped, clipped = (
@@ -310,7 +322,7 @@ def value_loss(
     mask: torch.Tensor,  # (B, T) 1 = valid
     cliprange_value: float = 0.2,  # ε_v
 ) -> tuple[torch.Tensor, dict]:  # loss, statistics
-    "½ E[max((V − R)², (V_old + clip(V − V_old, ±ε_v) − R)²)] over valid tokens."
+    "½ E[max((V−R)², (V_old + clip(V−V_old, ±ε_v) − R)²)]: a mean over valid tokens."
     v_clipped = old_values + torch.clamp(
         values - old_values, -cliprange_value, cliprange_value
     )
@@ -571,7 +583,7 @@ def rollout(
     scores = self._scores(p_ids, r_ids, r_mask)
     self.eval_mode()  # in case the reward function switched a shared model to training
     rewards, _ = kl_penalised_rewards(
-        scores, logprobs, ref_logprobs, r_mask, self.kl_ctl.value
+        scores, logprobs, ref_logprobs, r_mask, self.kl_ctl.value, c.kl_estimator
     )
     advantages, returns = _gae(rewards, values, r_mask, c.gamma, c.lam)
     if c.whiten_advantages:
@@ -671,6 +683,7 @@ def step(
     stats.update(
         {
             "objective/kl_coef": self.kl_ctl.value,
+            "policy/approxkl_first": mb_stats[0]["policy/approxkl"],  # 0: as rolled out
             "time/ppo/rollout": t1 - t0,
             "time/ppo/optimize": t2 - t1,
             "ppo/step": self.n_steps,
@@ -801,11 +814,21 @@ class PPOPreset:
 # %% ../nbs/11_ppo.ipynb #58e07fbe
 def ppo_preset(
     profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
+    speedrun: bool = False,  # True: `tinyllama speedrun`'s smaller cpu run
 ) -> PPOPreset:
     "The copy task's sizes for a profile: ci runs in seconds, cpu in minutes."
     from tinyllama.profiles import Profile, get_profile
 
+    if not isinstance(speedrun, bool):
+        raise ValueError(f"speedrun must be True or False, got {speedrun!r}.")
     P = profile if isinstance(profile, Profile) else get_profile(profile)
+    preset = _profile_preset(P)
+    if speedrun and P.name == "cpu":  # 12 letters, shorter words: a few minutes
+        preset = replace(preset, **_SPEEDRUN_CPU)
+    return preset
+
+
+def _profile_preset(P) -> PPOPreset:
     return P.pick(
         ci=PPOPreset(  # 6 letters and short words: the reward moves within seconds
             alphabet="abcdef",
@@ -847,6 +870,20 @@ def ppo_preset(
             n_eval=1000,
         ),
     )
+
+# %% ../nbs/11_ppo.ipynb #3a52e898
+# `tinyllama speedrun`'s cpu run: 12 letters, shorter words, fewer steps
+_SPEEDRUN_CPU = dict(
+    alphabet="abcdefghijkl",
+    max_len=5,
+    max_steps=300,
+    batch_size=64,
+    mini_batch_size=32,
+    lr=1e-3,
+    eval_every=10,
+    n_train=5000,
+    n_eval=200,
+)
 
 # %% ../nbs/11_ppo.ipynb #b87b737d
 @dataclass
@@ -1005,6 +1042,56 @@ def _copy_config(preset: PPOPreset, max_new: int, seed: int) -> PPOConfig:
         seed=seed,
     )
 
+# %% ../nbs/11_ppo.ipynb #5b4e568e
+@dataclass
+class CopyTask:
+    "The copy task's parts, ready for a `PPOTrainer` (`CopyTask.trainer()`)."
+
+    policy: LLM  # the model to train: a copy of the random reference
+    ref_policy: LLM  # the frozen reference: the random model itself
+    value_model: ValueModel  # starts from the policy's weights, its head at 0
+    reward_fn: GoldenRewardModel  # the golden per-token copy reward
+    prompts: Callable[[int], list]  # step -> batch_size training prompts (seeded)
+    tokenizer: LetterTokenizer
+    config: PPOConfig  # the preset's PPO settings
+    eos_id: int
+    pad_id: int
+    words: dict  # "train", "val", "test": word lists, pairwise disjoint
+    max_new_tokens: int  # the longest word and its EOS
+
+    def trainer(self) -> PPOTrainer:
+        "A `PPOTrainer` on these parts."
+        return PPOTrainer(
+            self.policy, self.ref_policy, self.value_model, self.reward_fn,
+            self.config, eos_id=self.eos_id, pad_id=self.pad_id,
+        )  # fmt: skip
+
+
+def copy_task(
+    preset: PPOPreset | str | None = None,  # sizes, or a profile for ppo_preset
+    seed: int = 0,  # the words, the initial weights, the prompts, the rollouts
+    device=None,  # where the models live (None: get_device())
+) -> CopyTask:
+    "Chapter 11's copy task for a preset: models, reward, prompts and PPO settings."
+    preset = preset if isinstance(preset, PPOPreset) else ppo_preset(preset)
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    device = get_device() if device is None else torch.device(device)
+    tok, words = LetterTokenizer(preset.alphabet), _copy_words(preset, seed)
+    golden = GoldenRewardModel(tok.eos_id, tok.pad_id, bos_id=tok.bos_id)
+    max_new = preset.max_len + 1  # the longest word and its EOS
+    base = _copy_policy(preset, tok.vocab_size, seed, device)
+    rng, train = random.Random(seed), words["train"]
+
+    def prompts(step):  # this step's words, drawn from the training words
+        return copy_prompts(rng.sample(train, preset.batch_size), tok, bos=True)
+
+    config = _copy_config(preset, max_new, seed)
+    return CopyTask(
+        copy.deepcopy(base), base, ValueModel.from_llm(base), golden, prompts, tok,
+        config, tok.eos_id, tok.pad_id, words, max_new,
+    )  # fmt: skip
+
 # %% ../nbs/11_ppo.ipynb #98e3fc5d
 def run_copy_task(
     preset: PPOPreset | str | None = None,  # sizes, or a profile for ppo_preset
@@ -1016,35 +1103,17 @@ def run_copy_task(
 ) -> CopyTaskResult:
     "Chapter 11's experiment: PPO teaches a random letter-level policy to copy words."
     preset = preset if isinstance(preset, PPOPreset) else ppo_preset(preset)
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}.")
-    device = get_device() if device is None else torch.device(device)
-    tok, words = LetterTokenizer(preset.alphabet), _copy_words(preset, seed)
-    golden = GoldenRewardModel(tok.eos_id, tok.pad_id, bos_id=tok.bos_id)
-    max_new = preset.max_len + 1  # the longest word and its EOS
-    base = _copy_policy(preset, tok.vocab_size, seed, device)
+    task = copy_task(preset, seed, device)
+    tok, words, golden = task.tokenizer, task.words, task.reward_fn
+    max_new = task.max_new_tokens
     test = copy_prompts(words["test"], tok, bos=True)
-    before = copy_eval(base, test, golden, max_new)
-    trainer = PPOTrainer(
-        copy.deepcopy(base),  # the policy
-        base,  # the frozen reference: the random model itself
-        ValueModel.from_llm(base),
-        golden,
-        _copy_config(preset, max_new, seed),
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-    )
+    before = copy_eval(task.ref_policy, test, golden, max_new)  # the random model
+    trainer = task.trainer()
     val = copy_prompts(words["val"], tok, bos=True)
     rule = _ValidationRule(trainer, preset, val, golden, max_new, log)
     plot = (
         PPOPlot(preset.eval_every, extra={"validation": rule.checks}) if live else None
     )
-    rng = random.Random(seed)
-
-    def prompts(step):  # this step's words, drawn from the training words
-        return copy_prompts(
-            rng.sample(words["train"], preset.batch_size), tok, bos=True
-        )
 
     def callback(stats):
         stop = rule(stats)
@@ -1052,7 +1121,7 @@ def run_copy_task(
             plot(stats)
         return stop
 
-    trainer.train(prompts, preset.max_steps, callback, progress)
+    trainer.train(task.prompts, preset.max_steps, callback, progress)
     seconds = time.perf_counter() - rule.t0
     if plot is not None:
         plot.draw()
