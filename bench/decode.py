@@ -29,13 +29,28 @@ alike, one warm-up run of each is excluded, and each figure is the median over t
 The prompt length is included in neither count: tokens/s = new tokens / wall time of the call
 (prefill included, as a user of `generate` sees it).
 
-The shape is llama2.c's "stories15M" (dim 288, 6 layers, 6 heads, 2 kv heads, hidden 768, vocab
-4096) except the context: 256 new tokens after a 16-token prompt need 272 positions, so
-context_size = 512 here (stories15M has 256). The weights are random (our initialisation):
-the speed of a forward pass does not depend on their values, and the greedy tokens of both
-implementations are compared as a check that they run the same model.
+The default shape is "stories15M-like": the width, depth and heads of llama2.c's stories15M
+(dim 288, 6 layers, 6 heads, hidden 768) but with grouped-query attention (2 kv heads) and a
+4096-token vocabulary, 7.7 M parameters (untied embeddings). The real stories15M has 6 kv heads
+(plain multi-head attention), a 32,000-token vocabulary and about 15 M parameters. Context: 256
+new tokens after a 16-token prompt need 272 positions, so context_size = 512 here (stories15M
+has 256). The weights are trained: the speed of a forward pass does not depend on their values, but random
+weights give near-ties everywhere, and a greedy check that tolerates near-ties cannot see a real
+bug. So the model is first trained for --train-steps steps on the story world (about a minute; the
+weights are cached) and every decoder's greedy tokens must equal the reference's: at the first
+difference the top-2 logit gap there must be a near-tie (< 1e-4, reported), otherwise the bench
+prints FAIL and exits with status 1 before timing anything (bench/_decode_checks.py).
 
-Usage:  python bench/decode.py [--shape stories15M|course-cpu] [--new-tokens 256] [--prompt 16] [--rounds 5] [--threads N] [--quick]
+The real stories15M shape ("stories15M": 6 kv heads, vocab 32,000) is available beside the GQA
+one; its cache-free decoder is left out (it would recompute a 32,000-way head for every position).
+
+Int8 (`tinyllama.quantize`, chapter 08b): "int8 (KV cache)" is `generate` on
+`quantize_int8(model)`, "int8 compiled" the `CompiledDecoder` on it (when it accepts int8 models),
+"bare int8 matvecs" the int8 floor (PyTorch's int8 weight-pack matmul only). The int8 decoders are
+checked against each other; against fp32 the bench prints held-out NLL / entropy floor for fp32,
+bf16 and int8 and the share of greedy tokens equal to fp32's (quality, not a pass/fail check).
+
+Usage:  python bench/decode.py [--shape stories15M-like|course-cpu] [--new-tokens 256] [--prompt 16] [--rounds 5] [--threads N] [--quick]
 """
 from __future__ import annotations
 
@@ -48,32 +63,36 @@ import warnings
 import torch
 
 from _machine import cpu_name  # bench/_machine.py (this folder is on sys.path when a script runs)
+from _decode_checks import check_agreement, int8_runners, quality, story_prompt, trained_model
 
 SHAPES = {
-    # llama2.c's stories15M with a 4096-token vocabulary; context 512 so that 16 + 256 positions fit
-    "stories15M": dict(vocab_size=4096, context_size=512, dim_emb=288, num_layers=6, num_heads=6, num_kv_heads=2,
+    # stories15M's width, depth and heads, but GQA (2 kv heads) and a 4096-token vocabulary:
+    # 7.7 M parameters (the real stories15M: 6 kv heads, vocab 32000, ~15 M); context 512 fits 16 + 256
+    "stories15M-like": dict(vocab_size=4096, context_size=512, dim_emb=288, num_layers=6, num_heads=6, num_kv_heads=2,
                        ffd_hidden_dim=768),
     # the model chapter 07 pretrains in the cpu profile (and `tinyllama speedrun` decodes from), context 512
     "course-cpu": dict(vocab_size=768, context_size=512, dim_emb=128, num_layers=4, num_heads=4, num_kv_heads=2,
                        ffd_hidden_dim=384),
+    # llama2.c's real stories15M: 6 kv heads (multi-head attention), vocab 32000; context 512 fits 16 + 256
+    "stories15M": dict(vocab_size=32000, context_size=512, dim_emb=288, num_layers=6, num_heads=6, num_kv_heads=6,
+                       ffd_hidden_dim=768),
 }
-SHAPE = SHAPES["stories15M"]
+SHAPE = SHAPES["stories15M-like"]
 
 
-def build_models(seed: int = 0):
-    "Our LLM and a transformers LlamaForCausalLM holding the same weights."
+def build_models(steps: int = 100, retrain: bool = False):
+    "Our trained LLM, a transformers LlamaForCausalLM with the same weights, tokenizer, held-out stories."
     from transformers import LlamaConfig, LlamaForCausalLM
     from tinyllama.model import LLM, LLMConfig
     from tinyllama.interop import to_hf_config, to_hf_state_dict
-    torch.manual_seed(seed)
-    ours = LLM(LLMConfig(**SHAPE)).eval()
+    ours, tok, held = trained_model(SHAPE, steps, retrain)
     hf_cfg = {k: v for k, v in to_hf_config(ours.config).items() if k not in ("architectures", "model_type")}
     hf_cfg.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
     theirs = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="sdpa")).eval()
     missing, unexpected = theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
         raise SystemExit(f"weights did not map: missing {missing}, unexpected {unexpected}")
-    return ours, theirs
+    return ours, theirs, tok, held
 
 
 def main(argv=None) -> int:
@@ -83,8 +102,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every decoder (default 1)")
     ap.add_argument("--quick", action="store_true", help="64 new tokens, 2 rounds: a smoke test")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="stories15M",
-                    help="model shape (default stories15M; course-cpu: the chapter-07 cpu-profile model)")
+    ap.add_argument("--train-steps", type=int, default=100, help="training steps of the bench's model (cached)")
+    ap.add_argument("--retrain", action="store_true", help="train again even if cached weights exist")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="stories15M-like",
+                    help="model shape (default stories15M-like; course-cpu: the chapter-07 cpu-profile model)")
     args = ap.parse_args(argv)
     global SHAPE
     SHAPE = SHAPES[args.shape]
@@ -94,11 +115,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     from tinyllama.generate import generate
 
-    ours, theirs = build_models()
+    ours, theirs, tok, held = build_models(args.train_steps, args.retrain)
     n = args.new_tokens
     if args.prompt + n > SHAPE["context_size"]:
         raise SystemExit(f"--prompt {args.prompt} + --new-tokens {n} exceed context_size={SHAPE['context_size']}")
-    prompt = torch.randint(4, SHAPE["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt = story_prompt(tok, held, args.prompt)  # the start of held-out stories
 
     def run_ours():
         return generate(ours, [prompt], max_new_tokens=n, temperature=0)[0]
@@ -144,22 +165,25 @@ def main(argv=None) -> int:
 
     runners = {"ours (KV cache)": run_ours, "ours compiled": run_compiled, "transformers generate": run_hf, "ours, no cache": run_nocache,
                "ours via LLM.forward": run_forward, "bare matvecs (floor)": run_matvecs}
+    if SHAPE["vocab_size"] >= 32000:
+        del runners["ours, no cache"]  # a 32000-way head for every position of every step: minutes
+    q8, int8 = int8_runners(ours, prompt, n)
+    runners |= int8
     import transformers
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     print(f"shape: {SHAPE}; batch 1, prompt {args.prompt} tokens, {n} new tokens, greedy, fp32; "
           f"{args.rounds} interleaved rounds after one warm-up each")
     tokens = {name: fn() for name, fn in runners.items()}  # warm-up, and the tokens for the check
-    same = sum(a == b for a, b in zip(tokens["ours (KV cache)"], tokens["transformers generate"]))
-    if tokens["ours (KV cache)"] != tokens["ours, no cache"]:
-        print("WARNING: ours with and without the cache gave different greedy tokens")
-    print(f"check: {len(tokens['ours (KV cache)'])} new tokens each; ours and transformers agree on "
-          f"{same}/{n} greedy tokens")
-    if tokens["ours compiled"] != tokens["ours (KV cache)"]:
-        print("WARNING: the compiled decoder and generate gave different greedy tokens")
     print(f"ours compiled: the first call compiled the step in {compile_s:.1f} s (not counted below)")
-    if tokens["ours via LLM.forward"] != tokens["ours (KV cache)"]:
-        print("WARNING: decode_step and LLM.forward gave different greedy tokens")
+    fp32 = {k: v for k, v in tokens.items() if "int8" not in k and "floor" not in k}
+    failures = check_agreement(ours, prompt, fp32, "ours (KV cache)")
+    failures += check_agreement(q8, prompt, {k: v for k, v in tokens.items() if k.startswith("int8")},
+                                "int8 (KV cache)")
+    if failures:
+        print(f"FAIL: {len(failures)} decoder(s) disagree on a greedy token that is not a near-tie; "
+              "no timings for decoders that do not compute the same thing")
+        return 1
     wall = {name: [] for name in runners}
     cpu = {name: [] for name in runners}
     for r in range(args.rounds):
@@ -178,16 +202,26 @@ def main(argv=None) -> int:
     ours_key = "ours (KV cache)"
     for other, target in [("transformers generate", "acceptance >= 5x, goal 10x"), ("ours, no cache", "acceptance >= 4x"),
                           ("ours via LLM.forward", "what decode_step buys")]:
+        if other not in runners:
+            continue
         print(f"ratio ours / {other:22s} wall {med_wall[ours_key] / med_wall[other]:5.2f}x   "
               f"CPU time {med_cpu[ours_key] / med_cpu[other]:5.2f}x   ({target})")
     for other, target in [("transformers generate", "acceptance >= 5x, goal 10x"), ("ours (KV cache)", "what compiling buys")]:
         print(f"ratio ours compiled / {other:22s} wall {med_wall['ours compiled'] / med_wall[other]:5.2f}x   "
               f"CPU time {med_cpu['ours compiled'] / med_cpu[other]:5.2f}x   ({target})")
+    for k, target in [("int8 (KV cache)", ""), ("int8 compiled", "target >= 4x at stories15M-like, >= 10x at course-cpu")]:
+        if k in runners:
+            print(f"ratio {k} / transformers generate   wall {med_wall[k] / med_wall['transformers generate']:5.2f}x   "
+                  f"CPU time {med_cpu[k] / med_cpu['transformers generate']:5.2f}x   {target}")
+    f8 = "bare int8 matvecs (floor)"
+    print(f"int8 ceiling: transformers / bare int8 matvecs   CPU time "
+          f"{med_cpu[f8] / med_cpu['transformers generate']:5.2f}x")
     floor, hf = "bare matvecs (floor)", "transformers generate"
     print(f"ceiling: transformers / bare matvecs   wall {med_wall[floor] / med_wall[hf]:5.2f}x   "
           f"CPU time {med_cpu[floor] / med_cpu[hf]:5.2f}x   (no decoder of these fp32 weights can beat "
           f"transformers by more; ours reaches {med_cpu[ours_key] / med_cpu[floor]:.0%} of the floor's speed, "
           f"compiled {med_cpu['ours compiled'] / med_cpu[floor]:.0%})")
+    quality(ours, q8, tok, held)
     return 0
 
 

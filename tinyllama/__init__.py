@@ -23,11 +23,13 @@ from .interop import load_hf, save_hf  # chapter 06b
 from .train import NextTokenPredictionDataset, TrainingConfig, pretrain, train  # 07
 from .checkpoint import load_checkpoint, load_model, save_checkpoint  # chapter 07b
 from .generate import CompiledDecoder, generate, generate_text  # chapter 08
+from .quantize import quantize_int8  # chapter 08b
 from .base import base_model  # chapter 07d
 from .sft import SFTDataset, format_rate, run_sft, sft_train, wilson_interval  # chapter 09
 from .reward import GoldenRewardModel, RewardModel, train_reward_model  # chapter 10
 from .ppo import PPOConfig, PPOTrainer, run_copy_task  # chapter 11
 from .feedback import run_feedback_loop  # chapter 12
+from .grpo import GRPOConfig, GRPOTrainer  # chapter 14
 
 __all__ = [
     "get_profile",
@@ -51,6 +53,7 @@ __all__ = [
     "generate",
     "generate_text",
     "CompiledDecoder",
+    "quantize_int8",
     "SFTDataset",
     "sft_train",
     "run_sft",
@@ -63,4 +66,6 @@ __all__ = [
     "PPOTrainer",
     "run_copy_task",
     "run_feedback_loop",
+    "GRPOConfig",
+    "GRPOTrainer",
 ]

@@ -130,6 +130,21 @@ def _sampling(
         default=None,
         help=f"new tokens per {what} at most (default: up to the end of the context)",
     )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="decode with int8 weights (weight-only, one scale per output row; "
+        "chapter 08b)",
+    )
+
+
+def _int8_if(args, model):
+    "The model with int8 linear weights when --int8 was given, else unchanged."
+    if not getattr(args, "int8", False):
+        return model
+    from tinyllama.quantize import quantize_int8
+
+    return quantize_int8(model, inplace=True)
 
 # %% ../nbs/93_cli.ipynb #901dbb14
 def _add_pretrain(sub):
@@ -327,7 +342,7 @@ def cmd_sample(args) -> int:
 
     profile = _resolve(args)
     model, tok = _load_for_sampling(args.checkpoint)
-    model = model.to(get_device(args.device))
+    model = _int8_if(args, model.to(get_device(args.device)))
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     max_new = (
         args.max_new_tokens or {"ci": 40, "cpu": None, "gpu": None}[profile]
@@ -496,7 +511,7 @@ def cmd_chat(args) -> int:
     from tinyllama.sft import ChatSession
 
     model, tok, chat_trained = _load_for_chat(args.checkpoint)
-    model = model.to(get_device(args.device))
+    model = _int8_if(args, model.to(get_device(args.device)))
     session = ChatSession(
         model,
         tok,

@@ -272,7 +272,10 @@ def _lean_ok(model) -> bool:
     if model.embed_tokens.weight.device.type not in ("cpu", "cuda"):
         return False  # e.g. MPS: keep to the general path
     kinds = {LLM, TransformerBlock, GroupedQueryAttention, SwiGLU, RMSNorm}
+    from tinyllama.quantize import Int8Linear
+
     kinds |= {nn.Linear, nn.Embedding, nn.Dropout, nn.ModuleList, type(model.rope)}
+    kinds |= {Int8Linear}
     return all(
         type(m) in kinds and not m._forward_hooks and not m._forward_pre_hooks
         for m in model.modules()
@@ -289,6 +292,10 @@ def step_weights(
     model: nn.Module,  # a plain LLM
 ) -> tuple[list[tuple], torch.Tensor]:  # per block (qkv, o, gate|up, down); the head
     "The weights `decode_step` reads: fused, gains and 1/√D folded in, as (in, out)."
+    from tinyllama.quantize import Int8Linear, int8_step_weights
+
+    if isinstance(model.lm_head, Int8Linear):  # int8 weights: kept as int8
+        return int8_step_weights(model)
     blocks = []
     for b in model.layers:
         a, m = b.self_attn, b.mlp
@@ -304,6 +311,16 @@ def step_weights(
             )
         )
     return blocks, _fold(model.lm_head.weight, model.norm.weight)
+
+
+def _mm(x, w, acc=None):
+    "x @ w (+ acc): w a float (in, out) matrix or an Int8Weight (tinyllama.quantize)."
+    if isinstance(w, torch.Tensor):
+        return x @ w if acc is None else torch.addmm(acc, x, w)
+    from tinyllama.quantize import int8_matmul
+
+    y = int8_matmul(x, w)
+    return y if acc is None else acc + y
 
 
 def _unit_rms(h, eps):
@@ -328,11 +345,11 @@ def decode_step(
     c, (blocks, head), B = model.config, weights, tok.shape[0]
     H, K, D, d, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.dim_emb, c.norm_eps
     h = F.embedding(tok, model.embed_tokens.weight)  # (B, d)
-    cos = model.rope.cos.index_select(0, pos)[:, None].to(head.dtype)  # (B|1, 1, D)
-    sin = model.rope.sin.index_select(0, pos)[:, None].to(head.dtype)
+    cos = model.rope.cos.index_select(0, pos)[:, None].to(h.dtype)  # (B|1, 1, D)
+    sin = model.rope.sin.index_select(0, pos)[:, None].to(h.dtype)
     hidden = None if visible is None else ~visible[:, None, None]  # (B|1, 1, 1, S)
     for (w_qkv, w_o, w_gu, w_down), k, v in zip(blocks, ks, vs):
-        qkv = (_unit_rms(h, eps) @ w_qkv).view(B, H + 2 * K, D)  # q scaled by 1/√D
+        qkv = _mm(_unit_rms(h, eps), w_qkv).view(B, H + 2 * K, D)  # q scaled by 1/√D
         qk = qkv[:, : H + K]  # queries and keys: the same rotation (rotate-half)
         qk = qk * cos + torch.cat([-qk[..., D // 2 :], qk[..., : D // 2]], -1) * sin
         k.index_copy_(2, slot, qk[:, H:, None])  # (B, K, 1, D) into the cache
@@ -344,10 +361,10 @@ def decode_step(
         p = s.softmax(-1)  # in float32 at least
         if s.dtype != torch.float32:
             p = s.float().softmax(-1).to(s.dtype)
-        h = torch.addmm(h, (p @ v).reshape(B, d), w_o)  # h + o @ w_o in one call
-        gate, up = (_unit_rms(h, eps) @ w_gu).chunk(2, dim=-1)
-        h = torch.addmm(h, F.silu(gate) * up, w_down)
-    return _unit_rms(h, eps) @ head  # (B, V)
+        h = _mm((p @ v).reshape(B, d), w_o, h)  # h + o @ w_o in one call
+        gate, up = _mm(_unit_rms(h, eps), w_gu).chunk(2, dim=-1)
+        h = _mm(F.silu(gate) * up, w_down, h)
+    return _mm(_unit_rms(h, eps), head)  # (B, V)
 
 # %% ../nbs/08_generation.ipynb #a33eb1ec
 def _check_max_new_tokens(c, longest, max_new_tokens) -> int:

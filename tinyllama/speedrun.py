@@ -411,29 +411,11 @@ def stage_ppo(run: Speedrun) -> Section:
     return _small_model_stage(run, _ppo_section)
 
 
-# The speedrun's cpu sizes: chapter 11's recipe on 12 letters and shorter words, to fit
-# minutes rather than the chapter's quarter of an hour. Other profiles: the chapter's.
-_SPEEDRUN_CPU_PPO = dict(
-    alphabet="abcdefghijkl",
-    max_len=5,
-    max_steps=300,
-    batch_size=64,
-    mini_batch_size=32,
-    lr=1e-3,
-    eval_every=10,
-    n_train=5000,
-    n_eval=200,
-)
-
-
 def _ppo_section(run, device):
     "Run chapter 11's `run_copy_task` and report it."
-    import dataclasses
     from tinyllama.ppo import ppo_preset, run_copy_task
 
-    preset = ppo_preset(run.profile)
-    if run.profile == "cpu":
-        preset = dataclasses.replace(preset, **_SPEEDRUN_CPU_PPO)
+    preset = ppo_preset(run.profile, speedrun=True)  # cpu: a shorter run
     res = run_copy_task(preset, device=device, seed=run.seed, progress=run.progress)
     fig = res.plot(f"PPO on the copy task ({run.profile} profile)")
     fig.savefig(run.out / "ppo.png", dpi=110)
