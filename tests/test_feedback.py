@@ -482,7 +482,10 @@ def test_feedback_preset_is_frozen_and_follows_the_profile():
     from tinyllama.profiles import Profile
     ci, cpu, gpu = feedback_preset("ci"), feedback_preset("cpu"), feedback_preset(Profile("gpu"))
     assert isinstance(ci, FeedbackPreset) and feedback_preset() == ci  # the tests run in the ci profile
-    assert (cpu.n_label, cpu.n_heldout, cpu.rm_steps, cpu.ppo_steps, cpu.ppo_epochs) == (300, 100, 150, 100, 4)
+    assert (cpu.n_label, cpu.n_heldout, cpu.rm_steps, cpu.ppo_steps, cpu.ppo_epochs) == (700, 200, 150, 100, 4)
+    # the missing-EOS penalty is on (one std of the normalised reward); about 150 held-out RM pairs in cpu
+    assert ci.missing_eos_penalty == cpu.missing_eos_penalty == gpu.missing_eos_penalty == 1.0
+    assert cpu.rm_val_fraction == pytest.approx(1 / 3) and ci.rm_val_fraction == 0.15
     assert ci.n_label < cpu.n_label < gpu.n_label and ci.ppo_steps < cpu.ppo_steps <= gpu.ppo_steps
     with pytest.raises(dataclasses.FrozenInstanceError): ci.ppo_steps = 5
     assert dataclasses.replace(ci, ppo_steps=5).ppo_steps == 5 and ci.ppo_steps == 2
@@ -550,3 +553,22 @@ def test_label_main_refuses_empty_input(tmp_path):
     assert label_main(["--pairs", str(tmp_path / "bin.jsonl")], input=feed([]), output=out.append) == 2
     assert "UTF-8" in out[-1] and all(o.startswith("tinyllama label: error:") for o in out)
     assert not (tmp_path / "labels.jsonl").exists()
+
+
+def test_feedback_reward_model_is_normalised_on_sft_samples_and_ppo_gets_the_eos_penalty(loop_model):
+    "The loop's reward model scores π_SFT's samples at mean 0, std 1; PPO's config carries the preset's penalty."
+    import dataclasses
+    from tinyllama.feedback import _fit_reward_model, _train_policy, feedback_preset, sample_comparisons, story_requests
+    from tinyllama.reward import score_texts, story_preference_pairs
+    model, tok = loop_model
+    preset = dataclasses.replace(feedback_preset("ci"), missing_eos_penalty=0.75)
+    requests = story_requests(6, seed=2)
+    samples = sample_comparisons(model, tok, requests, "sft", 16, seed=0, chat=True)
+    pairs = story_preference_pairs(12, seed=3)  # labelled pairs (any will do here)
+    rm, history, acc, n_val = _fit_reward_model(model, tok, pairs, samples, preset, 0, False)
+    assert n_val == max(1, round(12 * preset.rm_val_fraction)) and 0 <= acc <= 1
+    z = score_texts(rm, tok, [c.prompt for c in samples] * 2, [c.a for c in samples] + [c.b for c in samples])
+    assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert rm.score_gain.item() != 1.0  # the Bradley–Terry fit alone does not give std 1
+    trainer = _train_policy(model, tok, rm, requests, dataclasses.replace(preset, ppo_steps=1), 16, 0, False)
+    assert trainer.config.missing_eos_penalty == 0.75 and trainer.config.init_kl_coef == preset.kl_coef

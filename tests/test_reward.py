@@ -322,3 +322,46 @@ def test_story_pairs_follow_the_stated_taste():
 def test_encode_completion_frames_like_pretraining():
     tok = CharTokenizer()
     assert encode_completion(tok, "ab", " c") == [BOS] + tok.encode("ab c") + [EOS]
+
+
+# ---------------------------------------------------------------- the scale of the scores
+
+def test_normalize_gives_mean_0_std_1_keeps_ranking_and_survives_save_load(tmp_path):
+    "Stiennon et al.'s normalisation: the reference samples score mean 0, std 1; no pair changes order."
+    from tinyllama.reward import normalize_on_samples, score_texts
+    tok, rm = CharTokenizer(), small_rm(pad_id=PAD)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(rm.score_head.weight, std=1.0)  # raw scores far from mean 0, std 1
+    pairs = synthetic_pairs(40, 5)
+    prompts, texts = [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    raw = score_texts(rm, tok, prompts, texts)
+    assert abs(raw.mean()) > 0.05 or abs(raw.std() - 1) > 0.05  # the test can fail: not yet normalised
+    mean, std = normalize_on_samples(rm, tok, prompts, texts)
+    assert (mean, std) == pytest.approx((raw.mean().item(), raw.std().item()), rel=1e-5)
+    z = score_texts(rm, tok, prompts, texts)
+    assert abs(z.mean().item()) < 1e-4 and z.std().item() == pytest.approx(1.0, abs=1e-4)
+    torch.testing.assert_close(z, (raw - raw.mean()) / raw.std(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(z.argsort(), raw.argsort())  # the ranking is unchanged
+    rc, rr = score_pairs(rm, tok, pairs)
+    assert torch.equal(rc > rr, raw[:40] > raw[40:])
+    # normalising again on the same samples changes nothing
+    rm.normalize_(z)
+    torch.testing.assert_close(score_texts(rm, tok, prompts, texts), z, atol=1e-4, rtol=1e-4)
+    # the scale is in the state_dict: a saved and reloaded model scores alike
+    assert {"score_gain", "score_bias"} <= set(rm.state_dict())
+    torch.save(rm.state_dict(), tmp_path / "rm.pt")
+    back = RewardModel(rm.config, pad_id=PAD)
+    back.load_state_dict(torch.load(tmp_path / "rm.pt"))
+    torch.testing.assert_close(score_texts(back, tok, prompts, texts), z, atol=1e-5, rtol=1e-5)
+
+
+def test_a_new_reward_model_has_the_raw_scale_and_normalize_rejects_bad_scores():
+    rm = small_rm()
+    assert rm.score_gain.item() == 1.0 and rm.score_bias.item() == 0.0
+    with pytest.raises(ValueError, match="at least two finite scores"):
+        rm.normalize_(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="at least two finite scores"):
+        rm.normalize_(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="all the scores are equal"):
+        rm.normalize_(torch.tensor([2.0, 2.0, 2.0]))
+    assert rm.score_gain.item() == 1.0 and rm.score_bias.item() == 0.0  # a refused call changes nothing

@@ -939,6 +939,9 @@ class FeedbackPreset:
     rm_lr: float = 3e-4  # the reward model's peak learning rate
     min_pairs: int = 8  # fewer labelled preferences than this: add story-world pairs
     n_story_pairs: int = 16  # how many story-world pairs are then added
+    rm_val_fraction: float = 0.15  # share of the labelled pairs held out from the RM
+    missing_eos_penalty: float | None = 1.0  # taken off the normalised score (std 1)
+    # of a reply cut off at max_new_tokens without <|end|> (TRL's; None: off)
 
 
 def feedback_preset(
@@ -951,10 +954,12 @@ def feedback_preset(
     #      label held new  rm  rm_b rm_ev ppo  B  mini epochs lr
     sizes = P.pick(
         ci=(12, 4, 16, 3, 8, 3, 2, 4, 4, 1, 1e-4),
-        cpu=(300, 100, 110, 150, 16, 25, 100, 16, 8, 4, 1e-4),
-        gpu=(1000, 400, 110, 600, 16, 50, 200, 64, 16, 4, 5e-5),
+        cpu=(700, 200, 110, 150, 16, 25, 100, 16, 8, 4, 1e-4),
+        gpu=(1500, 400, 110, 600, 16, 50, 200, 64, 16, 4, 5e-5),
     )
-    return FeedbackPreset(*sizes)
+    # held-out pairs: ~150 in cpu, so the accuracy's 95% interval is within ±5 points
+    val = P.pick(ci=0.15, cpu=1 / 3, gpu=0.2)
+    return FeedbackPreset(*sizes, rm_val_fraction=val)
 
 # %% ../nbs/12_human_feedback.ipynb #8f3e91a1
 @dataclass
@@ -989,6 +994,14 @@ class FeedbackRun:
         return sum(self.kl) / len(self.kl)
 
 # %% ../nbs/12_human_feedback.ipynb #b9b7b11d
+def _rate_text(rate: float, n: int) -> str:
+    "'86.0% of 200 (80.5%–90.2%)': a rate, its count and 95% Wilson interval."
+    from tinyllama.sft import wilson_interval
+
+    lo, hi = wilson_interval(round(rate * n), n)  # a tie counts half a success
+    return f"{rate:.1%} of {n} ({lo:.1%}–{hi:.1%})"
+
+
 @patch
 def summary(self: FeedbackRun) -> list:
     "The run in four Markdown paragraphs: labels, reward model, PPO, verdict."
@@ -1004,28 +1017,31 @@ def summary(self: FeedbackRun) -> list:
             f" Too few pairs differed, so {p.n_story_pairs} story-world pairs "
             "(`labels-story-world.jsonl`) were labelled too."
         )
+    n_val = self.n_val_pairs
     reward = (
         f"Reward model: chapter 10's Bradley–Terry model, trunk from the SFT policy, "
-        f"{p.rm_steps} steps ({s['reward_model']:.0f} s); "
-        f"held-out pair accuracy {self.rm_accuracy:.1%}."
+        f"{p.rm_steps} steps ({s['reward_model']:.0f} s), normalised to mean 0, std 1 "
+        f"on the SFT policy's samples; held-out pair accuracy "
+        f"{_rate_text(self.rm_accuracy, n_val)}."
     )
     ppo = (
         f"PPO: {len(h)} steps of {p.ppo_batch_size} requests, {p.ppo_epochs} epochs "
         f"of minibatches of {p.ppo_mini_batch_size}, lr {p.ppo_lr:g}, β = {p.kl_coef} "
-        f"to the frozen SFT policy ({s['ppo']:.0f} s); learned reward "
+        f"to the frozen SFT policy, missing-EOS penalty {p.missing_eos_penalty} "
+        f"({s['ppo']:.0f} s); learned reward "
         f"{h[0]['env/reward_mean']:.2f} → {h[-1]['env/reward_mean']:.2f}."
     )
     verdict = (
-        f"Verdict: the labeler prefers the PPO policy's story on {v['win_rate']:.1%} "
-        f"of {v['n']} held-out requests (wins {v['wins']}, ties {v['ties']}, "
-        f"losses {v['losses']}), at a KL of {self.kl_mean:.2f} nats per response "
-        "to the SFT policy."
+        "Verdict: the labeler prefers the PPO policy's story on "
+        f"{_rate_text(v['win_rate'], v['n'])} held-out requests "
+        f"(wins {v['wins']}, ties {v['ties']} counting half, losses {v['losses']}), "
+        f"at a KL of {self.kl_mean:.2f} nats per response to the SFT policy."
     )
     return [labels, reward, ppo, verdict]
 
 # %% ../nbs/12_human_feedback.ipynb #d15f5225
 def _collect_labels(policy, tokenizer, requests, labeler, out, preset, max_new, seed):
-    "Two samples of π_SFT per request, labelled in the widget: (counts, pairs, padded)."
+    "Two samples of π_SFT per request, labelled: (counts, pairs, padded, samples)."
     samples = sample_comparisons(
         policy, tokenizer, requests, "sft", max_new, seed=seed, chat=True
     )
@@ -1041,17 +1057,18 @@ def _collect_labels(policy, tokenizer, requests, labeler, out, preset, max_new, 
         )
         labeler.label(extra)
         pairs += extra.store.preference_pairs()
-    return counts, pairs, padded
+    return counts, pairs, padded, samples
 
 # %% ../nbs/12_human_feedback.ipynb #909e63da
-def _fit_reward_model(policy, tokenizer, pairs, preset, seed, progress):
-    "Chapter 10's reward model on 85% of the pairs: (rm, history, accuracy, n_val)."
+def _fit_reward_model(policy, tokenizer, pairs, samples, preset, seed, progress):
+    "Chapter 10's reward model, normalised on π_SFT's samples: (rm, history, acc, n)."
     import torch
     from tinyllama.reward import RewardModel, pair_accuracy, train_reward_model
+    from tinyllama.reward import normalize_on_samples
 
     pairs = list(pairs)
     random.Random(seed).shuffle(pairs)
-    n_val = max(1, len(pairs) * 15 // 100)
+    n_val = max(1, round(len(pairs) * preset.rm_val_fraction))
     val, train = pairs[:n_val], pairs[n_val:]
     torch.manual_seed(seed)
     rm = RewardModel.from_llm(policy, pad_id=tokenizer.pad_id)  # on the policy's device
@@ -1066,6 +1083,11 @@ def _fit_reward_model(policy, tokenizer, pairs, preset, seed, progress):
         eval_every=preset.rm_eval_every,
         seed=seed,
         progress=progress,
+    )
+    # π_SFT's samples (both of each request's, labelled or not) score mean 0, std 1
+    prompts = [c.prompt for c in samples] * 2
+    normalize_on_samples(
+        rm, tokenizer, prompts, [c.a for c in samples] + [c.b for c in samples]
     )
     return rm, history, pair_accuracy(rm, tokenizer, val), n_val
 
@@ -1082,6 +1104,7 @@ def _train_policy(policy, tokenizer, rm, requests, preset, max_new, seed, progre
         lr=preset.ppo_lr,
         max_new_tokens=max_new,
         init_kl_coef=preset.kl_coef,
+        missing_eos_penalty=preset.missing_eos_penalty,
         seed=seed,
     )
     trainer = PPOTrainer(
@@ -1135,12 +1158,12 @@ def run_feedback_loop(
     seconds, t = {}, time.perf_counter()
     with tqdm(total=4, desc="feedback loop", disable=not progress) as bar:
         bar.set_postfix_str("labels")
-        counts, pairs, padded = _collect_labels(
+        counts, pairs, padded, samples = _collect_labels(
             policy, tokenizer, requests, labeler, out, preset, max_new, seed
         )
         t = _lap(bar, seconds, "label", t, "reward model")
         rm, rm_history, rm_acc, n_val = _fit_reward_model(
-            policy, tokenizer, pairs, preset, seed, progress
+            policy, tokenizer, pairs, samples, preset, seed, progress
         )
         t = _lap(bar, seconds, "reward_model", t, "PPO")
         trainer = _train_policy(

@@ -17,7 +17,7 @@ from .train import lr_at
 # %% auto #0
 __all__ = ['pad_batch', 'GoldenRewardModel', 'copy_task_words', 'copy_prompts', 'LetterTokenizer', 'bradley_terry_loss',
            'RewardModel', 'PreferencePair', 'encode_completion', 'split_story', 'story_preference_pairs', 'score_texts',
-           'score_pairs', 'pair_accuracy', 'train_reward_model']
+           'score_pairs', 'pair_accuracy', 'normalize_on_samples', 'train_reward_model']
 
 # %% ../nbs/10_reward.ipynb #235cf5f1
 def _is_int(x) -> bool:
@@ -315,6 +315,9 @@ class RewardModel(nn.Module):
         # differences of scores, so a constant would get no gradient at all.
         self.score_head = nn.Linear(config.dim_emb, 1, bias=False)
         nn.init.normal_(self.score_head.weight, std=INIT_STD)
+        # the scale of the scores: gain · head + bias (1 and 0 until normalize_)
+        self.register_buffer("score_gain", torch.ones(()))
+        self.register_buffer("score_bias", torch.zeros(()))
 
     @classmethod
     def from_llm(cls, llm: LLM, pad_id: int | None = None) -> "RewardModel":
@@ -369,9 +372,30 @@ def forward(
         full = bool(mask.all())
     h = self.trunk(input_ids, attention_mask=None if full else mask.long())  # (B,T,d)
     last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # (B,) last real token
-    return self.score_head(h[torch.arange(h.shape[0], device=h.device), last]).squeeze(
-        -1
-    )
+    raw = self.score_head(h[torch.arange(h.shape[0], device=h.device), last])
+    return raw.squeeze(-1) * self.score_gain + self.score_bias
+
+# %% ../nbs/10_reward.ipynb #6d9dd323
+@patch
+@torch.no_grad()
+def normalize_(
+    self: RewardModel,
+    scores: torch.Tensor,  # (N,) this model's scores of reference samples, N >= 2
+) -> RewardModel:
+    "Rescale future scores so that `scores` would have mean 0 and std 1; returns self."
+    s = torch.as_tensor(scores).detach().double().flatten().cpu()
+    if s.numel() < 2 or not torch.isfinite(s).all():
+        raise ValueError(
+            "normalize_ needs at least two finite scores, e.g. "
+            "score_texts(rm, tokenizer, prompts, samples)."
+        )
+    mean, std = s.mean(), s.std()
+    if std <= 0:
+        raise ValueError("all the scores are equal: there is no scale to normalise.")
+    gain, bias = self.score_gain.double().cpu(), self.score_bias.double().cpu()
+    self.score_gain.fill_(float(gain / std))  # s = raw·g + b → (s − mean) / std
+    self.score_bias.fill_(float((bias - mean) / std))
+    return self
 
 # %% ../nbs/10_reward.ipynb #6ed05de1
 @dataclass(frozen=True)
@@ -525,6 +549,18 @@ def pair_accuracy(
 ) -> float:
     "Share of pairs whose chosen completion scores higher (a tie counts half)."
     return _agreement(*score_pairs(rm, tokenizer, pairs, batch_size))
+
+# %% ../nbs/10_reward.ipynb #2e5a753c
+def normalize_on_samples(
+    rm: RewardModel,
+    tokenizer,
+    prompts: Sequence[str],  # the prompts the policy answered
+    samples: Sequence[str],  # the policy's completions: they will score mean 0, std 1
+) -> tuple[float, float]:  # (mean, std) of their scores before
+    "Normalise `rm` on a policy's own samples (Stiennon et al., 2020)."
+    s = score_texts(rm, tokenizer, prompts, samples)
+    rm.normalize_(s)
+    return s.mean().item(), s.std().item()
 
 # %% ../nbs/10_reward.ipynb #39f53368
 def _check_sizes(lr: float, **sizes):

@@ -1,0 +1,165 @@
+"""Measure the quantities chapters 10 and 12 assert, over several seeds and profiles.
+
+Runs a chapter's code cells (up to its band checks) with the seeds changed, in a fresh
+process per run, and appends one JSON line per run to the output file. A band check
+that fails is recorded, not fatal. One thread; run it in the background:
+
+    nohup env OMP_NUM_THREADS=1 .venv/bin/python scripts/seed_bands.py \
+        --runs 10:ci:0,1,2 12:ci:0,1,2 10:cpu:0,1,2 12:cpu:0,1,2 \
+        --out bench/seed_bands.jsonl > /tmp/seed_bands.log 2>&1 &
+
+`12:cpu:0:nopen` runs chapter 12 with the missing-EOS penalty off (the before figure).
+"""
+
+import argparse, json, os, re, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NB = {"10": "nbs/10_reward.ipynb", "12": "nbs/12_human_feedback.ipynb"}
+LAST = {"10": "band = P.pick(", "12": 'met = loop.verdict["win_rate"]'}  # last cell run
+
+
+def patched(chapter: str, src: str, seed: int, penalty: bool) -> str:
+    "A cell's source with the chapter's seeds replaced by `seed`."
+    src = src.replace("torch.manual_seed(0)", f"torch.manual_seed({seed})")
+    if chapter == "10":
+        src = src.replace('seed="reward/train"', f'seed="reward/train/{seed}"')
+        src = src.replace('seed="reward/heldout"', f'seed="reward/heldout/{seed}"')
+        src = re.sub(r"(\n\s+eval_every=[^\n]*\n\s+)seed=0,", rf"\1seed={seed},", src)
+    else:
+        # the notebook's own feedback_preset (its cells define the classes again)
+        preset = (
+            "None"
+            if penalty
+            else (
+                "__import__('dataclasses').replace("
+                "feedback_preset(), missing_eos_penalty=None)"
+            )
+        )
+        src = src.replace(
+            "run_feedback_loop(sft_policy, tok, workdir, seed=0)",
+            f"run_feedback_loop(sft_policy, tok, workdir, {preset}, seed={seed})",
+        )
+    return src
+
+
+def metrics(chapter: str, ns: dict) -> dict:
+    "The asserted quantities from the chapter's namespace."
+    if chapter == "10":
+        n = len(ns["heldout_pairs"])
+        return dict(
+            rm_accuracy=ns["acc_after"], n_val=n, acc_before=ns["acc_before"],
+            acc_matched=ns.get("acc_matched"), acc_other=ns.get("acc_other"),
+        )  # fmt: skip
+    loop, parses = ns["loop"], ns["parses"]
+    v = loop.verdict
+    return dict(
+        rm_accuracy=loop.rm_accuracy, n_val=loop.n_val_pairs,
+        n_train=loop.n_train_pairs, win_rate=v["win_rate"], wins=v["wins"],
+        ties=v["ties"], losses=v["losses"], n=v["n"], kl_mean=loop.kl_mean,
+        parsable_before=sum(map(parses, loop.before)),
+        parsable_after=sum(map(parses, loop.after)),
+        sft_parsable_share=ns.get("share"),
+        reward_first=loop.history[0]["env/reward_mean"],
+        reward_last=loop.history[-1]["env/reward_mean"],
+        seconds=loop.seconds,
+    )  # fmt: skip
+
+
+def run_one(chapter: str, seed: int, penalty: bool) -> dict:
+    "Run the chapter's cells in this process; its metrics and any failed checks."
+    import torch
+
+    torch.set_num_threads(1)
+    cells = json.loads((ROOT / NB[chapter]).read_text())["cells"]
+    ns, failed, t0 = {"__name__": "__main__"}, [], 0
+    t0 = time.perf_counter()
+    os.chdir(ROOT / "nbs")
+    for c in cells:
+        if c["cell_type"] != "code":
+            continue
+        src = "".join(c["source"])
+        if src.startswith("#| hide") and "pip" in src:
+            continue
+        try:
+            exec(compile(patched(chapter, src, seed, penalty), "<cell>", "exec"), ns)
+        except AssertionError as e:
+            failed.append(f"{src.strip().splitlines()[0][:60]}: {e}"[:300])
+        if LAST[chapter] in src:
+            break
+    out = metrics(chapter, ns)
+    out.update(failed_checks=failed, wall_s=time.perf_counter() - t0)
+    return out
+
+
+def _rate(rate, n):
+    from tinyllama.sft import wilson_interval
+
+    lo, hi = wilson_interval(round(rate * n), n)
+    return f"{rate:.1%} of {n} ({lo:.1%}–{hi:.1%})"
+
+
+def table(recs: list) -> str:
+    "Markdown tables of the runs: one row per chapter, profile, seed and penalty."
+    out = []
+    for r in recs:
+        if "error" in r:
+            out.append(f"| {r['chapter']} | {r['profile']} | {r['seed']} | error |")
+            continue
+        head = f"| {r['chapter']} | {r['profile']} | {r['seed']} | "
+        acc = _rate(r["rm_accuracy"], r["n_val"])
+        if r["chapter"] == "10":
+            out.append(head + f"{acc} | | | | {len(r['failed_checks'])} |")
+            continue
+        n, pen = r["n"], "on" if r["penalty"] else "off"
+        out.append(
+            head + f"{acc} | {_rate(r['win_rate'], n)} | {r['kl_mean']:.2f} | "
+            f"{r['parsable_before']} → {r['parsable_after']} of {n} (EOS penalty {pen})"
+            f" | {len(r['failed_checks'])} |"
+        )
+    top = (
+        "| chapter | profile | seed | RM held-out accuracy | win rate | KL (nats) "
+        "| parsable stories | failed checks |\n|---|---|---|---|---|---|---|---|"
+    )
+    return top + "\n" + "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", help="CHAPTER:PROFILE:SEEDS[:nopen]")
+    ap.add_argument("--out", default="bench/seed_bands.jsonl")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # CHAPTER:SEED:PEN, in a child
+    ap.add_argument(
+        "--table", action="store_true", help="print --out as Markdown tables"
+    )
+    a = ap.parse_args()
+    if a.table:
+        print(table([json.loads(x) for x in open(ROOT / a.out) if x.strip()]))
+        return
+    if a.one:
+        chapter, seed, pen = a.one.split(":")
+        print("RESULT " + json.dumps(run_one(chapter, int(seed), pen == "1")))
+        return
+    for spec in a.runs:
+        chapter, profile, seeds, *flag = spec.split(":")
+        for seed in map(int, seeds.split(",")):
+            pen = "0" if flag == ["nopen"] else "1"
+            env = dict(os.environ, TINYLLAMA_PROFILE=profile, MPLBACKEND="Agg")
+            env["OMP_NUM_THREADS"] = "1"
+            cmd = [sys.executable, __file__, "--one", f"{chapter}:{seed}:{pen}"]
+            t = time.perf_counter()
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            rows = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            rec = dict(chapter=chapter, profile=profile, seed=seed, penalty=pen == "1")
+            if rows:
+                rec.update(json.loads(rows[-1][7:]))
+            else:
+                rec.update(error=p.stderr[-2000:])
+            rec["process_s"] = time.perf_counter() - t
+            with open(ROOT / a.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
