@@ -138,3 +138,17 @@ def test_each_self_check_fails_on_the_student_notebook(path, monkeypatch):
         f"{path.name}: the self-check in cell(s) {passed_without_answer} passes with the "
         "solution removed; it cannot tell a student's answer from none."
     )
+
+
+@pytest.mark.parametrize("path", NBS, ids=lambda p: p.name)
+def test_solved_exercises_have_titles_sphinx_exercise_can_reference(path):
+    # A solution's title repeats its exercise's title; inline code there leaves the label
+    # undefined and the book build (-W) fails.
+    import re
+
+    for c in json.loads(path.read_text())["cells"]:
+        src = "".join(c["source"])
+        m = re.match(r"```\{exercise\}([^\n]*)\n:label: (\S+)", src)
+        if m and any(f"{{solution-start}} {m.group(2)}" in "".join(d["source"])
+                     for d in json.loads(path.read_text())["cells"]):
+            assert "`" not in m.group(1), f"{path.name}: exercise {m.group(2)} has code in its title"
