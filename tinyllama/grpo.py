@@ -3,7 +3,7 @@
 # %% ../nbs/14_grpo.ipynb #6fcbee8a
 from __future__ import annotations
 import copy, math, random, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 import torch
 import torch.nn as nn
@@ -12,16 +12,17 @@ from .model import LLM
 from .attention import position_ids_from_mask
 from .device import get_device
 from .generate import decode_steps, left_pad
-from .reward import GoldenRewardModel, LetterTokenizer, copy_prompts
+from .reward import LetterTokenizer, copy_prompts
 from tinyllama.ppo import (
     PPOPreset,
     ppo_preset,
     copy_eval,
     CopyEval,
+    copy_task,
     masked_mean,
     token_logprobs,
 )
-from .ppo import _check_prompts, _copy_policy, _copy_words
+from .ppo import _check_prompts  # the prompts' checks, shared with PPO
 
 # %% auto #0
 __all__ = ['group_advantages', 'kl_k3', 'grpo_loss', 'GRPOConfig', 'GRPORollout', 'GRPOTrainer', 'GRPOPreset', 'grpo_preset',
@@ -539,14 +540,13 @@ def run_grpo_copy_task(
         raise ValueError(f"seed must be an integer, got {seed!r}.")
     device = get_device() if device is None else torch.device(device)
     task = preset.task
-    tok, words = LetterTokenizer(task.alphabet), _copy_words(task, seed)
-    golden = GoldenRewardModel(tok.eos_id, tok.pad_id, bos_id=tok.bos_id)
-    max_new = task.max_len + 1  # the longest word and its EOS
-    base = _copy_policy(task, tok.vocab_size, seed, device)
+    parts = copy_task(task, seed, device)  # chapter 11's words, reward and random start
+    tok, words, golden = parts.tokenizer, parts.words, parts.reward_fn
+    max_new, base = parts.max_new_tokens, parts.ref_policy
     test = copy_prompts(words["test"], tok, bos=True)
     before = copy_eval(base, test, golden, max_new)
     trainer = GRPOTrainer(
-        copy.deepcopy(base), base, golden.score, _grpo_config(preset, max_new, seed),
+        parts.policy, base, golden.score, _grpo_config(preset, max_new, seed),
         eos_id=tok.eos_id, pad_id=tok.pad_id,
     )  # fmt: skip
     val = copy_prompts(words["val"], tok, bos=True)
