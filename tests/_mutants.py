@@ -1,7 +1,10 @@
-"""The classic PPO bugs, one substitution each, for tests/test_mutants.py.
+"""The classic PPO bugs, and the GPU/Mac defects of issue 14, one substitution each, for
+tests/test_mutants.py.
 
-A row: (name, module file under tinyllama/, exact old text (must occur once), new text, the test node ids that
-must fail with the bug in). The last row is a harmless change whose tests must pass: the harness can fail."""
+A row: (name, file (a module under tinyllama/, or a path from the repository root such as
+bench/gpu_check.sh), exact old text (must occur once), new text, the test node ids that must
+fail with the bug in). SANITY is a harmless change whose tests must pass: the harness can
+fail."""
 
 B = "tests/test_ppo_bugs.py::"
 P = "tests/test_ppo.py::"
@@ -115,3 +118,70 @@ SANITY = ("harmless_docstring", "ppo.py",
           '"Nothing to do: β is fixed."', '"Nothing to do: beta is fixed."',
           [B + "test_a_fixed_beta_stays_put", B + "test_the_value_of_a_token_is_read_before_the_token",
            P + "test_ratio_is_one_on_the_first_minibatch_at_any_temperature"])
+
+# Issue 14: each fix of a GPU or Mac defect undone, one at a time; the device tests, which run
+# without a GPU, must then fail. (The defect's number in the issue leads each name.)
+D = "tests/test_device_paths.py::"
+DEVICE_MUTANTS = [
+    ("d1_trainer_state_loaded_onto_the_device", "checkpoint.py",
+     'torch.load(spath, map_location="cpu", weights_only=True)',
+     "torch.load(spath, map_location=map_location, weights_only=True)",
+     [D + "test_resume_restores_rng_when_the_state_is_loaded_onto_another_device"]),
+    ("d1_rng_states_moved_with_the_rest", "checkpoint.py",
+     'k: v if k == "rng" else _move(v, map_location) for k, v in state.items()',
+     "k: _move(v, map_location) for k, v in state.items()",
+     [D + "test_resume_restores_rng_when_the_state_is_loaded_onto_another_device"]),
+    ("d2_float64_on_mps", "generate.py",
+     'return device if device.type in ("cpu", "cuda") else torch.device("cpu")',
+     "return device",
+     [D + "test_sampling_on_mps_never_makes_a_float64_tensor_there",
+      D + "test_top_p_filter_on_mps_keeps_the_nucleus"]),
+    ("d3_mps_in_every_profile", "device.py",
+     'if _mps_available() and get_profile().name == "gpu":', "if _mps_available():",
+     [D + "test_a_mac_uses_its_gpu_only_in_the_gpu_profile"]),
+    ("d3_auto_precision_fp16_on_mps", "device.py",
+     "return torch.float32  # CPU: no faster at our sizes; MPS: see the text above",
+     'return torch.float16 if device.type == "mps" else torch.float32',
+     [D + "test_auto_precision_on_mps_is_fp32_without_a_scaler"]),
+    ("d3_any_torch_for_mps_autocast", "train.py",
+     "and _torch_version() < (2, 7)", "and _torch_version() < (2, 2)",
+     [D + "test_reduced_precision_on_mps_needs_a_recent_torch"]),
+    ("d4_gpu_check_stops_at_the_first_failure", "bench/gpu_check.sh",
+     "set -uo pipefail", "set -euo pipefail",
+     [D + "test_the_gpu_check_survives_a_failing_step"]),
+    ("d4_gpu_check_runs_every_speedrun_stage", "bench/gpu_check.sh",
+     "--stages pretrain,samples --corpus", "--corpus",
+     [D + "test_the_gpu_check_survives_a_failing_step"]),
+    ("d5_emulated_bf16_counts", "device.py",
+     "return torch.cuda.get_device_capability(device) >= (\n        8,\n        0,\n    )",
+     "return torch.cuda.is_bf16_supported()",
+     [D + "test_bf16_only_where_the_gpu_has_it_natively"]),
+    ("d6_copy_task_stays_on_the_cpu", "ppo.py",
+     "    device = get_device() if device is None else torch.device(device)\n"
+     "    tok, words = ",
+     '    device = torch.device("cpu" if device is None else device)\n    tok, words = ',
+     [D + "test_the_copy_task_puts_every_model_on_get_device"]),
+    ("d7_grouped_sdpa_on_any_gpu", "attention.py",
+     "return half and _cuda_capability(device.index) >= (8, 0)", "return True",
+     [D + "test_sdpa_groups_kv_heads_only_for_a_fused_kernel"]),
+    ("d8_forward_reads_the_ids_on_a_gpu", "model.py",
+     'if input_ids.device.type == "cpu":', "if True:",
+     [D + "test_a_forward_on_a_gpu_like_device_never_syncs"]),
+    ("d8_rope_reads_positions_on_a_gpu", "rope.py",
+     'if position_ids.device.type != "cpu":\n        return', "if False:\n        return",
+     [D + "test_a_forward_on_a_gpu_like_device_never_syncs"]),
+    ("d8_reward_model_reads_the_mask_on_a_gpu", "reward.py",
+     'if mask.device.type == "cpu":  # the checks', "if True:  # the checks",
+     [D + "test_a_reward_model_forward_off_the_cpu_never_syncs"]),
+    ("d8_a_read_per_row_per_token", "generate.py",
+     "tokens = torch.stack([nxt for nxt, _ in steps], 1).tolist()",
+     "tokens = [list(r) for r in zip(*[[int(t) for t in nxt] for nxt, _ in steps])]",
+     [D + "test_decoding_syncs_once_per_token_whatever_the_batch"]),
+    ("d8_floats_per_minibatch", "ppo.py",
+     "return {k: v.detach() for k, v in stats.items()}  # no host sync per minibatch",
+     "return {k: float(v) for k, v in stats.items()}",
+     [D + "test_a_ppo_minibatch_update_off_the_cpu_never_syncs"]),
+    ("d10_panel_keeps_the_traceback", "widgets.py",
+     "e.__traceback__, e.__context__, e.__cause__ = None, None, None", "pass",
+     [D + "test_a_failed_run_frees_what_its_frames_held"]),
+]

@@ -281,6 +281,20 @@ def test_ppo_statistics_reach_the_caller_as_floats():
     assert stats["loss/policy"] == pytest.approx(sum(s["loss/policy"] for s in trainer.minibatch_stats) / 4)
 
 
+# -- 6. the chapters' models go where get_device() says (a GPU when there is one)
+def test_the_copy_task_puts_every_model_on_get_device(monkeypatch):
+    import tinyllama.ppo as ppo
+
+    # The meta device stands in for the GPU that get_device() would return.
+    monkeypatch.setattr(ppo, "get_device", lambda *a, **k: torch.device("meta"))
+    task = ppo.copy_task("ci", seed=0)
+    models = (task.policy, task.ref_policy, task.value_model)
+    assert {p.device.type for m in models for p in m.parameters()} == {"meta"}
+    assert task.trainer().device.type == "meta"
+    cpu = ppo.copy_task("ci", seed=0, device="cpu")  # asked for by name: there
+    assert {p.device.type for p in cpu.policy.parameters()} == {"cpu"}
+
+
 # -- 10. after an error (an out-of-memory one, say) the panel must not keep the run's memory alive
 def test_a_failed_run_frees_what_its_frames_held(tmp_path, monkeypatch):
     held = []

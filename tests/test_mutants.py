@@ -1,5 +1,6 @@
-"""Mutation tests for tinyllama.ppo: each classic PPO bug of tests/_mutants.py is put into a copy of the
-package, and the tests named for it must then fail. A harmless change must leave its tests passing.
+"""Mutation tests for tinyllama.ppo and the GPU/Mac paths: each classic PPO bug of
+tests/_mutants.py, and each fix of issue 14 undone, is put into a copy of the package, and
+the tests named for it must then fail. A harmless change must leave its tests passing.
 
 Each run checks that it imported the copy, not the working tree."""
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from _mutants import MUTANTS, SANITY
+from _mutants import DEVICE_MUTANTS, MUTANTS, SANITY
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,11 +23,11 @@ def test_the_copy_is_imported():
 
 def run_mutant(tmp_path, module, old, new, node_ids):
     "Copy the package and its tests, put the bug in, run the node ids there: (exit code, output)."
-    for name in ("tinyllama", "tests"):
+    for name in ("tinyllama", "tests", "bench"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("conftest.py", "pyproject.toml"):
         shutil.copy(ROOT / name, tmp_path / name)
-    path = tmp_path / "tinyllama" / module
+    path = tmp_path / module if "/" in module else tmp_path / "tinyllama" / module
     src = path.read_text()
     assert src.count(old) == 1, f"{old!r} occurs {src.count(old)} times in {module}: update tests/_mutants.py"
     path.write_text(src.replace(old, new))
@@ -40,7 +41,10 @@ def run_mutant(tmp_path, module, old, new, node_ids):
     return p.returncode, p.stdout + p.stderr
 
 
-@pytest.mark.parametrize("name, module, old, new, node_ids", MUTANTS, ids=[m[0] for m in MUTANTS])
+ALL = MUTANTS + DEVICE_MUTANTS
+
+
+@pytest.mark.parametrize("name, module, old, new, node_ids", ALL, ids=[m[0] for m in ALL])
 def test_the_tests_catch_the_bug(tmp_path, name, module, old, new, node_ids):
     code, out = run_mutant(tmp_path, module, old, new, node_ids)
     assert "test_aa_which_copy.py" not in out, out[-3000:]  # the copy, not the working tree, was tested
