@@ -177,6 +177,11 @@ DEVICE_MUTANTS = [
      "tokens = torch.stack([nxt for nxt, _ in steps], 1).tolist()",
      "tokens = [list(r) for r in zip(*[[int(t) for t in nxt] for nxt, _ in steps])]",
      [D + "test_decoding_syncs_once_per_token_whatever_the_batch"]),
+    ("d8_uniforms_drawn_per_token", "generate.py",
+     "u = None if gens is None else _uniforms(B, gens, _f64_device(device), n_new)",
+     "u = None if gens is None else torch.stack([_uniforms(B, gens, _f64_device(device))"
+     " for _ in range(n_new)])",
+     [D + "test_decoding_draws_each_rows_uniforms_once_not_once_per_token"]),
     ("d8_floats_per_minibatch", "ppo.py",
      "return {k: v.detach() for k, v in stats.items()}  # no host sync per minibatch",
      "return {k: float(v) for k, v in stats.items()}",

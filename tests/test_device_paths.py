@@ -242,6 +242,26 @@ def test_decoding_syncs_once_per_token_whatever_the_batch():
     assert c.n <= n_new + 4  # with an EOS: one "is any row still going?" per token
 
 
+class CountRand(TorchFunctionMode):
+    "Counts the calls to torch.rand (each draw on the host is one more copy to a GPU)."
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.rand
+        return func(*args, **(kwargs or {}))
+
+
+def test_decoding_draws_each_rows_uniforms_once_not_once_per_token():
+    model = LLM(CFG).eval()
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    with CountRand() as c:
+        generate(model, prompts, max_new_tokens=12, temperature=1.0, seed=0, eos_id=None)
+    assert c.n == len(prompts)  # one draw of all 12 steps per row's generator
+
+
 def test_a_reward_model_forward_off_the_cpu_never_syncs():
     rm = RewardModel(CFG, pad_id=0).to("meta")
     ids = torch.randint(1, CFG.vocab_size, (3, 7)).to("meta")
