@@ -10,9 +10,10 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tinyllama.data import (DEFAULT_TABLES, DownloadError, Estimate, StoryWorld, default_world, download,
-                            entropy_estimate, load_tinystories, mean_ci, parse_tinystories, ratio_ci,
-                            sample_story, sha256_of, story_corpus, story_log_prob, train_heldout,
+from tinyllama.data import (DEFAULT_TABLES, TINYSTORIES_FILES, TINYSTORIES_REPO, DownloadError, Estimate,
+                            StoryWorld, default_world, entropy_estimate, load_tinystories, mean_ci,
+                            parse_tinystories, ratio_ci, sample_story, sha256_of, story_corpus,
+                            story_log_prob, tinystories_file, train_heldout,
                             verify_unambiguous)
 
 
@@ -218,42 +219,54 @@ def test_parse_tinystories_format():
     assert parse_tinystories("") == []
 
 
-def test_load_tinystories_from_a_local_file_with_cache_and_checksum(tmp_path):
+def test_load_tinystories_from_a_local_file(tmp_path):
     src = tmp_path / "TinyStories-mini.txt"
     src.write_text("A cat sat.\n<|endoftext|>\nA dog ran.\nIt was fast.\n<|endoftext|>\nThe end.\n")
-    cache = tmp_path / "cache"
-    got = load_tinystories(url=src.as_uri(), cache_dir=cache, progress=False)
+    got = load_tinystories(path=src)
     assert got == ["A cat sat.", "A dog ran.\nIt was fast.", "The end."]
-    assert (cache / "TinyStories-mini.txt.sha256").read_text().strip() == sha256_of(src)
-    assert load_tinystories(url=src.as_uri(), cache_dir=cache, max_stories=2, progress=False) == got[:2]
-    src.unlink()  # the cached copy is used from now on
-    assert load_tinystories(url=src.as_uri(), cache_dir=cache, progress=False) == got
-    # a cached file that no longer matches its recorded digest is fetched again (and here cannot be)
-    (cache / "TinyStories-mini.txt").write_text("tampered")
-    with pytest.raises(DownloadError, match="could not download"):
-        load_tinystories(url=src.as_uri(), cache_dir=cache, progress=False)
+    assert load_tinystories(path=src, max_stories=2) == got[:2]
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        load_tinystories(path=tmp_path / "missing.txt")
 
 
-def test_download_checks_the_given_sha256(tmp_path):
-    src = tmp_path / "f.txt"
-    src.write_bytes(b"hello")
-    with pytest.raises(DownloadError, match="SHA-256"):
-        download(src.as_uri(), tmp_path / "out" / "f.txt", sha256="0" * 64, progress=False)
-    assert not any((tmp_path / "out").iterdir())  # nothing half-written is left behind
-    p = download(src.as_uri(), tmp_path / "out" / "f.txt", sha256=sha256_of(src), progress=False)
-    assert p.read_bytes() == b"hello"
+def test_tinystories_come_from_the_hub_dataset_through_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, **kw):  # what the Hub's client would return: a cached path
+        calls.append((repo_id, filename, kw))
+        f = tmp_path / filename
+        f.write_text("One.\n<|endoftext|>\nTwo.\n")
+        return str(f)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert load_tinystories("train", cache_dir=tmp_path / "hub", revision="abc") == ["One.", "Two."]
+    repo, name, kw = calls[0]
+    assert (repo, name) == (TINYSTORIES_REPO, TINYSTORIES_FILES["train"]) == ("roneneldan/TinyStories",
+                                                                              "TinyStoriesV2-GPT4-train.txt")
+    assert kw["repo_type"] == "dataset" and kw["revision"] == "abc" and kw["cache_dir"] == tmp_path / "hub"
+    assert tinystories_file(progress=False).name == "TinyStoriesV2-GPT4-valid.txt"
+    assert calls[-1][2]["tqdm_class"] is not None  # a bar that never shows
 
 
 def test_offline_error_is_clear_and_fast(tmp_path):
+    # The real client, with the network ruled out and an empty cache: what an offline reader meets.
     with pytest.raises(DownloadError) as e:
-        load_tinystories(url="http://127.0.0.1:9/x", cache_dir=tmp_path, timeout=2, progress=False)
+        tinystories_file("validation", cache_dir=tmp_path / "hub", local_only=True)
     msg = str(e.value)
-    assert "could not download http://127.0.0.1:9/x" in msg and "offline" in msg and "StoryWorld" in msg
-    assert list(tmp_path.iterdir()) == []
+    assert "TinyStoriesV2-GPT4-valid.txt" in msg and "offline" in msg and "StoryWorld" in msg
+    assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").rglob("*.txt"))
+
+
+def test_sha256_of_a_file(tmp_path):
+    f = tmp_path / "f.txt"
+    f.write_bytes(b"hello")
+    assert sha256_of(f) == "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
 
 
 def test_load_tinystories_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="split"):
         load_tinystories("test", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="max_stories"):
-        load_tinystories(url="http://127.0.0.1:9/x", cache_dir=tmp_path, max_stories=0)
+        load_tinystories(path=tmp_path / "x.txt", max_stories=0)

@@ -69,8 +69,9 @@ def base_fingerprint(preset: PretrainPreset, seed: int = 0) -> str:
 
 def cache_root() -> Path:
     "Where base models are cached: $TINYLLAMA_CACHE, else ~/.cache/tinyllama."
-    root = os.environ.get("TINYLLAMA_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "tinyllama"
+    from tinyllama.data import default_cache_dir
+
+    return default_cache_dir()
 
 # %% ../nbs/07d_base_model.ipynb #ce15d52c
 @dataclass

@@ -2,17 +2,18 @@
 
 # %% ../nbs/01_data.ipynb #26635fad
 from __future__ import annotations
-import functools, hashlib, math, os, random, urllib.request
+import functools, hashlib, math, os, random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DEFAULT_TABLES', 'DEFAULT_PRONOUNS', 'FORMS', 'EVENT_OPENINGS', 'TINYSTORIES_URLS', 'STORY_SEPARATOR', 'Story',
-           'StoryWorld', 'default_world', 'verify_unambiguous', 'Estimate', 'mean_ci', 'ratio_ci', 'entropy_estimate',
-           'sample_story', 'story_log_prob', 'story_corpus', 'train_heldout', 'DownloadError', 'default_cache_dir',
-           'sha256_of', 'download', 'parse_tinystories', 'load_tinystories']
+__all__ = ['DEFAULT_TABLES', 'DEFAULT_PRONOUNS', 'FORMS', 'EVENT_OPENINGS', 'TINYSTORIES_REPO', 'TINYSTORIES_FILES',
+           'STORY_SEPARATOR', 'Story', 'StoryWorld', 'default_world', 'verify_unambiguous', 'Estimate', 'mean_ci',
+           'ratio_ci', 'entropy_estimate', 'sample_story', 'story_log_prob', 'story_corpus', 'train_heldout',
+           'DownloadError', 'tinystories_file', 'parse_tinystories', 'load_tinystories', 'default_cache_dir',
+           'sha256_of']
 
 # %% ../nbs/01_data.ipynb #821c9e6b
 # table name -> ((value, weight), ...); a value is drawn with probability weight / total
@@ -697,18 +698,90 @@ def train_heldout(
     )
 
 # %% ../nbs/01_data.ipynb #4a45502b
-_HUB = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
-TINYSTORIES_URLS = {  # split -> address of its text file
-    "validation": _HUB + "TinyStoriesV2-GPT4-valid.txt",
-    "train": _HUB + "TinyStoriesV2-GPT4-train.txt",
+TINYSTORIES_REPO = "roneneldan/TinyStories"  # a dataset repository on the Hub
+TINYSTORIES_FILES = {  # split -> its text file in that repository
+    "validation": "TinyStoriesV2-GPT4-valid.txt",
+    "train": "TinyStoriesV2-GPT4-train.txt",
 }
 STORY_SEPARATOR = "<|endoftext|>"  # the line between two stories
 
 
 class DownloadError(OSError):
-    "A file could not be downloaded (offline, unreachable, or not the bytes expected)."
+    "A file could not be obtained (offline, unreachable, or not in the cache)."
 
 
+class _NoBar(__import__("tqdm").tqdm):
+    "A progress bar that never shows (for progress=False)."
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
+def tinystories_file(
+    split: str = "validation",  # "validation" (about 22 MB) or "train" (about 2 GB)
+    cache_dir=None,  # huggingface_hub's cache folder; None: its default (HF_HOME)
+    revision: str | None = None,  # a branch, tag or commit of the dataset; None: main
+    local_only: bool = False,  # True: only what is cached, never the network
+    progress: bool = True,  # the client's progress bar while downloading
+) -> Path:
+    "The local path of a TinyStories file: from the Hub's cache, else downloaded once."
+    if split not in TINYSTORIES_FILES:
+        raise ValueError(
+            f"split must be one of {list(TINYSTORIES_FILES)}, got {split!r}."
+        )
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    name = TINYSTORIES_FILES[split]
+    opts = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_only)
+    try:
+        path = hf_hub_download(
+            TINYSTORIES_REPO, name, repo_type="dataset",
+            tqdm_class=None if progress else _NoBar, **opts,
+        )  # fmt: skip
+    except (OSError, EntryNotFoundError) as e:  # the Hub's errors are OSErrors
+        raise DownloadError(
+            f"could not get {name} of the dataset {TINYSTORIES_REPO} from the Hugging "
+            f"Face Hub or its cache ({type(e).__name__}). Are you offline? Without the "
+            "internet, use the built-in story world instead: StoryWorld().sample(n) "
+            "or story_corpus(n)."
+        ) from None
+    return Path(path)
+
+# %% ../nbs/01_data.ipynb #430debef
+def parse_tinystories(text: str) -> list[str]:
+    "The stories of a TinyStories text file: split at <|endoftext|>, stripped."
+    text = text.replace("\r\n", "\n")
+    return [s.strip() for s in text.split(STORY_SEPARATOR) if s.strip()]
+
+
+def load_tinystories(
+    split: str = "validation",  # "validation" (about 22 MB) or "train" (about 2 GB)
+    max_stories: int | None = None,  # keep only the first max_stories stories
+    path=None,  # a local file in the same format instead of the Hub's
+    cache_dir=None,  # huggingface_hub's cache folder; None: its default
+    revision: str | None = None,  # a branch, tag or commit of the dataset
+    progress: bool = True,  # a progress bar while downloading
+) -> list[str]:
+    "TinyStories (Eldan & Li, 2023) as a list of stories, downloaded once and cached."
+    if max_stories is not None and (
+        isinstance(max_stories, bool)
+        or not isinstance(max_stories, int)
+        or max_stories < 1
+    ):
+        raise ValueError(
+            f"max_stories must be a positive integer or None, got {max_stories!r}."
+        )
+    if path is None:
+        path = tinystories_file(split, cache_dir, revision, progress=progress)
+    elif not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is not a file; give a TinyStories text file.")
+    stories = parse_tinystories(
+        Path(path).read_text(encoding="utf-8", errors="replace")
+    )
+    return stories[:max_stories] if max_stories else stories
+
+# %% ../nbs/01_data.ipynb #814ec013
 def default_cache_dir() -> Path:
     "$TINYLLAMA_CACHE, else ~/.cache/tinyllama."
     return Path(
@@ -723,106 +796,3 @@ def sha256_of(path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
-
-# %% ../nbs/01_data.ipynb #aa4e1a92
-def _fetch(url: str, part: Path, name: str, timeout: float, progress: bool) -> str:
-    "Stream `url` into the file `part`: its SHA-256, or a DownloadError."
-    part.parent.mkdir(parents=True, exist_ok=True)
-    h = hashlib.sha256()
-    try:
-        from tqdm.auto import tqdm
-
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            opts = dict(unit="B", unit_scale=True, desc=name, disable=not progress)
-            with tqdm(total=total, **opts) as bar:
-                while b := r.read(1 << 20):
-                    f.write(b)
-                    h.update(b)
-                    bar.update(len(b))
-        if total is not None and part.stat().st_size != total:
-            raise DownloadError(
-                f"the download of {url} stopped early ({part.stat().st_size} of "
-                f"{total} bytes); try again."
-            )
-    except (OSError, ValueError) as e:
-        part.unlink(missing_ok=True)
-        if isinstance(e, DownloadError):
-            raise
-        raise DownloadError(
-            f"could not download {url} ({e}). Are you offline? Without the internet, "
-            "use the built-in story world instead: StoryWorld().sample(n) or "
-            "story_corpus(n)."
-        ) from None
-    return h.hexdigest()
-
-# %% ../nbs/01_data.ipynb #e7d105de
-def download(
-    url: str,  # http(s):// or file:// address
-    path,  # where the file goes; nothing is left there unless the download completes
-    sha256: str | None = None,  # expected hex digest; None: trust the first download
-    timeout: float = 30.0,  # seconds to wait for the server
-    progress: bool = True,  # show a progress bar
-) -> Path:
-    "Download `url` to `path` once; later calls check its SHA-256 and return it."
-    path = Path(path)
-    digest_file = path.with_name(path.name + ".sha256")
-    if path.is_file():
-        want = sha256 or (
-            digest_file.read_text().strip() if digest_file.is_file() else None
-        )
-        if want is None or sha256_of(path) == want.lower():
-            return path
-        path.unlink()  # truncated or altered: fetch it again
-    part = path.with_name(path.name + ".part")
-    got = _fetch(url, part, path.name, timeout, progress)
-    if sha256 is not None and got != sha256.lower():
-        part.unlink()
-        raise DownloadError(
-            f"{url} does not have the expected SHA-256 (expected {sha256}, got {got}); "
-            "the file was removed: try again, or check the address."
-        )
-    part.replace(path)
-    digest_file.write_text(got + "\n")
-    return path
-
-# %% ../nbs/01_data.ipynb #430debef
-def parse_tinystories(text: str) -> list[str]:
-    "The stories of a TinyStories text file: split at <|endoftext|>, stripped."
-    text = text.replace("\r\n", "\n")
-    return [s.strip() for s in text.split(STORY_SEPARATOR) if s.strip()]
-
-
-def load_tinystories(
-    split: str = "validation",  # "validation" (about 22 MB) or "train" (about 2 GB)
-    cache_dir=None,  # where the file is kept; default: default_cache_dir()
-    max_stories: int | None = None,  # keep only the first max_stories stories
-    url: str | None = None,  # another address of a file in the same format
-    sha256: str | None = None,  # the file's SHA-256, when you know it
-    timeout: float = 30.0,  # seconds to wait for the server
-    progress: bool = True,
-) -> list[str]:
-    "TinyStories (Eldan & Li, 2023) as a list of stories, downloaded once and cached."
-    if url is None:
-        if split not in TINYSTORIES_URLS:
-            raise ValueError(
-                f"split must be one of {list(TINYSTORIES_URLS)}, got {split!r}."
-            )
-        url = TINYSTORIES_URLS[split]
-    if max_stories is not None and (
-        isinstance(max_stories, bool)
-        or not isinstance(max_stories, int)
-        or max_stories < 1
-    ):
-        raise ValueError(
-            f"max_stories must be a positive integer or None, got {max_stories!r}."
-        )
-    path = download(
-        url,
-        Path(cache_dir or default_cache_dir()) / url.rsplit("/", 1)[-1],
-        sha256=sha256,
-        timeout=timeout,
-        progress=progress,
-    )
-    stories = parse_tinystories(path.read_text(encoding="utf-8", errors="replace"))
-    return stories[:max_stories] if max_stories else stories
