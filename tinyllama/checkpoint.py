@@ -13,8 +13,9 @@ from .data import sha256_of
 from .model import LLM, LLMConfig
 
 # %% auto #0
-__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'STATE_FILE', 'CheckpointError', 'unwrap_model', 'atomic_write', 'rng_state',
-           'set_rng_state', 'save_checkpoint', 'has_checkpoint', 'load_config', 'load_checkpoint', 'load_model']
+__all__ = ['WEIGHTS_FILE', 'CONFIG_FILE', 'STATE_FILE', 'TOKENIZER_FILE', 'CheckpointError', 'unwrap_model', 'atomic_write',
+           'rng_state', 'set_rng_state', 'save_checkpoint', 'has_checkpoint', 'load_config', 'load_checkpoint',
+           'load_model', 'load_tokenizer', 'load_model_and_tokenizer']
 
 # %% ../nbs/07b_checkpoint.ipynb #634f866a
 WEIGHTS_FILE, CONFIG_FILE, STATE_FILE = (
@@ -135,6 +136,16 @@ def has_checkpoint(out_dir) -> bool:
     )
 
 # %% ../nbs/07b_checkpoint.ipynb #0be36904
+def _folder(out_dir) -> Path:
+    "`out_dir` as a Path; a CheckpointError unless it is a folder."
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise CheckpointError(
+            f"{out_dir} is not a folder; there is no checkpoint there."
+        )
+    return out_dir
+
+
 def _need(path: Path, what: str):
     "A CheckpointError unless the file `path` exists; `what` says what it holds."
     if not path.is_file():
@@ -243,11 +254,7 @@ def load_checkpoint(
     restore_rng: bool = False,  # also restore Python's and torch's random states
 ) -> tuple[nn.Module, dict]:
     "Load a checkpoint into `model` (or a new LLM); returns (model, trainer state)."
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise CheckpointError(
-            f"{out_dir} is not a folder; there is no checkpoint there."
-        )
+    out_dir = _folder(out_dir)
     config = load_config(out_dir)
     model = LLM(config) if model is None else model
     inner = unwrap_model(model)
@@ -281,3 +288,30 @@ def load_model(
     "The trained LLM saved in `out_dir`, in eval mode."
     model, _ = load_checkpoint(out_dir)
     return (model.to(device) if device is not None else model).eval()
+
+# %% ../nbs/07b_checkpoint.ipynb #f68c0c67
+TOKENIZER_FILE = "tokenizer.model"  # pretrain saves the tokenizer beside the weights
+
+
+def load_tokenizer(
+    out_dir,  # a checkpoint folder written by pretrain
+):  # the tinyllama Tokenizer in out_dir/tokenizer.model
+    "The tokenizer saved beside a checkpoint's weights."
+    from tinyllama.tokenizer import Tokenizer
+
+    path = _folder(out_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing; a checkpoint folder from `pretrain` (or `tinyllama "
+            "pretrain`) holds the tokenizer next to the weights."
+        )
+    return Tokenizer.load(path)
+
+
+def load_model_and_tokenizer(
+    out_dir,  # a checkpoint folder written by pretrain
+    device=None,  # move the model there; None keeps it on the CPU
+) -> tuple:  # (the LLM in eval mode, its Tokenizer)
+    "A trained model and the tokenizer it was trained with, from one folder."
+    tokenizer = load_tokenizer(out_dir)  # first: a missing file costs no loading
+    return load_model(out_dir, device), tokenizer

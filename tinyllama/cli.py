@@ -4,66 +4,50 @@
 from __future__ import annotations
 import argparse
 import datetime
+import math
 import os
 import sys
 from pathlib import Path
 
-from .profiles import decode_threads, format_seconds
+from .generate import DEFAULT_PROMPTS  # tinyllama.cli.DEFAULT_PROMPTS too
+from .profiles import decode_threads
 
 # %% auto #0
-__all__ = ['PROG', 'DEFAULT_PROMPTS', 'COMMANDS', 'CLIError', 'positive_int', 'non_negative_float', 'probability', 'build_parser',
-           'cmd_pretrain', 'cmd_sample', 'cmd_speedrun', 'cmd_chat', 'cmd_label', 'main']
+__all__ = ['PROG', 'positive_int', 'non_negative_float', 'probability', 'COMMANDS', 'CLIError', 'build_parser', 'cmd_pretrain',
+           'cmd_sample', 'cmd_speedrun', 'cmd_chat', 'cmd_label', 'main']
 
 # %% ../nbs/93_cli.ipynb #ead703d5
 PROG = "tinyllama"
-DEFAULT_PROMPTS = ("Once upon a time,", "One day, a little", "Long ago, there was")
 
 
 class CLIError(Exception):
-    """A problem with what the user asked for; `main` prints it on one line and exits
-    with status 2.
-    """
+    "A problem with what the user asked for: `main` prints one line, exit status 2."
 
 
-def positive_int(text: str) -> int:
-    "argparse type: an integer >= 1."
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number >= 1, got {text!r}"
-        ) from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
+def _checked(convert, ok, what: str):
+    "An argparse type: `convert(text)`, which must pass `ok`; else says what it wants."
+
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+
+    parse.__doc__ = f"argparse type: {what}."
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    "argparse type: a finite number >= 0."
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number >= 0, got {text!r}"
-        ) from None
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
-def probability(text: str) -> float:
-    "argparse type: a number in (0, 1]."
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number in (0, 1], got {text!r}"
-        ) from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return v
+positive_int = _checked(int, lambda v: v >= 1, "a whole number >= 1")
+non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 # %% ../nbs/93_cli.ipynb #9a9f3304
+_DEVICES = ("cpu", "cuda", "mps")
+
+
 def _timestamp() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -72,23 +56,17 @@ def _common(p: argparse.ArgumentParser, out_help: str):
     p.add_argument(
         "--profile",
         choices=("ci", "cpu", "gpu"),
-        default=None,
         help="run size: ci (seconds), cpu (minutes on a laptop), gpu (a T4); "
         "default $TINYLLAMA_PROFILE, else gpu with CUDA, else cpu",
     )
-    p.add_argument("--out", type=Path, default=None, help=out_help)
+    p.add_argument("--out", type=Path, help=out_help)
     p.add_argument(
         "--seed",
         type=int,
         default=0,
         help="stories, initialisation, data order and sampling (default 0)",
     )
-    p.add_argument(
-        "--device",
-        choices=("cpu", "cuda", "mps"),
-        default=None,
-        help="default: the best available",
-    )
+    p.add_argument("--device", choices=_DEVICES, help="default: the best available")
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars"
     )
@@ -98,7 +76,6 @@ def _corpus(p: argparse.ArgumentParser):
     p.add_argument(
         "--corpus",
         choices=("story_world", "tinystories"),
-        default=None,
         help="training stories (default: the profile's; story_world needs no network)",
     )
 
@@ -113,21 +90,14 @@ def _sampling(
         help=f"0 = greedy (default {temperature:g})",
     )
     p.add_argument(
-        "--top-k",
-        type=positive_int,
-        default=None,
-        help="sample among the k most likely tokens",
+        "--top-k", type=positive_int, help="sample among the k most likely tokens"
     )
     p.add_argument(
-        "--top-p",
-        type=probability,
-        default=None,
-        help="sample within the nucleus of this mass",
+        "--top-p", type=probability, help="sample within the nucleus of this mass"
     )
     p.add_argument(
         "--max-new-tokens",
         type=positive_int,
-        default=None,
         help=f"new tokens per {what} at most (default: up to the end of the context)",
     )
     p.add_argument(
@@ -230,9 +200,7 @@ def _add_chat(sub):
     p.add_argument(
         "--seed", type=int, default=0, help="sampling seed when --temperature > 0"
     )
-    p.add_argument(
-        "--device", choices=("cpu", "cuda", "mps"), help="default: the best available"
-    )
+    p.add_argument("--device", choices=_DEVICES, help="default: the best available")
     _sampling(p, temperature=0.0, what="reply")
 
 
@@ -254,15 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_subcommand(sub)
     return parser
 
-# %% ../nbs/93_cli.ipynb #6794d00b
-def _preset(profile, corpus=None):
-    "The profile's pretraining preset, with another corpus when one is asked for."
-    from dataclasses import replace
-    from tinyllama.train import pretrain_preset
-
-    preset = pretrain_preset(profile)
-    return preset if corpus is None else replace(preset, corpus=corpus)
-
 # %% ../nbs/93_cli.ipynb #cf7a04e2
 def _resolve(args):
     from tinyllama.profiles import get_profile
@@ -271,10 +230,8 @@ def _resolve(args):
 
 
 def cmd_pretrain(args) -> int:
-    """tinyllama pretrain: train with the profile's preset and save the checkpoint
-    folder.
-    """
-    from tinyllama.train import pretrain, steps_overrides
+    "tinyllama pretrain: train with the profile's preset; save the checkpoint folder."
+    from tinyllama.train import pretrain, pretrain_preset, steps_overrides
     from tinyllama.checkpoint import has_checkpoint
 
     profile = _resolve(args)
@@ -286,294 +243,108 @@ def cmd_pretrain(args) -> int:
             f"{out} already holds a checkpoint; pass --resume to continue it, or "
             f"choose another --out."
         )
-    preset = _preset(profile, args.corpus)
+    preset = pretrain_preset(profile, args.corpus)
     overrides = steps_overrides(preset.train, args.steps)
+    overrides |= dict(progress=args.progress, seed=args.seed, resume=args.resume)
     if args.device:
         overrides["device"] = args.device
     print(f"pretraining ({profile} profile) into {out}", flush=True)
-    pr = pretrain(
-        preset,
-        out_dir=out,
-        progress=args.progress,
-        seed=args.seed,
-        resume=args.resume,
-        **overrides,
-    )
-    res = pr.result
-    print(
-        f"{res.steps_done} steps in {format_seconds(res.wall_s)}, "
-        f"{res.tokens_per_s:,.0f} tokens/s; final loss {res.final_loss:.3f}"
-        + (
-            f", held-out {res.final_eval_loss:.3f}"
-            if res.final_eval_loss is not None
-            else ""
-        )
-        + " nats/token"
-    )
-    if pr.comparison is not None:
-        print(pr.comparison)
+    pr = pretrain(preset, out_dir=out, **overrides)
+    print(pr.summary())
     print(f"checkpoint: {out}  (next: tinyllama sample {out})")
     return 0
 
 # %% ../nbs/93_cli.ipynb #09035443
-def _load_for_sampling(folder: Path):
-    from tinyllama.checkpoint import load_model
-    from tinyllama.tokenizer import Tokenizer
-
-    if not folder.exists():
-        raise CLIError(
-            f"no checkpoint folder at {folder}; train one with `tinyllama pretrain "
-            f"--out {folder}`."
-        )
-    if not folder.is_dir():
-        raise CLIError(f"{folder} is a file, not a checkpoint folder.")
-    tok_path = folder / "tokenizer.model"
-    if not tok_path.is_file():
-        raise CLIError(
-            f"{tok_path} is missing; a checkpoint folder from `tinyllama pretrain` "
-            f"holds the tokenizer next to the weights."
-        )
-    return load_model(folder), Tokenizer.load(tok_path)
+def _folder(path: Path, hint: str) -> Path:
+    "`path`, or a CLIError that says what to do when nothing is there."
+    if not path.exists():
+        raise CLIError(f"no checkpoint folder at {path}; {hint}")
+    return path
 
 
 def cmd_sample(args) -> int:
     "tinyllama sample: continue prompts with a checkpoint, streaming the text."
+    from tinyllama.checkpoint import load_model_and_tokenizer
     from tinyllama.device import get_device
+    from tinyllama.generate import print_continuations
 
     profile = _resolve(args)
-    model, tok = _load_for_sampling(args.checkpoint)
-    model = _int8_if(args, model.to(get_device(args.device)))
+    hint = f"train one with `tinyllama pretrain --out {args.checkpoint}`."
+    folder = _folder(args.checkpoint, hint)
+    model, tok = load_model_and_tokenizer(folder, get_device(args.device))
+    model = _int8_if(args, model)
     prompts = args.prompt or list(DEFAULT_PROMPTS)
-    max_new = (
-        args.max_new_tokens or {"ci": 40, "cpu": None, "gpu": None}[profile]
-    )  # ci: seconds
-    longest = max(len(tok.encode(p, bos=True)) for p in prompts)
-    room = model.config.context_size - longest
-    if room < 1:
-        raise CLIError(
-            f"a prompt has {longest} tokens but the model's context is "
-            f"{model.config.context_size}; shorten it."
-        )
-    max_new = room if max_new is None else min(max_new, room)
-    lines = []
+    max_new = args.max_new_tokens or (40 if profile == "ci" else None)  # ci: seconds
+    how = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     with decode_threads(next(model.parameters()).device):
-        _stream_prompts(args, model, tok, prompts, max_new, lines)
+        texts = print_continuations(model, tok, prompts, max_new, seed=args.seed, **how)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
+        lines = [f"> **{p}**{t}\n" for p, t in zip(prompts, texts)]
         (args.out / "samples.md").write_text("\n".join(lines))
         print(f"samples written to {args.out / 'samples.md'}")
     return 0
 
-# %% ../nbs/93_cli.ipynb #ac88cef1
-def _stream_prompts(args, model, tok, prompts, max_new, lines):
-    from tinyllama.generate import stream_text
-
-    for i, prompt in enumerate(prompts):
-        print(prompt, end="", flush=True)
-        text = ""
-        for piece in stream_text(
-            model,
-            tok,
-            prompt,
-            max_new_tokens=max_new,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed + i,
-        ):
-            text += piece
-            print(piece, end="", flush=True)
-        print("\n")
-        lines.append(f"> **{prompt}**{text}\n")
-
 # %% ../nbs/93_cli.ipynb #4ab8b431
 def cmd_speedrun(args) -> int:
-    """tinyllama speedrun: the stages --stages names (default all of SPEEDRUN_STAGES),
-    then report.md.
-    """
-    from tinyllama.speedrun import Speedrun, metrics_table, parse_stages, run_speedrun
+    "tinyllama speedrun: the stages --stages names (default all), then report.md."
+    from tinyllama.speedrun import Speedrun, run_pipeline
 
-    profile = _resolve(args)
-    stages = parse_stages(args.stages)  # a typo fails here, before any training
     out = args.out or Path("runs") / _timestamp()
-    if (out / "report.md").exists():
-        raise CLIError(
-            f"{out} already holds a speedrun report; choose another --out (or leave it "
-            f"out for runs/<time>/)."
-        )
-    print(
-        f"speedrun ({profile} profile: {', '.join(n for n, _ in stages)}) into {out}",
-        flush=True,
-    )
-    run = Speedrun(
-        profile,
-        out,
-        steps=args.steps,
-        corpus=args.corpus,
-        seed=args.seed,
-        device=args.device,
-        progress=args.progress,
-        stages=args.stages,
-    )
-    report = run_speedrun(run, stages)
-    print(f"\n{metrics_table(run)}\n\nreport: {report}")
-    if run.state.get("band_ok") is False:
-        print(
-            f"warning: the held-out NLL is outside the band expected for the {profile} "
-            f"profile (see the report)."
-        )
-    if "sft_checkpoint" in run.state:
-        print(
-            f"talk to the fine-tuned model: tinyllama chat --checkpoint "
-            f"{run.state['sft_checkpoint']}"
-        )
+    options = dict(steps=args.steps, corpus=args.corpus, seed=args.seed)
+    options |= dict(device=args.device, progress=args.progress, stages=args.stages)
+    run_pipeline(Speedrun(_resolve(args), out, **options))
     return 0
 
 # %% ../nbs/93_cli.ipynb #6aca1c2a
 def _read_line(prompt: str) -> str:
-    """One line from stdin, without its newline; EOFError at the end. At a terminal with
-    `input` (line editing), else echoed.
-    """
+    "One line of stdin without its newline (EOFError at the end); piped lines echo."
     if sys.stdin is not None and sys.stdin.isatty():
         return input(prompt)
     line = sys.stdin.readline() if sys.stdin is not None else ""
     if not line:
         raise EOFError
     line = line.rstrip("\r\n")
-    print(
-        f"{prompt}{line}", flush=True
-    )  # a piped line is not echoed by a terminal: show what was read
+    # a piped line is not echoed by a terminal: show what was read
+    print(f"{prompt}{line}", flush=True)
     return line
-
-# %% ../nbs/93_cli.ipynb #7d7f4927
-def _chat_tokens_missing(tok_path: Path) -> list:
-    """The chat-role pieces a SentencePiece model file lacks (None if the file is not a
-    SentencePiece model).
-    """
-    import sentencepiece as spm
-    from tinyllama.tokenizer import CHAT_TOKENS
-
-    try:
-        sp = spm.SentencePieceProcessor(model_proto=tok_path.read_bytes())
-    except (RuntimeError, OSError):
-        return None
-    return [p for p in CHAT_TOKENS if sp.piece_to_id(p) == sp.unk_id()]
-
-
-def _load_for_chat(folder: Path):
-    """(model, tokenizer, fine-tuned on chats?) of a checkpoint folder, with errors that
-    say what is wrong.
-    """
-    from tinyllama.checkpoint import load_checkpoint
-    from tinyllama.tokenizer import Tokenizer
-
-    if not folder.exists():
-        raise CLIError(
-            f"no checkpoint folder at {folder}; `tinyllama speedrun` writes a chat "
-            f"model to <run>/sft/."
-        )
-    if not folder.is_dir():
-        raise CLIError(f"{folder} is a file, not a checkpoint folder.")
-    tok_path = folder / "tokenizer.model"
-    if not tok_path.is_file():
-        raise CLIError(
-            f"{tok_path} is missing; a chat checkpoint holds its tokenizer next to the "
-            f"weights."
-        )
-    try:
-        tok = Tokenizer.load(tok_path)
-    except ValueError:
-        missing = _chat_tokens_missing(tok_path)
-        if missing:
-            raise CLIError(
-                f"the tokenizer {tok_path} has no chat-role tokens "
-                f"({', '.join(missing)}), so no chat can be "
-                "written for it; use a checkpoint trained with tinyllama's tokenizer "
-                "and fine-tuned on "
-                "chats (`tinyllama speedrun` saves one in <run>/sft/)."
-            ) from None
-        raise
-    model, state = load_checkpoint(folder)
-    if model.config.vocab_size != tok.vocab_size:
-        raise CLIError(
-            f"{tok_path} has {tok.vocab_size} pieces but the model in {folder} has a "
-            f"vocabulary of "
-            f"{model.config.vocab_size}; the two files do not belong together."
-        )
-    return model.eval(), tok, (state.get("extra") or {}).get("stage") == "sft"
 
 # %% ../nbs/93_cli.ipynb #e4496d0d
 def cmd_chat(args) -> int:
-    """tinyllama chat: answer messages with a chat checkpoint, one-shot (--message) or
-    line by line until EOF or /quit.
-    """
+    "tinyllama chat: answer one --message, or lines until the end of input or /quit."
     from tinyllama.device import get_device
-    from tinyllama.sft import ChatSession
+    from tinyllama.sft import ChatSession, load_chat_model
 
-    model, tok, chat_trained = _load_for_chat(args.checkpoint)
-    model = _int8_if(args, model.to(get_device(args.device)))
-    session = ChatSession(
-        model,
-        tok,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        args.max_new_tokens,
-        args.seed,
-    )
+    hint = "`tinyllama speedrun` writes a chat model to <run>/sft/."
+    folder = _folder(args.checkpoint, hint)
+    model, tok, chat_trained = load_chat_model(folder, get_device(args.device))
+    model = _int8_if(args, model)
+    how = (args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
+    session = ChatSession(model, tok, *how)
     if not chat_trained:
         print(
             f"note: {args.checkpoint} has no record of chat fine-tuning (a pretraining "
-            f"checkpoint?); its replies may "
-            "not answer you. A speedrun saves a fine-tuned model in <run>/sft/.",
+            "checkpoint?); its replies may not answer you. A speedrun saves a "
+            "fine-tuned model in <run>/sft/.",
             file=sys.stderr,
         )
     with decode_threads(next(model.parameters()).device):
-        if args.message is not None:
-            try:
-                answer = session.reply(args.message)
-            except ValueError as e:
-                raise CLIError(str(e)) from None
-            for note in session.notes:
-                print(f"note: {note}", file=sys.stderr)
-            print(answer)
-            return 0
-        return _chat_loop(args, session)
+        if args.message is None:
+            return _chat_loop(args, session)
+        answer = session.reply(args.message)  # a ValueError: one line, from main
+    for note in session.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(answer)
+    return 0
 
 # %% ../nbs/93_cli.ipynb #ba2b2d5c
 def _chat_loop(args, session) -> int:
-    print(
-        f"chatting with {args.checkpoint} (context {session.context} tokens). Type a "
-        f"message; \\n is a line break, "
-        "/reset starts over, /quit or Ctrl-D ends.",
-        flush=True,
-    )
-    while True:
-        try:
-            line = _read_line("you> ")
-        except EOFError:
-            break
-        except KeyboardInterrupt:
-            print()
-            return 130
-        command = line.strip().lower()
-        if command in ("/quit", "/exit", "/q"):
-            break
-        if command == "/reset":
-            session.reset()
-            print("(a new conversation)")
-            continue
-        if command.startswith("/"):
-            print(f"(unknown command {command!r}: /reset starts over, /quit ends)")
-            continue
-        try:
-            answer = session.reply(line)
-        except ValueError as e:
-            print(f"({e})", flush=True)
-            continue
-        for note in session.notes:
-            print(f"({note})")
-        print(f"assistant> {answer or '(no reply)'}", flush=True)
+    "ChatSession.loop on the terminal; exit status 130 at Ctrl-C."
+    try:
+        session.loop(_read_line, name=args.checkpoint)
+    except KeyboardInterrupt:
+        print()
+        return 130
     return 0
 
 # %% ../nbs/93_cli.ipynb #b1e99553
@@ -594,9 +365,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `tinyllama` command: parse `argv` (default sys.argv[1:]) and run the
-    subcommand.
-    """
+    "The `tinyllama` command: parse `argv` (default sys.argv[1:]), run the subcommand."
     from tinyllama.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
@@ -609,7 +378,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(2) from None
 
 
-if (
-    __name__ == "__main__" and "ipykernel" not in sys.modules
-):  # `python -m tinyllama.cli` (a notebook is __main__ too)
+# `python -m tinyllama.cli` (a notebook is __main__ too)
+if __name__ == "__main__" and "ipykernel" not in sys.modules:
     sys.exit(main())

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_from_probs', 'sample_next', 'left_pad', 'step_weights',
-           'decode_step', 'decode_steps', 'generate', 'stream', 'generate_text', 'stream_text', 'CompiledDecoder']
+__all__ = ['DEFAULT_PROMPTS', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'sample_from_probs', 'sample_next', 'left_pad',
+           'step_weights', 'decode_step', 'decode_steps', 'generate', 'stream', 'generate_text', 'stream_text',
+           'print_continuations', 'CompiledDecoder']
 
 # %% ../nbs/08_generation.ipynb #005e9c89
 def _check_temperature(temperature):
@@ -612,6 +613,45 @@ def stream_text(
     eos_id = tokenizer.eos_id if stop_at_eos else None
     how = (temperature, top_k, top_p, eos_id, tokenizer.pad_id, seed, use_cache)
     return _text_pieces(tokenizer, ids, stream(model, ids, max_new_tokens, *how))
+
+# %% ../nbs/08_generation.ipynb #78488fc9
+DEFAULT_PROMPTS = ("Once upon a time,", "One day, a little", "Long ago, there was")
+
+
+def print_continuations(
+    model: nn.Module,  # an LLM (or its int8 copy)
+    tokenizer,  # a tinyllama Tokenizer
+    prompts: Sequence[str] = DEFAULT_PROMPTS,  # texts to continue
+    max_new_tokens: int | None = None,  # per prompt at most; None: to the context's end
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,  # prompt i samples with seed + i
+) -> list[str]:  # the continuation of each prompt, as printed
+    "Print each prompt and stream its continuation as the tokens are decoded."
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings: [text, ...].")
+    ctx = model.config.context_size
+    longest = max(len(tokenizer.encode(p, bos=True)) for p in prompts)
+    if ctx - longest < 1:
+        raise ValueError(
+            f"a prompt has {longest} tokens but the model's context is {ctx}; "
+            "shorten it."
+        )
+    n_new = (
+        ctx - longest if max_new_tokens is None else min(max_new_tokens, ctx - longest)
+    )
+    how = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    texts = []
+    for i, prompt in enumerate(prompts):
+        print(prompt, end="", flush=True)
+        pieces = []
+        for piece in stream_text(model, tokenizer, prompt, n_new, seed=seed + i, **how):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print("\n")
+        texts.append("".join(pieces))
+    return texts
 
 # %% ../nbs/08_generation.ipynb #c9434d03
 class CompiledDecoder:

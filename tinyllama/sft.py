@@ -29,9 +29,9 @@ from tinyllama.train import (
 __all__ = ['ROLES', 'CHAT_TEMPLATE', 'QUESTION_KINDS', 'SFTPreset', 'sft_preset', 'check_messages', 'format_chat', 'render_chat',
            'fits_context', 'pretty_chat', 'answer_from_fields', 'QAItem', 'story_questions', 'qa_items', 'StoryRequest',
            'story_request', 'follows_request', 'sft_split', 'sft_conversations', 'masked_labels', 'sft_loss',
-           'SFTDataset', 'sft_train', 'chat_replies', 'chat_reply', 'ChatSession', 'wilson_interval', 'format_rate',
-           'normalize_answer', 'exact_match', 'QAResult', 'score_answers', 'answer_accuracy', 'FollowResult',
-           'score_stories', 'instruction_following', 'SFTRun', 'run_sft', 'sft_figure']
+           'SFTDataset', 'sft_train', 'chat_replies', 'chat_reply', 'ChatSession', 'load_chat_model', 'wilson_interval',
+           'format_rate', 'normalize_answer', 'exact_match', 'QAResult', 'score_answers', 'answer_accuracy',
+           'FollowResult', 'score_stories', 'instruction_following', 'SFTRun', 'run_sft', 'sft_figure']
 
 # %% ../nbs/09_sft.ipynb #ea15486e
 @dataclass(frozen=True)
@@ -693,6 +693,94 @@ def reply(self: ChatSession, text: str) -> str:
     reply = [{"role": "assistant", "content": answer}] if answer.strip() else []
     self.messages = messages + reply
     return answer
+
+# %% ../nbs/09_sft.ipynb #aec03407
+def _chat_tokens_missing(path) -> list | None:
+    "The chat-role pieces a SentencePiece file lacks (None: not a SentencePiece file)."
+    import sentencepiece as spm
+    from tinyllama.tokenizer import CHAT_TOKENS
+
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
+    except (RuntimeError, OSError):
+        return None
+    return [p for p in CHAT_TOKENS if sp.piece_to_id(p) == sp.unk_id()]
+
+
+def load_chat_model(
+    folder,  # a checkpoint folder with tokenizer.model, e.g. a speedrun's <run>/sft
+    device=None,  # move the model there; None keeps it on the CPU
+) -> tuple:  # (the LLM in eval mode, its Tokenizer, fine-tuned on chats?)
+    "A chat model, its tokenizer, and whether its checkpoint records chat fine-tuning."
+    from tinyllama.checkpoint import (
+        TOKENIZER_FILE, CheckpointError, load_checkpoint, load_tokenizer,
+    )  # fmt: skip
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        tok = load_tokenizer(folder)
+    except ValueError:  # Tokenizer.load: not a file with the chat-role pieces
+        path = folder / TOKENIZER_FILE
+        if missing := _chat_tokens_missing(path):
+            raise ValueError(
+                f"the tokenizer {path} has no chat-role tokens ({', '.join(missing)}),"
+                " so no chat can be written for it; use a checkpoint trained with "
+                "tinyllama's tokenizer and fine-tuned on chats (`tinyllama speedrun` "
+                "saves one in <run>/sft/)."
+            ) from None
+        raise
+    model, state = load_checkpoint(folder)
+    if model.config.vocab_size != tok.vocab_size:
+        raise CheckpointError(
+            f"{folder / TOKENIZER_FILE} has {tok.vocab_size} pieces but the model in "
+            f"{folder} has a vocabulary of {model.config.vocab_size}; the two files "
+            "do not belong together."
+        )
+    model = model.to(device) if device is not None else model
+    return model.eval(), tok, (state.get("extra") or {}).get("stage") == "sft"
+
+# %% ../nbs/09_sft.ipynb #0904e4d4
+@patch
+def loop(
+    self: ChatSession,
+    read_line=input,  # prompt -> one typed line; EOFError at the end of the input
+    name: str = "the model",  # what the greeting calls the model
+):
+    "Answer messages line by line until /quit or the end of the input."
+    print(
+        f"chatting with {name} (context {self.context} tokens). Type a message; \\n "
+        "is a line break, /reset starts over, /quit or Ctrl-D ends.",
+        flush=True,
+    )
+    while True:
+        try:
+            line = read_line("you> ")
+        except EOFError:
+            return
+        command = line.strip().lower()
+        if command in ("/quit", "/exit", "/q"):
+            return
+        if command == "/reset":
+            self.reset()
+            print("(a new conversation)")
+        elif command.startswith("/"):
+            print(f"(unknown command {command!r}: /reset starts over, /quit ends)")
+        else:
+            self._print_reply(line)
+
+
+@patch
+def _print_reply(self: ChatSession, line: str):
+    "Print the reply to `line` and the notes; a message refused is a note too."
+    try:
+        answer = self.reply(line)
+    except ValueError as e:
+        print(f"({e})", flush=True)
+        return
+    for note in self.notes:
+        print(f"({note})")
+    print(f"assistant> {answer or '(no reply)'}", flush=True)
 
 # %% ../nbs/09_sft.ipynb #992ba4e2
 def wilson_interval(

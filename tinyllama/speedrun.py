@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from .cli import DEFAULT_PROMPTS, _preset
+from .generate import DEFAULT_PROMPTS
 from .profiles import decode_threads, format_seconds
-from .train import steps_overrides
+from .train import pretrain_preset, steps_overrides
 
 # %% auto #0
 __all__ = ['SPEEDRUN_STAGES', 'STAGE_NEEDS', 'matmul_params', 'model_flops_per_token', 'matmul_peak_flops', 'machine_description',
            'Metric', 'Section', 'Speedrun', 'stage_pretrain', 'stage_samples', 'stage_sft', 'stage_ppo',
-           'stage_feedback', 'parse_stages', 'metrics_table', 'render_report', 'run_speedrun']
+           'stage_feedback', 'parse_stages', 'metrics_table', 'render_report', 'run_speedrun', 'run_pipeline']
 
 # %% ../nbs/94_speedrun.ipynb #1d606cda
 def matmul_params(config) -> int:
@@ -212,7 +212,7 @@ def stage_pretrain(run: Speedrun) -> Section:
     from tinyllama.device import autocast_dtype, get_device
     from tinyllama.train import plot_losses, pretrain, set_cpu_threads
 
-    preset = _preset(run.profile, run.corpus)
+    preset = pretrain_preset(run.profile, run.corpus)
     overrides = steps_overrides(preset.train, run.steps)
     overrides |= {"device": run.device} if run.device else {}
     device = torch.device(run.device) if run.device else get_device()
@@ -309,7 +309,7 @@ def _pretraining_texts(run):
 
     if run.state.get("corpus") != "story_world":
         return ()
-    preset = _preset(run.profile, run.corpus)
+    preset = pretrain_preset(run.profile, run.corpus)
     return load_corpus(preset, seed=run.seed, progress=False)[1]
 
 
@@ -644,3 +644,30 @@ def run_speedrun(run: Speedrun, stages=None) -> Path:
         run.sections.append(section)
         (run.out / "report.md").write_text(render_report(run))
     return run.out / "report.md"
+
+# %% ../nbs/94_speedrun.ipynb #eba52d00
+def run_pipeline(
+    run: Speedrun,  # profile, out folder, options; run.stages picks the stages
+) -> Path:  # the report
+    "Check the stages and the folder, run the stages, print the table and next steps."
+    stages = parse_stages(run.stages)  # a typo fails here, before any training
+    if (run.out / "report.md").exists():
+        raise ValueError(
+            f"{run.out} already holds a speedrun report; choose another --out (or "
+            "leave it out for runs/<time>/)."
+        )
+    names = ", ".join(n for n, _ in stages)
+    print(f"speedrun ({run.profile} profile: {names}) into {run.out}", flush=True)
+    report = run_speedrun(run, stages)
+    print(f"\n{metrics_table(run)}\n\nreport: {report}")
+    if run.state.get("band_ok") is False:
+        print(
+            "warning: the held-out NLL is outside the band expected for the "
+            f"{run.profile} profile (see the report)."
+        )
+    if "sft_checkpoint" in run.state:
+        print(
+            "talk to the fine-tuned model: tinyllama chat --checkpoint "
+            f"{run.state['sft_checkpoint']}"
+        )
+    return report

@@ -1078,10 +1078,16 @@ def _pretrain_config(P) -> TrainingConfig:
 
 def pretrain_preset(
     profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
+    corpus: str | None = None,  # "story_world" or "tinystories"; None: the profile's
 ) -> PretrainPreset:
     "Model, training and data sizes of a profile's pretraining run."
     from tinyllama.profiles import as_profile
 
+    if corpus not in (None, "story_world", "tinystories"):
+        raise ValueError(
+            f"corpus must be 'story_world' or 'tinystories' (None: the profile's), "
+            f"got {corpus!r}."
+        )
     P = as_profile(profile)
     return PretrainPreset(
         model=P.pick(
@@ -1091,7 +1097,7 @@ def pretrain_preset(
         ),
         train=_pretrain_config(P),
         profile=P.name,
-        corpus=P.pick(ci="story_world", cpu="story_world", gpu="tinystories"),
+        corpus=corpus or P.pick(ci="story_world", cpu="story_world", gpu="tinystories"),
         n_train_stories=P.pick(ci=1500, cpu=20000, gpu=30000),
         n_heldout_stories=P.pick(ci=100, cpu=500, gpu=500),
         story_world_vocab=768,
@@ -1211,3 +1217,19 @@ def pretrain(
         comparison = compare_to_floor(model, tok, heldout, entropy_estimate(5000))
     wall = time.perf_counter() - t0
     return PretrainRun(model, tok, result, corpus, heldout, comparison, wall)
+
+# %% ../nbs/07_pretraining.ipynb #7de2167f
+@patch
+def summary(self: PretrainRun) -> str:
+    "Steps, time, tokens/s and final losses; then the floor comparison, if any."
+    from tinyllama.profiles import format_seconds
+
+    res = self.result
+    held = res.final_eval_loss
+    text = (
+        f"{res.steps_done} steps in {format_seconds(res.wall_s)}, "
+        f"{res.tokens_per_s:,.0f} tokens/s; final loss {res.final_loss:.3f}"
+        + (f", held-out {held:.3f}" if held is not None else "")
+        + " nats/token"
+    )
+    return text if self.comparison is None else f"{text}\n{self.comparison}"
