@@ -87,6 +87,10 @@ base-models: venv
 student: venv
 	$(PY) scripts/make_student.py --out dist/student
 
+# The bench extra adds torchao (decode.py's torchao int8 row); `make test` never needs it.
 bench: venv
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/train_throughput.py
-	$(PY) bench/decode.py
+	$(PY) bench/decode.py --shape course-cpu
+	$(PY) bench/decode.py --shape stories15M-like
+	$(PY) bench/decode.py --shape stories15M

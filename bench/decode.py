@@ -50,11 +50,25 @@ Int8 (`tinyllama.quantize`, chapter 08b): "int8 (KV cache)" is `generate` on
 checked against each other; against fp32 the bench prints held-out NLL / entropy floor for fp32,
 bf16 and int8 and the share of greedy tokens equal to fp32's (quality, not a pass/fail check).
 
-Usage:  python bench/decode.py [--shape stories15M-like|course-cpu] [--new-tokens 256] [--prompt 16] [--rounds 5] [--threads N] [--quick]
+torchao (optional: `pip install -e ".[bench]"`, which `make bench` does; without it the bench prints
+a line saying so and skips these rows): the same weights quantised by torchao's
+`Int8WeightOnlyConfig` (per-row int8 too, its scale max|row|/127.5), run by the same single-token
+step as "ours compiled" (fused q|k|v and gate|up, whole-context caches, bf16 activations into each
+Linear). "torchao int8 compiled" is that step under torch.compile, where inductor lowers torchao's
+`mm(x, q.t().to(bf16)) * scales` to PyTorch's int8 weight-pack kernel; "torchao int8, eager kernel"
+is its reference, the same step calling that kernel on torchao's q and scales directly. The two
+must agree on every greedy token. torchao's own eager path is not timed: it rounds the product to
+bf16 before scaling (other arithmetic, so its tokens may differ at a one-bf16-unit gap) and converts
+each int8 matrix to bf16 on every call. Quality adds torchao's NLL / floor.
+
+The load average is printed before and after: the bench's machine may be shared.
+
+Usage:  python bench/decode.py [--shape stories15M-like|course-cpu|stories15M] [--new-tokens 256] [--prompt 16] [--rounds 5] [--threads N] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -62,8 +76,13 @@ import warnings
 
 import torch
 
-from _machine import cpu_name  # bench/_machine.py (this folder is on sys.path when a script runs)
-from _decode_checks import check_agreement, int8_runners, quality, story_prompt, trained_model
+# transformers imports torchao when it is installed: its CUDA-only extensions then fail to load (harmless)
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+from _machine import cpu_name, load_average  # bench/_machine.py (this folder is on sys.path when a script runs)
+from _decode_checks import (check_agreement, int8_runners, quality, story_prompt, torchao_runners,
+                            trained_model)
 
 SHAPES = {
     # stories15M's width, depth and heads, but GQA (2 kv heads) and a 4096-token vocabulary:
@@ -169,10 +188,14 @@ def main(argv=None) -> int:
         del runners["ours, no cache"]  # a 32000-way head for every position of every step: minutes
     q8, int8 = int8_runners(ours, prompt, n)
     runners |= int8
+    ao = torchao_runners(ours, prompt, n)  # None without torchao (a printed line says so)
+    if ao is not None:
+        runners |= ao[1]
     import transformers
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print(f"shape: {SHAPE}; batch 1, prompt {args.prompt} tokens, {n} new tokens, greedy, fp32; "
+    print(f"before: {load_average()}")
+    print(f"shape: {args.shape} {SHAPE}; batch 1, prompt {args.prompt} tokens, {n} new tokens, greedy, fp32; "
           f"{args.rounds} interleaved rounds after one warm-up each")
     tokens = {name: fn() for name, fn in runners.items()}  # warm-up, and the tokens for the check
     print(f"ours compiled: the first call compiled the step in {compile_s:.1f} s (not counted below)")
@@ -180,6 +203,9 @@ def main(argv=None) -> int:
     failures = check_agreement(ours, prompt, fp32, "ours (KV cache)")
     failures += check_agreement(q8, prompt, {k: v for k, v in tokens.items() if k.startswith("int8")},
                                 "int8 (KV cache)")
+    if ao is not None:
+        failures += check_agreement(None, prompt, {k: v for k, v in tokens.items() if k.startswith("torchao")},
+                                    "torchao int8, eager kernel", gap=ao[2])
     if failures:
         print(f"FAIL: {len(failures)} decoder(s) disagree on a greedy token that is not a near-tie; "
               "no timings for decoders that do not compute the same thing")
@@ -196,9 +222,9 @@ def main(argv=None) -> int:
         print(f"round {r + 1}: " + ", ".join(f"{k} {n / v[-1]:.0f} tok/s" for k, v in wall.items()), flush=True)
     med_wall = {k: n / statistics.median(v) for k, v in wall.items()}
     med_cpu = {k: n / statistics.median(v) for k, v in cpu.items()}
-    print(f"\n{'decoder':24s} {'tokens/s (wall)':>16s} {'tokens/CPU-s':>14s}   (medians)")
+    print(f"\n{'decoder':28s} {'tokens/s (wall)':>16s} {'tokens/CPU-s':>14s}   (medians)")
     for k in runners:
-        print(f"{k:24s} {med_wall[k]:16.1f} {med_cpu[k]:14.1f}")
+        print(f"{k:28s} {med_wall[k]:16.1f} {med_cpu[k]:14.1f}")
     ours_key = "ours (KV cache)"
     for other, target in [("transformers generate", "acceptance >= 5x, goal 10x"), ("ours, no cache", "acceptance >= 4x"),
                           ("ours via LLM.forward", "what decode_step buys")]:
@@ -209,7 +235,9 @@ def main(argv=None) -> int:
     for other, target in [("transformers generate", "acceptance >= 5x, goal 10x"), ("ours (KV cache)", "what compiling buys")]:
         print(f"ratio ours compiled / {other:22s} wall {med_wall['ours compiled'] / med_wall[other]:5.2f}x   "
               f"CPU time {med_cpu['ours compiled'] / med_cpu[other]:5.2f}x   ({target})")
-    for k, target in [("int8 (KV cache)", ""), ("int8 compiled", "target >= 4x at stories15M-like, >= 10x at course-cpu")]:
+    for k, target in [("int8 (KV cache)", ""), ("int8 compiled", "target >= 4x at stories15M-like, >= 10x at course-cpu"),
+                      ("torchao int8, eager kernel", ""),
+                      ("torchao int8 compiled", "torchao's int8 weight-only, same step")]:
         if k in runners:
             print(f"ratio {k} / transformers generate   wall {med_wall[k] / med_wall['transformers generate']:5.2f}x   "
                   f"CPU time {med_cpu[k] / med_cpu['transformers generate']:5.2f}x   {target}")
@@ -221,7 +249,14 @@ def main(argv=None) -> int:
           f"CPU time {med_cpu[floor] / med_cpu[hf]:5.2f}x   (no decoder of these fp32 weights can beat "
           f"transformers by more; ours reaches {med_cpu[ours_key] / med_cpu[floor]:.0%} of the floor's speed, "
           f"compiled {med_cpu['ours compiled'] / med_cpu[floor]:.0%})")
-    quality(ours, q8, tok, held)
+    q = quality(ours, q8, tok, held, ao=None if ao is None else ao[0])
+    hf = "transformers generate"
+    ratio = lambda k: f"{med_cpu[k] / med_cpu[hf]:.2f}x" if k in runners else "n/a"  # noqa: E731
+    nll = ", ".join(f"{k} {r:.4f} ({100 * (r / q['fp32'][0] - 1):+.2f}%)" for k, (r, _) in q.items())
+    print(f"summary ({args.shape}, CPU time vs {hf}): fp32 compiled {ratio('ours compiled')}, "
+          f"int8 compiled {ratio('int8 compiled')}, torchao int8 compiled {ratio('torchao int8 compiled')}; "
+          f"NLL / floor {nll}")
+    print(f"after: {load_average()}")
     return 0
 
 

@@ -133,3 +133,30 @@ def test_cli_sample_and_chat_take_int8(tmp_path, capsys):
     assert args.int8 and is_quantized(_int8_if(args, LLM(LLMConfig(**SHAPE))))
     plain = build_parser().parse_args(["chat", "--checkpoint", str(out)])
     assert not is_quantized(_int8_if(plain, LLM(LLMConfig(**SHAPE))))
+
+
+def _bench_checks(monkeypatch):
+    "bench/_decode_checks.py, imported as bench/decode.py imports it."
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import _decode_checks
+
+    return _decode_checks
+
+
+def test_the_decode_bench_skips_torchao_with_a_clear_line(monkeypatch, capsys):
+    checks = _bench_checks(monkeypatch)
+    monkeypatch.setitem(__import__("sys").modules, "torchao", None)  # as if it were not installed
+    assert checks.torchao_runners(None, [1, 2], 4) is None
+    out = capsys.readouterr().out
+    assert "torchao is not installed" in out and "[bench]" in out
+
+
+def test_the_decode_bench_fails_a_disagreement_unless_the_reference_calls_it_a_tie(monkeypatch, capsys):
+    checks = _bench_checks(monkeypatch)
+    outs = {"ref": [1, 2, 3, 4], "same": [1, 2, 3, 4], "other": [1, 2, 9, 9]}
+    assert checks.check_agreement(None, [0], outs, "ref", gap=lambda t, i: 0.5) == [
+        "other and ref differ at new token 2 (9 vs 3) where the top-2 logit gap is 0.5"]
+    assert checks.check_agreement(None, [0], outs, "ref", gap=lambda t, i: 0.0) == []
+    assert "near-tie" in capsys.readouterr().out
