@@ -73,14 +73,15 @@ def test_speedrun_writes_report_with_table_and_plot(tmp_path, capsys):
                 "| SFT exact match |", "| SFT instruction following |", "| PPO exact copies |",
                 "| PPO correct tokens per word |", "| PPO reward per response |", "| PPO final KL |",
                 "| reward model pair accuracy |", "| labeler prefers PPO over SFT |", "| KL to the SFT policy |",
-                "| labeler's mean score |"):
+                "| labeler's mean score |", "| DPO implicit-reward accuracy |",
+                "| labeler prefers DPO over SFT |", "| DPO KL to the SFT policy |"):
         assert row in report, row
-    for plot in ("loss", "sft", "ppo", "feedback"):
+    for plot in ("loss", "sft", "ppo", "feedback", "dpo"):
         assert f"![{plot}]({plot}.png)" in report
         assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "checkpoint" / "model.safetensors").is_file() and (out / "samples.md").is_file()
     for title in ("Pretraining", "Samples", "Supervised fine-tuning", "PPO on the copy task",
-                  "Human feedback (scripted labeler)"):
+                  "Human feedback (scripted labeler)", "DPO (the same labels)"):
         assert f"## {title}\n\n*wall time " in report, title  # every stage's wall time
     # the ratio in the table is NLL / floor of the two rows above it
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in report.splitlines() if line.startswith("| ")}
@@ -147,7 +148,7 @@ def test_bad_stages_fail_before_anything_runs(stages, words, tmp_path, capsys):
 
 def test_parse_stages_keeps_pipeline_order():
     from tinyllama.speedrun import parse_stages, SPEEDRUN_STAGES
-    assert [n for n, _ in parse_stages(None)] == [n for n, _ in SPEEDRUN_STAGES] == ["pretrain", "samples", "sft", "ppo", "feedback"]
+    assert [n for n, _ in parse_stages(None)] == [n for n, _ in SPEEDRUN_STAGES] == ["pretrain", "samples", "sft", "ppo", "feedback", "dpo"]
     assert [n for n, _ in parse_stages("PPO, sft,pretrain")] == ["pretrain", "sft", "ppo"]
 
 

@@ -163,8 +163,8 @@ def _add_speedrun(sub):
         "--stages",
         metavar="LIST",
         help="comma-separated stages to run, in pipeline order (default: all of "
-        "pretrain,samples,sft,ppo,feedback; samples and sft need pretrain, "
-        "feedback needs sft)",
+        "pretrain,samples,sft,ppo,feedback,dpo; samples and sft need pretrain, "
+        "feedback and dpo need sft)",
     )
     _corpus(p)
 

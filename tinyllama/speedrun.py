@@ -18,7 +18,8 @@ from .train import pretrain_preset, steps_overrides
 # %% auto #0
 __all__ = ['SPEEDRUN_STAGES', 'STAGE_NEEDS', 'matmul_params', 'model_flops_per_token', 'matmul_peak_flops', 'machine_description',
            'Metric', 'Section', 'Speedrun', 'stage_pretrain', 'stage_samples', 'stage_sft', 'stage_ppo',
-           'stage_feedback', 'parse_stages', 'metrics_table', 'render_report', 'run_speedrun', 'run_pipeline']
+           'stage_feedback', 'stage_dpo', 'parse_stages', 'metrics_table', 'render_report', 'run_speedrun',
+           'run_pipeline']
 
 # %% ../nbs/94_speedrun.ipynb #1d606cda
 def matmul_params(config) -> int:
@@ -538,6 +539,45 @@ def _feedback_section(run, device) -> Section:
     body += ["![feedback](feedback.png)", table]
     return Section("Human feedback (scripted labeler)", "\n\n".join(body), metrics)
 
+# %% ../nbs/94_speedrun.ipynb #b3482094
+def stage_dpo(run: Speedrun) -> Section:
+    "Chapter 13's DPO (tinyllama.dpo.run_dpo) on the run's SFT model."
+    return _small_model_stage(run, _dpo_section)
+
+
+def _dpo_section(run, device) -> Section:
+    from tinyllama.checkpoint import unwrap_model
+    from tinyllama.dpo import dpo_preset, run_dpo
+
+    model, tok = unwrap_model(run.state["model"]), run.state["tokenizer"]
+    r = run_dpo(
+        model, tok, run.out, dpo_preset(run.profile), run.seed, device,
+        progress=run.progress,
+    )  # fmt: skip
+    r.plot.savefig(run.out / "dpo.png", dpi=110)
+    run.state.update(dpo=dict(history=r.history, verdict=r.verdict))
+    v = r.verdict
+    metrics = [
+        Metric(
+            "DPO implicit-reward accuracy",
+            f"{r.accuracy:.1%}",
+            f"{r.n_val_pairs} held-out label pairs; {r.n_train_pairs} trained on",
+        ),
+        Metric(
+            "labeler prefers DPO over SFT",
+            f"{v['win_rate']:.1%}",
+            f"{v['n']} held-out requests, sides shuffled, a tie counts half",
+        ),
+        Metric(
+            "DPO KL to the SFT policy",
+            f"{r.kl_mean:.2f} nats",
+            "per response, mean over the held-out samples",
+        ),
+    ]
+    body = r.summary() + ["![dpo](dpo.png)"]
+    body[0] = "Chapter 13's DPO on the SFT model above, on the same labels. " + body[0]
+    return Section("DPO (the same labels)", "\n\n".join(body), metrics)
+
 # %% ../nbs/94_speedrun.ipynb #3d1d0e65
 SPEEDRUN_STAGES: list = [
     ("pretrain", stage_pretrain),
@@ -545,11 +585,13 @@ SPEEDRUN_STAGES: list = [
     ("sft", stage_sft),
     ("ppo", stage_ppo),
     ("feedback", stage_feedback),
+    ("dpo", stage_dpo),
 ]
 STAGE_NEEDS = {
     "samples": ("pretrain",),
     "sft": ("pretrain",),
     "feedback": ("pretrain", "sft"),
+    "dpo": ("pretrain", "sft"),
 }  # stage -> stages whose results it uses
 
 
