@@ -37,6 +37,10 @@ def patched(chapter: str, src: str, seed: int, penalty: bool) -> str:
             )
         )
         src = src.replace(
+            "sft_policy.config.context_size, seed=0",
+            f"sft_policy.config.context_size, seed={seed}",
+        )
+        src = src.replace(
             "run_feedback_loop(sft_policy, tok, workdir, seed=0)",
             f"run_feedback_loop(sft_policy, tok, workdir, {preset}, seed={seed})",
         )
@@ -66,12 +70,12 @@ def metrics(chapter: str, ns: dict) -> dict:
     )  # fmt: skip
 
 
-def run_one(chapter: str, seed: int, penalty: bool) -> dict:
+def run_one(chapter: str, seed: int, penalty: bool, nb: str | None = None) -> dict:
     "Run the chapter's cells in this process; its metrics and any failed checks."
     import torch
 
     torch.set_num_threads(1)
-    cells = json.loads((ROOT / NB[chapter]).read_text())["cells"]
+    cells = json.loads((ROOT / (nb or NB[chapter])).read_text())["cells"]
     ns, failed, t0 = {"__name__": "__main__"}, [], 0
     t0 = time.perf_counter()
     os.chdir(ROOT / "nbs")
@@ -79,8 +83,8 @@ def run_one(chapter: str, seed: int, penalty: bool) -> dict:
         if c["cell_type"] != "code":
             continue
         src = "".join(c["source"])
-        if src.startswith("#| hide") and "pip" in src:
-            continue
+        if (src.startswith("#| hide") and "pip" in src) or "PPOPanel(" in src:
+            continue  # the installer; the post-training panel (not measured here)
         try:
             exec(compile(patched(chapter, src, seed, penalty), "<cell>", "exec"), ns)
         except AssertionError as e:
@@ -130,6 +134,10 @@ def main():
     ap.add_argument("--out", default="bench/seed_bands.jsonl")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # CHAPTER:SEED:PEN, in a child
     ap.add_argument(
+        "--nb",
+        help="run this copy of the notebook (e.g. a snapshot taken at the start)",
+    )
+    ap.add_argument(
         "--table", action="store_true", help="print --out as Markdown tables"
     )
     a = ap.parse_args()
@@ -138,7 +146,7 @@ def main():
         return
     if a.one:
         chapter, seed, pen = a.one.split(":")
-        print("RESULT " + json.dumps(run_one(chapter, int(seed), pen == "1")))
+        print("RESULT " + json.dumps(run_one(chapter, int(seed), pen == "1", a.nb)))
         return
     for spec in a.runs:
         chapter, profile, seeds, *flag = spec.split(":")
@@ -147,6 +155,7 @@ def main():
             env = dict(os.environ, TINYLLAMA_PROFILE=profile, MPLBACKEND="Agg")
             env["OMP_NUM_THREADS"] = "1"
             cmd = [sys.executable, __file__, "--one", f"{chapter}:{seed}:{pen}"]
+            cmd += ["--nb", str(Path(a.nb).resolve())] if a.nb else []
             t = time.perf_counter()
             p = subprocess.run(cmd, env=env, capture_output=True, text=True)
             rows = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]

@@ -15,7 +15,7 @@ __all__ = ['CHOICES', 'DECISION_FIELDS', 'KEYS', 'FEELING_SCALE', 'Comparison', 
            'story_comparisons', 'run_terminal_labeler', 'read_pairs', 'write_pairs', 'label_command', 'label_main',
            'add_label_subcommand', 'ScriptedLabeler', 'story_requests', 'chat_prompt_ids', 'sample_completions',
            'sample_comparisons', 'head_to_head', 'text_reward_fn', 'FeedbackPreset', 'feedback_preset', 'FeedbackRun',
-           'run_feedback_loop', 'plot_feedback']
+           'feedback_ppo_config', 'run_feedback_loop', 'plot_feedback']
 
 # %% ../nbs/12_human_feedback.ipynb #cdfe8456
 CHOICES = ("a", "b", "tie", "skip")  # what a labeler can answer for one pair
@@ -1092,21 +1092,32 @@ def _fit_reward_model(policy, tokenizer, pairs, samples, preset, seed, progress)
     return rm, history, pair_accuracy(rm, tokenizer, val), n_val
 
 # %% ../nbs/12_human_feedback.ipynb #97c388a1
-def _train_policy(policy, tokenizer, rm, requests, preset, max_new, seed, progress):
-    "Chapter 11's PPO on `requests` against the learned reward: the trainer."
-    import copy
-    from tinyllama.ppo import PPOConfig, PPOTrainer, ValueModel
+def feedback_ppo_config(
+    preset: FeedbackPreset,  # the loop's sizes
+    max_new_tokens: int,  # reply tokens at most
+    seed: int = 0,
+):
+    "The `PPOConfig` chapter 12's loop trains with (and its PPO panel starts from)."
+    from tinyllama.ppo import PPOConfig
 
-    config = PPOConfig(
+    return PPOConfig(
         batch_size=preset.ppo_batch_size,
         mini_batch_size=preset.ppo_mini_batch_size,
         ppo_epochs=preset.ppo_epochs,
         lr=preset.ppo_lr,
-        max_new_tokens=max_new,
+        max_new_tokens=max_new_tokens,
         init_kl_coef=preset.kl_coef,
         missing_eos_penalty=preset.missing_eos_penalty,
         seed=seed,
     )
+
+
+def _train_policy(policy, tokenizer, rm, requests, preset, max_new, seed, progress):
+    "Chapter 11's PPO on `requests` against the learned reward: the trainer."
+    import copy
+    from tinyllama.ppo import PPOTrainer, ValueModel
+
+    config = feedback_ppo_config(preset, max_new, seed)
     trainer = PPOTrainer(
         copy.deepcopy(policy),  # π, trained
         copy.deepcopy(policy),  # π_SFT, the frozen reference
