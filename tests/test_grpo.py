@@ -11,7 +11,7 @@ import torch
 
 from tinyllama.generate import apply_temperature
 from tinyllama.grpo import (GRPOConfig, GRPOTrainer, grpo_loss, grpo_preset, group_advantages, kl_k3,
-                            run_grpo_copy_task)
+                            process_advantages, run_grpo_copy_task)
 from tinyllama.model import LLM, LLMConfig
 from tinyllama.ppo import ppo_preset
 
@@ -94,6 +94,102 @@ def test_a_constant_reward_leaves_the_policy_unchanged():
     stats = tr.step(prompts())
     assert stats["frac_reward_zero_std"] == 1.0
     assert all(torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())
+
+
+
+# ------------------------------------------------------------------------------ process supervision
+def process_brute_force(rewards, mask, G, scale):
+    "From nested lists: each token's return-to-go minus its group's mean at that position (/ std)."
+    B, T = len(rewards), len(rewards[0])
+    ret = [[sum(rewards[i][u] * mask[i][u] for u in range(t, T)) for t in range(T)] for i in range(B)]
+    out = [[0.0] * T for _ in range(B)]
+    for g0 in range(0, B, G):
+        for t in range(T):
+            col = [ret[i][t] for i in range(g0, g0 + G)]
+            mean = sum(col) / G
+            std = math.sqrt(sum((v - mean) ** 2 for v in col) / (G - 1))
+            for i in range(g0, g0 + G):
+                a = ret[i][t] - mean
+                out[i][t] = (a / (std + 1e-4) if scale else a) if mask[i][t] else 0.0
+    return out
+
+
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_process_advantages_equal_a_brute_force_computation(seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    _, _, _, _, mask = loss_inputs(seed, B=8, T=5)
+    r = torch.randint(0, 3, (8, 5), generator=g).double()
+    adv = process_advantages(r, mask, 4, scale=scale)
+    bf = torch.tensor(process_brute_force(r.tolist(), mask.tolist(), 4, scale))
+    assert torch.allclose(adv.double(), bf.double(), atol=1e-5)
+
+
+def test_process_advantages_ignore_padding_and_vanish_for_equal_returns():
+    _, _, _, _, mask = loss_inputs(1, B=6, T=5)
+    r = torch.randn(6, 5)
+    a = process_advantages(r, mask, 3)
+    assert (a[mask == 0] == 0).all()
+    assert torch.equal(a, process_advantages(r.masked_fill(mask == 0, 99.0), mask, 3))  # garbage after EOS
+    full = torch.ones(6, 5)
+    for scale in (True, False):
+        assert (process_advantages(torch.full((6, 5), 2.0), full, 3, scale=scale) == 0).all()
+        # every position's advantages sum to zero over each group (all tokens valid)
+        adv = process_advantages(r, full, 3, scale=scale).view(2, 3, 5)
+        assert torch.allclose(adv.sum(1), torch.zeros(2, 5), atol=1e-4)
+
+
+def test_a_token_is_credited_with_what_follows_it_only():
+    "Two responses that differ only in their last token: the earlier tokens share the credit."
+    r = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    a = process_advantages(r, torch.ones(2, 3), 2, scale=False)
+    assert torch.equal(a, torch.tensor([[0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]]))
+    r = torch.tensor([[1.0, 0, 0], [0, 0, 0]])  # the first token alone earned the point
+    a = process_advantages(r, torch.ones(2, 3), 2, scale=False)
+    assert torch.equal(a, torch.tensor([[0.5, 0, 0], [-0.5, 0, 0]]))  # outcome GRPO: 0.5 everywhere
+
+
+def test_one_token_per_response_gives_the_outcome_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 6.0])
+    for scale in (True, False):
+        a = process_advantages(r[:, None], torch.ones(8, 1), 4, scale=scale)[:, 0]
+        assert torch.allclose(a, group_advantages(r, 4, scale=scale), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo"])
+def test_the_loss_takes_per_token_advantages(variant):
+    "(B, T) advantages: the brute force with each token's own advantage; constant rows match (B,)."
+    lp, old, ref, adv, mask = loss_inputs(4)
+    per_tok = adv[:, None].expand_as(lp).clone()
+    a, _ = grpo_loss(lp, old, ref, adv, mask, 0.2, 0.1, variant, max_tokens=9)
+    b, _ = grpo_loss(lp, old, ref, per_tok, mask, 0.2, 0.1, variant, max_tokens=9)
+    assert torch.allclose(a, b)
+    per_tok[:, 0] = -per_tok[:, 0]  # the first token's advantage alone changes sign
+    c, _ = grpo_loss(lp, old, ref, per_tok, mask, 0.2, 0.1, variant, max_tokens=9)
+    assert not torch.allclose(a, c)
+    bf = 0.0
+    for i in range(lp.shape[0]):
+        n = int(mask[i].sum())
+        s = 0.0
+        for t in range(n):
+            rho = math.exp(lp[i, t] - old[i, t])
+            A = per_tok[i, t].item()
+            u = math.exp(ref[i, t] - lp[i, t])
+            s += min(rho * A, min(max(rho, 0.8), 1.2) * A) - 0.1 * (u - math.log(u) - 1)
+        bf += s / n if variant == "grpo" else s
+    bf = -bf / (lp.shape[0] if variant == "grpo" else lp.shape[0] * 9)
+    assert abs(c.item() - bf) < 1e-9
+
+
+def test_a_per_token_reward_gives_per_token_advantages_in_the_trainer():
+    "reward_fn returns (B, Tr): the rollout's advantages are process_advantages, its rewards the sums."
+    fn = lambda p, r: (r == 5).float()  # +1 at every token 5
+    tr = make_trainer(reward_fn=fn)
+    ro = tr.rollout(prompts())
+    tok = fn(None, ro.response_ids) * ro.response_mask
+    assert ro.advantages.shape == ro.response_ids.shape
+    assert torch.allclose(ro.advantages, process_advantages(tok, ro.response_mask, 4))
+    assert torch.allclose(ro.rewards, tok.sum(1))
 
 
 # ------------------------------------------------------------------------------------------------- k3
@@ -276,6 +372,10 @@ def test_bad_trainer_arguments_are_clear_errors():
         make_trainer().step([[4, PAD, EOS]])
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="group_size"):
+        process_advantages(torch.zeros(6, 3), torch.ones(6, 3), 4)
+    with pytest.raises(ValueError, match="one shape"):
+        process_advantages(torch.zeros(4, 3), torch.ones(4, 2), 2)
     with pytest.raises(ValueError, match="variant"):
         grpo_loss(*loss_inputs(0), variant="ppo")
 
@@ -285,6 +385,24 @@ def test_the_preset_has_ppo_s_budget():
     for prof in ("ci", "cpu", "gpu"):
         g, p = grpo_preset(prof), ppo_preset(prof)
         assert g.task == p and g.num_generations * g.prompts_per_step == p.batch_size
+
+
+def test_the_preset_uses_process_supervision_and_checks_it():
+    p = grpo_preset("ci")
+    assert p.supervision == "process" and p.num_generations == 4
+    with pytest.raises(ValueError, match="supervision"):
+        replace(p, supervision="steps")
+
+
+@pytest.mark.parametrize("supervision", ["outcome", "process"])
+def test_the_copy_task_gives_the_reward_its_supervision_asks_for(supervision):
+    p = grpo_preset("ci")
+    p = replace(p, supervision=supervision, task=replace(p.task, max_steps=1, eval_every=1, n_train=50,
+                                                         n_eval=10))
+    r = run_grpo_copy_task(p, device="cpu", progress=False)
+    ro = r.trainer.last_rollout
+    assert ro.advantages.dim() == (2 if supervision == "process" else 1)
+    assert r.trainer.reward_fn.__name__ == ("rewards" if supervision == "process" else "score")
 
 
 def test_the_copy_task_runs_and_records_its_budget():

@@ -25,8 +25,8 @@ from tinyllama.ppo import (
 from .ppo import _check_prompts  # the prompts' checks, shared with PPO
 
 # %% auto #0
-__all__ = ['group_advantages', 'kl_k3', 'grpo_loss', 'GRPOConfig', 'GRPORollout', 'GRPOTrainer', 'GRPOPreset', 'grpo_preset',
-           'GRPOCopyResult', 'run_grpo_copy_task']
+__all__ = ['group_advantages', 'process_advantages', 'kl_k3', 'grpo_loss', 'GRPOConfig', 'GRPORollout', 'GRPOTrainer',
+           'GRPOPreset', 'grpo_preset', 'GRPOCopyResult', 'run_grpo_copy_task']
 
 # %% ../nbs/14_grpo.ipynb #15219b30
 def _is_int(x) -> bool:
@@ -53,6 +53,31 @@ def group_advantages(
         adv = adv / (r.std(1, keepdim=True) + eps)  # unbiased std, as in TRL
     return adv.view(-1)
 
+# %% ../nbs/14_grpo.ipynb #c7eb00a0
+def process_advantages(
+    rewards: torch.Tensor,  # (B, T) one reward per response token; groups of G rows
+    mask: torch.Tensor,  # (B, T) 1 = valid response token (up to and incl. EOS)
+    group_size: int,  # G, the responses per prompt; B must be a multiple of it
+    scale: bool = True,  # True: divide by the std at each position (GRPO); False: Dr.
+    eps: float = 1e-4,  # added to the std, so equal returns give 0, not 0/0
+) -> torch.Tensor:  # (B, T) each token's advantage, 0 where the mask is 0
+    "Each token's return-to-go minus its group's mean at the same position (/ std)."
+    if not _is_int(group_size) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}.")
+    if rewards.dim() != 2 or rewards.shape != mask.shape or len(rewards) % group_size:
+        raise ValueError(
+            f"rewards and mask must have one shape (B, T) with B a multiple of "
+            f"group_size={group_size}, got {tuple(rewards.shape)}, {tuple(mask.shape)}."
+        )
+    B, T = rewards.shape
+    m = mask.float()
+    R = (rewards.float() * m).flip(1).cumsum(1).flip(1)  # return-to-go, 0 after EOS
+    R = R.view(-1, group_size, T)  # (B / G, G, T)
+    adv = R - R.mean(1, keepdim=True)
+    if scale and group_size > 1:
+        adv = adv / (R.std(1, keepdim=True) + eps)  # unbiased, as group_advantages
+    return adv.view(B, T) * m
+
 # %% ../nbs/14_grpo.ipynb #7ef55740
 def kl_k3(
     logprobs: torch.Tensor,  # log π(y_t) of the sampled tokens, any shape
@@ -67,7 +92,7 @@ def grpo_loss(
     logprobs: torch.Tensor,  # (B, T) log π_θ of the response tokens, with gradient
     old_logprobs: torch.Tensor,  # (B, T) log π_old: the sampler's, at the rollout
     ref_logprobs: torch.Tensor,  # (B, T) log π_ref
-    advantages: torch.Tensor,  # (B,) one per response (group_advantages)
+    advantages: torch.Tensor,  # (B,) per response, or (B, T) per token (process)
     mask: torch.Tensor,  # (B, T) 1 = valid response token (up to and incl. EOS)
     cliprange: float = 0.2,  # ε of the clipped ratio
     beta: float = 0.04,  # weight of the k3 KL term
@@ -76,7 +101,7 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict]:  # the loss to minimise, statistics (0-d tensors)
     "−(clipped surrogate − β·k3), per token, aggregated as `variant` says."
     m = mask.to(logprobs.dtype)
-    A = advantages[:, None]  # every token of a response shares its advantage
+    A = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, 1|T)
     ratio = torch.exp(logprobs - old_logprobs)
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
     kl = kl_k3(logprobs, ref_logprobs)
@@ -172,8 +197,8 @@ class GRPORollout:
     response_mask: torch.Tensor  # (B, Tr) 1 up to and including EOS
     logprobs: torch.Tensor  # (B, Tr) log π_old: the sampler's, at its temperature
     ref_logprobs: torch.Tensor  # (B, Tr) log π_ref of the same tokens
-    rewards: torch.Tensor  # (B,) the reward function's score per response
-    advantages: torch.Tensor  # (B,) group-relative
+    rewards: torch.Tensor  # (B,) the reward per response (summed over its tokens)
+    advantages: torch.Tensor  # (B,) group-relative, or (B, Tr) per token (process)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -193,7 +218,7 @@ class GRPOTrainer:
         self,
         policy: LLM,  # the model being trained
         ref_policy: LLM | None,  # frozen reference for the KL (None: copy of policy)
-        reward_fn: Callable,  # (prompt_ids, response_ids) -> (B,) scores
+        reward_fn: Callable,  # (prompt_ids, response_ids) -> (B,) or (B, Tr) rewards
         config: GRPOConfig | None = None,  # hyper-parameters (None: GRPOConfig())
         eos_id: int = 2,  # ends a response (the tokenizer's eos_id)
         pad_id: int = 3,  # pads prompts (left) and responses (after EOS); not EOS
@@ -283,14 +308,14 @@ def _sample(self: GRPOTrainer, prompts: list[list[int]]):
 
 @patch
 def _rewards(self: GRPOTrainer, prompt_ids, response_ids) -> torch.Tensor:
-    "The reward function's scores, checked: (B,) float32 on the trainer's device."
+    "The reward function's output, checked: (B,) or (B, Tr) float32 on the device."
     r = self.reward_fn(prompt_ids, response_ids)
-    B = response_ids.shape[0]
-    if not isinstance(r, torch.Tensor) or r.shape != (B,):
+    B, Tr = response_ids.shape
+    if not isinstance(r, torch.Tensor) or r.shape not in ((B,), (B, Tr)):
         shape = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
         raise ValueError(
-            f"reward_fn must return one score per response, a tensor of shape ({B},); "
-            f"got {shape}."
+            f"reward_fn must return one score per response, shape ({B},), or one "
+            f"reward per response token, shape ({B}, {Tr}); got {shape}."
         )
     if not torch.isfinite(r).all():
         raise ValueError("reward_fn returned a non-finite reward.")
@@ -316,9 +341,14 @@ def rollout(
     logits = lambda model: _response_logits(model, ids, mask, Tp)
     logprobs = token_logprobs(logits(self.policy), r_ids, c.temperature)[0] * m
     ref_logprobs = token_logprobs(logits(self.ref_policy), r_ids, c.temperature)[0] * m
-    rewards = self._rewards(p_ids, r_ids)
+    rewards = self._rewards(p_ids, r_ids)  # (B,) outcome or (B, Tr) process rewards
     self.eval_mode()  # in case the reward function switched a shared model to training
-    adv = group_advantages(rewards, c.num_generations, scale=c.scale_rewards)
+    G, scale = c.num_generations, c.scale_rewards
+    if rewards.dim() == 2:  # process supervision: one advantage per token
+        adv = process_advantages(rewards * m, r_mask, G, scale=scale)
+        rewards = (rewards * m).sum(1)
+    else:
+        adv = group_advantages(rewards, G, scale=scale)
     return GRPORollout(
         p_ids, p_mask, r_ids, r_mask, logprobs, ref_logprobs, rewards, adv
     )
@@ -439,6 +469,8 @@ class GRPOPreset:
     lr: float  # peak learning rate (lowered as the validation accuracy rises)
     beta: float = 0.04  # weight of the k3 KL to the random reference
     variant: str = "grpo"  # or "dr_grpo"
+    supervision: str = "outcome"  # "outcome": one score; "process": reward per token
+    temperature: float = 1.0  # of the sampler (and of the log-probabilities)
 
     def __post_init__(self):
         for name in ("num_generations", "prompts_per_step"):
@@ -447,6 +479,11 @@ class GRPOPreset:
                 raise ValueError(
                     f"GRPOPreset.{name} must be a positive integer, got {v!r}."
                 )
+        if self.supervision not in ("outcome", "process"):
+            raise ValueError(
+                "GRPOPreset.supervision must be 'outcome' or 'process', "
+                f"got {self.supervision!r}."
+            )
 
 
 def grpo_preset(
@@ -457,13 +494,20 @@ def grpo_preset(
 
     P = profile if isinstance(profile, Profile) else get_profile(profile)
     task = ppo_preset(P)
-    G = 8
+    G = 4  # 4 beat 8 on the copy task's cpu run: more distinct words per step
     if task.batch_size % G:
         raise ValueError(
             f"the copy task's batch_size {task.batch_size} is not a multiple of {G}."
         )
     n = task.batch_size // G
-    return GRPOPreset(task, num_generations=G, prompts_per_step=n, lr=task.lr)
+    return GRPOPreset(
+        task,
+        G,
+        n,
+        lr=task.lr,
+        supervision="process",
+        temperature=1.2,  # explores more
+    )
 
 # %% ../nbs/14_grpo.ipynb #33ba1949
 @dataclass
@@ -495,7 +539,7 @@ def _grpo_config(preset: GRPOPreset, max_new: int, seed: int) -> GRPOConfig:
     return GRPOConfig(
         num_generations=preset.num_generations, mini_batch_size=t.mini_batch_size,
         ppo_epochs=t.ppo_epochs, lr=preset.lr, max_new_tokens=max_new, beta=preset.beta,
-        variant=preset.variant, seed=seed,
+        variant=preset.variant, temperature=preset.temperature, seed=seed,
     )  # fmt: skip
 
 
@@ -545,8 +589,9 @@ def run_grpo_copy_task(
     max_new, base = parts.max_new_tokens, parts.ref_policy
     test = copy_prompts(words["test"], tok, bos=True)
     before = copy_eval(base, test, golden, max_new)
+    reward = golden.score if preset.supervision == "outcome" else golden.rewards
     trainer = GRPOTrainer(
-        parts.policy, base, golden.score, _grpo_config(preset, max_new, seed),
+        parts.policy, base, reward, _grpo_config(preset, max_new, seed),
         eos_id=tok.eos_id, pad_id=tok.pad_id,
     )  # fmt: skip
     val = copy_prompts(words["val"], tok, bos=True)
