@@ -24,8 +24,8 @@ class CLIError(Exception):
     "A problem with what the user asked for: `main` prints one line, exit status 2."
 
 
-def _checked(convert, ok, what: str):
-    "An argparse type: `convert(text)`, which must pass `ok`; else says what it wants."
+def _checked(name: str, convert, ok, what: str):
+    "An argparse type `name`: `convert(text)`, which must pass `ok`; else says what."
 
     def parse(text: str):
         try:
@@ -37,12 +37,15 @@ def _checked(convert, ok, what: str):
         return v
 
     parse.__doc__ = f"argparse type: {what}."
+    parse.__name__ = parse.__qualname__ = name  # as the docs and errors show it
     return parse
 
 
-positive_int = _checked(int, lambda v: v >= 1, "a whole number >= 1")
-non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+positive_int = _checked("positive_int", int, lambda v: v >= 1, "a whole number >= 1")
+non_negative_float = _checked(
+    "non_negative_float", float, lambda v: 0 <= v < math.inf, "a number >= 0"
+)
+probability = _checked("probability", float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 # %% ../nbs/93_cli.ipynb #9a9f3304
 _DEVICES = ("cpu", "cuda", "mps")
