@@ -524,14 +524,15 @@ def run_dpo(
     progress: bool = True,  # tqdm progress bars
 ) -> DPORun:
     "Chapter 13: label π_SFT's samples (chapter 12's) → DPO → the labeller's verdict."
-    from tinyllama.feedback import ScriptedLabeler, head_to_head, story_requests
+    from tinyllama.feedback import ScriptedLabeler, head_to_head, reply_room
+    from tinyllama.feedback import story_requests
 
     preset, device = _check_run_args(sft_policy, tokenizer, out, preset, device)
     sft, labeler = sft_policy.to(device).eval(), labeler or ScriptedLabeler()
     heldout = story_requests(preset.n_heldout, seed=f"{seed}/feedback-heldout")
     requests = story_requests(preset.n_label, seed=f"{seed}/feedback-label")
     requests = [r for r in requests if r not in set(heldout)]  # chapter 12's
-    max_new = _reply_room(sft, tokenizer, heldout + requests, preset.max_new_tokens)
+    max_new = reply_room(sft, tokenizer, heldout + requests, preset.max_new_tokens)
     t0 = time.perf_counter()
     counts, pairs = label_pairs(
         sft, tokenizer, requests, labeler, out, max_new, seed,
@@ -567,36 +568,12 @@ def run_dpo(
 # %% ../nbs/13_dpo.ipynb #148fb6c0
 def _check_run_args(sft_policy, tokenizer, out, preset, device):
     "(preset, device) for run_dpo; a clear ValueError for a bad argument."
-    from tinyllama.model import LLM
+    from tinyllama.feedback import check_policy_args
 
-    if not isinstance(sft_policy, LLM):
-        raise ValueError(
-            f"sft_policy must be an LLM (chapter 06), got {type(sft_policy).__name__}; "
-            "give the model itself (unwrap a DDP or compiled model first)."
-        )
-    if getattr(tokenizer, "end_id", None) is None:
-        raise ValueError("tokenizer has no chat tokens; use a tinyllama Tokenizer.")
-    if Path(out).is_file():
-        raise ValueError(f"out={str(out)!r} is a file; give a folder for the labels.")
+    device = check_policy_args(sft_policy, tokenizer, out, device)  # chapter 12's
     if not isinstance(preset, DPOPreset):
         preset = dpo_preset(preset)
-    if device is None:
-        device = sft_policy.embed_tokens.weight.device
-    return preset, torch.device(device)
-
-
-def _reply_room(policy, tokenizer, prompts, max_new: int) -> int:
-    "Reply tokens that fit after the longest prompt, at most `max_new`."
-    from tinyllama.feedback import chat_prompt_ids
-
-    longest = max(map(len, chat_prompt_ids(tokenizer, prompts)))
-    room = policy.config.context_size - longest
-    if room < 8:
-        raise ValueError(
-            f"context_size={policy.config.context_size} leaves {room} tokens for a "
-            f"reply after a {longest}-token request; use a model with a longer context."
-        )
-    return min(max_new, room)
+    return preset, device
 
 # %% ../nbs/13_dpo.ipynb #972705b3
 def plot_dpo(run: DPORun, title: str = "DPO on chapter 12's labels"):

@@ -15,7 +15,7 @@ __all__ = ['CHOICES', 'DECISION_FIELDS', 'KEYS', 'FEELING_SCALE', 'Comparison', 
            'story_comparisons', 'run_terminal_labeler', 'read_pairs', 'write_pairs', 'label_command', 'label_main',
            'add_label_subcommand', 'ScriptedLabeler', 'story_requests', 'chat_prompt_ids', 'sample_completions',
            'sample_comparisons', 'head_to_head', 'text_reward_fn', 'FeedbackPreset', 'feedback_preset', 'FeedbackRun',
-           'feedback_ppo_config', 'run_feedback_loop', 'plot_feedback']
+           'feedback_ppo_config', 'run_feedback_loop', 'check_policy_args', 'reply_room', 'plot_feedback']
 
 # %% ../nbs/12_human_feedback.ipynb #cdfe8456
 CHOICES = ("a", "b", "tie", "skip")  # what a labeler can answer for one pair
@@ -1165,7 +1165,7 @@ def run_feedback_loop(
     heldout = story_requests(preset.n_heldout, seed=f"{seed}/feedback-heldout")
     requests = story_requests(preset.n_label, seed=f"{seed}/feedback-label")
     requests = [r for r in requests if r not in set(heldout)]
-    max_new = _reply_room(policy, tokenizer, heldout + requests, preset.max_new_tokens)
+    max_new = reply_room(policy, tokenizer, heldout + requests, preset.max_new_tokens)
     seconds, t = {}, time.perf_counter()
     with tqdm(total=4, desc="feedback loop", disable=not progress) as bar:
         bar.set_postfix_str("labels")
@@ -1194,8 +1194,13 @@ def run_feedback_loop(
     return run
 
 # %% ../nbs/12_human_feedback.ipynb #4989ce07
-def _check_loop_args(sft_policy, tokenizer, out, preset, device):
-    "(preset, device) for run_feedback_loop; a clear error for a bad argument."
+def check_policy_args(
+    sft_policy,  # π_SFT: an LLM
+    tokenizer,  # its tokenizer, with the chat tokens
+    out,  # the folder for the labels (not a file)
+    device=None,  # None: where sft_policy is
+):
+    "The device of an alignment run on π_SFT; a clear ValueError for a bad argument."
     import torch
     from tinyllama.model import LLM
 
@@ -1208,14 +1213,25 @@ def _check_loop_args(sft_policy, tokenizer, out, preset, device):
         raise ValueError("tokenizer has no chat tokens; use a tinyllama Tokenizer.")
     if Path(out).is_file():
         raise ValueError(f"out={str(out)!r} is a file; give a folder for the labels.")
-    if not isinstance(preset, FeedbackPreset):
-        preset = feedback_preset(preset)
     if device is None:
         device = sft_policy.embed_tokens.weight.device
-    return preset, torch.device(device)
+    return torch.device(device)
 
 
-def _reply_room(policy, tokenizer, prompts, max_new: int) -> int:
+def _check_loop_args(sft_policy, tokenizer, out, preset, device):
+    "(preset, device) for run_feedback_loop; a clear error for a bad argument."
+    device = check_policy_args(sft_policy, tokenizer, out, device)
+    if not isinstance(preset, FeedbackPreset):
+        preset = feedback_preset(preset)
+    return preset, device
+
+
+def reply_room(
+    policy,  # the model that replies
+    tokenizer,  # its tokenizer, with the chat tokens
+    prompts: list,  # the requests, as text
+    max_new: int,  # the most reply tokens wanted
+) -> int:
     "Reply tokens that fit after the longest prompt, at most `max_new`."
     longest = max(map(len, chat_prompt_ids(tokenizer, prompts)))
     room = policy.config.context_size - longest

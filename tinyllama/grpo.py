@@ -14,6 +14,7 @@ from .device import get_device
 from .generate import decode_steps, left_pad
 from .reward import LetterTokenizer, copy_prompts
 from tinyllama.ppo import (
+    run_steps,
     PPOPreset,
     ppo_preset,
     copy_eval,
@@ -440,23 +441,11 @@ def train(
     progress: bool = True,  # show a tqdm progress bar
 ) -> list[dict]:  # the statistics of these steps (also appended to self.history)
     "Run up to `steps` GRPO steps on prompts from `prompt_fn`; a callback can stop it."
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-    from tqdm.auto import tqdm
 
-    out = []
-    with tqdm(total=steps, disable=not progress, desc="GRPO", unit="step") as bar:
-        for _ in range(steps):
-            stats = self.step(prompt_fn(self.n_steps))
-            out.append(stats)
-            stop = callback(stats) is True if callback is not None else False
-            bar.set_postfix(
-                reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.3f}", refresh=False
-            )
-            bar.update()
-            if stop:
-                break
-    return out
+    def show(s):
+        return dict(reward=f"{s['reward']:.2f}", kl=f"{s['kl']:.3f}")
+
+    return run_steps(self, prompt_fn, steps, callback, progress, "GRPO", show)
 
 # %% ../nbs/14_grpo.ipynb #4fec8072
 @dataclass(frozen=True)

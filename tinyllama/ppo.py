@@ -18,8 +18,8 @@ from .reward import copy_prompts, copy_task_words
 
 # %% auto #0
 __all__ = ['masked_mean', 'whiten', 'compute_gae', 'ValueModel', 'FixedKLController', 'AdaptiveKLController', 'PPOConfig',
-           'token_logprobs', 'kl_penalised_rewards', 'policy_loss', 'value_loss', 'Rollout', 'PPOTrainer', 'PPOPlot',
-           'PPOPreset', 'ppo_preset', 'CopyEval', 'copy_eval', 'CopyTaskResult', 'CopyTask', 'copy_task',
+           'token_logprobs', 'kl_penalised_rewards', 'policy_loss', 'value_loss', 'Rollout', 'PPOTrainer', 'run_steps',
+           'PPOPlot', 'PPOPreset', 'ppo_preset', 'CopyEval', 'copy_eval', 'CopyTaskResult', 'CopyTask', 'copy_task',
            'run_copy_task']
 
 # %% ../nbs/11_ppo.ipynb #f7bd5218
@@ -696,6 +696,33 @@ def step(
     return stats
 
 # %% ../nbs/11_ppo.ipynb #cd212ca9
+def run_steps(
+    trainer,  # a PPOTrainer (or chapter 14's GRPOTrainer): .step(prompts), .n_steps
+    prompt_fn: Callable[[int], Sequence[Sequence[int]]],  # step number -> prompts
+    steps: int,  # steps to run at most
+    callback: Callable[[dict], object] | None = None,  # each step's stats; True: stop
+    progress: bool = True,  # show a tqdm progress bar
+    desc: str = "PPO",  # the progress bar's label
+    show: Callable[[dict], dict] = lambda stats: {},  # stats -> the bar's fields
+) -> list[dict]:  # the statistics of these steps
+    "Up to `steps` trainer steps on prompts from `prompt_fn`; a callback can stop it."
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=steps, disable=not progress, desc=desc, unit="step") as bar:
+        for _ in range(steps):
+            stats = trainer.step(prompt_fn(trainer.n_steps))
+            out.append(stats)
+            stop = callback(stats) is True if callback is not None else False
+            bar.set_postfix(**show(stats), refresh=False)
+            bar.update()
+            if stop:
+                break
+    return out
+
+
 @patch
 def train(
     self: PPOTrainer,
@@ -705,25 +732,11 @@ def train(
     progress: bool = True,  # show a tqdm progress bar
 ) -> list[dict]:  # the statistics of these steps (also appended to self.history)
     "Run up to `steps` PPO steps on prompts from `prompt_fn`; a callback can stop it."
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-    from tqdm.auto import tqdm
 
-    out = []
-    with tqdm(total=steps, disable=not progress, desc="PPO", unit="step") as bar:
-        for _ in range(steps):
-            stats = self.step(prompt_fn(self.n_steps))
-            out.append(stats)
-            stop = callback(stats) is True if callback is not None else False
-            bar.set_postfix(
-                reward=f"{stats['env/reward_mean']:.2f}",
-                kl=f"{stats['objective/kl']:.2f}",
-                refresh=False,
-            )
-            bar.update()
-            if stop:
-                break
-    return out
+    def show(s):
+        return dict(reward=f"{s['env/reward_mean']:.2f}", kl=f"{s['objective/kl']:.2f}")
+
+    return run_steps(self, prompt_fn, steps, callback, progress, "PPO", show)
 
 # %% ../nbs/11_ppo.ipynb #577787c3
 class PPOPlot:
