@@ -14,11 +14,18 @@ from tinyllama.grpo import (GRPOConfig, GRPOTrainer, grpo_loss, grpo_preset, gro
                             process_advantages, run_grpo_copy_task)
 from tinyllama.model import LLM, LLMConfig
 from tinyllama.ppo import ppo_preset
+from _rl import prompts as _prompts, record_sampler
 
 generate_module = importlib.import_module("tinyllama.generate")  # the package also has a function `generate`
 torch.set_num_threads(1)
+
 EOS, PAD, BOS = 2, 3, 1
 V = 12
+
+
+def prompts(n=4, seed=0):
+    "Four prompts by default here (a group of G samples each)."
+    return _prompts(n, seed)
 
 
 def tiny_policy(seed=0, **kw):
@@ -34,15 +41,6 @@ def make_trainer(reward_fn=None, config_kw=None, **grpo_kw):
     cfg = GRPOConfig(**{**dict(num_generations=4, mini_batch_size=8, ppo_epochs=2, max_new_tokens=6, lr=3e-3),
                         **grpo_kw})
     return GRPOTrainer(policy, None, reward_fn, cfg, eos_id=EOS, pad_id=PAD)
-
-
-def prompts(n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        k = int(torch.randint(1, 6, (1,), generator=g))  # different lengths: left padding is exercised
-        out.append(torch.randint(4, V, (k,), generator=g).tolist() + [EOS])
-    return out
 
 
 def loss_inputs(seed, B=6, T=7):
@@ -283,17 +281,6 @@ def test_the_rollout_pads_after_eos_and_masks_it():
 
 
 # ------------------------------------------------------------------- the ratio and the sampler's log-probs
-def record_sampler(monkeypatch):
-    "Record the logits and temperature the decoding loop samples from, one entry per step."
-    seen = []
-    real = generate_module._sample
-
-    def spy(logits, temperature, *args):
-        seen.append((logits.detach().clone(), temperature))
-        return real(logits, temperature, *args)
-
-    monkeypatch.setattr(generate_module, "_sample", spy)
-    return seen
 
 
 @pytest.mark.parametrize("temperature", [0.6, 1.0, 1.5])

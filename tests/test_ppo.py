@@ -11,8 +11,10 @@ from tinyllama.attention import position_ids_from_mask
 from tinyllama.model import LLM, LLMConfig
 from tinyllama.ppo import (AdaptiveKLController, PPOConfig, PPOTrainer, ValueModel, compute_gae,
                            kl_penalised_rewards, masked_mean, policy_loss, token_logprobs, value_loss, whiten)
+from _rl import prompts
 
 torch.set_num_threads(1)
+
 EOS, PAD, BOS = 2, 3, 1
 V = 12
 
@@ -29,15 +31,6 @@ def make_trainer(reward_fn=None, seed=0, model_seed=0, config_kw=None, **ppo_kw)
     cfg = PPOConfig(**{**dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=6, lr=3e-3, seed=seed),
                        **ppo_kw})
     return PPOTrainer(policy, None, ValueModel.from_llm(policy), reward_fn, cfg, eos_id=EOS, pad_id=PAD)
-
-
-def prompts(n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        k = int(torch.randint(1, 6, (1,), generator=g))  # different lengths: left padding is exercised
-        out.append(torch.randint(4, V, (k,), generator=g).tolist() + [EOS])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- GAE

@@ -13,9 +13,11 @@ from tinyllama.generate import apply_temperature
 from tinyllama.model import LLM, LLMConfig
 from tinyllama.ppo import (PPOConfig, PPOTrainer, ValueModel, compute_gae, kl_penalised_rewards, masked_mean,
                            policy_loss, token_logprobs, value_loss, whiten)
+from _rl import prompts, record_sampler
 
 generate_module = importlib.import_module("tinyllama.generate")  # the package also has a function `generate`
 torch.set_num_threads(1)
+
 EOS, PAD = 2, 3
 V = 12
 
@@ -40,28 +42,6 @@ def make_trainer(reward_fn=None, ref_seed=None, config_kw=None, value_head_seed=
     reward_fn = reward_fn or (lambda p, r: (r == 5).float())
     cfg = PPOConfig(**{**dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=6, lr=3e-3), **ppo_kw})
     return PPOTrainer(policy, ref, vm, reward_fn, cfg, eos_id=EOS, pad_id=PAD)
-
-
-def prompts(n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        k = int(torch.randint(1, 6, (1,), generator=g))  # different lengths: left padding is exercised
-        out.append(torch.randint(4, V, (k,), generator=g).tolist() + [EOS])
-    return out
-
-
-def record_sampler(monkeypatch):
-    "Record the logits and temperature the decoding loop samples from, one entry per step."
-    seen = []
-    real = generate_module._sample
-
-    def spy(logits, temperature, *args):
-        seen.append((logits.detach().clone(), temperature))
-        return real(logits, temperature, *args)
-
-    monkeypatch.setattr(generate_module, "_sample", spy)
-    return seen
 
 
 def sampler_logprobs(seen, response_ids):
