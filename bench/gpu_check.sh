@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared check for a machine with a CUDA GPU (run from anywhere; at most about 9 minutes).
+# One prepared check for a machine with a CUDA GPU (run from anywhere; at most about 9 minutes,
+# less where $GPU_CHECK_SCALE_PCT (default 100) scales every step's time limit).
 # Every step has its own time limit and a failed or timed-out step does not stop the others:
 # the summary at the end says which passed. torch must already be installed (with CUDA).
 #   1. torch, the GPU, its compute capability and whether bf16 is native there;
@@ -25,7 +26,7 @@ SUMMARY=()
 stamp() { echo; echo "== [$(( $(date +%s) - t_start )) s] $*"; }
 # step NAME SECONDS CMD...: runs CMD under a time limit and records how it ended.
 step() {
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * ${GPU_CHECK_SCALE_PCT:-100} / 100 )); shift 2
   stamp "$name (limit ${limit} s)"
   local t0=$(date +%s)
   timeout "$limit" "$@"
