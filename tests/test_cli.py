@@ -128,6 +128,18 @@ def test_speedrun_runs_the_stages_asked_for(tmp_path, capsys):
     assert (out / "ppo.png").is_file()
 
 
+@pytest.mark.slow
+def test_speedrun_grpo_stage_reports_the_copy_task(tmp_path):
+    "--stages grpo: chapter 14's GRPO on the PPO stage's copy task, with its own rows."
+    out = tmp_path / "grpo-only"
+    assert main(["speedrun", "--profile", "ci", "--stages", "grpo", "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.md").read_text()
+    for row in ("| GRPO exact copies |", "| GRPO sampled tokens |", "| GRPO training time |"):
+        assert row in report, row
+    assert "## GRPO on the copy task" in report and "| PPO exact copies |" not in report
+    assert "process supervision" in report and "% of " in report  # count and interval
+
+
 @pytest.mark.parametrize("stages, words", [
     ("pretrain,sfft", "'sfft'"),
     ("sft", "needs 'pretrain'"),
@@ -148,7 +160,9 @@ def test_bad_stages_fail_before_anything_runs(stages, words, tmp_path, capsys):
 
 def test_parse_stages_keeps_pipeline_order():
     from tinyllama.speedrun import parse_stages, SPEEDRUN_STAGES
-    assert [n for n, _ in parse_stages(None)] == [n for n, _ in SPEEDRUN_STAGES] == ["pretrain", "samples", "sft", "ppo", "feedback", "dpo"]
+    assert [n for n, _ in SPEEDRUN_STAGES] == ["pretrain", "samples", "sft", "ppo", "feedback", "dpo", "grpo"]
+    assert [n for n, _ in parse_stages(None)] == ["pretrain", "samples", "sft", "ppo", "feedback", "dpo"]  # grpo: opt-in
+    assert [n for n, _ in parse_stages("grpo,ppo")] == ["ppo", "grpo"]
     assert [n for n, _ in parse_stages("PPO, sft,pretrain")] == ["pretrain", "sft", "ppo"]
 
 

@@ -166,8 +166,8 @@ def _add_speedrun(sub):
         "--stages",
         metavar="LIST",
         help="comma-separated stages to run, in pipeline order (default: all of "
-        "pretrain,samples,sft,ppo,feedback,dpo; samples and sft need pretrain, "
-        "feedback and dpo need sft)",
+        "pretrain,samples,sft,ppo,feedback,dpo; grpo runs only when named; samples "
+        "and sft need pretrain, feedback and dpo need sft)",
     )
     _corpus(p)
 

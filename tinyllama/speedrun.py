@@ -16,10 +16,10 @@ from .profiles import decode_threads, format_seconds
 from .train import pretrain_preset, steps_overrides
 
 # %% auto #0
-__all__ = ['SPEEDRUN_STAGES', 'STAGE_NEEDS', 'matmul_params', 'model_flops_per_token', 'matmul_peak_flops', 'machine_description',
-           'Metric', 'Section', 'Speedrun', 'stage_pretrain', 'stage_samples', 'stage_sft', 'stage_ppo',
-           'stage_feedback', 'stage_dpo', 'parse_stages', 'metrics_table', 'render_report', 'run_speedrun',
-           'run_pipeline']
+__all__ = ['SPEEDRUN_STAGES', 'STAGE_NEEDS', 'OPT_IN_STAGES', 'matmul_params', 'model_flops_per_token', 'matmul_peak_flops',
+           'machine_description', 'Metric', 'Section', 'Speedrun', 'stage_pretrain', 'stage_samples', 'stage_sft',
+           'stage_ppo', 'stage_feedback', 'stage_dpo', 'stage_grpo', 'parse_stages', 'metrics_table', 'render_report',
+           'run_speedrun', 'run_pipeline']
 
 # %% ../nbs/94_speedrun.ipynb #1d606cda
 def matmul_params(config) -> int:
@@ -578,6 +578,51 @@ def _dpo_section(run, device) -> Section:
     body[0] = "Chapter 13's DPO on the SFT model above, on the same labels. " + body[0]
     return Section("DPO (the same labels)", "\n\n".join(body), metrics)
 
+# %% ../nbs/94_speedrun.ipynb #ea9b9d85
+def stage_grpo(run: Speedrun) -> Section:
+    "Chapter 14's GRPO (tinyllama.grpo.run_grpo_copy_task) on the PPO stage's task."
+    return _small_model_stage(run, _grpo_section)
+
+
+def _grpo_section(run, device) -> Section:
+    import dataclasses
+    from tinyllama.grpo import grpo_preset, run_grpo_copy_task
+    from tinyllama.ppo import ppo_preset
+    from tinyllama.sft import format_rate
+
+    task = ppo_preset(run.profile, speedrun=True)  # the PPO stage's words and budget
+    base = grpo_preset(run.profile)
+    preset = dataclasses.replace(
+        base, task=task, lr=task.lr,
+        prompts_per_step=task.batch_size // base.num_generations,
+    )  # fmt: skip
+    res = run_grpo_copy_task(preset, device, run.seed, progress=run.progress)
+    run.state.update(grpo=dict(history=res.history, evals=res.checks))
+    n, G = len(res.words["test"]), preset.num_generations
+    k = round(res.after.exact * n)
+    metrics = [
+        Metric(
+            "GRPO exact copies",
+            _before_after(res.before.exact, res.after.exact),
+            f"before → after GRPO; after: {format_rate(k, n)} of the test words, "
+            f"greedy",
+        ),
+        Metric(
+            "GRPO sampled tokens",
+            f"{res.sampled_tokens:,}",
+            f"{len(res.history)} steps of {preset.prompts_per_step} words × {G} "
+            f"samples ({preset.supervision} rewards)",
+        ),
+        Metric("GRPO training time", format_seconds(res.seconds), "checks included"),
+    ]
+    body = (
+        f"Chapter 14's GRPO (G = {G}, {preset.supervision} supervision, temperature "
+        f"{preset.temperature}) on the PPO stage's copy task, from random weights: "
+        f"{len(res.history)} steps, test exact copies {res.before.exact:.1%} → "
+        f"{format_rate(k, n)}."
+    )
+    return Section("GRPO on the copy task", body, metrics)
+
 # %% ../nbs/94_speedrun.ipynb #3d1d0e65
 SPEEDRUN_STAGES: list = [
     ("pretrain", stage_pretrain),
@@ -586,6 +631,7 @@ SPEEDRUN_STAGES: list = [
     ("ppo", stage_ppo),
     ("feedback", stage_feedback),
     ("dpo", stage_dpo),
+    ("grpo", stage_grpo),  # chapter 14; opt-in
 ]
 STAGE_NEEDS = {
     "samples": ("pretrain",),
@@ -593,10 +639,11 @@ STAGE_NEEDS = {
     "feedback": ("pretrain", "sft"),
     "dpo": ("pretrain", "sft"),
 }  # stage -> stages whose results it uses
+OPT_IN_STAGES = {"grpo"}  # run only when --stages names them
 
 
 def parse_stages(
-    text: str | None,  # the --stages value, e.g. "pretrain,sft"; None = every stage
+    text: str | None,  # the --stages value, e.g. "pretrain,sft"; None: all but opt-in
     stages: list | None = None,  # (name, function) pairs; None = SPEEDRUN_STAGES
 ) -> list:
     """The (name, stage) pairs that `text` names, in pipeline order; a ValueError for an
@@ -605,7 +652,7 @@ def parse_stages(
     stages = SPEEDRUN_STAGES if stages is None else stages
     names = [n for n, _ in stages]
     if text is None:
-        return list(stages)
+        return [(n, f) for n, f in stages if n not in OPT_IN_STAGES]
     asked = [t.strip().lower() for t in text.split(",") if t.strip()]
     if not asked:
         raise ValueError(
