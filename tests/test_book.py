@@ -524,3 +524,44 @@ def test_synthetic_page_with_widgets_plot_math_and_directives(browser, synthetic
     assert facts["nMath"] >= 3 and facts["nRendered"] >= facts["nMath"]
     assert sum(i["inArticle"] and i["ok"] for i in facts["images"]) >= 1, "the plot did not load"
     assert label_typeset is True, f"widget label $\\alpha$ was not typeset by MathJax: {label_typeset}"
+
+
+# The post-training panels of chapter 07c: each saved form renders with its own fields.
+PANELS_PAGE = "07c_training_panel"
+PANELS_JS = r"""
+async () => {
+  const root = document.querySelector("article") || document.body;
+  const read = () => {
+    const inWidgets = sel => [...root.querySelectorAll(`.jupyter-widgets ${sel}`)];
+    return {
+      starts: inWidgets("button").filter(b => b.textContent.trim() === "Start").length,
+      titles: inWidgets("b").map(b => b.textContent.trim()),
+      labels: inWidgets("label, .widget-label").map(l => l.textContent.trim()),
+      errors: [...root.querySelectorAll(".jupyter-widgets")]
+        .filter(el => /Error displaying widget/.test(el.textContent)).length,
+    };
+  };
+  let got = read();
+  for (const t0 = Date.now(); got.starts < 4 && Date.now() - t0 < 30000; got = read()) {
+    await new Promise(r => setTimeout(r, 200));
+  }
+  return got;
+}
+"""
+
+
+@pytest.mark.book
+def test_post_training_panels_render_in_the_book(browser, server):
+    """Chapter 07c's saved PPO, DPO and GRPO panels render as forms: a Start button each, their
+    titles, and the fields that set them apart (GRPO's group size G)."""
+    rec = PageRecord(browser)
+    try:
+        rec.page.goto(f"{server}/nbs/{PANELS_PAGE}.html", wait_until="load", timeout=120_000)
+        got = rec.page.evaluate(PANELS_JS)
+    finally:
+        rec.close()
+    assert not got["errors"], got
+    assert got["starts"] >= 4, got  # the pretraining panel and the three post-training panels
+    assert {"PPO", "DPO", "GRPO"} <= set(got["titles"]), got["titles"]
+    wanted = {"β (KL weight)", "group size G", "temperature", "learning rate", "batch size"}
+    assert wanted <= set(got["labels"]), got["labels"]

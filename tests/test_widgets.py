@@ -478,9 +478,10 @@ def test_a_device_this_machine_lacks_is_refused_by_both_panels():
     with pytest.raises(ValueError, match="not available"):
         ppo_config_from_fields(values, PPOConfig())
     for panel in (ppo_panel(), TrainingPanel(profile="ci", n_stories=200)):
+        before = panel.values()["device"]  # cpu here, cuda on a GPU machine
         with pytest.raises(ValueError, match="'tpu' is not available here"):
             panel.set(device="tpu")
-        assert panel.values()["device"] == "cpu"
+        assert panel.values()["device"] == before  # the refused choice left no trace
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -526,3 +527,261 @@ def test_ppo_close_stops_the_run_and_closes_the_widgets():
     panel.close()
     assert not panel.running and panel.result.stopped_early
     assert all(w.comm is None for w in parts)
+
+
+# ---------------------------------------------------------------- the DPO and GRPO panels
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+
+from tinyllama.dpo import DPOPreset, dpo_preset  # noqa: E402
+from tinyllama.grpo import GRPOConfig  # noqa: E402
+from tinyllama.reward import PreferencePair, story_preference_pairs  # noqa: E402
+from tinyllama.widgets import (DPO_FIELDS, DPOPanel, GRPO_FIELDS, GRPOPanel, PolicyPanel,  # noqa: E402
+                               RewardPanel, dpo_preset_from_fields, grpo_config_from_fields)
+
+TINY_DPO = dataclasses.replace(dpo_preset("ci"), steps=8, batch_size=8, lr=3e-3, beta=0.1, eval_every=2)
+
+
+@pytest.fixture(scope="module")
+def story_tok():
+    from tinyllama.data import default_world
+    from tinyllama.tokenizer import train_tokenizer
+
+    texts = [s.text for s in default_world().sample(300, seed="test-widgets-dpo")]
+    return train_tokenizer(texts, vocab_size=400, num_threads=1)
+
+
+def dpo_policy(tok, seed=0):
+    torch.manual_seed(seed)
+    return LLM(LLMConfig(vocab_size=tok.vocab_size, context_size=256, dim_emb=32, num_layers=1,
+                         num_heads=2, num_kv_heads=1, ffd_hidden_dim=64))
+
+
+def dpo_panel(tok, steps=8, **kw):
+    "A DPO panel on happy-versus-sad story pairs from a random policy: a few seconds a run."
+    preset = dataclasses.replace(TINY_DPO, steps=steps)
+    pairs, held = story_preference_pairs(24, seed=0), story_preference_pairs(8, seed=1)
+    return DPOPanel(dpo_policy(tok), tok, pairs, held, **{**dict(preset=preset, max_new_tokens=12), **kw})
+
+
+def test_every_post_training_panel_is_a_policy_panel_and_copies_nothing():
+    assert issubclass(PolicyPanel, RunPanel)
+    for cls in (PPOPanel, GRPOPanel):
+        assert issubclass(cls, RewardPanel)
+    for cls in (PPOPanel, DPOPanel, GRPOPanel):
+        assert issubclass(cls, PolicyPanel)
+        for name in ("_train", "_on_stats", "_ended", "figure", "_problem", "_prepare", "_setup",
+                     "_make_fields", "_config", "_models"):
+            assert name not in vars(cls), (cls.__name__, name)  # shared, not copied
+
+
+def test_dpo_fields_start_from_the_preset_and_the_policy_device(story_tok):
+    panel = dpo_panel(story_tok, steps=7)
+    assert list(panel.fields) == list(DPO_FIELDS)
+    assert panel.values() == dict(beta=0.1, lr=3e-3, steps=7, batch_size=8, device="cpu")
+    assert panel.thread is None and not panel.running and panel.stop_button.disabled
+    assert "8 pairs per step" in panel.summary_text and "24 pairs" in panel.summary_text
+    assert "8 held-out pairs" in panel.summary_text
+
+
+def test_dpo_start_runs_dpo_the_loss_falls_and_the_held_out_accuracy_rises(story_tok):
+    panel = dpo_panel(story_tok, steps=8)
+    start = dpo_policy(story_tok)
+    panel.start()
+    assert panel.running and panel.start_button.disabled and not panel.stop_button.disabled
+    result = panel.wait(timeout=180)
+    assert result is not None and panel.error is None, panel.message_text
+    assert result.steps_done == 8 and not result.stopped_early and len(panel.history) == 8
+    h = panel.history
+    assert abs(h[0]["loss"] - math.log(2)) < 1e-4  # π = π_ref at the first step
+    assert h[-1]["loss"] < 0.5 * h[0]["loss"], [s["loss"] for s in h]
+    assert [s["step"] for s in h if "eval/accuracy" in s] == [1, 3, 5, 7]  # every eval_every=2 steps
+    assert h[-1]["eval/accuracy"] > 0.5 and h[-1]["rewards/margins"] > 0
+    assert all(math.isfinite(s["kl"]) for s in h if "kl" in s)  # k1 from 8 replies: noisy, can be < 0
+    assert panel.progress.value == 8 and "step 8/8" in panel.status.value and "held-out accuracy" in panel.status.value
+    assert panel.plot.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(panel.samples) == 3 and all(isinstance(s, str) for s in panel.samples)
+    assert "Samples" in panel.samples_view.value and "→" in panel.samples_view.value
+    assert panel.message_kind == "ok" and "Finished 8 steps" in panel.message_text
+    assert "loss" in panel.message_text and "held-out accuracy" in panel.message_text
+    assert panel.policy is panel.trainer.policy and panel.trainer.history == panel.history
+    assert state_dicts_equal(panel.start_policy, start)  # the policy given is left as it was
+    assert not state_dicts_equal(panel.policy, start)
+
+
+def test_dpo_stop_ends_cleanly_and_keeps_the_policy_it_reached(story_tok):
+    panel = dpo_panel(story_tok, steps=100_000)
+    panel.start()
+    wait_until(lambda: len(panel.history) >= 3 or not panel.running, timeout=120)
+    assert panel.running, panel.message_text
+    panel.stop()
+    result = panel.wait(timeout=60)
+    assert not panel.running and panel.error is None, panel.message_text
+    assert result.stopped_early and 3 <= result.steps_done < 100_000
+    assert result.steps_done == len(panel.history) == panel.trainer.n_steps
+    assert "Stopped at step" in panel.message_text and panel.message_kind == "ok"
+    assert not state_dicts_equal(panel.policy, panel.start_policy)  # the policy DPO reached is kept
+    assert state_dicts_equal(panel.start_policy, dpo_policy(story_tok))
+
+
+@pytest.mark.parametrize("bad, word", [(dict(beta=0.0), "beta"), (dict(beta=-1.0), "beta"), (dict(lr=0.0), "lr"),
+                                       (dict(steps=0), "steps"), (dict(batch_size=0), "batch_size")])
+def test_dpo_bad_fields_give_a_message_and_start_nothing(story_tok, bad, word):
+    panel = dpo_panel(story_tok).set(**bad)
+    assert word in panel.summary_text
+    panel.start()
+    assert panel.thread is None and panel.trainer is None and not panel.running
+    assert word in panel.message_text and panel.message_kind == "error"
+    with pytest.raises(ValueError, match=word):
+        dpo_preset_from_fields({**panel.values(), **bad}, TINY_DPO)
+
+
+def test_dpo_panel_rejects_bad_arguments(story_tok):
+    pairs = story_preference_pairs(4, seed=0)
+    policy = dpo_policy(story_tok)
+    with pytest.raises(ValueError, match="policy must be an LLM"):
+        DPOPanel("model", story_tok, pairs, pairs)
+    with pytest.raises(ValueError, match="ref_policy must be an LLM"):
+        DPOPanel(policy, story_tok, pairs, pairs, ref_policy="sft")
+    with pytest.raises(ValueError, match="tokenizer must be"):
+        DPOPanel(policy, None, pairs, pairs)
+    with pytest.raises(ValueError, match="empty"):
+        DPOPanel(policy, story_tok, [], pairs)
+    with pytest.raises(ValueError, match="PreferencePair"):
+        DPOPanel(policy, story_tok, pairs, [("a", "b", "c")])
+    with pytest.raises(ValueError, match="config must be a DPOPreset"):
+        DPOPanel(policy, story_tok, pairs, pairs, preset=dict(beta=0.1))
+    assert isinstance(pairs[0], PreferencePair)
+
+
+def test_dpo_error_in_the_thread_is_a_message(story_tok, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the reference is on another device")
+
+    monkeypatch.setattr(widgets, "_dpo_step", broken)
+    panel = dpo_panel(story_tok)
+    panel.start()
+    assert panel.wait(timeout=60) is None
+    assert isinstance(panel.error, RuntimeError) and "another device" in panel.message_text
+    assert not panel.start_button.disabled and panel.stop_button.disabled
+
+
+FIVE_G = GRPOConfig(num_generations=4, mini_batch_size=16, lr=1e-2, max_new_tokens=4)
+
+
+def grpo_panel(steps=8, reward_fn=five_reward, **kw):
+    "A GRPO panel on the tiny task of the PPO panel: 4 prompts × G = 4 responses a step."
+    decode = lambda ids: " ".join(map(str, ids))
+    kw = {**dict(config=FIVE_G, steps=steps, batch_size=4), **kw}
+    return GRPOPanel(tiny_policy(), reward_fn, TINY_PROMPTS, decode, **kw)
+
+
+def test_grpo_fields_start_from_the_config_and_the_policy_device():
+    panel = grpo_panel(steps=7)
+    assert list(panel.fields) == list(GRPO_FIELDS)
+    assert panel.values() == dict(num_generations=4, beta=FIVE_G.beta, temperature=1.0, lr=1e-2, steps=7,
+                                  batch_size=4, device="cpu")
+    assert "16 responses (4 prompts × G = 4)" in panel.summary_text and "112 responses in all" in panel.summary_text
+    assert panel.fields["num_generations"].description == "group size G"
+
+
+def test_grpo_start_runs_grpo_and_the_reward_rises():
+    panel = grpo_panel(steps=12)
+    panel.start()
+    result = panel.wait(timeout=120)
+    assert result is not None and panel.error is None, panel.message_text
+    assert result.steps_done == 12 and not result.stopped_early and len(panel.history) == 12
+    keys = ("reward", "kl_response", "approx_kl", "clip_ratio/region_mean", "frac_reward_zero_std")
+    assert all(math.isfinite(s[k]) for s in panel.history for k in keys)
+    rewards = [s["reward"] for s in panel.history]
+    assert sum(rewards[-3:]) > sum(rewards[:3]), rewards  # GRPO finds the rewarded token
+    assert panel.history[-1]["kl_response"] > 0
+    assert panel.trainer.last_rollout.response_ids.shape[0] == 16  # 4 prompts × G = 4
+    assert "step 12/12" in panel.status.value and "equal-reward groups" in panel.status.value
+    assert panel.plot.value[:8] == b"\x89PNG\r\n\x1a\n" and len(panel.samples) == 3
+    assert panel.message_kind == "ok" and "Finished 12 steps" in panel.message_text and "reward" in panel.message_text
+    assert state_dicts_equal(panel.start_policy, tiny_policy())
+
+
+def test_grpo_equal_rewards_are_counted_and_teach_nothing():
+    panel = grpo_panel(steps=3, reward_fn=lambda p, r: torch.ones(r.shape[0]))
+    panel.start()
+    assert panel.wait(timeout=60).steps_done == 3, panel.message_text
+    assert all(s["frac_reward_zero_std"] == 1.0 for s in panel.history)
+    assert "equal-reward groups 100%" in panel.status.value
+
+
+def test_grpo_stop_ends_cleanly_and_keeps_the_policy_it_reached():
+    panel = grpo_panel(steps=100_000)
+    panel.start()
+    wait_until(lambda: len(panel.history) >= 3 or not panel.running)
+    assert panel.running, panel.message_text
+    panel.stop()
+    result = panel.wait(timeout=60)
+    assert not panel.running and panel.error is None, panel.message_text
+    assert result.stopped_early and 3 <= result.steps_done < 100_000
+    assert result.steps_done == len(panel.history) == panel.trainer.n_steps
+    assert not state_dicts_equal(panel.policy, panel.start_policy)
+    assert state_dicts_equal(panel.start_policy, tiny_policy())
+
+
+@pytest.mark.parametrize("bad, word", [(dict(num_generations=1), "num_generations"), (dict(beta=-0.1), "beta"),
+                                       (dict(temperature=0.0), "temperature"), (dict(batch_size=0), "batch_size"),
+                                       (dict(steps=0), "steps")])
+def test_grpo_bad_fields_give_a_message_and_start_nothing(bad, word):
+    panel = grpo_panel().set(**bad)
+    assert word in panel.summary_text
+    panel.start()
+    assert panel.thread is None and panel.trainer is None and not panel.running
+    assert word in panel.message_text and panel.message_kind == "error"
+    with pytest.raises(ValueError, match=word):
+        grpo_config_from_fields({**panel.values(), **bad}, FIVE_G)
+
+
+def test_grpo_panel_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="policy must be an LLM"):
+        GRPOPanel("model", five_reward, TINY_PROMPTS, str)
+    with pytest.raises(ValueError, match="reward_fn must be a function"):
+        GRPOPanel(tiny_policy(), None, TINY_PROMPTS, str)
+    with pytest.raises(ValueError, match="prompts must be"):
+        GRPOPanel(tiny_policy(), five_reward, [], str)
+    with pytest.raises(ValueError, match="decode must be a function"):
+        GRPOPanel(tiny_policy(), five_reward, TINY_PROMPTS, "decode")
+    with pytest.raises(ValueError, match="config must be a GRPOConfig"):
+        GRPOPanel(tiny_policy(), five_reward, TINY_PROMPTS, str, config=TINY_PPO)
+
+
+def test_figures_draw_every_statistic_and_held_out_ones_as_dots(story_tok):
+    import matplotlib
+    matplotlib.use("Agg")
+    hist = [dict(step=i, loss=1.0 / (i + 1), **({"eval/accuracy": 0.5 + i / 20} if i % 2 else {}))
+            for i in range(6)]
+    panel = dpo_panel(story_tok)
+    panel.history = hist
+    axes = panel.figure()
+    assert len(axes) == len(DPOPanel.stats) == 4
+    loss_line, acc_line = axes[0].lines[0], axes[1].lines[0]
+    assert list(loss_line.get_xdata()) == [1, 2, 3, 4, 5, 6] and loss_line.get_marker() in (None, "None")
+    assert list(acc_line.get_xdata()) == [2, 4, 6] and acc_line.get_marker() == "o"  # only the checked steps
+    assert len(grpo_panel().figure()) == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dpo_and_grpo_panels_train_on_cuda(story_tok):
+    for panel in (dpo_panel(story_tok, steps=3), grpo_panel(steps=3)):
+        panel.set(device="cuda").start()
+        assert panel.wait(timeout=180).steps_done == 3, panel.message_text
+        assert panel.policy.embed_tokens.weight.device.type == "cuda"
+        assert panel.start_policy.embed_tokens.weight.device.type == "cpu"
+
+
+def test_grpo_fields_reach_the_trainer():
+    panel = grpo_panel(steps=1).set(num_generations=2, batch_size=3, beta=0.2, temperature=0.7)
+    assert "6 responses (3 prompts × G = 2)" in panel.summary_text
+    panel.start()
+    assert panel.wait(timeout=60).steps_done == 1, panel.message_text
+    c = panel.trainer.config
+    assert (c.num_generations, c.beta, c.temperature, c.lr) == (2, 0.2, 0.7, FIVE_G.lr)
+    assert panel.trainer.last_rollout.response_ids.shape[0] == 6  # 3 prompts × G = 2
+    assert panel.base_config == FIVE_G  # the config given is left as it was

@@ -24,13 +24,19 @@ from tinyllama.train import (
     train,
     pretrain_preset,
 )
-from .ppo import PPOConfig, PPOTrainer, ValueModel
+from .generate import generate
+from .ppo import PPOConfig, PPOTrainer, ValueModel, run_steps
+from .grpo import GRPOConfig, GRPOTrainer
+from .dpo import DPOPreset, dpo_preset, encode_pairs, batched_logprobs
+from .dpo import sampled_kl, _dpo_step, _evaluate, _pair_order
 
 # %% auto #0
-__all__ = ['MODEL_FIELDS', 'RUN_FIELDS', 'FFN_MULTIPLE', 'SAMPLE_PROMPTS', 'PPO_FIELDS', 'PPO_PLOTS', 'available_devices',
+__all__ = ['MODEL_FIELDS', 'RUN_FIELDS', 'FFN_MULTIPLE', 'SAMPLE_PROMPTS', 'PPO_FIELDS', 'PPO_STATS', 'PPO_PLOTS', 'PPORunResult',
+           'FIELD_LABELS', 'DPO_FIELDS', 'DPO_STATS', 'GRPO_FIELDS', 'GRPO_STATS', 'available_devices',
            'panel_defaults', 'configs_from_fields', 'field_problem', 'plot_loss', 'Chart', 'LossChart', 'loss_png',
-           'story_data', 'sample_texts', 'RunPanel', 'TrainingPanel', 'ppo_config_from_fields', 'plot_ppo_stats',
-           'PPOChart', 'PPORunResult', 'PPOPanel']
+           'story_data', 'sample_texts', 'RunPanel', 'TrainingPanel', 'ppo_config_from_fields', 'plot_stats',
+           'plot_ppo_stats', 'StatsChart', 'PPOChart', 'PolicyRunResult', 'PolicyPanel', 'RewardPanel', 'PPOPanel',
+           'dpo_preset_from_fields', 'DPOPanel', 'grpo_config_from_fields', 'GRPOPanel']
 
 # %% ../nbs/07c_training_panel.ipynb #92163a40
 MODEL_FIELDS = (
@@ -761,6 +767,36 @@ def figure(self: TrainingPanel, ax=None):
         ax = plt.subplots(figsize=(6.5, 3.2))[1]
     return plot_loss(self.history, ax, self.floor)
 
+# %% ../nbs/07c_training_panel.ipynb #91f82839
+_INT_FIELDS = ("steps", "batch_size", "num_generations")
+
+
+def _check_positive(values: dict, name: str, whole: bool = False):
+    "A ValueError unless the field `name` holds a positive (whole) number."
+    v = values[name]
+    ok = _whole(v) if whole else isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not ok or not v > 0:
+        kind = "whole number" if whole else "number"
+        raise ValueError(f"{name} must be a positive {kind}, got {v!r}.")
+
+
+def _replace_from_fields(
+    values: dict,  # field name -> value, as a panel holds them
+    base,  # a config dataclass: the settings that are not fields come from it
+    fields: tuple,  # the panel's fields: all must be in `values`
+    keys: tuple,  # the fields that are settings of `base`
+    positive: tuple = (),  # fields that must be positive numbers (whole if ints)
+    **changes,  # more settings of `base` to change
+):
+    "`base` with the fields' settings after the run checks; its checks do the rest."
+    missing = [f for f in fields if f not in values]
+    if missing:
+        raise ValueError(f"the fields {', '.join(missing)} are missing.")
+    _check_run_fields(values)  # the device, the steps, the learning rate
+    for name in positive:
+        _check_positive(values, name, whole=name in _INT_FIELDS)
+    return dataclasses.replace(base, **{k: values[k] for k in keys}, **changes)
+
 # %% ../nbs/07c_training_panel.ipynb #c77a8776
 PPO_FIELDS = ("init_kl_coef", "temperature", "lr", "steps", "batch_size", "device")
 
@@ -770,103 +806,170 @@ def ppo_config_from_fields(
     base: PPOConfig,  # where the settings that are not fields come from
 ) -> PPOConfig:
     "The PPOConfig the fields describe; a ValueError in plain words if not."
-    missing = [f for f in PPO_FIELDS if f not in values]
-    if missing:
-        raise ValueError(f"the fields {', '.join(missing)} are missing.")
-    _check_run_fields(values)  # the device, the steps, the learning rate
-    b = values["batch_size"]
-    mini = base.mini_batch_size
+    b, mini = values.get("batch_size"), base.mini_batch_size
     if _whole(b) and b > 0:
         mini = min(mini, b)  # a minibatch is a part of the batch
-    return dataclasses.replace(  # PPOConfig checks the rest, in words
-        base,
-        init_kl_coef=values["init_kl_coef"],
-        temperature=values["temperature"],
-        lr=values["lr"],
-        batch_size=b,
-        mini_batch_size=mini,
-    )
+    keys = PPO_FIELDS[:3] + ("batch_size",)  # PPOConfig checks them, in words
+    return _replace_from_fields(values, base, PPO_FIELDS, keys, mini_batch_size=mini)
 
 # %% ../nbs/07c_training_panel.ipynb #39ba39b9
-PPO_PLOTS = (  # (statistic of PPOTrainer.step, title)
-    ("env/reward_mean", "reward per response"),
-    ("objective/kl", "KL(π‖π_ref), nats"),
-    ("policy/approxkl", "approx. KL per update"),
-    ("policy/clipfrac", "clip fraction"),
+PPO_STATS = (  # (statistic of PPOTrainer.step, plot title, short label, format)
+    ("env/reward_mean", "reward per response", "reward", ".3f"),
+    ("objective/kl", "KL(π‖π_ref), nats", "KL", ".3f"),
+    ("policy/approxkl", "approx. KL per update", "approx. KL", ".4f"),
+    ("policy/clipfrac", "clip fraction", "clip fraction", ".3f"),
 )
+PPO_PLOTS = tuple(s[:2] for s in PPO_STATS)  # (statistic, title)
 
 
-def plot_ppo_stats(
-    history: list[dict],  # PPOTrainer.step's statistics, one dict per step
-    axes,  # one matplotlib Axes per entry of PPO_PLOTS
+def plot_stats(
+    history: list[dict],  # a trainer's statistics, one dict per step
+    axes,  # one matplotlib Axes per entry of `plots`
+    plots,  # (statistic, title) pairs
+    xlabel: str = "step",
+    step_key: str = "step",  # the statistic that numbers the steps from 0
 ):
-    "Draw reward, KL, approximate KL and clip fraction against the PPO step."
-    steps = [s.get("ppo/step", i) + 1 for i, s in enumerate(history)]
-    for ax, (key, title) in zip(axes, PPO_PLOTS):
-        ax.plot(steps, [s.get(key, float("nan")) for s in history], lw=1.2)
+    "Draw each statistic of `plots` against the step; one some steps lack, as dots."
+    for ax, (key, title) in zip(axes, plots):
+        pts = [(s.get(step_key, i) + 1, s.get(key)) for i, s in enumerate(history)]
+        pts = [(x, y) for x, y in pts if y is not None]
+        dots = "o" if len(pts) < len(history) else None
+        ax.plot(*(zip(*pts) if pts else ([], [])), lw=1.2, marker=dots, ms=3)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("PPO step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     return axes
 
 
-class PPOChart(Chart):
+def plot_ppo_stats(history: list[dict], axes):  # PPOTrainer.step's statistics; 4 Axes
+    "Draw reward, KL, approximate KL and clip fraction against the PPO step."
+    return plot_stats(history, axes, PPO_PLOTS, "PPO step", "ppo/step")
+
+
+class StatsChart(Chart):
+    "Plots of a trainer's statistics side by side, one per (statistic, title)."
+
+    def __init__(self, plots, xlabel="step", step_key="step", size=None, dpi=90):
+        self.plots, self.xlabel, self.step_key = plots, xlabel, step_key
+        super().__init__(len(plots), size or (2.5 * len(plots), 2.6), dpi)
+
+    def draw(self, history: list[dict]):
+        "Draw `history`, one statistic per axes."
+        plot_stats(history, self.axes, self.plots, self.xlabel, self.step_key)
+
+
+class PPOChart(StatsChart):
     "The four PPO plots side by side."
 
     def __init__(self, size=(10.0, 2.6), dpi=90):
-        super().__init__(len(PPO_PLOTS), size, dpi)
-
-    def draw(self, history: list[dict]):
-        "Draw `history` on the four axes."
-        plot_ppo_stats(history, self.axes)
+        super().__init__(PPO_PLOTS, "PPO step", "ppo/step", size, dpi)
 
 # %% ../nbs/07c_training_panel.ipynb #75de49bb
 @dataclass
-class PPORunResult:
-    "How a PPO panel's run ended."
+class PolicyRunResult:
+    "How a post-training panel's run ended."
 
-    steps_done: int  # PPO steps taken
+    steps_done: int  # steps taken
     stopped_early: bool  # True: Stop ended it before its last step
     wall_s: float  # seconds, building the trainer included
 
 
-class PPOPanel(RunPanel):
-    "A form for a PPO run: β, temperature, lr, steps, batch, device; Start and Stop."
+PPORunResult = PolicyRunResult  # chapter 11's name for it
+FIELD_LABELS = dict(  # the label of each post-training field, in every panel
+    init_kl_coef="β (KL weight)", beta="β (KL weight)", temperature="temperature",
+    lr="learning rate", steps="steps", batch_size="batch size", device="device",
+    num_generations="group size G",
+)  # fmt: skip
 
-    field_groups = (("PPO", PPO_FIELDS),)
-    thread_name, plot_width, sample_sep = "tinyllama-ppo-panel", "900px", " → "
+
+class PolicyPanel(RunPanel):
+    "A RunPanel that steps a trainer on a copy of a policy; Stop keeps the policy."
+
+    method, batch_unit = "PPO", "prompts"  # the method's name; what a batch holds
+    stats: tuple = ()  # (statistic, plot title, label, format): plotted and shown
+    step_key = "step"  # the statistic that numbers the steps from 0
+    from_fields = None  # (values, base config) -> the config the fields describe
+    plot_width, sample_sep = "900px", " → "
 
     def __init__(
         self,
-        policy: LLM,  # where PPO starts (copied at each Start; left as it is)
-        reward_fn: Callable,  # (prompt_ids, response_ids) -> rewards (PPOTrainer's)
+        policy: LLM,  # where the run starts (copied at each Start; left as it is)
+        ref_policy: LLM | None,  # the KL's reference (None: the policy)
+        decode: Callable,  # token ids -> text, for the samples
+        config,  # the trainer's settings that are not fields
+        defaults: dict,  # the fields' first values, but the device (the policy's)
+        n_samples: int = 3,  # samples shown
+    ):
+        self.start_policy, self.ref_policy, self.decode = policy, ref_policy, decode
+        self.base_config, self.config, self.n_samples = config, None, n_samples
+        self.trainer = self.policy = None  # after Start: the run's
+        where = policy.embed_tokens.weight.device.type
+        self.plots = tuple(s[:2] for s in self.stats)  # (statistic, title)
+        chart = StatsChart(self.plots, f"{self.method} step", self.step_key)
+        super().__init__({**defaults, "device": where}, chart)
+
+    def _config(self, values: dict):
+        "The trainer's config the fields describe; a ValueError in plain words if none."
+        return type(self).from_fields(values, self.base_config)
+
+    def _trainer(self, config, device: str):  # a new trainer: .policy, .train
+        raise NotImplementedError
+
+# %% ../nbs/07c_training_panel.ipynb #ec05fb19
+class RewardPanel(PolicyPanel):
+    "A PolicyPanel whose trainer samples responses to prompts and scores them."
+
+    config_type, config_keys = PPOConfig, ("init_kl_coef", "temperature", "lr")
+
+    def __init__(
+        self,
+        policy: LLM,  # where the run starts (copied at each Start; left as it is)
+        reward_fn: Callable,  # (prompt_ids, response_ids) -> rewards (the trainer's)
         prompts,  # a list of prompts (token-id lists), or step -> such a list
         decode: Callable,  # token ids -> text, for the samples
-        config: PPOConfig | None = None,  # the settings that are not fields
-        steps: int = 50,  # PPO steps (a field)
+        config=None,  # the trainer's config: the settings that are not fields
+        steps: int = 50,  # steps (a field)
         eos_id: int = 2,  # ends a response
         pad_id: int = 3,  # pads prompts and responses; not EOS
         ref_policy: LLM | None = None,  # the KL's reference (None: the policy)
         n_samples: int = 3,  # responses of the last rollout shown
+        batch_size: int | None = None,  # prompts per step (None: the config's, or 8)
     ):
-        config = PPOConfig() if config is None else config
-        _check_ppo_panel(policy, reward_fn, prompts, decode, config, steps, ref_policy)
-        self.start_policy, self.ref_policy = policy, ref_policy
-        self.reward_fn, self.prompts, self.decode = reward_fn, prompts, decode
-        self.eos_id, self.pad_id, self.n_samples = eos_id, pad_id, n_samples
-        self.base_config, self.config = config, None
-        self.trainer = self.policy = None  # after Start: the run's
-        defaults = {f: getattr(config, f) for f in PPO_FIELDS[:3]}
-        where = policy.embed_tokens.weight.device.type
-        defaults.update(steps=steps, batch_size=config.batch_size, device=where)
-        super().__init__(defaults, PPOChart())
+        config = self.config_type() if config is None else config
+        _check_policy_panel(policy, ref_policy, config, self.config_type, steps)
+        _check_rl_inputs(reward_fn, prompts, decode)
+        self.reward_fn, self.prompts = reward_fn, prompts
+        self.eos_id, self.pad_id = eos_id, pad_id
+        defaults = {f: getattr(config, f) for f in self.config_keys}
+        batch_size = batch_size or getattr(config, "batch_size", 8)
+        defaults.update(steps=steps, batch_size=batch_size)
+        super().__init__(policy, ref_policy, decode, config, defaults, n_samples)
+
+# %% ../nbs/07c_training_panel.ipynb #d20b7973
+class PPOPanel(RewardPanel):
+    "A form for a PPO run: β, temperature, lr, steps, batch, device; Start and Stop."
+
+    field_groups = (("PPO", PPO_FIELDS),)
+    thread_name, step_key = "tinyllama-ppo-panel", "ppo/step"
+    from_fields = ppo_config_from_fields
+    stats = PPO_STATS
 
 # %% ../nbs/07c_training_panel.ipynb #3b7979e4
-def _check_ppo_panel(policy, reward_fn, prompts, decode, config, steps, ref_policy):
-    "A ValueError for the first argument of PPOPanel that cannot work."
+def _check_policy_panel(policy, ref_policy, config, config_type, steps):
+    "A ValueError for the first argument of a post-training panel that cannot work."
     for name, m in (("policy", policy), ("ref_policy", ref_policy)):
         if not isinstance(m, LLM) and not (name == "ref_policy" and m is None):
             raise ValueError(f"{name} must be an LLM, got {type(m).__name__}.")
+    if not isinstance(config, config_type):
+        raise ValueError(
+            f"config must be a {config_type.__name__}, got {type(config).__name__}."
+        )
+    if not _whole(steps) or steps < 1:
+        raise ValueError(f"steps must be a positive whole number, got {steps!r}.")
+
+
+def _check_rl_inputs(reward_fn, prompts, decode):
+    "A ValueError unless the reward and decode are functions and prompts are given."
     for name, f in (("reward_fn", reward_fn), ("decode", decode)):
         if not callable(f):
             raise ValueError(f"{name} must be a function, got {type(f).__name__}.")
@@ -875,71 +978,67 @@ def _check_ppo_panel(policy, reward_fn, prompts, decode, config, steps, ref_poli
             "prompts must be a non-empty list of prompts (token-id lists) or a "
             "function of the step that returns such a list."
         )
-    if not isinstance(config, PPOConfig):
-        raise ValueError(f"config must be a PPOConfig, got {type(config).__name__}.")
-    if not _whole(steps) or steps < 1:
-        raise ValueError(f"steps must be a positive whole number, got {steps!r}.")
 
 
 @patch
-def _make_fields(self: PPOPanel, v: dict) -> dict:
+def _make_fields(self: PolicyPanel, v: dict) -> dict:
     "One input widget per field, holding the values `v`."
-    specs = [
-        ("init_kl_coef", "β (KL weight)", float),
-        ("temperature", "temperature", float),
-        ("lr", "learning rate", float),
-        ("steps", "steps", int),
-        ("batch_size", "batch size", int),
-        ("device", "device", available_devices()),
-    ]
-    return _field_widgets(specs, v)
+    kind = lambda n: int if n in _INT_FIELDS else float
+    kind_of = lambda n: available_devices() if n == "device" else kind(n)
+    names = self.field_groups[0][1]
+    return _field_widgets([(n, FIELD_LABELS[n], kind_of(n)) for n in names], v)
 
 # %% ../nbs/07c_training_panel.ipynb #e875f269
 @patch
-def _problem(self: PPOPanel) -> str | None:
+def _problem(self: PolicyPanel) -> str | None:
     "What is wrong with the fields, or None."
     try:
-        ppo_config_from_fields(self.values(), self.base_config)
+        self._config(self.values())
     except ValueError as e:
         return str(e)
     return None
 
 
 @patch
-def _cost(self: PPOPanel) -> str:
-    "Parameters, responses per step, gradient steps and responses in all."
-    c = ppo_config_from_fields(self.values(), self.base_config)
-    n = parameter_count(self.start_policy.config)
-    updates = c.ppo_epochs * math.ceil(c.batch_size / c.mini_batch_size)
-    steps = self.values()["steps"]
-    return (
-        f"{n / 1e6:.2f} M parameters · {c.batch_size} responses of at most "
-        f"{c.max_new_tokens} tokens per step, {updates} gradient step"
-        f"{'s' if updates > 1 else ''} each · "
-        f"{steps * c.batch_size:,} responses in all"
-    )
+def _prepare(self: PolicyPanel) -> tuple:
+    "(config, steps, batch, device) of the run the fields describe; ValueError if none."
+    v = self.values()
+    return self._config(v), v["steps"], v["batch_size"], v["device"]
 
 
 @patch
-def _prepare(self: PPOPanel) -> tuple:
-    "(config, steps, device) of the run the fields describe; ValueError if none."
-    values = self.values()
-    config = ppo_config_from_fields(values, self.base_config)
-    return config, values["steps"], values["device"]
-
-
-@patch
-def _setup(self: PPOPanel, prepared) -> tuple[int, str]:
+def _setup(self: PolicyPanel, prepared) -> tuple[int, str]:
     "(steps, where the run goes); the models are made in the thread."
-    self.config, steps, device = prepared
-    return steps, f"PPO on {device}: {steps} steps of {self.config.batch_size} prompts."
+    self.config, steps, self.batch_size, device = prepared
+    say = f"{self.method} on {device}: {steps} steps of {self.batch_size}"
+    return steps, f"{say} {self.batch_unit}."
+
+
+@patch
+def _cost(self: RewardPanel) -> str:
+    "Parameters, responses per step, gradient steps and responses in all."
+    c, v = self._config(self.values()), self.values()
+    G = getattr(c, "num_generations", 1)  # GRPO: G responses per prompt
+    rows, n = v["batch_size"] * G, parameter_count(self.start_policy.config)
+    updates = c.ppo_epochs * math.ceil(rows / c.mini_batch_size)
+    group = f" ({v['batch_size']} prompts × G = {G})" if G > 1 else ""
+    per_step = f"{rows} responses{group} of at most {c.max_new_tokens} tokens per step"
+    grads = f"{updates} gradient step{'s' if updates > 1 else ''} each"
+    total = f"{v['steps'] * rows:,} responses in all"
+    return f"{n / 1e6:.2f} M parameters · {per_step}, {grads} · {total}"
 
 # %% ../nbs/07c_training_panel.ipynb #572b8c7c
 @patch
-def _trainer(self: PPOPanel, config: PPOConfig, device: str) -> PPOTrainer:
-    "A new trainer on `device`: copies of the policy and reference, a value model."
+def _models(self: PolicyPanel, device: str) -> tuple:
+    "Copies of the policy and of its reference on `device`: (policy, reference)."
     policy = copy.deepcopy(self.start_policy).to(device)
-    ref = copy.deepcopy(self.ref_policy or self.start_policy).to(device)
+    return policy, copy.deepcopy(self.ref_policy or self.start_policy).to(device)
+
+
+@patch
+def _trainer(self: PPOPanel, config: PPOConfig, device: str) -> PPOTrainer:
+    "A new PPOTrainer on `device`: the copies, a value model made from the policy."
+    policy, ref = self._models(device)
     value = ValueModel.from_llm(policy)
     return PPOTrainer(
         policy, ref, value, self.reward_fn, config, self.eos_id, self.pad_id
@@ -947,9 +1046,9 @@ def _trainer(self: PPOPanel, config: PPOConfig, device: str) -> PPOTrainer:
 
 
 @patch
-def _batch(self: PPOPanel, step: int) -> list:
+def _batch(self: PolicyPanel, step: int) -> list:
     "Step `step`'s prompts: the list's next batch, or the function's, cut or cycled."
-    B, src = self.config.batch_size, self.prompts
+    B, src = self.batch_size, self.prompts
     got = list(src(step)) if callable(src) else src
     if not got:
         raise ValueError(f"prompts({step}) gave no prompts.")
@@ -958,36 +1057,45 @@ def _batch(self: PPOPanel, step: int) -> list:
 
 
 @patch
-def _train(self: PPOPanel, prepared) -> PPORunResult:
-    "PPO in the thread: build the trainer, train, report each step to `_on_stats`."
-    config, steps, device = prepared
+def _train(self: PolicyPanel, prepared) -> PolicyRunResult:
+    "The run in the thread: build the trainer, train, report each step to `_on_stats`."
+    config, steps, _, device = prepared
     t0 = time.perf_counter()
     self.trainer = self._trainer(config, device)
     self.policy = self.trainer.policy
     done = self.trainer.train(self._batch, steps, self._on_stats, progress=False)
-    return PPORunResult(len(done), len(done) < steps, time.perf_counter() - t0)
+    return PolicyRunResult(len(done), len(done) < steps, time.perf_counter() - t0)
+
+# %% ../nbs/07c_training_panel.ipynb #067ee0ee
+def _last(history: list[dict], key: str):
+    "The last value of the statistic `key` in `history`, or None."
+    return next((s[key] for s in reversed(history) if s.get(key) is not None), None)
 
 
 @patch
-def _on_stats(self: PPOPanel, s: dict) -> bool:
+def _stats_text(self: PolicyPanel, n: int | None = None) -> list[str]:
+    "'label value' for the first `n` statistics of the panel that have a value."
+    got = [(label, _last(self.history, k), fmt) for k, _, label, fmt in self.stats[:n]]
+    return [f"{label} {v:{fmt}}" for label, v, fmt in got if v is not None]
+
+
+@patch
+def _on_stats(self: PolicyPanel, s: dict) -> bool:
     "Record and show one step's statistics; True (stop) once Stop was pressed."
     self.history.append(dict(s))
-    step = int(s["ppo/step"]) + 1
+    step = int(s[self.step_key]) + 1
     self.progress.value = min(step, self.progress.max)
-    self.status.value = (
-        f"step {step}/{self.progress.max} · reward {s['env/reward_mean']:.3f} · "
-        f"KL {s['objective/kl']:.3f} · approx. KL {s['policy/approxkl']:.4f} · "
-        f"clip fraction {s['policy/clipfrac']:.3f}"
-    )
+    where = f"step {step}/{self.progress.max}"
+    self.status.value = " · ".join([where] + self._stats_text())
     self._show_samples()
     self._draw()
     return self.stop_event.is_set()
 
 # %% ../nbs/07c_training_panel.ipynb #aa933e8e
 @patch
-def _sample_pairs(self: PPOPanel) -> list:
-    "The first prompts and responses of the last rollout, decoded."
-    ro = self.trainer.last_rollout if self.trainer is not None else None
+def _sample_pairs(self: PolicyPanel) -> list:
+    "The first prompts and responses of the trainer's last rollout, decoded."
+    ro = getattr(self.trainer, "last_rollout", None)
     if ro is None:
         return []
     n = min(self.n_samples, ro.response_ids.shape[0])
@@ -999,23 +1107,202 @@ def _sample_pairs(self: PPOPanel) -> list:
 
 
 @patch
-def _ended(self: PPOPanel, r: PPORunResult) -> str:
-    "How the run ended: its steps, its last reward and KL."
+def _ended(self: PolicyPanel, r: PolicyRunResult) -> str:
+    "How the run ended: its steps, the last values of its first two statistics."
     how = f"Finished {r.steps_done} steps"
     if r.stopped_early:
         how = f"Stopped at step {r.steps_done}"
-    s = self.history[-1]
+    said = ", ".join(self._stats_text(2))
+    return f"{how} in {r.wall_s:.1f} s: {said}; the policy it reached is panel.policy."
+
+
+@patch
+def figure(self: PolicyPanel, axes=None):
+    "The run's curves on `axes` (None: a new pyplot figure), a static picture."
+    if axes is None:
+        import matplotlib.pyplot as plt
+
+        n = len(self.plots)
+        axes = plt.subplots(1, n, figsize=(3 * n, 2.8))[1]
+    xlabel = f"{self.method} step"
+    return plot_stats(self.history, axes, self.plots, xlabel, self.step_key)
+
+# %% ../nbs/07c_training_panel.ipynb #a91b1d94
+DPO_FIELDS = ("beta", "lr", "steps", "batch_size", "device")
+
+
+def dpo_preset_from_fields(
+    values: dict,  # field name -> value, as the DPO panel holds them
+    base: DPOPreset,  # where the settings that are not fields come from
+) -> DPOPreset:
+    "The DPOPreset the fields describe (β, lr, steps, batch); a ValueError if none."
+    positive = ("beta", "batch_size")  # batch_size: pairs per step
+    return _replace_from_fields(values, base, DPO_FIELDS, DPO_FIELDS[:4], positive)
+
+
+DPO_STATS = (  # (statistic of a DPO step, plot title, short label, format)
+    ("loss", "DPO loss (training batch)", "loss", ".3f"),
+    ("eval/accuracy", "held-out implicit accuracy", "held-out accuracy", ".1%"),
+    ("rewards/margins", "implicit reward margin", "margin", ".3f"),
+    ("kl", "KL(π‖π_ref) of fresh replies", "KL", ".3f"),
+)
+
+# %% ../nbs/07c_training_panel.ipynb #c6124cd3
+class _DPOSteps:
+    "Chapter 13's train_dpo cut into steps a panel can drive: .step(pairs), .train."
+
+    def __init__(self, policy, ref_policy, tokenizer, rows, eval_rows, preset, n_kl, T):
+        self.policy, self.ref_policy, self.tokenizer = policy, ref_policy, tokenizer
+        self.rows, self.eval_rows, self.preset = rows, eval_rows, preset
+        self.pad, self.n_kl, self.max_new = tokenizer.pad_id, n_kl, T
+        self.ref = batched_logprobs(ref_policy, rows, self.pad)  # once: π_ref is frozen
+        self.eval_ref = batched_logprobs(ref_policy, eval_rows, self.pad)
+        self.optimizer = torch.optim.AdamW(
+            policy.parameters(), lr=preset.lr, weight_decay=0.0
+        )
+        self.order = _pair_order(len(rows), preset.batch_size, preset.steps, 0)
+        self.n_steps, self.history, self.last_samples = 0, [], []
+
+    def step(self, idx: list) -> dict:
+        "One DPO step on the pairs `idx`; held-out statistics every eval_every steps."
+        p, n, (ref_c, ref_r) = self.preset, self.n_steps, self.ref
+        batch = [self.rows[i] for i in idx]
+        s = _dpo_step(self.policy, self.optimizer, batch, ref_c[idx], ref_r[idx],
+                      self.pad, p.beta)  # fmt: skip
+        if (n + 1) % p.eval_every == 0 or n + 1 == p.steps:
+            held = (self.eval_rows, *self.eval_ref, self.pad, p.beta)
+            s.update(_evaluate(self.policy, *held), kl=self._fresh())
+        s["step"], self.n_steps = n, n + 1
+        self.history.append(s)
+        return s
+
+    def _fresh(self) -> float:
+        "π's replies to held-out prompts (the samples); their mean KL(π‖π_ref), k1."
+        tok, ids = self.tokenizer, [r[0] for r in self.eval_rows[: self.n_kl]]
+        room = self.policy.config.context_size - max(map(len, ids))
+        new = generate(
+            self.policy.eval(), ids, min(self.max_new, room), 1.0,
+            eos_id=tok.end_id, pad_id=self.pad, seed=self.n_steps,
+        )  # fmt: skip
+        kl = sampled_kl(self.policy, self.ref_policy, ids, new, self.pad)
+        self.last_samples = [tok.decode(y).strip() for y in new]
+        return float(kl.mean())
+
+    def train(self, batch_fn, steps: int, callback=None, progress=True) -> list:
+        "Up to `steps` steps on the pairs `batch_fn(step)` names; a callback can stop."
+        return run_steps(self, batch_fn, steps, callback, progress, "DPO")
+
+# %% ../nbs/07c_training_panel.ipynb #60ffa4b4
+class DPOPanel(PolicyPanel):
+    "A form for a DPO run: β, lr, steps, batch, device; Start and Stop."
+
+    field_groups = (("DPO", DPO_FIELDS),)
+    method, thread_name, batch_unit = "DPO", "tinyllama-dpo-panel", "pairs"
+    from_fields = dpo_preset_from_fields
+    stats = DPO_STATS
+
+    def __init__(
+        self,
+        policy: LLM,  # π_SFT: where DPO starts (copied at each Start; left as it is)
+        tokenizer,  # its tokenizer, with the chat tokens (chapter 09)
+        pairs: list,  # PreferencePairs to train on: prompt, chosen, rejected
+        eval_pairs: list,  # held-out PreferencePairs: loss, accuracy, fresh replies
+        preset: DPOPreset | None = None,  # the run's sizes (None: dpo_preset())
+        ref_policy: LLM | None = None,  # π_ref (None: the policy given)
+        max_new_tokens: int = 48,  # the fresh replies' length at most
+        n_kl: int = 8,  # held-out prompts replied to at each evaluation
+        n_samples: int = 3,  # fresh replies shown
+    ):
+        preset = dpo_preset() if preset is None else preset
+        _check_policy_panel(policy, ref_policy, preset, DPOPreset, 1)
+        _check_chat_tokenizer(tokenizer)
+        ctx = policy.config.context_size
+        self.rows = encode_pairs(tokenizer, pairs, ctx)  # checks the pairs, in words
+        self.eval_rows = encode_pairs(tokenizer, eval_pairs, ctx)
+        self.tokenizer, self.eval_pairs = tokenizer, list(eval_pairs)
+        self.max_new_tokens, self.n_kl = max_new_tokens, n_kl
+        defaults = {f: getattr(preset, f) for f in DPO_FIELDS[:4]}
+        super().__init__(
+            policy, ref_policy, tokenizer.decode, preset, defaults, n_samples
+        )
+
+# %% ../nbs/07c_training_panel.ipynb #f5248d37
+def _check_chat_tokenizer(tokenizer):
+    "A ValueError unless `tokenizer` can encode chats: encode, decode, pad_id, end_id."
+    if not all(hasattr(tokenizer, a) for a in ("encode", "decode", "pad_id", "end_id")):
+        raise ValueError(
+            "tokenizer must be a tinyllama Tokenizer with the chat tokens (chapter "
+            f"09's), got {type(tokenizer).__name__}."
+        )
+
+
+@patch
+def _cost(self: DPOPanel) -> str:
+    "Parameters, pairs per step, epochs, held-out pairs."
+    p, N = self._config(self.values()), len(self.rows)
+    n = parameter_count(self.start_policy.config)
     return (
-        f"{how} in {r.wall_s:.1f} s: reward {s['env/reward_mean']:.3f}, "
-        f"KL {s['objective/kl']:.3f}; the policy it reached is panel.policy."
+        f"{n / 1e6:.2f} M parameters · {p.batch_size} pairs per step, {p.steps} "
+        f"steps: {p.steps * p.batch_size / N:.1f} epochs of {N} pairs · "
+        f"{len(self.eval_rows)} held-out pairs, measured every {p.eval_every} steps"
     )
 
 
 @patch
-def figure(self: PPOPanel, axes=None):
-    "The run's four curves on `axes` (None: a new pyplot figure), a static picture."
-    if axes is None:
-        import matplotlib.pyplot as plt
+def _trainer(self: DPOPanel, preset: DPOPreset, device: str) -> _DPOSteps:
+    "Chapter 13's DPO, step by step, on copies of the policy and reference."
+    policy, ref = self._models(device)
+    data = (self.tokenizer, self.rows, self.eval_rows, preset)
+    return _DPOSteps(policy, ref.eval(), *data, self.n_kl, self.max_new_tokens)
 
-        axes = plt.subplots(1, len(PPO_PLOTS), figsize=(12, 2.8))[1]
-    return plot_ppo_stats(self.history, axes)
+
+@patch
+def _batch(self: DPOPanel, step: int) -> list:
+    "Step `step`'s pairs: chapter 13's order, shuffled at each epoch."
+    return self.trainer.order[step]
+
+
+@patch
+def _sample_pairs(self: DPOPanel) -> list:
+    "Held-out prompts and the policy's fresh replies to them (the last evaluation's)."
+    self.samples = self.trainer.last_samples[: self.n_samples] if self.trainer else []
+    return [(p.prompt, s) for p, s in zip(self.eval_pairs, self.samples)]
+
+# %% ../nbs/07c_training_panel.ipynb #dd787ff1
+GRPO_FIELDS = (
+    "num_generations", "beta", "temperature", "lr", "steps", "batch_size", "device",
+)  # fmt: skip
+
+
+def grpo_config_from_fields(
+    values: dict,  # field name -> value, as the GRPO panel holds them
+    base: GRPOConfig,  # where the settings that are not fields come from
+) -> GRPOConfig:
+    "The GRPOConfig the fields describe; a ValueError in plain words if not."
+    positive = ("batch_size",)  # prompts per step; GRPOConfig checks the rest
+    return _replace_from_fields(values, base, GRPO_FIELDS, GRPO_FIELDS[:4], positive)
+
+
+GRPO_STATS = (  # (statistic of GRPOTrainer.step, plot title, short label, format)
+    ("reward", "mean reward", "reward", ".3f"),
+    ("kl_response", "KL(π‖π_ref) per response", "KL", ".3f"),
+    ("approx_kl", "approx. KL per update", "approx. KL", ".4f"),
+    ("clip_ratio/region_mean", "clip fraction", "clip fraction", ".3f"),
+    ("frac_reward_zero_std", "groups with equal rewards", "equal-reward groups", ".0%"),
+)
+
+# %% ../nbs/07c_training_panel.ipynb #588bfeed
+class GRPOPanel(RewardPanel):
+    "A form for a GRPO run: G, β, temperature, lr, steps, batch, device; Start, Stop."
+
+    field_groups = (("GRPO", GRPO_FIELDS),)
+    method, thread_name = "GRPO", "tinyllama-grpo-panel"
+    config_type, config_keys = GRPOConfig, GRPO_FIELDS[:4]
+    from_fields = grpo_config_from_fields
+    stats = GRPO_STATS
+
+    def _trainer(self, config: GRPOConfig, device: str) -> GRPOTrainer:
+        "A new GRPOTrainer on `device`, on copies of the policy and reference."
+        policy, ref = self._models(device)
+        ids = dict(eos_id=self.eos_id, pad_id=self.pad_id)
+        return GRPOTrainer(policy, ref, self.reward_fn, config, **ids)
