@@ -72,19 +72,10 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def matmul_params(model: torch.nn.Module) -> int:
+def linear_params(model: torch.nn.Module) -> int:
     "Parameters of the nn.Linear layers (attention, MLP, lm_head), shared ones once."
-    seen, n = set(), 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and id(m.weight) not in seen:
-            seen.add(id(m.weight))
-            n += m.weight.numel()
-    return n
-
-
-def flops_per_token(n_matmul: int, num_layers: int, context: int, dim: int) -> float:
-    "PaLM's model FLOPs per trained token: 6 N + 12 L T d."
-    return 6 * n_matmul + 12 * num_layers * context * dim
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return sum(w.numel() for w in weights.values())
 
 
 def build_models(seed: int):
@@ -190,9 +181,10 @@ def main(argv=None):
     if not torch.allclose(l_ours, l_theirs, atol=1e-4):
         raise SystemExit(f"the two models disagree on the same weights: loss {l_ours:.6f} vs {l_theirs:.6f}")
 
-    n_mm = matmul_params(ours)
-    assert n_mm == matmul_params(theirs), (n_mm, matmul_params(theirs))
-    fpt = flops_per_token(n_mm, cfg.num_layers, T, cfg.dim_emb)
+    # N and the FLOPs per token are the config's (LLMConfig.matmul_params, .flops_per_token:
+    # chapter 06); the Linear layers both models hold are counted as a check of N.
+    n_mm, fpt = cfg.matmul_params(), cfg.flops_per_token(T)
+    assert n_mm == linear_params(ours) == linear_params(theirs), (n_mm, linear_params(theirs))
     n_total = sum(p.numel() for p in ours.parameters())
     print(f"shape: dim {cfg.dim_emb}, layers {cfg.num_layers}, heads {cfg.num_heads}, kv heads {cfg.num_kv_heads}, "
           f"hidden {cfg.ffd_hidden_dim}, vocab {cfg.vocab_size}, context {T}; batch {B} ({B * T} tokens/step); "

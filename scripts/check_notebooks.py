@@ -13,6 +13,17 @@ MAX_CELL_LINES = 60  # an exported cell a reader can follow
 MAX_COLUMNS = 88  # what the rendered book shows without cutting the line off
 
 
+def _exported(lines: list[str]) -> bool:
+    "Whether the directives at the top of a cell (`#| ...` lines) include an export."
+    for line in lines:
+        directive = line.replace(" ", "")
+        if not directive.startswith("#|"):
+            return False
+        if directive.startswith("#|export"):  # export, exporti, exports
+            return True
+    return False
+
+
 def problems(path: Path) -> list[str]:
     "What is wrong with the notebook at `path`, one line each."
     found = []
@@ -21,7 +32,7 @@ def problems(path: Path) -> list[str]:
             continue
         lines = "".join(cell["source"]).splitlines()
         where = f"{path.name} cell {i} ({cell.get('id')})"
-        exported = lines and lines[0].replace(" ", "").startswith("#|export")
+        exported = _exported(lines)
         if exported and len(lines) > MAX_CELL_LINES:
             found.append(f"{where}: exported cell of {len(lines)} lines (> 60)")
         for n, line in enumerate(lines, 1):

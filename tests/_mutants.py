@@ -15,14 +15,14 @@ MUTANTS = [
      "c.temperature,\n        eos_id=self.eos_id,", "1.0,\n        eos_id=self.eos_id,",
      [B + "test_rollout_logprobs_are_those_of_the_distribution_the_sampler_drew_from"]),
     ("b_value_read_one_position_late", "ppo.py",
-     "values = logits(self.value_model) * m",
-     "values = torch.cat([logits(self.value_model)[:, 1:], self.value_model(ids, attention_mask=mask, "
-     "position_ids=position_ids_from_mask(mask))[:, -1:]], 1) * m",
+     "values = self._forward(self.value_model, ids, mask, Tp) * m",
+     "values = torch.cat([self._forward(self.value_model, ids, mask, Tp)[:, 1:], self.value_model(ids, "
+     "attention_mask=mask, position_ids=position_ids_from_mask(mask))[:, -1:]], 1) * m",
      [B + "test_the_value_of_a_token_is_read_before_the_token"]),
     ("b_value_read_late_in_the_update", "ppo.py",
-     "values = self._forward(self.value_model, ids, mask, Tp)",
+     "values = self._forward(self.value_model, ids, mask, Tp)\n",
      "values = torch.cat([self._forward(self.value_model, ids, mask, Tp)[:, 1:], self.value_model(ids, "
-     "attention_mask=mask, position_ids=position_ids_from_mask(mask))[:, -1:]], 1)",
+     "attention_mask=mask, position_ids=position_ids_from_mask(mask))[:, -1:]], 1)\n",
      [B + "test_the_update_reads_values_where_the_rollout_did"]),
     ("c_returns_from_whitened_advantages", "ppo.py",
      "        advantages = _whiten(advantages, r_mask)\n",

@@ -399,3 +399,12 @@ def test_the_copy_task_runs_and_records_its_budget():
     assert len(r.history) == 2 and len(r.checks) == 3
     assert r.sampled_tokens == sum(int(s["num_tokens"]) for s in r.history) > 0
     assert set(r.words["train"]).isdisjoint(r.words["test"])
+
+
+def test_bad_arguments_of_the_copy_task_are_clear_errors():
+    with pytest.raises(ValueError, match="seed must be an integer"):  # checked by copy_task
+        run_grpo_copy_task("ci", seed=1.5, progress=False)
+    with pytest.raises(ValueError, match="GRPOPreset.prompts_per_step must be a positive integer"):
+        replace(grpo_preset("ci"), prompts_per_step=0)
+    with pytest.raises(ValueError, match="policy must be a tinyllama LLM"):
+        GRPOTrainer("policy", tiny_policy(), lambda p, r: r)

@@ -378,3 +378,11 @@ def test_bad_construction_is_a_clear_error():
         PPOConfig(lam=1.5)
     with pytest.raises(ValueError, match="steps"):
         PPOTrainer(policy, None, vm, f).train(lambda s: [[4, EOS]], steps=0)
+    with pytest.raises(ValueError, match="expects an LLMConfig, got dict"):
+        ValueModel(dict(vocab_size=V))
+    with pytest.raises(ValueError, match="from_llm expects an LLM, got ValueModel"):
+        ValueModel.from_llm(vm)
+    with pytest.raises(ValueError, match="PPOConfig.batch_size must be a positive integer"):
+        PPOConfig(batch_size=0)
+    with pytest.raises(ValueError, match="value_model must be a tinyllama model"):
+        PPOTrainer(policy, None, "values", f)

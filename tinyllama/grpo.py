@@ -9,31 +9,25 @@ import torch
 import torch.nn as nn
 from fastcore.basics import patch
 from .model import LLM
-from .attention import position_ids_from_mask
-from .device import get_device
-from .generate import decode_steps, left_pad
-from .reward import LetterTokenizer, copy_prompts
+from .reward import copy_prompts
 from tinyllama.ppo import (
-    run_steps,
+    PPOTrainer,
+    Rollout,
     PPOPreset,
     ppo_preset,
     copy_eval,
-    CopyEval,
     copy_task,
     masked_mean,
     token_logprobs,
 )
-from .ppo import _check_prompts  # the prompts' checks, shared with PPO
+from .ppo import _is_int, _to_host, _CopyRun, _ValidationRule  # ch. 11's
+from .ppo import _check_positive_ints, _check_prompts, _check_roles
 
 # %% auto #0
 __all__ = ['group_advantages', 'process_advantages', 'kl_k3', 'grpo_loss', 'GRPOConfig', 'GRPORollout', 'GRPOTrainer',
            'GRPOPreset', 'grpo_preset', 'GRPOCopyResult', 'run_grpo_copy_task']
 
 # %% ../nbs/14_grpo.ipynb #15219b30
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def group_advantages(
     rewards: torch.Tensor,  # (B,) one reward per response; groups are consecutive rows
     group_size: int,  # G, the responses per prompt; B must be a multiple of it
@@ -129,12 +123,8 @@ def grpo_loss(
 # %% ../nbs/14_grpo.ipynb #dabae400
 def _check_grpo_config(c):
     "ValueError for the first field of GRPOConfig `c` that is out of its range."
-    for name in ("num_generations", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
-        v = getattr(c, name)
-        if not _is_int(v) or v < 1:
-            raise ValueError(
-                f"GRPOConfig.{name} must be a positive integer, got {v!r}."
-            )
+    ints = ("num_generations", "mini_batch_size", "ppo_epochs", "max_new_tokens")
+    _check_positive_ints(c, ints)
     if c.num_generations < 2:
         raise ValueError(
             "GRPOConfig.num_generations must be at least 2: with one response per "
@@ -201,19 +191,22 @@ class GRPORollout:
     rewards: torch.Tensor  # (B,) the reward per response (summed over its tokens)
     advantages: torch.Tensor  # (B,) group-relative, or (B, Tr) per token (process)
 
-    @property
-    def input_ids(self) -> torch.Tensor:
-        "Prompts and responses side by side: (B, Tp + Tr)."
-        return torch.cat([self.prompt_ids, self.response_ids], 1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        "The mask of `input_ids`: (B, Tp + Tr)."
-        return torch.cat([self.prompt_mask, self.response_mask], 1)
+    input_ids = Rollout.input_ids  # chapter 11's: prompts and responses side by side
+    attention_mask = Rollout.attention_mask  # and their mask
 
 # %% ../nbs/14_grpo.ipynb #fc186851
 class GRPOTrainer:
     "GRPO for a language model: G samples per prompt, group advantages, clipped loss."
+
+    name = "GRPO"  # the progress bar's label
+    # Chapter 11's pieces, as they are: they read only what both trainers have.
+    device = PPOTrainer.device  # where the policy's weights are
+    _forward = PPOTrainer._forward  # a model's outputs at the response positions
+    _sample = PPOTrainer._sample  # the seeded decoding loop, PAD after each EOS
+    _logprobs = PPOTrainer._logprobs  # log π and log π_ref at the sampler's τ
+    _gradient_step = PPOTrainer._gradient_step  # backward, clip, AdamW step
+    step = PPOTrainer.step  # a rollout, then ppo_epochs passes of minibatches
+    train = PPOTrainer.train  # steps until `steps`, or until the callback says stop
 
     def __init__(
         self,
@@ -245,11 +238,6 @@ class GRPOTrainer:
         self.minibatch_stats: list[dict] = []  # the last step's, one per minibatch
         self.last_rollout: GRPORollout | None = None
 
-    @property
-    def device(self) -> torch.device:
-        "Where the policy's weights are: every tensor of a step is made there."
-        return self.policy.embed_tokens.weight.device
-
     def eval_mode(self):
         "Dropout off in both models: the policy that samples is the one that is scored."
         self.policy.eval()
@@ -261,52 +249,11 @@ def _check_trainer_args(policy, ref_policy, reward_fn, eos, pad):
     for name, m in (("policy", policy), ("ref_policy", ref_policy)):
         if not isinstance(m, LLM):
             raise ValueError(f"{name} must be a tinyllama LLM, got {type(m).__name__}.")
-    if ref_policy is policy:
-        raise ValueError(
-            "ref_policy is the policy itself, so the KL would always be 0; give a "
-            "frozen copy (copy.deepcopy(policy)) or None."
-        )
+    _check_roles(policy, ref_policy, reward_fn, eos, pad)  # chapter 11's checks
     if ref_policy.config.vocab_size != policy.config.vocab_size:
         raise ValueError("policy and ref_policy must share one vocabulary.")
-    if not callable(reward_fn):
-        raise ValueError(
-            "reward_fn must be callable: reward_fn(prompt_ids, response_ids)."
-        )
-    V = policy.config.vocab_size
-    for name, v in (("eos_id", eos), ("pad_id", pad)):
-        if not _is_int(v) or not 0 <= v < V:
-            raise ValueError(f"{name} must be a token id in [0, {V}), got {v!r}.")
-    if eos == pad:
-        raise ValueError(
-            f"eos_id and pad_id are both {eos}: PAD must differ from EOS, or the "
-            "padding after a response could not be told from its end."
-        )
 
 # %% ../nbs/14_grpo.ipynb #8a60db4e
-def _response_logits(model, ids, mask, n_prompt):
-    "The model's logits at the positions that predict the response tokens."
-    pos = position_ids_from_mask(mask)  # left padding: real tokens start at 0
-    out = model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1])
-    return out[:, n_prompt - 1 :]  # (B, Tr, V)
-
-
-@patch
-@torch.no_grad()
-def _sample(self: GRPOTrainer, prompts: list[list[int]]):
-    "Left-padded prompts, their masks, the sampled responses and their masks."
-    c = self.config
-    seed = (c.seed * 1_000_003 + self.n_steps * len(prompts)) % 2**62  # one per step
-    steps = decode_steps(
-        self.policy, prompts, c.max_new_tokens, c.temperature,
-        eos_id=self.eos_id, pad_id=self.pad_id, seed=seed,
-    )  # fmt: skip
-    tokens, active = zip(*steps)
-    response_ids = torch.stack(tokens, 1)  # (B, Tr)
-    response_mask = torch.stack(active, 1).long()  # (B, Tr): 1 up to and incl. EOS
-    prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, self.device)  # (B, Tp)
-    return prompt_ids, prompt_mask, response_ids, response_mask
-
-
 @patch
 def _rewards(self: GRPOTrainer, prompt_ids, response_ids) -> torch.Tensor:
     "The reward function's output, checked: (B,) or (B, Tr) float32 on the device."
@@ -337,11 +284,9 @@ def rollout(
     prompts = [p for p in prompts for _ in range(c.num_generations)]  # groups
     self.eval_mode()
     p_ids, p_mask, r_ids, r_mask = self._sample(prompts)
-    Tp, m = p_ids.shape[1], r_mask.float()
+    m = r_mask.float()
     ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
-    logits = lambda model: _response_logits(model, ids, mask, Tp)
-    logprobs = token_logprobs(logits(self.policy), r_ids, c.temperature)[0] * m
-    ref_logprobs = token_logprobs(logits(self.ref_policy), r_ids, c.temperature)[0] * m
+    logprobs, ref_logprobs = self._logprobs(ids, mask, p_ids.shape[1], r_ids, m)
     rewards = self._rewards(p_ids, r_ids)  # (B,) outcome or (B, Tr) process rewards
     self.eval_mode()  # in case the reward function switched a shared model to training
     G, scale = c.num_generations, c.scale_rewards
@@ -360,17 +305,13 @@ def _update(self: GRPOTrainer, ro: GRPORollout, idx: torch.Tensor) -> dict:
     "One gradient step on the rows `idx` of the rollout; its statistics (tensors)."
     c, Tp = self.config, ro.prompt_ids.shape[1]
     ids, mask, m = ro.input_ids[idx], ro.attention_mask[idx], ro.response_mask[idx]
-    logits = _response_logits(self.policy, ids, mask, Tp)
+    logits = self._forward(self.policy, ids, mask, Tp)
     logprobs, entropy = token_logprobs(logits, ro.response_ids[idx], c.temperature)
     loss, stats = grpo_loss(
         logprobs, ro.logprobs[idx], ro.ref_logprobs[idx], ro.advantages[idx], m,
         c.cliprange, c.beta, c.variant, c.max_new_tokens,
     )  # fmt: skip
-    self.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if c.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
-    self.optimizer.step()
+    self._gradient_step(loss)
     stats["entropy"] = masked_mean(entropy, m)
     return {k: v.detach() for k, v in stats.items()}  # no host sync per minibatch
 
@@ -390,62 +331,20 @@ def _rollout_stats(ro: GRPORollout, G: int, eos_id: int) -> dict:
     }
 
 # %% ../nbs/14_grpo.ipynb #444c3fea
-def _to_host(dicts: list[dict]) -> list[dict]:
-    "Dicts of 0-d tensors as dicts of floats, copied to the host in one go."
-    keys = list(dicts[0])
-    rows = torch.stack([torch.stack([d[k].float() for k in keys]) for d in dicts])
-    return [dict(zip(keys, row)) for row in rows.tolist()]
-
-
 @patch
-def step(
-    self: GRPOTrainer,
-    prompts: Sequence[Sequence[int]],  # this step's distinct prompts
-) -> dict:  # statistics, named as in TRL (reward, kl, clip_ratio/region_mean, ...)
-    "One GRPO step: G responses per prompt, then ppo_epochs passes of updates."
+def _step_stats(self: GRPOTrainer, ro: GRPORollout, mb_stats: list, times) -> dict:
+    "A step's statistics beyond the minibatch means: the rollout's, tokens, times."
     c = self.config
-    t0 = time.perf_counter()
-    ro = self.rollout(prompts)
-    t1 = time.perf_counter()
-    B = ro.response_ids.shape[0]
-    self.eval_mode()  # dropout stays off during the updates too
-    mb_stats = []
-    for _ in range(c.ppo_epochs):
-        order = torch.randperm(B, generator=self.generator).to(self.device)
-        for start in range(0, B, c.mini_batch_size):
-            mb_stats.append(self._update(ro, order[start : start + c.mini_batch_size]))
-    t2 = time.perf_counter()
-    mb_stats = _to_host(mb_stats)  # every minibatch's statistics in one copy
-    stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
-    stats.update(_to_host([_rollout_stats(ro, c.num_generations, self.eos_id)])[0])
-    stats.update(
-        {
-            "num_tokens": float(ro.response_mask.sum()),  # sampled response tokens
-            "time/rollout": t1 - t0,
-            "time/optimize": t2 - t1,
-            "step": self.n_steps,
-        }
-    )
-    self.n_steps += 1
-    self.history.append(stats)
-    self.minibatch_stats, self.last_rollout = mb_stats, ro
-    return stats
+    stats = _to_host([_rollout_stats(ro, c.num_generations, self.eos_id)])[0]
+    tokens = float(ro.response_mask.sum())  # sampled response tokens
+    times = {"time/rollout": times[0], "time/optimize": times[1]}
+    return stats | {"num_tokens": tokens, **times, "step": self.n_steps}
 
 # %% ../nbs/14_grpo.ipynb #9efd5b8c
 @patch
-def train(
-    self: GRPOTrainer,
-    prompt_fn: Callable[[int], Sequence[Sequence[int]]],  # step number -> prompts
-    steps: int,  # GRPO steps to run at most
-    callback: Callable[[dict], object] | None = None,  # each step's stats; True: stop
-    progress: bool = True,  # show a tqdm progress bar
-) -> list[dict]:  # the statistics of these steps (also appended to self.history)
-    "Run up to `steps` GRPO steps on prompts from `prompt_fn`; a callback can stop it."
-
-    def show(s):
-        return dict(reward=f"{s['reward']:.2f}", kl=f"{s['kl']:.3f}")
-
-    return run_steps(self, prompt_fn, steps, callback, progress, "GRPO", show)
+def _show(self: GRPOTrainer, s: dict) -> dict:
+    "The progress bar's fields: the mean reward and the k3 KL of the loss."
+    return dict(reward=f"{s['reward']:.2f}", kl=f"{s['kl']:.3f}")
 
 # %% ../nbs/14_grpo.ipynb #4fec8072
 @dataclass(frozen=True)
@@ -462,12 +361,7 @@ class GRPOPreset:
     temperature: float = 1.0  # of the sampler (and of the log-probabilities)
 
     def __post_init__(self):
-        for name in ("num_generations", "prompts_per_step"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(
-                    f"GRPOPreset.{name} must be a positive integer, got {v!r}."
-                )
+        _check_positive_ints(self, ("num_generations", "prompts_per_step"))
         if self.supervision not in ("outcome", "process"):
             raise ValueError(
                 "GRPOPreset.supervision must be 'outcome' or 'process', "
@@ -479,9 +373,9 @@ def grpo_preset(
     profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
 ) -> GRPOPreset:
     "GRPO on chapter 11's copy task, with PPO's budget: G × prompts = PPO's batch."
-    from tinyllama.profiles import Profile, get_profile
+    from tinyllama.profiles import as_profile
 
-    P = profile if isinstance(profile, Profile) else get_profile(profile)
+    P = as_profile(profile)
     task = ppo_preset(P)
     G = 4  # 4 beat 8 on the copy task's cpu run: more distinct words per step
     if task.batch_size % G:
@@ -500,22 +394,11 @@ def grpo_preset(
 
 # %% ../nbs/14_grpo.ipynb #33ba1949
 @dataclass
-class GRPOCopyResult:
-    "What `run_grpo_copy_task` measured, and the trainer that holds the trained policy."
+class GRPOCopyResult(_CopyRun):
+    "What `run_grpo_copy_task` measured: chapter 11's record of a copy-task run."
 
-    preset: GRPOPreset
-    tokenizer: LetterTokenizer
-    words: dict  # "train", "val", "test": word lists, pairwise disjoint (chapter 11's)
+    preset: GRPOPreset  # the other fields are chapter 11's: words, before, after, ...
     trainer: GRPOTrainer  # .policy, .history, .last_rollout, .minibatch_stats
-    before: CopyEval  # the test words, greedy, before GRPO
-    after: CopyEval  # the same words after GRPO
-    checks: list  # (step, validation exact copies) at step 0 and every eval_every
-    seconds: float  # wall time of GRPO, validation checks included
-
-    @property
-    def history(self) -> list[dict]:
-        "The statistics of every GRPO step."
-        return self.trainer.history
 
     @property
     def sampled_tokens(self) -> int:
@@ -531,34 +414,6 @@ def _grpo_config(preset: GRPOPreset, max_new: int, seed: int) -> GRPOConfig:
         variant=preset.variant, temperature=preset.temperature, seed=seed,
     )  # fmt: skip
 
-
-class _Validation:
-    "A callback: every eval_every steps, validation accuracy, the lr rule, early stop."
-
-    def __init__(self, trainer, task, lr, prompts, golden, max_new, log):
-        self.trainer, self.task, self.lr, self.log = trainer, task, lr, log
-        self.accuracy = lambda: (
-            copy_eval(trainer.policy, prompts, golden, max_new).exact
-        )
-        self.checks = [(0, self.accuracy())]  # (step, validation exact copies)
-        self.t0 = time.perf_counter()
-
-    def __call__(self, stats: dict) -> bool:  # True: stop training
-        step, t = stats["step"] + 1, self.task
-        if step % t.eval_every:
-            return False
-        acc = self.accuracy()
-        self.checks.append((step, acc))
-        for g in self.trainer.optimizer.param_groups:  # chapter 11's rule
-            g["lr"] = self.lr * min(1.0, max(0.25, 2 * (1 - acc)))
-        if self.log:
-            print(
-                f"step {step:4d}  {time.perf_counter() - self.t0:5.0f} s  "
-                f"reward {stats['reward']:.2f}  KL {stats['kl_response']:5.2f}  "
-                f"entropy {stats['entropy']:.2f}  validation exact copy {acc:.1%}"
-            )
-        return acc >= t.stop_at
-
 # %% ../nbs/14_grpo.ipynb #3e4cea7b
 def run_grpo_copy_task(
     preset: GRPOPreset | str | None = None,  # sizes, or a profile for grpo_preset
@@ -569,11 +424,8 @@ def run_grpo_copy_task(
 ) -> GRPOCopyResult:
     "Chapter 11's copy task trained with GRPO: a random policy learns to copy words."
     preset = preset if isinstance(preset, GRPOPreset) else grpo_preset(preset)
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}.")
-    device = get_device() if device is None else torch.device(device)
-    task = preset.task
-    parts = copy_task(task, seed, device)  # chapter 11's words, reward and random start
+    task = preset.task  # chapter 11's words, reward and random start (seed, device):
+    parts = copy_task(task, seed, device)
     tok, words, golden = parts.tokenizer, parts.words, parts.reward_fn
     max_new, base = parts.max_new_tokens, parts.ref_policy
     test = copy_prompts(words["test"], tok, bos=True)
@@ -584,7 +436,8 @@ def run_grpo_copy_task(
         eos_id=tok.eos_id, pad_id=tok.pad_id,
     )  # fmt: skip
     val = copy_prompts(words["val"], tok, bos=True)
-    rule = _Validation(trainer, task, preset.lr, val, golden, max_new, log)
+    keys = ("step", "reward", "kl_response", "entropy")  # GRPO's statistics
+    rule = _ValidationRule(trainer, task, val, golden, max_new, log, preset.lr, keys)
     rng = random.Random(seed)
 
     def prompts(step):  # this step's words, drawn from the training words

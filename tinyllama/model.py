@@ -433,53 +433,21 @@ def parameter_count(config: LLMConfig) -> int:
     return sum(parameter_breakdown(config).values())
 
 # %% ../nbs/06_model.ipynb #e8a8957e
+# vocab_size, context_size, dim_emb, num_layers, num_heads, num_kv_heads,
+# ffd_hidden_dim and rope_theta of each model (norm_eps is 1e-5 in all four)
+_PUBLISHED = {
+    "TinyLlama-1.1B": (32000, 2048, 2048, 22, 32, 4, 5632, 10000.0),
+    "Llama-2-7B": (32000, 4096, 4096, 32, 32, 32, 11008, 10000.0),
+    "Llama-3-8B": (128256, 8192, 4096, 32, 32, 8, 14336, 500000.0),
+    "Llama-2-70B": (32000, 4096, 8192, 80, 64, 8, 28672, 10000.0),
+}
+
+
 def published_configs() -> dict[str, LLMConfig]:
     "Configurations of published Llama models (from their papers and model cards)."
     return {
-        "TinyLlama-1.1B": LLMConfig(
-            vocab_size=32000,
-            context_size=2048,
-            dim_emb=2048,
-            num_layers=22,
-            num_heads=32,
-            num_kv_heads=4,
-            ffd_hidden_dim=5632,
-            norm_eps=1e-5,
-            rope_theta=10000.0,
-        ),
-        "Llama-2-7B": LLMConfig(
-            vocab_size=32000,
-            context_size=4096,
-            dim_emb=4096,
-            num_layers=32,
-            num_heads=32,
-            num_kv_heads=32,
-            ffd_hidden_dim=11008,
-            norm_eps=1e-5,
-            rope_theta=10000.0,
-        ),
-        "Llama-3-8B": LLMConfig(
-            vocab_size=128256,
-            context_size=8192,
-            dim_emb=4096,
-            num_layers=32,
-            num_heads=32,
-            num_kv_heads=8,
-            ffd_hidden_dim=14336,
-            norm_eps=1e-5,
-            rope_theta=500000.0,
-        ),
-        "Llama-2-70B": LLMConfig(
-            vocab_size=32000,
-            context_size=4096,
-            dim_emb=8192,
-            num_layers=80,
-            num_heads=64,
-            num_kv_heads=8,
-            ffd_hidden_dim=28672,
-            norm_eps=1e-5,
-            rope_theta=10000.0,
-        ),
+        name: LLMConfig(*sizes, norm_eps=1e-5, rope_theta=theta)
+        for name, (*sizes, theta) in _PUBLISHED.items()
     }
 
 # %% ../nbs/06_model.ipynb #9762444b

@@ -111,12 +111,8 @@ class ValueModel(nn.Module):
 
     def __init__(self, config: LLMConfig):
         super().__init__()
-        if not isinstance(config, LLMConfig):
-            raise ValueError(
-                f"ValueModel expects an LLMConfig, got {type(config).__name__}."
-            )
+        self.trunk = LLM(config)  # refuses anything but a valid LLMConfig
         self.config = config
-        self.trunk = LLM(config)
         self.trunk.lm_head = (
             nn.Identity()
         )  # no vocabulary projection: the trunk returns its final hidden states
@@ -180,6 +176,16 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
 
 # %% ../nbs/11_ppo.ipynb #600f25db
+def _check_positive_ints(obj, names):
+    "ValueError for the first field in `names` of `obj` that is not an integer >= 1."
+    for name in names:
+        v = getattr(obj, name)
+        if not _is_int(v) or v < 1:
+            raise ValueError(
+                f"{type(obj).__name__}.{name} must be a positive integer, got {v!r}."
+            )
+
+
 def _check_number(c, name, lo, lo_open=True, hi=math.inf):
     v = getattr(c, name)
     ok = (
@@ -198,10 +204,8 @@ def _check_number(c, name, lo, lo_open=True, hi=math.inf):
 
 def _check_ppo_config(c):
     "ValueError for the first field of PPOConfig `c` that is out of its range."
-    for name in ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
-        v = getattr(c, name)
-        if not _is_int(v) or v < 1:
-            raise ValueError(f"PPOConfig.{name} must be a positive integer, got {v!r}.")
+    ints = ("batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens")
+    _check_positive_ints(c, ints)
     if c.mini_batch_size > c.batch_size:
         raise ValueError(
             f"mini_batch_size={c.mini_batch_size} is larger than "
@@ -381,10 +385,21 @@ def _check_trainer_args(policy, ref_policy, value_model, reward_fn, config, eos,
     for name, m in (("policy", policy), ("ref_policy", ref_policy)):
         _check_model(name, m)
     _check_model("value_model", value_model)
+    _check_roles(policy, ref_policy, reward_fn, eos, pad)
+    V = policy.config.vocab_size
+    if ref_policy.config.vocab_size != V or value_model.config.vocab_size != V:
+        raise ValueError(
+            "policy, ref_policy and value_model must share one vocabulary (the same "
+            "tokenizer)."
+        )
+
+
+def _check_roles(policy, ref_policy, reward_fn, eos, pad):
+    "ValueError unless the reference is a copy, reward_fn a function, EOS and PAD ids."
     if ref_policy is policy:
         raise ValueError(
-            "ref_policy is the policy itself, so the KL penalty would always be 0; "
-            "give a frozen copy (copy.deepcopy(policy)) or None."
+            "ref_policy is the policy itself, so the KL to the reference would always "
+            "be 0; give a frozen copy (copy.deepcopy(policy)) or None."
         )
     if not callable(reward_fn):
         raise ValueError(
@@ -400,13 +415,8 @@ def _check_trainer_args(policy, ref_policy, value_model, reward_fn, config, eos,
             "padding after a response could not be told from its end (use the "
             "tokenizer's pad_id)."
         )
-    if ref_policy.config.vocab_size != V or value_model.config.vocab_size != V:
-        raise ValueError(
-            "policy, ref_policy and value_model must share one vocabulary (the same "
-            "tokenizer)."
-        )
 
-
+# %% ../nbs/11_ppo.ipynb #27fc41ad
 def _check_prompts(prompts, vocab_size, context_size, n_new, pad_id) -> list:
     "The prompts as lists of ints; ValueError for the first one that cannot work."
     if isinstance(prompts, (torch.Tensor, str)) or not isinstance(
@@ -420,7 +430,7 @@ def _check_prompts(prompts, vocab_size, context_size, n_new, pad_id) -> list:
         for i, p in enumerate(prompts)
     ]
 
-# %% ../nbs/11_ppo.ipynb #27fc41ad
+
 def _check_prompt(i, p, V, ctx, n_new, pad_id) -> list[int]:
     p = p.tolist() if isinstance(p, torch.Tensor) else p
     if (
@@ -452,6 +462,8 @@ def _check_prompt(i, p, V, ctx, n_new, pad_id) -> list[int]:
 # %% ../nbs/11_ppo.ipynb #cf05864d
 class PPOTrainer:
     "PPO for a language model: rollouts, a KL-penalised reward, GAE, clipped losses."
+
+    name = "PPO"  # the progress bar's label
 
     def __init__(
         self,
@@ -511,6 +523,15 @@ def _forward(self: PPOTrainer, model, ids, mask, n_prompt):
     pos = position_ids_from_mask(mask)  # left padding: real tokens start at 0
     out = model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1])
     return out[:, n_prompt - 1 :]  # (B, Tr, ...)
+
+
+@patch
+def _logprobs(self: PPOTrainer, ids, mask, n_prompt, r_ids, m):
+    "log π and log π_ref of the response tokens at the sampler's temperature (× m)."
+    c, logits = self.config, lambda model: self._forward(model, ids, mask, n_prompt)
+    logprobs = token_logprobs(logits(self.policy), r_ids, c.temperature)[0] * m
+    ref_logprobs = token_logprobs(logits(self.ref_policy), r_ids, c.temperature)[0] * m
+    return logprobs, ref_logprobs
 
 
 @patch
@@ -576,10 +597,8 @@ def rollout(
     p_ids, p_mask, r_ids, r_mask = self._sample(prompts)
     Tp, m = p_ids.shape[1], r_mask.float()
     ids, mask = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
-    logits = lambda model: self._forward(model, ids, mask, Tp)
-    logprobs = token_logprobs(logits(self.policy), r_ids, c.temperature)[0] * m
-    ref_logprobs = token_logprobs(logits(self.ref_policy), r_ids, c.temperature)[0] * m
-    values = logits(self.value_model) * m
+    logprobs, ref_logprobs = self._logprobs(ids, mask, Tp, r_ids, m)
+    values = self._forward(self.value_model, ids, mask, Tp) * m
     scores = self._scores(p_ids, r_ids, r_mask)
     self.eval_mode()  # in case the reward function switched a shared model to training
     rewards, _ = kl_penalised_rewards(
@@ -610,12 +629,7 @@ def _update(self: PPOTrainer, ro: Rollout, idx: torch.Tensor) -> dict:
         values, ro.values[idx], ro.returns[idx], m, c.cliprange_value
     )
     loss = pg_loss + c.vf_coef * vf_loss
-    self.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if c.max_grad_norm is not None:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-    self.optimizer.step()
+    self._gradient_step(loss)
     stats = {
         "loss/policy": pg_loss,
         "loss/value": vf_loss,
@@ -625,6 +639,17 @@ def _update(self: PPOTrainer, ro: Rollout, idx: torch.Tensor) -> dict:
         **vf_stats,
     }
     return {k: v.detach() for k, v in stats.items()}  # no host sync per minibatch
+
+
+@patch
+def _gradient_step(self: PPOTrainer, loss: torch.Tensor):
+    "Backpropagate `loss`, clip the gradient's norm, one optimizer step."
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if self.config.max_grad_norm is not None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+    self.optimizer.step()
 
 # %% ../nbs/11_ppo.ipynb #f51f10a3
 def _rollout_stats(ro: Rollout) -> dict:
@@ -657,13 +682,31 @@ def _to_host(dicts: list[dict]) -> list[dict]:
     rows = torch.stack([torch.stack([d[k].float() for k in keys]) for d in dicts])
     return [dict(zip(keys, row)) for row in rows.tolist()]
 
+
+@patch
+def _step_stats(self: PPOTrainer, ro: Rollout, mb_stats: list, times: tuple) -> dict:
+    "A step's statistics beyond the minibatch means; then β moves (if adaptive)."
+    B = ro.response_ids.shape[0]
+    stats = _to_host([_rollout_stats(ro)])[0]
+    stats.update(
+        {
+            "objective/kl_coef": self.kl_ctl.value,
+            "policy/approxkl_first": mb_stats[0]["policy/approxkl"],  # 0: as rolled out
+            "time/ppo/rollout": times[0],
+            "time/ppo/optimize": times[1],
+            "ppo/step": self.n_steps,
+        }
+    )
+    self.kl_ctl.update(stats["objective/kl"], B)
+    return stats
+
 # %% ../nbs/11_ppo.ipynb #1dd492c6
 @patch
 def step(
     self: PPOTrainer,
     prompts: Sequence[Sequence[int]],  # this step's prompts (batch_size, typically)
 ) -> dict:  # statistics, named as in TRL (loss/policy, env/reward_mean, ...)
-    "One PPO step: a rollout, then ppo_epochs passes of minibatch updates."
+    "One step: a rollout, then ppo_epochs passes of minibatch updates."
     c = self.config
     t0 = time.perf_counter()
     ro = self.rollout(prompts)
@@ -677,19 +720,8 @@ def step(
             mb_stats.append(self._update(ro, order[start : start + c.mini_batch_size]))
     t2 = time.perf_counter()
     mb_stats = _to_host(mb_stats)  # every minibatch's statistics in one copy
-    keys = list(mb_stats[0])
-    stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in keys}
-    stats.update(_to_host([_rollout_stats(ro)])[0])
-    stats.update(
-        {
-            "objective/kl_coef": self.kl_ctl.value,
-            "policy/approxkl_first": mb_stats[0]["policy/approxkl"],  # 0: as rolled out
-            "time/ppo/rollout": t1 - t0,
-            "time/ppo/optimize": t2 - t1,
-            "ppo/step": self.n_steps,
-        }
-    )
-    self.kl_ctl.update(stats["objective/kl"], B)
+    stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
+    stats.update(self._step_stats(ro, mb_stats, (t1 - t0, t2 - t1)))
     self.n_steps += 1
     self.history.append(stats)
     self.minibatch_stats, self.last_rollout = mb_stats, ro
@@ -724,19 +756,21 @@ def run_steps(
 
 
 @patch
+def _show(self: PPOTrainer, s: dict) -> dict:
+    "The progress bar's fields: the mean reward and the KL to the reference."
+    return dict(reward=f"{s['env/reward_mean']:.2f}", kl=f"{s['objective/kl']:.2f}")
+
+
+@patch
 def train(
     self: PPOTrainer,
     prompt_fn: Callable[[int], Sequence[Sequence[int]]],  # step number -> prompts
-    steps: int,  # PPO steps to run at most
+    steps: int,  # steps to run at most
     callback: Callable[[dict], object] | None = None,  # each step's stats; True: stop
     progress: bool = True,  # show a tqdm progress bar
 ) -> list[dict]:  # the statistics of these steps (also appended to self.history)
-    "Run up to `steps` PPO steps on prompts from `prompt_fn`; a callback can stop it."
-
-    def show(s):
-        return dict(reward=f"{s['env/reward_mean']:.2f}", kl=f"{s['objective/kl']:.2f}")
-
-    return run_steps(self, prompt_fn, steps, callback, progress, "PPO", show)
+    "Run up to `steps` steps on prompts from `prompt_fn`; a callback can stop it."
+    return run_steps(self, prompt_fn, steps, callback, progress, self.name, self._show)
 
 # %% ../nbs/11_ppo.ipynb #577787c3
 class PPOPlot:
@@ -817,12 +851,8 @@ class PPOPreset:
     stop_at: float = 0.995  # stop once this share of validation words is copied
 
     def __post_init__(self):
-        for name in ("max_len", "min_len", "dim_emb", "max_steps", "eval_every"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(
-                    f"PPOPreset.{name} must be a positive integer, got {v!r}."
-                )
+        ints = ("max_len", "min_len", "dim_emb", "max_steps", "eval_every")
+        _check_positive_ints(self, ints)
 
 # %% ../nbs/11_ppo.ipynb #58e07fbe
 def ppo_preset(
@@ -830,11 +860,11 @@ def ppo_preset(
     speedrun: bool = False,  # True: `tinyllama speedrun`'s smaller cpu run
 ) -> PPOPreset:
     "The copy task's sizes for a profile: ci runs in seconds, cpu in minutes."
-    from tinyllama.profiles import Profile, get_profile
+    from tinyllama.profiles import as_profile
 
     if not isinstance(speedrun, bool):
         raise ValueError(f"speedrun must be True or False, got {speedrun!r}.")
-    P = profile if isinstance(profile, Profile) else get_profile(profile)
+    P = as_profile(profile)
     preset = _profile_preset(P)
     if speedrun and P.name == "cpu":  # 12 letters, shorter words: a few minutes
         preset = replace(preset, **_SPEEDRUN_CPU)
@@ -842,47 +872,18 @@ def ppo_preset(
 
 
 def _profile_preset(P) -> PPOPreset:
-    return P.pick(
-        ci=PPOPreset(  # 6 letters and short words: the reward moves within seconds
-            alphabet="abcdef",
-            max_len=4,
-            dim_emb=32,
-            max_steps=30,
-            batch_size=64,
-            mini_batch_size=32,
-            ppo_epochs=2,
-            lr=2e-3,
-            eval_every=5,
-            n_train=400,
-            n_eval=100,
-        ),
-        cpu=PPOPreset(
-            alphabet=string.ascii_lowercase,
-            max_len=6,
-            dim_emb=64,
-            max_steps=650,
-            batch_size=128,
-            mini_batch_size=64,
-            ppo_epochs=4,
-            lr=5e-4,
-            eval_every=25,
-            n_train=20_000,
-            n_eval=500,
-        ),
-        gpu=PPOPreset(
-            alphabet=string.ascii_lowercase,
-            max_len=6,
-            dim_emb=64,
-            max_steps=2000,
-            batch_size=256,
-            mini_batch_size=64,
-            ppo_epochs=4,
-            lr=5e-4,
-            eval_every=25,
-            n_train=20_000,
-            n_eval=1000,
-        ),
-    )
+    ci = PPOPreset(  # 6 letters and short words: the reward moves within seconds
+        alphabet="abcdef", max_len=4, dim_emb=32, max_steps=30, batch_size=64,
+        mini_batch_size=32, ppo_epochs=2, lr=2e-3, eval_every=5, n_train=400,
+        n_eval=100,
+    )  # fmt: skip
+    cpu = PPOPreset(
+        alphabet=string.ascii_lowercase, max_len=6, dim_emb=64, max_steps=650,
+        batch_size=128, mini_batch_size=64, ppo_epochs=4, lr=5e-4, eval_every=25,
+        n_train=20_000, n_eval=500,
+    )  # fmt: skip
+    gpu = replace(cpu, max_steps=2000, batch_size=256, n_eval=1000)
+    return P.pick(ci=ci, cpu=cpu, gpu=gpu)
 
 # %% ../nbs/11_ppo.ipynb #3a52e898
 # `tinyllama speedrun`'s cpu run: 12 letters, shorter words, fewer steps
@@ -930,53 +931,62 @@ def copy_eval(
 class _ValidationRule:
     "A callback: every eval_every steps, validation accuracy, the lr rule, early stop."
 
-    def __init__(self, trainer, preset, prompts, golden, max_new, log):
-        self.trainer, self.preset, self.log = trainer, preset, log
+    KEYS = ("ppo/step", "env/reward_mean", "objective/kl", "policy/entropy")
+
+    def __init__(
+        self, trainer, preset, prompts, golden, max_new, log, lr=None, keys=KEYS
+    ):
+        self.trainer, self.preset, self.log, self.keys = trainer, preset, log, keys
+        self.lr = preset.lr if lr is None else lr  # the peak learning rate
         self.accuracy = lambda: copy_eval(trainer.policy, prompts, golden, max_new)
         self.checks = [(0, self.accuracy().exact)]  # (step, validation exact copies)
         self.t0 = time.perf_counter()
 
     def __call__(self, stats: dict) -> bool:  # True: stop training
-        step, pr = stats["ppo/step"] + 1, self.preset
+        step_key, reward, kl, entropy = self.keys  # the statistics' names
+        step, pr = stats[step_key] + 1, self.preset
         if step % pr.eval_every:
             return False
         acc = self.accuracy().exact
         self.checks.append((step, acc))
         for g in self.trainer.optimizer.param_groups:  # smaller steps near the goal
-            g["lr"] = pr.lr * min(1.0, max(0.25, 2 * (1 - acc)))
+            g["lr"] = self.lr * min(1.0, max(0.25, 2 * (1 - acc)))
         if self.log:
             print(
                 f"step {step:4d}  {time.perf_counter() - self.t0:5.0f} s  "
-                f"reward {stats['env/reward_mean']:.2f}  "
-                f"KL {stats['objective/kl']:5.2f}  "
-                f"entropy {stats['policy/entropy']:.2f}  "
-                f"validation exact copy {acc:.1%}"
+                f"reward {stats[reward]:.2f}  KL {stats[kl]:5.2f}  "
+                f"entropy {stats[entropy]:.2f}  validation exact copy {acc:.1%}"
             )
         return acc >= pr.stop_at
 
 # %% ../nbs/11_ppo.ipynb #5ba9e113
 @dataclass
-class CopyTaskResult:
-    "What `run_copy_task` measured, and the trainer that holds the trained policy."
+class _CopyRun:
+    "What a run on the copy task measured, and the trainer that holds the policy."
 
-    preset: PPOPreset
+    preset: PPOPreset  # the sizes (chapter 14's GRPO: a GRPOPreset)
     tokenizer: LetterTokenizer
     words: dict  # "train", "val", "test": word lists, pairwise disjoint
     trainer: PPOTrainer  # .policy, .history, .last_rollout, .minibatch_stats
-    before: CopyEval  # the test words, greedy, before PPO
-    after: CopyEval  # the same words after PPO
+    before: CopyEval  # the test words, greedy, before training
+    after: CopyEval  # the same words after training
     checks: list  # (step, validation exact copies) at step 0 and every eval_every
-    seconds: float  # wall time of PPO, validation checks included
+    seconds: float  # wall time of training, validation checks included
 
     @property
     def history(self) -> list[dict]:
-        "The statistics of every PPO step."
+        "The statistics of every step."
         return self.trainer.history
 
     @property
     def perfect(self) -> float:
         "The score of a perfect copy (letters and EOS), mean over the test words."
         return sum(len(w) + 1 for w in self.words["test"]) / len(self.words["test"])
+
+
+@dataclass
+class CopyTaskResult(_CopyRun):
+    "What `run_copy_task` measured, and the trainer that holds the trained policy."
 
     def reward_change(self, k: int) -> tuple[float, float]:
         "Mean sampled reward per response over the first k and the last k steps."
