@@ -73,6 +73,7 @@ def test_the_hub_is_asked_for_the_fingerprint_revision_and_its_copy_is_cached(tr
     assert torch.equal(got.model.embed_tokens.weight, b.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 def test_a_hub_without_the_model_falls_back_to_training(tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -96,6 +97,7 @@ def test_offline_never_opens_a_connection(monkeypatch):
     assert base._online() is False
 
 
+@pytest.mark.slow
 def test_two_callers_at_once_train_one_model(tmp_path, monkeypatch):
     real, calls = base._train_base, []
 

@@ -430,6 +430,7 @@ def _expected_colab(nb_name: str) -> str:
     return mbc.colab_url(mbc.repository_url(mbc.read_pyproject()["project"]), f"nbs/{nb_name}")
 
 
+@pytest.mark.slow
 @pytest.mark.book
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[nb.stem for nb in NOTEBOOKS])
 def test_chapter_page_renders_offline(nb, browser, server):
@@ -438,6 +439,7 @@ def test_chapter_page_renders_offline(nb, browser, server):
     assert not problems, f"{nb.stem}.html:\n  " + "\n  ".join(problems)
 
 
+@pytest.mark.slow
 @pytest.mark.book
 def test_book_root_redirects_to_the_index_page(browser, server):
     rec = PageRecord(browser)
@@ -453,6 +455,7 @@ def test_book_root_redirects_to_the_index_page(browser, server):
     assert {nb.stem for nb in NOTEBOOKS if not nb.name.startswith("00_")} <= linked, linked
 
 
+@pytest.mark.slow
 @pytest.mark.book
 def test_book_has_math_and_figures_to_check(built_book):
     """Guard against vacuous browser checks: the chapters render math and plots at all."""
@@ -501,6 +504,7 @@ def synthetic_book(tmp_path_factory, built_book) -> Path:
     return src / "_build" / "html"
 
 
+@pytest.mark.slow
 @pytest.mark.book
 def test_synthetic_page_with_widgets_plot_math_and_directives(browser, synthetic_book):
     """Covers what chapters may not have yet: saved widgets (with a LaTeX label), amsmath, and nbdev cells."""
@@ -550,6 +554,7 @@ async () => {
 """
 
 
+@pytest.mark.slow
 @pytest.mark.book
 def test_post_training_panels_render_in_the_book(browser, server):
     """Chapter 07c's saved PPO, DPO and GRPO panels render as forms: a Start button each, their

@@ -34,6 +34,7 @@ def _exit_code_and_stderr(argv, capsys):
     return e.value.code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pretrain_writes_a_loadable_checkpoint(checkpoint):
     from tinyllama.checkpoint import load_checkpoint
     for name in ("model.safetensors", "config.json", "trainer_state.pt", "tokenizer.model", "metrics.jsonl"):
@@ -43,6 +44,7 @@ def test_pretrain_writes_a_loadable_checkpoint(checkpoint):
     assert model.config.dim_emb == pretrain_preset("ci").model["dim_emb"]
 
 
+@pytest.mark.slow
 def test_sample_prints_the_prompt_and_a_continuation(checkpoint, capsys, tmp_path):
     assert main(["sample", str(checkpoint), "--profile", "ci", "--max-new-tokens", "8", "--prompt", "Once upon a time,",
                  "--prompt", "Tom", "--top-k", "20", "--out", str(tmp_path)]) == 0
@@ -55,6 +57,7 @@ def test_sample_prints_the_prompt_and_a_continuation(checkpoint, capsys, tmp_pat
         assert len(line.split("**")[-1].strip()) > 0, line
 
 
+@pytest.mark.slow
 def test_sample_is_reproducible_with_a_seed(checkpoint, capsys):
     argv = ["sample", str(checkpoint), "--profile", "ci", "--max-new-tokens", "10", "--prompt", "One day", "--seed", "3"]
     main(argv)
@@ -203,6 +206,7 @@ def test_missing_checkpoint_is_one_line_naming_the_path(tmp_path, capsys):
     assert err.strip().count("\n") == 0 and str(missing) in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_folder_without_tokenizer_or_with_damaged_weights(checkpoint, tmp_path, capsys):
     import shutil
     broken = tmp_path / "broken"
@@ -217,6 +221,7 @@ def test_folder_without_tokenizer_or_with_damaged_weights(checkpoint, tmp_path, 
     assert code == 2 and "model.safetensors" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_pretrain_refuses_to_overwrite_and_resume_needs_a_checkpoint(checkpoint, tmp_path, capsys):
     code, err = _exit_code_and_stderr(["pretrain", "--profile", "ci", "--out", str(checkpoint)], capsys)
     assert code == 2 and "--resume" in err

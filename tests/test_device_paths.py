@@ -318,6 +318,7 @@ def test_the_copy_task_puts_every_model_on_get_device(monkeypatch):
 
 
 # -- 10. after an error (an out-of-memory one, say) the panel must not keep the run's memory alive
+@pytest.mark.slow
 def test_a_failed_run_frees_what_its_frames_held(tmp_path, monkeypatch):
     held = []
 
@@ -361,6 +362,7 @@ exit 0
     assert "--stages pretrain,samples" in log.read_text()  # the gpu-sized SFT/PPO stages are not run there
 
 
+@pytest.mark.slow
 def test_compiled_attention_never_asks_the_driver_while_tracing(monkeypatch):
     # torch.compile (gpu profile) once crashed here: tracing called into the CUDA driver.
     real = torch.cuda.get_device_capability

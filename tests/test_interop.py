@@ -404,6 +404,7 @@ def test_special_token_ids(tok, hf_tok):
     assert hf_tok.convert_ids_to_tokens(list(range(len(tok)))) == tok.pieces
 
 
+@pytest.mark.slow
 def test_auto_tokenizer_encodes_exactly_as_the_course_tokenizer(tok, hf_tok, stories):
     for text in stories + EDGES:
         # markers typed in the text are plain text: the course's default, transformers' split_special_tokens
@@ -415,6 +416,7 @@ def test_auto_tokenizer_encodes_exactly_as_the_course_tokenizer(tok, hf_tok, sto
     assert tok.encode("<unk>", allow_special=True) == tok.encode("<unk>")
 
 
+@pytest.mark.slow
 def test_auto_tokenizer_decodes_as_the_course_tokenizer(tok, hf_tok, stories):
     for text in stories + EDGES:
         ids = tok.encode(text, bos=True, eos=True) + [tok.pad_id] * 2  # as the course frames a story
@@ -453,6 +455,7 @@ def test_tokenizer_json_is_plain_json(tok, stories, monkeypatch):
     assert all(fast.encode(s).ids == tok.encode(s, bos=True) for s in stories[:200])
 
 
+@pytest.mark.slow
 def test_pipeline_gives_the_greedy_text_of_generate_text(tok, chat_repo, pipe):
     model, _ = chat_repo
     for prompt in ["Once upon a time", "Mia saw a big dog. She", " two  spaces", "", "café ✓"]:
@@ -468,6 +471,7 @@ def test_pipeline_gives_the_greedy_text_of_generate_text(tok, chat_repo, pipe):
         assert cont.removeprefix(" ") == tok.decode(new)
 
 
+@pytest.mark.slow
 def test_pipeline_gives_the_greedy_ids_of_generate(tok, tmp_path):
     # an untrained model left as it is also writes special and byte tokens, and stops at </s>
     model = randomized(LLMConfig(vocab_size=len(tok), context_size=64, dim_emb=64, num_layers=2, num_heads=4,

@@ -40,6 +40,7 @@ def test_copy_prompts_and_golden_reward_with_letters():
     assert r.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
 
 
+@pytest.mark.slow
 def test_reward_rises_on_the_letter_copy_task_from_random_weights():
     tok = LetterTokenizer("abcd")
     words, _ = copy_task_words(40, seed=0, min_len=2, max_len=3, alphabet="abcd")

@@ -139,6 +139,7 @@ def test_the_run_stops_once_the_validation_words_are_copied():
     assert len(res.history) == 2 and [s for s, _ in res.checks] == [0, 2]  # stopped at the first check
 
 
+@pytest.mark.slow
 def test_the_run_is_reproducible_whatever_the_global_rng():
     torch.manual_seed(1)
     a = run_copy_task(tiny_preset(max_steps=2), device="cpu", seed=5, progress=False)
@@ -270,6 +271,7 @@ def _all_on_the_device(res: CopyTaskResult):
     assert state and all(isinstance(v, OnDevice) for v in state)  # Adam's moments
 
 
+@pytest.mark.slow
 def test_run_copy_task_keeps_models_and_tensors_on_the_device_it_is_given(fake_device, one_thread):
     with fake_device:
         res = run_copy_task(tiny_preset(max_steps=2, eval_every=1), device="mps", progress=False)
@@ -277,6 +279,7 @@ def test_run_copy_task_keeps_models_and_tensors_on_the_device_it_is_given(fake_d
     assert res.trainer.device.type == "mps" and len(res.history) == 2
 
 
+@pytest.mark.slow
 def test_run_copy_task_uses_get_device_by_default(fake_device, one_thread, monkeypatch):
     monkeypatch.setattr(ppo, "get_device", lambda *a, **k: torch.device("mps"))
     with fake_device:

@@ -2,6 +2,8 @@
 light import."""
 import importlib, inspect, pkgutil, subprocess, sys
 
+import pytest
+
 import tinyllama
 
 MODULES = [
@@ -80,6 +82,7 @@ def test_the_docstring_check_notices_a_missing_docstring():
     assert not _undocumented(tinyllama.LLM)
 
 
+@pytest.mark.slow
 def test_importing_the_package_does_not_import_the_notebook_and_plot_libraries():
     code = (
         "import sys, tinyllama; "

@@ -155,6 +155,7 @@ def test_start_trains_and_the_loss_falls(tmp_path):
     assert state_dicts_equal(loaded, panel.model)
 
 
+@pytest.mark.slow
 def test_stop_ends_the_run_cleanly_and_keeps_a_checkpoint(tmp_path):
     panel = tiny_panel(tmp_path, steps=100_000)
     panel.start_button.click()
@@ -184,6 +185,7 @@ def test_clicking_start_twice_starts_one_run(tmp_path):
     assert panel.wait(timeout=60).stopped_early
 
 
+@pytest.mark.slow
 def test_a_second_run_after_the_first_ends_starts_fresh(tmp_path):
     panel = tiny_panel(tmp_path, steps=5)
     panel.start_button.click()
@@ -366,6 +368,7 @@ def test_ppo_fields_start_from_the_config_and_the_policy_device():
     assert "16 responses" in panel.summary_text and "M parameters" in panel.summary_text
 
 
+@pytest.mark.slow
 def test_ppo_start_runs_ppo_and_the_stats_arrive():
     start = tiny_policy()
     panel = ppo_panel(steps=12)
@@ -408,6 +411,7 @@ def test_ppo_start_runs_ppo_and_the_stats_arrive():
     assert not panel.start_button.disabled and panel.stop_button.disabled
 
 
+@pytest.mark.slow
 def test_ppo_stop_ends_cleanly_and_keeps_the_policy_it_reached():
     panel = ppo_panel(steps=100_000)
     panel.start_button.click()
@@ -445,6 +449,7 @@ def test_ppo_bad_fields_give_a_message_and_start_nothing(bad, word):
     assert word in panel.message_text and panel.message_kind == "error"
 
 
+@pytest.mark.slow
 def test_ppo_double_start_starts_one_run():
     before = threading.active_count()
     panel = ppo_panel(steps=100_000)
@@ -457,6 +462,7 @@ def test_ppo_double_start_starts_one_run():
     assert panel.wait(timeout=60).stopped_early
 
 
+@pytest.mark.slow
 def test_ppo_an_error_in_the_thread_is_a_message():
     def broken(prompt_ids, response_ids):
         raise RuntimeError("the reward model is on another device")
@@ -493,6 +499,7 @@ def test_ppo_panel_trains_on_cuda():
     assert panel.start_policy.embed_tokens.weight.device.type == "cpu"
 
 
+@pytest.mark.slow
 def test_ppo_prompts_from_a_function_are_cut_or_cycled_to_the_batch():
     calls = []
 
@@ -519,6 +526,7 @@ def test_ppo_panel_rejects_bad_arguments():
         PPOPanel(tiny_policy(), five_reward, TINY_PROMPTS, str, config=dict(lr=1e-3))
 
 
+@pytest.mark.slow
 def test_ppo_close_stops_the_run_and_closes_the_widgets():
     panel = ppo_panel(steps=100_000)
     parts = [panel.widget, panel.start_button, panel.plot, *panel.fields.values()]
@@ -585,6 +593,7 @@ def test_dpo_fields_start_from_the_preset_and_the_policy_device(story_tok):
     assert "8 held-out pairs" in panel.summary_text
 
 
+@pytest.mark.slow
 def test_dpo_start_runs_dpo_the_loss_falls_and_the_held_out_accuracy_rises(story_tok):
     panel = dpo_panel(story_tok, steps=8)
     start = dpo_policy(story_tok)
@@ -610,6 +619,7 @@ def test_dpo_start_runs_dpo_the_loss_falls_and_the_held_out_accuracy_rises(story
     assert not state_dicts_equal(panel.policy, start)
 
 
+@pytest.mark.slow
 def test_dpo_stop_ends_cleanly_and_keeps_the_policy_it_reached(story_tok):
     panel = dpo_panel(story_tok, steps=100_000)
     panel.start()
@@ -655,6 +665,7 @@ def test_dpo_panel_rejects_bad_arguments(story_tok):
     assert isinstance(pairs[0], PreferencePair)
 
 
+@pytest.mark.slow
 def test_dpo_error_in_the_thread_is_a_message(story_tok, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the reference is on another device")
@@ -686,6 +697,7 @@ def test_grpo_fields_start_from_the_config_and_the_policy_device():
     assert panel.fields["num_generations"].description == "group size G"
 
 
+@pytest.mark.slow
 def test_grpo_start_runs_grpo_and_the_reward_rises():
     panel = grpo_panel(steps=12)
     panel.start()
@@ -704,6 +716,7 @@ def test_grpo_start_runs_grpo_and_the_reward_rises():
     assert state_dicts_equal(panel.start_policy, tiny_policy())
 
 
+@pytest.mark.slow
 def test_grpo_equal_rewards_are_counted_and_teach_nothing():
     panel = grpo_panel(steps=3, reward_fn=lambda p, r: torch.ones(r.shape[0]))
     panel.start()
@@ -712,6 +725,7 @@ def test_grpo_equal_rewards_are_counted_and_teach_nothing():
     assert "equal-reward groups 100%" in panel.status.value
 
 
+@pytest.mark.slow
 def test_grpo_stop_ends_cleanly_and_keeps_the_policy_it_reached():
     panel = grpo_panel(steps=100_000)
     panel.start()
@@ -776,6 +790,7 @@ def test_dpo_and_grpo_panels_train_on_cuda(story_tok):
         assert panel.start_policy.embed_tokens.weight.device.type == "cpu"
 
 
+@pytest.mark.slow
 def test_grpo_fields_reach_the_trainer():
     panel = grpo_panel(steps=1).set(num_generations=2, batch_size=3, beta=0.2, temperature=0.7)
     assert "6 responses (3 prompts × G = 2)" in panel.summary_text

@@ -325,11 +325,16 @@ def _check_attention_inputs(layer, x, start_pos, attention_mask, kv_cache):
         )
     _check_start_pos(start_pos)
     B, T, _ = x.shape
-    S = start_pos + T if kv_cache is not None else T
+    _check_mask_shape(attention_mask, B, T, start_pos, kv_cache is not None)
+
+
+def _check_mask_shape(attention_mask, B: int, T: int, start_pos: int, cached: bool):
+    "A ValueError unless attention_mask is None or (B, S): one entry per key position."
+    S = start_pos + T if cached else T
     if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
         raise ValueError(
             f"attention_mask must have shape (batch={B}, keys={S}), one entry per key "
-            "position (start_pos + T with a cache, T without), got "
+            "position (start_pos + T with a KV cache, T without), got "
             f"{tuple(attention_mask.shape)}."
         )
 

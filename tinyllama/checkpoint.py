@@ -290,11 +290,11 @@ def load_model(
     return (model.to(device) if device is not None else model).eval()
 
 # %% ../nbs/07b_checkpoint.ipynb #f68c0c67
-TOKENIZER_FILE = "tokenizer.model"  # pretrain saves the tokenizer beside the weights
+TOKENIZER_FILE = "tokenizer.model"  # pretrain and save_hf keep the tokenizer here
 
 
 def load_tokenizer(
-    out_dir,  # a checkpoint folder written by pretrain
+    out_dir,  # a checkpoint folder written by pretrain (or save_hf)
 ):  # the tinyllama Tokenizer in out_dir/tokenizer.model
     "The tokenizer saved beside a checkpoint's weights."
     from tinyllama.tokenizer import Tokenizer

@@ -5,23 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 import torch
-from .checkpoint import atomic_write
+from .checkpoint import TOKENIZER_FILE, atomic_write, load_tokenizer
 from .model import LLM, LLMConfig
 from .rope import RotaryPositionalEncoding
 from .tokenizer import BOS, CHAT_TOKENS, EOS, PAD, UNK, Tokenizer
 
 # %% auto #0
-__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'WEIGHTS_INDEX_NAME', 'GENERATION_CONFIG_NAME', 'TOKENIZER_MODEL_NAME',
-           'HF_CHAT_TEMPLATE', 'hf_name', 'our_name', 'to_hf_config', 'from_hf_config', 'bpe_merges', 'to_hf_tokenizer',
-           'to_hf_tokenizer_config', 'to_hf_generation_config', 'hf_tokenizer_files', 'to_hf_state_dict', 'save_hf',
-           'read_hf_weights', 'from_hf_state_dict', 'load_hf', 'load_hf_tokenizer']
+__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'WEIGHTS_INDEX_NAME', 'GENERATION_CONFIG_NAME', 'HF_CHAT_TEMPLATE', 'hf_name',
+           'our_name', 'to_hf_config', 'from_hf_config', 'bpe_merges', 'to_hf_tokenizer', 'to_hf_tokenizer_config',
+           'to_hf_generation_config', 'hf_tokenizer_files', 'to_hf_state_dict', 'save_hf', 'read_hf_weights',
+           'from_hf_state_dict', 'load_hf', 'load_hf_tokenizer']
 
 # %% ../nbs/06b_interop.ipynb #744cb637
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
-TOKENIZER_MODEL_NAME = "tokenizer.model"  # the SentencePiece file, as in Llama repos
+# The SentencePiece file, "tokenizer.model" as in Llama repos, is TOKENIZER_FILE (07b).
 
 
 def hf_name(name: str) -> str:
@@ -388,7 +388,7 @@ def hf_tokenizer_files(
         "tokenizer.json": to_hf_tokenizer(tokenizer),
         "tokenizer_config.json": config,
         "special_tokens_map.json": special,
-        TOKENIZER_MODEL_NAME: tokenizer.model_proto,  # for sentencepiece and load_hf
+        TOKENIZER_FILE: tokenizer.model_proto,  # for sentencepiece and load_hf
     }
 
 # %% ../nbs/06b_interop.ipynb #b12f38fa
@@ -628,10 +628,9 @@ def load_hf_tokenizer(
     path,  # a folder written by save_hf(..., tokenizer=tok)
 ) -> Tokenizer:
     "The course `Tokenizer` saved in a model folder (its `tokenizer.model`)."
-    file = Path(path) / TOKENIZER_MODEL_NAME
-    if not file.is_file():
+    if not (Path(path) / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(
-            f"{Path(path)} has no {TOKENIZER_MODEL_NAME}; save the model with "
+            f"{Path(path)} has no {TOKENIZER_FILE}; save the model with "
             "save_hf(model, path, tokenizer=tok) to keep its tokenizer."
         )
-    return Tokenizer.load(file)
+    return load_tokenizer(path)

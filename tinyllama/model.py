@@ -15,6 +15,7 @@ from tinyllama.attention import (
     ATTN_IMPLS,
     GroupedQueryAttention,
     KVCache,
+    _check_mask_shape,
     _check_start_pos,
     position_ids_from_mask,
 )
@@ -306,13 +307,7 @@ def _check_inputs(model, input_ids, attention_mask, position_ids, kv_caches, sta
     _check_context(model.config, T, start_pos)
     if kv_caches is not None:
         _check_caches(model, kv_caches, B, start_pos + T)
-    S = start_pos + T if kv_caches is not None else T
-    if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-        raise ValueError(
-            f"attention_mask must have shape (batch={B}, {S}), one entry per key "
-            "position (start_pos + T with KV caches, T without), got "
-            f"{tuple(attention_mask.shape)}."
-        )
+    _check_mask_shape(attention_mask, B, T, start_pos, kv_caches is not None)
     if position_ids is not None:
         if tuple(position_ids.shape) != (B, T):
             raise ValueError(

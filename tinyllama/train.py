@@ -929,14 +929,18 @@ def plot_losses(
     title: str = "training",
     ylabel: str = "nats per token",
     ax=None,  # a matplotlib Axes to draw on; None: a new Figure
+    log: bool = True,  # a log-scale loss axis
 ):
-    "Training and held-out loss against the step (log scale); returns the Figure."
+    "Training and held-out loss against the step; returns the Figure."
     from matplotlib.figure import Figure
 
-    if ax is None:
+    new = ax is None
+    if new:
         ax = Figure(figsize=(7, 3.6)).add_subplot()
-    tr = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    tr = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
+    ev = [
+        (h["step"], h["eval_loss"]) for h in history if h.get("eval_loss") is not None
+    ]
     if tr:
         ax.plot(*zip(*tr), label="training loss", lw=1.2)
     if ev:
@@ -947,10 +951,12 @@ def plot_losses(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if tr or ev:
-        ax.set_yscale("log")
+        if log:
+            ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3, which="both")
-    ax.figure.tight_layout()
+    if new:  # a caller's Axes sit in a layout of the caller's
+        ax.figure.tight_layout()
     return ax.figure
 
 # %% ../nbs/07_pretraining.ipynb #c8295d21

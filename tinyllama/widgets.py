@@ -23,6 +23,7 @@ from tinyllama.train import (
     tokenize_stories,
     train,
     pretrain_preset,
+    plot_losses,
 )
 from .generate import generate
 from .ppo import PPOConfig, PPOTrainer, ValueModel, run_steps
@@ -33,9 +34,9 @@ from .dpo import sampled_kl, _dpo_step, _evaluate, _pair_order
 # %% auto #0
 __all__ = ['MODEL_FIELDS', 'RUN_FIELDS', 'FFN_MULTIPLE', 'SAMPLE_PROMPTS', 'PPO_FIELDS', 'PPO_STATS', 'PPO_PLOTS', 'PPORunResult',
            'FIELD_LABELS', 'DPO_FIELDS', 'DPO_STATS', 'GRPO_FIELDS', 'GRPO_STATS', 'available_devices',
-           'panel_defaults', 'configs_from_fields', 'field_problem', 'plot_loss', 'Chart', 'LossChart', 'loss_png',
-           'story_data', 'sample_texts', 'RunPanel', 'TrainingPanel', 'ppo_config_from_fields', 'plot_stats',
-           'plot_ppo_stats', 'StatsChart', 'PPOChart', 'PolicyRunResult', 'PolicyPanel', 'RewardPanel', 'PPOPanel',
+           'panel_defaults', 'configs_from_fields', 'field_problem', 'Chart', 'LossChart', 'loss_png', 'story_data',
+           'sample_texts', 'RunPanel', 'TrainingPanel', 'ppo_config_from_fields', 'plot_stats', 'plot_ppo_stats',
+           'StatsChart', 'PPOChart', 'PolicyRunResult', 'PolicyPanel', 'RewardPanel', 'PPOPanel',
            'dpo_preset_from_fields', 'DPOPanel', 'grpo_config_from_fields', 'GRPOPanel']
 
 # %% ../nbs/07c_training_panel.ipynb #92163a40
@@ -142,28 +143,7 @@ def field_problem(values: dict, base: TrainingConfig | None = None) -> str | Non
     return None
 
 # %% ../nbs/07c_training_panel.ipynb #91d4a0ff
-def plot_loss(
-    history: list[dict],  # the metrics dicts train passed to its callback
-    ax,  # a matplotlib Axes
-    floor: float | None = None,  # the loss floor to draw, in nats per token
-):
-    "Draw training (and held-out) loss against the step."
-    train_pts = [(m["step"], m["loss"]) for m in history if m.get("loss") is not None]
-    eval_pts = [
-        (m["step"], m["eval_loss"]) for m in history if m.get("eval_loss") is not None
-    ]
-    if train_pts:
-        ax.plot(*zip(*train_pts), label="training loss", lw=1.2)
-    if eval_pts:
-        ax.plot(*zip(*eval_pts), "o-", label="held-out loss", ms=3)
-    if floor is not None:
-        ax.axhline(floor, color="k", ls="--", lw=1, label="entropy floor (story world)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    if train_pts or eval_pts or floor is not None:
-        ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    return ax
+_LOSS_LABEL = "loss (nats per token)"  # the y-axis of the panel's loss plot
 
 
 class Chart:
@@ -194,7 +174,7 @@ class LossChart(Chart):
 
     def draw(self, history: list[dict], floor: float | None = None):
         "Draw the loss of `history`, and the floor."
-        plot_loss(history, self.axes[0], floor)
+        plot_losses(history, floor, "", _LOSS_LABEL, self.axes[0], log=False)
 
 
 def loss_png(history: list[dict], floor: float | None = None, size=(6.0, 3.0)) -> bytes:
@@ -765,7 +745,8 @@ def figure(self: TrainingPanel, ax=None):
         import matplotlib.pyplot as plt
 
         ax = plt.subplots(figsize=(6.5, 3.2))[1]
-    return plot_loss(self.history, ax, self.floor)
+    plot_losses(self.history, self.floor, "", _LOSS_LABEL, ax, log=False)
+    return ax
 
 # %% ../nbs/07c_training_panel.ipynb #91f82839
 _INT_FIELDS = ("steps", "batch_size", "num_generations")
