@@ -389,6 +389,12 @@ DECLARED: dict[str, dict[str, str]] = {
         "20 | leaves 20 GB": "the exercise's expected answer (arithmetic)",
         "8 | ratio explained": "the exercise's expected answer (H/K = 64/8)",
         "8 | mantissa": "bfloat16's format (8 significand bits)",
+        "0.66": "the exercise's expected answer (arithmetic: 1 - (7/8)^8)",
+    },
+    "14b_rlvr": {
+        "30": "the header's range for a reader's machine, not a measurement",
+        "1.9": "uncommitted run: the lr 1e-3 trial the prose describes as a trial",
+        "52%": "arithmetic on the per-kind table (feeling at 100%)",
     },
 }
 
@@ -405,7 +411,6 @@ PENDING = {
     "11_ppo",
     "12_human_feedback",
     "13_dpo",
-    "14b_rlvr",
     "93_cli",
     "97_sft_ablations",
 }
