@@ -391,6 +391,9 @@ DECLARED: dict[str, dict[str, str]] = {
         "8 | mantissa": "bfloat16's format (8 significand bits)",
         "0.66": "the exercise's expected answer (arithmetic: 1 - (7/8)^8)",
     },
+    "93_cli": {
+        "1.15": "from tinyllama/train.py: the pretraining band, a setting of the preset",
+    },
     "14b_rlvr": {
         "30": "the header's range for a reader's machine, not a measurement",
         "1.9": "uncommitted run: the lr 1e-3 trial the prose describes as a trial",
@@ -411,7 +414,6 @@ PENDING = {
     "11_ppo",
     "12_human_feedback",
     "13_dpo",
-    "93_cli",
     "97_sft_ablations",
 }
 
