@@ -11,8 +11,10 @@ weights (fp32 on the CPU, the same thread count):
             through the model again for every new token;
 - ours compiled: `tinyllama.generate.CompiledDecoder`, the same single-token step (`decode_step`)
             compiled by `torch.compile` with fixed shapes (a whole-context cache, the position as a
-            tensor, a mask), guard checks skipped after the first call; its compile time is printed
-            and excluded (it happens in the warm-up);
+            tensor, a mask), guard checks skipped after the first call, and its default
+            `steps_per_call` (4) greedy steps per compiled call, each step's argmax fed to the next
+            inside the compiled code (steps past the requested length are computed and discarded);
+            its compile time is printed and excluded (it happens in the warm-up);
 - ours via forward: the KV cache but every step through `LLM.forward` (modules, validation,
             masks) instead of `generate`'s single-token `decode_step`: what that step buys;
 - bare matvecs: per new token only the products of a vector with each weight matrix, nothing else.
@@ -54,7 +56,8 @@ torchao (optional: `pip install -e ".[bench]"`, which `make bench` does; without
 a line saying so and skips these rows): the same weights quantised by torchao's
 `Int8WeightOnlyConfig` (per-row int8 too, its scale max|row|/127.5), run by the same single-token
 step as "ours compiled" (fused q|k|v and gate|up, whole-context caches, bf16 activations into each
-Linear). "torchao int8 compiled" is that step under torch.compile, where inductor lowers torchao's
+Linear), but one step per compiled call (ours runs `steps_per_call` = 4 per call: part of the gap
+between the two rows at small shapes is that, not the int8 products). "torchao int8 compiled" is that step under torch.compile, where inductor lowers torchao's
 `mm(x, q.t().to(bf16)) * scales` to PyTorch's int8 weight-pack kernel; "torchao int8, eager kernel"
 is its reference, the same step calling that kernel on torchao's q and scales directly. The two
 must agree on every greedy token. torchao's own eager path is not timed: it rounds the product to

@@ -340,9 +340,10 @@ def test_generate_ppo_rollouts_and_the_compiled_decoder_share_decode_step(model,
     list(decode_steps(model, PROMPTS[:2], 4, temperature=1.0, seed=0))  # what PPO's rollout calls
     assert calls == [2] * 3
     calls.clear()
-    dec = gen.CompiledDecoder(model)  # its compiled function is decode_step at fixed shapes
+    dec = gen.CompiledDecoder(model, steps_per_call=3)  # compiles decode_step at fixed shapes
     caches = model.new_kv_caches(1)
     with torch.inference_mode():
         model(torch.tensor([PROMPTS[0]]), kv_caches=caches)
-        tok = dec._greedy_step(torch.tensor([7]), dec._pos[3], [c.k for c in caches], [c.v for c in caches])
-    assert calls == [1] and tok.shape == (1,)
+        toks, last = dec._greedy_steps(torch.tensor([7]), dec._pos[3], [c.k for c in caches],
+                                       [c.v for c in caches])
+    assert calls == [1, 1, 1] and toks.shape == (3,) and last.shape == (1,)

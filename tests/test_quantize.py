@@ -10,6 +10,8 @@ from tinyllama.quantize import (
     decode_bytes_per_token,
     dequantize_rows,
     int8_linear,
+    int8_step_weights,
+    is_int8_layer,
     is_quantized,
     quantize_int8,
     quantize_rows,
@@ -119,6 +121,98 @@ def test_compiled_decoder_and_the_fast_step_decode_the_int8_model(trained):
     slow = [int(t[0]) for t, _ in decode_steps(q8, [prompt], 30, temperature=0, fast=False)]
     assert fast == slow
     assert CompiledDecoder(q8).generate(prompt, 30) == fast
+    # three steps per compiled call: lengths that are not a multiple of 3, up to the context's end
+    dec = CompiledDecoder(q8, steps_per_call=3)
+    for n in (1, 2, 3, 7, None):
+        assert dec.generate(prompt, n) == generate(q8, [prompt], n, temperature=0)[0], n
+    eos = fast[4]
+    assert dec.generate(prompt, 30, eos_id=eos) == fast[: fast.index(eos) + 1]  # stops, keeps EOS
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="steps_per_call"):
+            CompiledDecoder(q8, steps_per_call=bad)
+
+
+def test_the_fused_int8_step_gives_the_unfused_layers_logits(trained):
+    "decode_step on int8_step_weights (q|k|v and gate|up stacked, 1/sqrt(D) in the scales)."
+    import importlib
+
+    gen = importlib.import_module("tinyllama.generate")
+    q8 = quantize_int8(trained)
+    blocks, head = int8_step_weights(q8)
+    assert len(blocks) == 2 and len(blocks[0]) == 4  # four products per block, then the head
+    assert blocks[0][0].q.shape[0] == 48 + 2 * 24  # q (4 heads) and k, v (2 heads) of 12 each
+    ids = [5, 6, 8, 9, 10, 11, 13, 14]
+    with torch.inference_mode():
+        want = q8(torch.tensor([ids]))[0]  # (T, V): every Int8Linear on its own
+        caches = q8.new_kv_caches(1, len(ids))
+        q8(torch.tensor([ids[:1]]), kv_caches=caches)
+        for t in range(1, len(ids)):
+            at = torch.tensor([t])
+            ks = [c.k[:, :, : t + 1] for c in caches]
+            vs = [c.v[:, :, : t + 1] for c in caches]
+            got = gen.decode_step(q8, (blocks, head), torch.tensor([ids[t]]), at, at, ks, vs)[0]
+            # the same int8 products, in bf16: rounding apart, the same logits
+            err, scale = float((got - want[t]).abs().max()), float(want[t].abs().max())
+            assert err <= 1e-2 * scale, (t, err, scale)
+            assert int(got.argmax()) == int(want[t].argmax())
+
+
+class LookAlike(nn.Module):
+    "An int8 layer that is not an Int8Linear: the same two buffers, its own class."
+
+    def __init__(self, lin):
+        super().__init__()
+        q, s = quantize_rows(lin.weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", s)
+        self.bias = None
+
+    def forward(self, x):
+        return int8_linear(x, self.qweight, self.scales)
+
+
+def _look_alike_model(trained):
+    import copy
+
+    model = copy.deepcopy(trained)
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, LookAlike(lin))
+    return model
+
+
+def test_int8_layers_are_recognised_by_what_they_carry_not_their_class(trained, monkeypatch):
+    import importlib
+
+    gen = importlib.import_module("tinyllama.generate")
+    look = _look_alike_model(trained)
+    assert is_int8_layer(look.lm_head) and not isinstance(look.lm_head, Int8Linear)
+    assert not is_int8_layer(trained.lm_head) and not is_int8_layer(trained.embed_tokens)
+    assert is_quantized(look)
+    prompts = [[5, 6, 8, 9], [20, 21, 22]]
+    calls = []
+    real = gen.decode_step
+    monkeypatch.setattr(gen, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = generate(look, prompts, 12, temperature=0)
+    assert len(calls) == 11  # the int8 fast step, not LLM.forward
+    assert got == generate(quantize_int8(trained), prompts, 12, temperature=0)
+    with pytest.raises(ValueError, match="quantised already"):
+        quantize_int8(look)
+    with pytest.raises(ValueError, match="already an Int8Linear"):
+        Int8Linear.from_linear(look.lm_head)
+
+
+def test_a_partly_quantised_model_decodes_through_its_forward(trained):
+    "Int8 head, float blocks: not the int8 step (it reads every projection as int8)."
+    import copy
+
+    part = copy.deepcopy(trained)
+    part.lm_head = Int8Linear.from_linear(part.lm_head)
+    prompts = [[5, 6, 8, 9]]
+    from tinyllama.generate import decode_steps
+
+    want = [int(t[0]) for t, _ in decode_steps(part, prompts, 10, temperature=0, fast=False)]
+    assert generate(part, prompts, 10, temperature=0)[0] == want
 
 
 def test_cli_sample_and_chat_take_int8(tmp_path, capsys):

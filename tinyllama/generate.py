@@ -267,20 +267,32 @@ def _lean_ok(model) -> bool:
     from tinyllama.attention import GroupedQueryAttention
     from tinyllama.feedforward import SwiGLU
     from tinyllama.rmsnorm import RMSNorm
+    from tinyllama.quantize import is_int8_layer
 
     if type(model) is not LLM:
         return False
     if model.embed_tokens.weight.device.type not in ("cpu", "cuda"):
         return False  # e.g. MPS: keep to the general path
     kinds = {LLM, TransformerBlock, GroupedQueryAttention, SwiGLU, RMSNorm}
-    from tinyllama.quantize import Int8Linear
-
     kinds |= {nn.Linear, nn.Embedding, nn.Dropout, nn.ModuleList, type(model.rope)}
-    kinds |= {Int8Linear}
-    return all(
-        type(m) in kinds and not m._forward_hooks and not m._forward_pre_hooks
+    int8 = [
+        is_int8_layer(m) and getattr(m, "bias", None) is None for m in _linears(model)
+    ]
+    return (all(int8) or not any(int8)) and all(  # int8 layers: all or none
+        (type(m) in kinds or is_int8_layer(m))
+        and not m._forward_hooks
+        and not m._forward_pre_hooks
         for m in model.modules()
     )
+
+
+def _linears(model):
+    "The seven projections of every block, then the output head."
+    for b in model.layers:
+        a, m = b.self_attn, b.mlp
+        yield from (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+        yield from (m.gate_proj, m.up_proj, m.down_proj)
+    yield model.lm_head
 
 # %% ../nbs/08_generation.ipynb #adcfc2dc
 def _fold(w, gain=None, scale=1.0):
@@ -293,9 +305,9 @@ def step_weights(
     model: nn.Module,  # a plain LLM
 ) -> tuple[list[tuple], torch.Tensor]:  # per block (qkv, o, gate|up, down); the head
     "The weights `decode_step` reads: fused, gains and 1/√D folded in, as (in, out)."
-    from tinyllama.quantize import Int8Linear, int8_step_weights
+    from tinyllama.quantize import int8_step_weights, is_int8_layer
 
-    if isinstance(model.lm_head, Int8Linear):  # int8 weights: kept as int8
+    if is_int8_layer(model.lm_head):  # int8 weights (all or none): kept as int8
         return int8_step_weights(model)
     blocks = []
     for b in model.layers:
@@ -657,24 +669,41 @@ def print_continuations(
 class CompiledDecoder:
     "Greedy decoding of one prompt at a time through a compiled `decode_step`."
 
-    def __init__(self, model: nn.Module):  # a plain tinyllama LLM (put in eval mode)
+    def __init__(
+        self,
+        model: nn.Module,  # a plain tinyllama LLM (put in eval mode)
+        steps_per_call: int = 4,  # greedy steps per compiled call (they share its cost)
+    ):
         if not _lean_ok(model):
             raise ValueError(
                 "CompiledDecoder needs a plain tinyllama LLM (no wrappers or hooks) on "
                 "a CPU or CUDA device; use generate() for anything else."
             )
+        is_int = isinstance(steps_per_call, int) and not isinstance(
+            steps_per_call, bool
+        )
+        if not is_int or steps_per_call < 1:
+            raise ValueError(
+                f"steps_per_call must be an int >= 1, got {steps_per_call!r}."
+            )
         self.model, self.weights = model.eval(), step_weights(model)
         dev, ctx = _model_device(model), model.config.context_size
+        self.steps_per_call = steps_per_call
         self._slots = torch.arange(ctx, device=dev)
         self._pos = [torch.tensor([t], device=dev) for t in range(ctx)]
-        self._step = torch.compile(self._greedy_step, fullgraph=True, dynamic=False)
+        self._step = torch.compile(self._greedy_steps, fullgraph=True, dynamic=False)
         self.compiled = False  # True once a decode has compiled the step
 
-    def _greedy_step(self, tok, pos, ks, vs):  # (1,), (1,), caches (1, K, ctx, D)
-        "decode_step at fixed shapes: whole-context caches, unwritten slots hidden."
-        visible = (self._slots <= pos)[None]  # (1, ctx) the slots written so far
-        logits = decode_step(self.model, self.weights, tok, pos, pos, ks, vs, visible)
-        return logits.argmax(-1)  # (1,) the greedy token
+    def _greedy_steps(self, tok, pos, ks, vs):  # (1,), (1,), caches (1, K, ctx, D)
+        "`steps_per_call` greedy decode_steps from `pos`: (n,) tokens, the last."
+        out, last = [], self._slots[-1]
+        for i in range(self.steps_per_call):
+            at = torch.minimum(pos + i, last)  # past the context: discarded steps
+            visible = (self._slots <= at)[None]  # (1, ctx) the slots written so far
+            logits = decode_step(self.model, self.weights, tok, at, at, ks, vs, visible)
+            tok = logits.argmax(-1)  # (1,) the greedy token, fed to the next step
+            out.append(tok)
+        return torch.cat(out), tok
 
 # %% ../nbs/08_generation.ipynb #d2afcb98
 def _stance(decoder):
@@ -718,12 +747,11 @@ def generate(
     ids = torch.tensor([prompt], device=self._slots.device)
     nxt = model(ids, kv_caches=caches)[:, -1].argmax(-1)  # prefill
     ks, vs = [c.k for c in caches], [c.v for c in caches]
-    out = []
+    out = [int(nxt)]
     with _stance(self):
-        for t in range(n_new):
-            out.append(int(nxt))
-            if out[-1] == eos_id or t == n_new - 1:
-                break
-            nxt = self._step(nxt, self._pos[T0 + t], ks, vs)
+        while len(out) < n_new and eos_id not in out:  # out[-1] goes in at T0 + len - 1
+            new, nxt = self._step(nxt, self._pos[T0 + len(out) - 1], ks, vs)
+            out += new.tolist()  # one copy per call
             self.compiled = True
-    return out
+    out = out[:n_new]
+    return out[: out.index(eos_id) + 1] if eos_id in out else out

@@ -12,8 +12,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['measure_bandwidth', 'measure_matmul_peak', 'weight_bytes_per_token', 'decode_bytes_per_token', 'quantize_rows',
-           'dequantize_rows', 'int8_linear', 'Int8Linear', 'quantize_int8', 'is_quantized', 'Int8Weight', 'int8_matmul',
-           'int8_step_weights']
+           'dequantize_rows', 'int8_linear', 'Int8Linear', 'is_int8_layer', 'quantize_int8', 'is_quantized',
+           'Int8Weight', 'int8_matmul', 'int8_step_weights']
 
 # %% ../nbs/08b_roofline.ipynb #670ba5b5
 def measure_bandwidth(
@@ -158,6 +158,21 @@ class Int8Linear(nn.Module):
         "The shape and dtype shown by print(module)."
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
+# %% ../nbs/08b_roofline.ipynb #08ac6031
+def is_int8_layer(
+    m: nn.Module,  # any module
+) -> bool:  # True: m multiplies by qweight · scales (an Int8Linear or a look-alike)
+    "True for a layer carrying int8 weights: `qweight` (out, in) int8, `scales` (out,)."
+    q, s = getattr(m, "qweight", None), getattr(m, "scales", None)
+    return (
+        isinstance(q, torch.Tensor)
+        and q.dtype == torch.int8
+        and q.dim() == 2
+        and isinstance(s, torch.Tensor)
+        and s.is_floating_point()
+        and s.shape == q.shape[:1]
+    )
+
 # %% ../nbs/08b_roofline.ipynb #4ff1266c
 @patch(cls_method=True)
 def from_linear(
@@ -165,7 +180,7 @@ def from_linear(
     linear: nn.Module,  # an nn.Linear with a float weight
 ) -> Int8Linear:
     "Quantise an nn.Linear's weight per output row (its bias stays float)."
-    if isinstance(linear, Int8Linear):
+    if is_int8_layer(linear):
         raise ValueError("this layer is already an Int8Linear: quantise a model once.")
     if not isinstance(linear, nn.Linear):
         raise TypeError(
@@ -186,9 +201,9 @@ def _check_llm(model):
             f"quantize_int8 takes a tinyllama LLM, got {type(model).__name__}; "
             "for a single layer use Int8Linear.from_linear."
         )
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
+    if is_quantized(model):
         raise ValueError(
-            "this model is quantised already (it holds Int8Linear layers); "
+            "this model is quantised already (it holds int8 layers); "
             "quantise the float model once."
         )
 
@@ -209,8 +224,8 @@ def quantize_int8(
 
 
 def is_quantized(model: nn.Module) -> bool:
-    "True when a model holds Int8Linear layers."
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    "True when a model holds int8 layers (is_int8_layer: Int8Linear or a look-alike)."
+    return any(is_int8_layer(m) for m in model.modules())
 
 # %% ../nbs/08b_roofline.ipynb #81b7ce1b
 class Int8Weight(NamedTuple):
