@@ -328,6 +328,7 @@ def test_compiled_decoder_gives_generates_tokens(model):
 
 
 # ------------------------------------------------------------------ one single-token step
+@pytest.mark.slow
 def test_generate_ppo_rollouts_and_the_compiled_decoder_share_decode_step(model, monkeypatch):
     import importlib
     gen = importlib.import_module("tinyllama.generate")  # the module (tinyllama.generate may be the function)

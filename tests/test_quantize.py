@@ -112,6 +112,7 @@ def test_bad_inputs_are_clear_errors(trained):
         quantize_rows(torch.tensor([[1.0, float("nan")]]))
 
 
+@pytest.mark.slow
 def test_compiled_decoder_and_the_fast_step_decode_the_int8_model(trained):
     from tinyllama.generate import CompiledDecoder, decode_steps
 
@@ -215,6 +216,7 @@ def test_a_partly_quantised_model_decodes_through_its_forward(trained):
     assert generate(part, prompts, 10, temperature=0)[0] == want
 
 
+@pytest.mark.slow
 def test_cli_sample_and_chat_take_int8(tmp_path, capsys):
     from tinyllama.cli import _int8_if, build_parser, main
 

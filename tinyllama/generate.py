@@ -523,6 +523,16 @@ def generate(
     return [[t for t, a in zip(row, act) if a] for row, act in zip(tokens, active)]
 
 # %% ../nbs/08_generation.ipynb #d65ac5fe
+def _one_prompt(prompt, message: str) -> list:
+    "One prompt as a list of token ids; `message` in a ValueError for a batch."
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist()
+    if isinstance(prompt, (list, tuple)) and prompt:
+        if isinstance(prompt[0], (list, tuple, torch.Tensor)):
+            raise ValueError(message)
+    return prompt
+
+
 def stream(
     model: nn.Module,  # an LLM
     prompt: Sequence[int],  # one prompt: a non-empty list of token ids
@@ -536,17 +546,10 @@ def stream(
     use_cache: bool = True,
 ) -> Iterator[int]:  # token ids, one at a time, as they are decoded (eos_id last)
     "Yield the new tokens of one prompt as soon as each is chosen."
-    if isinstance(prompt, torch.Tensor):
-        prompt = prompt.tolist()
-    if (
-        isinstance(prompt, (list, tuple))
-        and prompt
-        and isinstance(prompt[0], (list, tuple, torch.Tensor))
-    ):
-        raise ValueError(
-            "stream takes one prompt (a list of token ids); for a batch use "
-            "generate(model, prompts)."
-        )
+    prompt = _one_prompt(
+        prompt, "stream takes one prompt (a list of token ids); for a batch use "
+        "generate(model, prompts)."
+    )  # fmt: skip
     how = (temperature, top_k, top_p, eos_id, pad_id, seed, use_cache)
     steps = decode_steps(model, [prompt], max_new_tokens, *how)
     return (int(nxt[0]) for nxt, active in steps if bool(active[0]))
@@ -728,17 +731,10 @@ def generate(
     eos_id: int | None = None,  # stop after emitting this id (kept as the last token)
 ) -> list[int]:  # the new tokens: generate(model, [prompt], ..., temperature=0)[0]
     "Greedy decoding of one prompt; the first call compiles (seconds to a minute)."
-    if isinstance(prompt, torch.Tensor):
-        prompt = prompt.tolist()
-    if (
-        isinstance(prompt, (list, tuple))
-        and prompt
-        and isinstance(prompt[0], (list, tuple))
-    ):
-        raise ValueError(
-            "CompiledDecoder.generate takes one prompt (a list of token ids); call it "
-            "once per prompt, or use generate(model, prompts) for a batch."
-        )
+    prompt = _one_prompt(
+        prompt, "CompiledDecoder.generate takes one prompt (a list of token ids); "
+        "call it once per prompt, or use generate(model, prompts) for a batch."
+    )  # fmt: skip
     (prompt,), n_new = _prepare(
         self.model, [prompt], max_new_tokens, 0, None, None, eos_id, 0
     )
