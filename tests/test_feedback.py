@@ -482,10 +482,11 @@ def test_feedback_preset_is_frozen_and_follows_the_profile():
     from tinyllama.profiles import Profile
     ci, cpu, gpu = feedback_preset("ci"), feedback_preset("cpu"), feedback_preset(Profile("gpu"))
     assert isinstance(ci, FeedbackPreset) and feedback_preset() == ci  # the tests run in the ci profile
-    assert (cpu.n_label, cpu.n_heldout, cpu.rm_steps, cpu.ppo_steps, cpu.ppo_epochs) == (700, 200, 150, 100, 4)
-    # the missing-EOS penalty is on (one std of the normalised reward); about 150 held-out RM pairs in cpu
+    assert (cpu.n_label, cpu.n_heldout, cpu.rm_steps, cpu.ppo_steps, cpu.ppo_epochs) == (1300, 400, 150, 100, 4)
+    # the missing-EOS penalty is on (one std of the normalised reward); half the labelled
+    # pairs held out from the RM in cpu (about 330), for intervals within ±5 points
     assert ci.missing_eos_penalty == cpu.missing_eos_penalty == gpu.missing_eos_penalty == 1.0
-    assert cpu.rm_val_fraction == pytest.approx(1 / 3) and ci.rm_val_fraction == 0.15
+    assert cpu.rm_val_fraction == 0.5 and ci.rm_val_fraction == 0.15
     assert ci.n_label < cpu.n_label < gpu.n_label and ci.ppo_steps < cpu.ppo_steps <= gpu.ppo_steps
     with pytest.raises(dataclasses.FrozenInstanceError): ci.ppo_steps = 5
     assert dataclasses.replace(ci, ppo_steps=5).ppo_steps == 5 and ci.ppo_steps == 2
