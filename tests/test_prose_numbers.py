@@ -266,6 +266,7 @@ SPEEDRUN_PPO = "from tinyllama/ppo.py: the speedrun's PPO preset (a setting)"
 FEEDBACK = "from tinyllama/feedback.py: chapter 12's cpu preset (a setting)"
 OLD_09 = "uncommitted run: chapter 09's run before the shared base model (issue 10)"
 BASE_RUN = "from 07d_base_model: its committed pretraining of the base model"
+H4 = "from 97_sft_ablations: appendix H's fourth round (direction, distractors)"
 DECLARED: dict[str, dict[str, str]] = {
     "01_data": {
         "1.3": "an illustrative loss in the argument, not a measurement",
@@ -284,6 +285,8 @@ DECLARED: dict[str, dict[str, str]] = {
         "10% | decay to": "the cosine schedule's floor, a setting (Touvron et al.)",
         "6.3": README,
         "13,173": README,
+        "200 | H200": "from README.md: the H200 run of bench/gpu_check.sh",
+        "48 | H200": "from README.md: the H200 run of bench/gpu_check.sh",
     },
     "07d_base_model": {
         "263": "uncommitted run: the same pretraining on a quiet machine",
@@ -308,6 +311,19 @@ DECLARED: dict[str, dict[str, str]] = {
     },
     "09_sft": {
         "5,000": "a hypothetical number of questions in the argument",
+        "25.3%": H4,
+        "19.0": H4,
+        "32.8%": H4,
+        "17.3%": H4,
+        "12.1": H4,
+        "24.2%": H4,
+        "27.3%": H4,
+        "14.4": H4,
+        "27.1%": H4,
+        "24.7%": H4,
+        "18.5": H4,
+        "32.1%": H4,
+        "21.3%": H4,
     },
     "10_reward": {
         "725": BASE_RUN,
