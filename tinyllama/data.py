@@ -9,11 +9,11 @@ from typing import NamedTuple, Sequence
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['DEFAULT_TABLES', 'DEFAULT_PRONOUNS', 'FORMS', 'EVENT_OPENINGS', 'TINYSTORIES_REPO', 'TINYSTORIES_FILES',
-           'STORY_SEPARATOR', 'Story', 'StoryWorld', 'default_world', 'verify_unambiguous', 'Estimate', 'mean_ci',
-           'ratio_ci', 'entropy_estimate', 'sample_story', 'story_log_prob', 'story_corpus', 'train_heldout',
-           'DownloadError', 'tinystories_file', 'parse_tinystories', 'load_tinystories', 'default_cache_dir',
-           'sha256_of']
+__all__ = ['DEFAULT_TABLES', 'DEFAULT_PRONOUNS', 'FORMS', 'EVENT_OPENINGS', 'ANIMAL_HELPERS', 'TINYSTORIES_REPO',
+           'TINYSTORIES_FILES', 'STORY_SEPARATOR', 'Story', 'StoryWorld', 'default_world', 'verify_unambiguous',
+           'Estimate', 'mean_ci', 'ratio_ci', 'entropy_estimate', 'sample_story', 'story_log_prob', 'story_corpus',
+           'train_heldout', 'DownloadError', 'tinystories_file', 'parse_tinystories', 'load_tinystories',
+           'default_cache_dir', 'sha256_of']
 
 # %% ../nbs/01_data.ipynb #821c9e6b
 # table name -> ((value, weight), ...); a value is drawn with probability weight / total
@@ -365,6 +365,9 @@ class Story:
     )
 
 # %% ../nbs/01_data.ipynb #c2a45e42
+ANIMAL_HELPERS = ("a kind bird", "an old owl")  # helpers that are animals
+
+
 class StoryWorld:
     "A probabilistic grammar of short stories, each text with exactly one derivation."
 
@@ -372,6 +375,10 @@ class StoryWorld:
         self,
         tables: dict | None = None,  # {name: ((value, weight), ...)}: replaces tables
         pronouns: dict | None = None,  # {hero name: "she" | "he"} for added heroes
+        # opt-in variants for appendix H (all False: the default stories, unchanged)
+        attribute_after: bool = False,  # "Tom, a little dog"; "a ball that was red"
+        one_animal: bool = False,  # the friend and the helpers are not animals
+        one_place: bool = False,  # no home: the only place is where the hero goes
     ):
         self.tables = dict(DEFAULT_TABLES)
         for name, table in (tables or {}).items():
@@ -382,6 +389,16 @@ class StoryWorld:
                 )
             self.tables[name] = tuple((v, w) for v, w in table)
         self.pronouns = {**DEFAULT_PRONOUNS, **(pronouns or {})}
+        opts = dict(attribute_after=attribute_after, one_animal=one_animal)
+        for name, v in (opts | dict(one_place=one_place)).items():
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be True or False, got {v!r}.")
+            setattr(self, name, v)
+        if one_animal:  # the helpers who are animals leave the table
+            helpers = self.tables["helper"]
+            self.tables["helper"] = tuple(
+                h for h in helpers if h[0] not in ANIMAL_HELPERS
+            )
         self._validate()
 
 # %% ../nbs/01_data.ipynb #9de9f743
@@ -438,19 +455,14 @@ def _tell(self: StoryWorld, t: _Teller):
     fmt = lambda v: v.format(**env)
     t.pick("opening", T["opening"], show=str)
     t.emit(", there was ")
-    t.pick("trait", T["trait"], show=_an)
-    t.emit(" ")
-    t.pick("animal", T["animal"], show=str)
-    t.emit(" named ")
-    hero = t.pick("hero", T["hero"], show=str)
-    forms = FORMS[self.pronouns[hero]]
-    env.update(forms, He=_cap(forms["he"]), His=_cap(forms["his"]))
-    t.say(". {He} lived ")
-    t.pick("home", T["home"], show=str)
+    hero = self._tell_hero(t)  # "a little dog named Tom"
+    if self.one_place:
+        t.say(". {He} lived with {his} family")
+    else:
+        t.say(". {He} lived ")
+        t.pick("home", T["home"], show=str)
     t.say(". {He} had ")
-    t.pick("colour", T["colour"], show=_an)
-    t.emit(" ")
-    t.pick("object", T["object"], show=str)
+    self._tell_object(t)  # "a red ball"
     t.emit(".")
     t.pick("bond", T["bond"], show=fmt)
     t.emit(" ")
@@ -485,9 +497,12 @@ def _tell_event(self: StoryWorld, t: _Teller, event: str, ending: str, hero: str
         else:
             t.say(" {hero} looked everywhere, but {he} could not find it.")
     elif event == "friend":
-        t.emit(" ")
-        t.pick("friend_animal", T["friend_animal"], show=_an)
-        t.emit(" named ")
+        if self.one_animal:  # the friend is not an animal
+            t.emit(" a new friend named ")
+        else:
+            t.emit(" ")
+            t.pick("friend_animal", T["friend_animal"], show=_an)
+            t.emit(" named ")
         t.pick("friend", tuple((n, w) for n, w in T["hero"] if n != hero), show=str)
         t.say('. "Can I play too?" asked {friend}.')
         if ending == "happy":
@@ -509,6 +524,38 @@ def _tell_event(self: StoryWorld, t: _Teller, event: str, ending: str, hero: str
             t.emit(" fixed it with some glue.")
         else:
             t.say(" {hero} tried to fix it, but it was too broken.")
+
+# %% ../nbs/01_data.ipynb #894921ff
+@patch
+def _tell_hero(self: StoryWorld, t: _Teller) -> str:
+    "'a little dog named Tom', or 'Tom, a little dog' (attribute_after); the name."
+    T, after = self.tables, self.attribute_after
+    if after:
+        hero = t.pick("hero", T["hero"], show=str)
+        t.emit(", ")
+    t.pick("trait", T["trait"], show=_an)
+    t.emit(" ")
+    t.pick("animal", T["animal"], show=str)
+    if not after:
+        t.emit(" named ")
+        hero = t.pick("hero", T["hero"], show=str)
+    forms = FORMS[self.pronouns[hero]]
+    t.env.update(forms, He=_cap(forms["he"]), His=_cap(forms["his"]))
+    return hero
+
+
+@patch
+def _tell_object(self: StoryWorld, t: _Teller):
+    "'a red ball', or 'a ball that was red' (attribute_after)."
+    T = self.tables
+    if self.attribute_after:
+        t.pick("object", T["object"], show=_an)
+        t.emit(" that was ")
+        t.pick("colour", T["colour"], show=str)
+    else:
+        t.pick("colour", T["colour"], show=_an)
+        t.emit(" ")
+        t.pick("object", T["object"], show=str)
 
 # %% ../nbs/01_data.ipynb #8a1f0281
 @patch
