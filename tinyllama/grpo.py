@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 from fastcore.basics import patch
 from .model import LLM
-from .reward import copy_prompts
+from .reward import LetterTokenizer, copy_prompts
 from tinyllama.ppo import (
     PPOTrainer,
     Rollout,
+    CopyEval,  # with LetterTokenizer: the annotations GRPOCopyResult inherits
     PPOPreset,
     ppo_preset,
     copy_eval,
