@@ -522,6 +522,7 @@ DECLARED: dict[str, dict[str, str]] = {
         "1.15": "from tinyllama/train.py: the pretraining band, a preset setting",
     },
     "14b_rlvr": {
+        "725": "from 07d_base_model: the base model's pretraining on a busy machine",
         "30": "the header's range for a reader's machine, not a measurement",
         "1.9": "uncommitted run: the lr 1e-3 trial the prose describes as a trial",
         "52%": "arithmetic on the per-kind table (feeling at 100%)",
