@@ -619,17 +619,23 @@ def test_dpo_start_runs_dpo_the_loss_falls_and_the_held_out_accuracy_rises(story
     assert not state_dicts_equal(panel.policy, start)
 
 
-@pytest.mark.slow
-def test_dpo_stop_ends_cleanly_and_keeps_the_policy_it_reached(story_tok):
-    panel = dpo_panel(story_tok, steps=100_000)
+def stop_after_three_steps(panel, timeout=60.0):
+    "Start a long run, press Stop after three steps; check it ended cleanly there."
     panel.start()
-    wait_until(lambda: len(panel.history) >= 3 or not panel.running, timeout=120)
+    wait_until(lambda: len(panel.history) >= 3 or not panel.running, timeout=timeout)
     assert panel.running, panel.message_text
     panel.stop()
     result = panel.wait(timeout=60)
     assert not panel.running and panel.error is None, panel.message_text
     assert result.stopped_early and 3 <= result.steps_done < 100_000
     assert result.steps_done == len(panel.history) == panel.trainer.n_steps
+    return result
+
+
+@pytest.mark.slow
+def test_dpo_stop_ends_cleanly_and_keeps_the_policy_it_reached(story_tok):
+    panel = dpo_panel(story_tok, steps=100_000)
+    stop_after_three_steps(panel, timeout=120)
     assert "Stopped at step" in panel.message_text and panel.message_kind == "ok"
     assert not state_dicts_equal(panel.policy, panel.start_policy)  # the policy DPO reached is kept
     assert state_dicts_equal(panel.start_policy, dpo_policy(story_tok))
@@ -728,14 +734,7 @@ def test_grpo_equal_rewards_are_counted_and_teach_nothing():
 @pytest.mark.slow
 def test_grpo_stop_ends_cleanly_and_keeps_the_policy_it_reached():
     panel = grpo_panel(steps=100_000)
-    panel.start()
-    wait_until(lambda: len(panel.history) >= 3 or not panel.running)
-    assert panel.running, panel.message_text
-    panel.stop()
-    result = panel.wait(timeout=60)
-    assert not panel.running and panel.error is None, panel.message_text
-    assert result.stopped_early and 3 <= result.steps_done < 100_000
-    assert result.steps_done == len(panel.history) == panel.trainer.n_steps
+    stop_after_three_steps(panel)
     assert not state_dicts_equal(panel.policy, panel.start_policy)
     assert state_dicts_equal(panel.start_policy, tiny_policy())
 
