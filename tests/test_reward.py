@@ -15,6 +15,7 @@ from tinyllama.model import LLM, LLMConfig
 from tinyllama.train import lr_at
 from tinyllama.reward import (GoldenRewardModel, PreferencePair, RewardModel, bradley_terry_loss, copy_prompts,
                               copy_task_words, encode_completion, pad_batch, pair_accuracy, score_pairs,
+                              score_texts,
                               split_story, story_preference_pairs, train_reward_model)
 
 EOS, PAD, BOS = 2, 3, 1
@@ -322,6 +323,27 @@ def test_story_pairs_follow_the_stated_taste():
 def test_encode_completion_frames_like_pretraining():
     tok = CharTokenizer()
     assert encode_completion(tok, "ab", " c") == [BOS] + tok.encode("ab c") + [EOS]
+
+
+def test_a_text_longer_than_the_context_is_cut_to_its_first_tokens():
+    "The speedrun's crash: a reply that re-tokenises longer than the reward model's context."
+    tok = CharTokenizer()
+    full = encode_completion(tok, "ab", " cdefgh")
+    assert encode_completion(tok, "ab", " cdefgh", context_size=len(full)) == full  # fits: unchanged
+    assert encode_completion(tok, "ab", " cdefgh", context_size=6) == full[:6]  # no EOS: unfinished
+    with pytest.raises(ValueError, match="prompt alone fills"):
+        encode_completion(tok, "abcdef", " g", context_size=6)
+
+
+def test_scoring_and_training_cut_over_long_texts_instead_of_crashing():
+    tok, rm = CharTokenizer(), small_rm()
+    prompts, long = ["ab", "ab"], [" " + "c" * 60, " d"]  # 64 tokens framed, context 32
+    scores = score_texts(rm, tok, prompts, long)
+    cut = torch.tensor([encode_completion(tok, "ab", long[0])[:32]])
+    assert scores[0].item() == pytest.approx(rm(cut, torch.ones_like(cut)).item(), abs=1e-5)
+    pairs = [PreferencePair("ab", long[0], long[1])] * 4
+    history = train_reward_model(rm, tok, pairs, steps=2, batch_size=2, progress=False)
+    assert len(history) == 2 and score_pairs(rm, tok, pairs)[0].shape == (4,)
 
 
 # ---------------------------------------------------------------- the scale of the scores

@@ -419,11 +419,19 @@ def encode_completion(
     tokenizer,  # a tinyllama Tokenizer
     prompt: str,  # text before the completion
     completion: str,  # the text being judged
+    context_size: int | None = None,  # cut a longer text to its first tokens
 ) -> list[int]:  # BOS, the tokens of prompt + completion, EOS
     "The tokens a reward model reads: the whole text, framed as in pretraining."
-    return (
-        [tokenizer.bos_id] + tokenizer.encode(prompt + completion) + [tokenizer.eos_id]
-    )
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt + completion)
+    ids.append(tokenizer.eos_id)
+    if context_size is None or len(ids) <= context_size:
+        return ids
+    if 1 + len(tokenizer.encode(prompt)) >= context_size:
+        raise ValueError(
+            f"the prompt alone fills the reward model's context_size={context_size}; "
+            "shorten the prompt or use a reward model with a longer context."
+        )
+    return ids[:context_size]  # cut like a reply stopped early: no EOS
 
 # %% ../nbs/10_reward.ipynb #b51def1e
 _FIRST_SENTENCE_FIELDS = (
@@ -483,7 +491,7 @@ def _encode_pairs(rm, tokenizer, pairs, what="pairs"):
         or not pairs
     ):
         raise ValueError(f"{what} must be a non-empty list of PreferencePair.")
-    chosen, rejected = [], []
+    chosen, rejected, rm_context = [], [], rm.config.context_size
     for i, p in enumerate(pairs):
         if not isinstance(p, PreferencePair):
             raise ValueError(
@@ -491,14 +499,7 @@ def _encode_pairs(rm, tokenizer, pairs, what="pairs"):
                 "PreferencePair(prompt, chosen, rejected)."
             )
         for out, text in ((chosen, p.chosen), (rejected, p.rejected)):
-            ids = encode_completion(tokenizer, p.prompt, text)
-            if len(ids) > rm.config.context_size:
-                raise ValueError(
-                    f"{what}[{i}] is {len(ids)} tokens long but the reward model "
-                    f"reads at most context_size={rm.config.context_size}; shorten "
-                    "it or use a larger context_size."
-                )
-            out.append(ids)
+            out.append(encode_completion(tokenizer, p.prompt, text, rm_context))
     return chosen, rejected
 
 
@@ -523,7 +524,8 @@ def score_texts(
         raise ValueError("give one prompt per completion.")
     was_training, dev = rm.training, _device_of(rm)
     rm.eval()
-    seqs = [encode_completion(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    T = rm.config.context_size  # a longer text is cut to its first T tokens
+    seqs = [encode_completion(tokenizer, p, c, T) for p, c in zip(prompts, completions)]
     out = []
     for i in range(0, len(seqs), batch_size):
         ids, mask = pad_batch(seqs[i : i + batch_size], tokenizer.pad_id, "right")
