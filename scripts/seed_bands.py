@@ -82,6 +82,7 @@ def metrics(chapter: str, ns: dict) -> dict:
             ties=v["ties"], losses=v["losses"], n=v["n"], kl_mean=dpo.kl_mean,
             parsable_before=sum(map(parses, dpo.before)),
             parsable_after=sum(map(parses, dpo.after)), seconds=dpo.seconds,
+            split_accuracy=dpo.split_accuracy, n_extra_val=dpo.n_extra_val,
         )  # fmt: skip
     loop, parses = ns["loop"], ns["parses"]
     v = loop.verdict

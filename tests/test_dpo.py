@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from tinyllama.dpo import (DPOPreset, batched_logprobs, collate_pairs, dpo_loss, dpo_preset,
+from tinyllama.dpo import (DPOPreset, DPOTrainer, batched_logprobs, collate_pairs, dpo_loss, dpo_preset,
                            encode_pairs, pair_logprobs, run_dpo, sequence_logprobs, split_pairs,
-                           train_dpo, implicit_accuracy)
+                           train_dpo, implicit_accuracy, extra_val_pairs)
 from tinyllama.feedback import feedback_preset
 from tinyllama.generate import left_pad
 from tinyllama.model import LLM, LLMConfig
@@ -99,6 +99,23 @@ def test_pair_logprobs_scores_chosen_then_rejected():
     assert torch.allclose(r.double(), torch.tensor(want_r, dtype=torch.float64), atol=1e-4)
     bc, br = batched_logprobs(model, rows, PAD, batch_size=3)  # in batches of 3 and 1
     assert torch.allclose(bc, c, atol=1e-5) and torch.allclose(br, r, atol=1e-5)
+
+
+def test_a_batch_of_long_prompts_and_long_replies_fits_the_context():
+    # each row fits the context (48), but the longest prompt plus the longest reply (30 + 40)
+    # does not: the batch must still be scored, each row exactly as alone
+    model = tiny_policy(seed=7)
+    g = torch.Generator().manual_seed(7)
+    ids = lambda n: torch.randint(1, V, (n,), generator=g).tolist()
+    rows = [(ids(30), ids(10), ids(18)), (ids(2), ids(40), ids(46)), (ids(12), ids(5), ids(36))]
+    assert all(len(p) + len(y) <= 48 for p, a, b in rows for y in (a, b))
+    assert max(len(r[0]) for r in rows) + max(len(r[1]) for r in rows) > 48
+    with torch.no_grad():
+        c, r = pair_logprobs(model, collate_pairs(rows, PAD))
+    want_c = [brute_force_logprob(model, p, y) for p, y, _ in rows]
+    want_r = [brute_force_logprob(model, p, y) for p, _, y in rows]
+    assert torch.allclose(c.double(), torch.tensor(want_c, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(r.double(), torch.tensor(want_r, dtype=torch.float64), atol=1e-4)
 
 
 # --- the loss ---------------------------------------------------------------------------------
@@ -215,6 +232,68 @@ def test_train_dpo_learns_the_labels_and_leaves_the_reference_alone(story_tokeni
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in before.items())
 
 
+def story_ref(tok, ctx=128):
+    torch.manual_seed(0)
+    return LLM(LLMConfig(vocab_size=tok.vocab_size, context_size=ctx, dim_emb=32, num_layers=1,
+                         num_heads=2, num_kv_heads=1, ffd_hidden_dim=64))
+
+
+def test_dpo_trainer_steps_keep_a_history_and_check_the_held_out_pairs(story_tokenizer):
+    tok, ref = story_tokenizer, story_ref(story_tokenizer)
+    pairs, held = story_pairs(16, seed=0), story_pairs(6, seed=5)
+    trainer = DPOTrainer(copy.deepcopy(ref), ref, tok, pairs, beta=0.1, lr=3e-3, eval_pairs=held,
+                         eval_every=3)
+    start = trainer.evaluate(held)
+    assert start["eval/accuracy"] == 0.5 and abs(start["eval/loss"] - LOG2) < 1e-6  # π = π_ref
+    s = trainer.step([0, 1, 2, 3])
+    assert s["step"] == 0 and abs(s["loss"] - LOG2) < 1e-5 and "eval/loss" not in s
+    assert trainer.history == [s] and trainer.n_steps == 1
+    assert {"grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies"} <= s.keys()
+    order = trainer.batches(8, 4, seed=0)
+    assert sorted(sum(order[:4], [])) == list(range(16))  # an epoch sees every pair once
+    trainer.train(lambda n: order[n], 4, progress=False)  # steps 2..5: checks after 3 and 5
+    assert [h["step"] for h in trainer.history if "eval/accuracy" in h] == [2, 4]
+    assert trainer.history[-1]["loss"] < LOG2
+    assert trainer.evaluate(held) == {k: trainer.history[-1][k] for k in ("eval/loss", "eval/accuracy")}
+    stopped = trainer.train(lambda n: order[n % 8], 10, callback=lambda st: True, progress=False)
+    assert len(stopped) == 1 and trainer.n_steps == 6  # a callback returning True stops
+    with pytest.raises(ValueError, match="batch is empty"):
+        trainer.step([])
+
+
+def test_held_out_checks_score_the_reference_once_per_list_of_pairs(story_tokenizer, monkeypatch):
+    import tinyllama.dpo as dpo
+
+    tok, ref = story_tokenizer, story_ref(story_tokenizer)
+    held = story_pairs(6, seed=5)
+    trainer = DPOTrainer(copy.deepcopy(ref), ref, tok, story_pairs(8, seed=0), eval_pairs=held)
+    calls = []
+    real = dpo.batched_logprobs
+    monkeypatch.setattr(dpo, "batched_logprobs", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    for _ in range(3):
+        trainer.evaluate(held)
+    assert calls.count(ref) == 1 and calls.count(trainer.policy) == 3
+
+
+def test_train_dpo_is_the_trainer_s_steps(story_tokenizer):
+    tok, ref = story_tokenizer, story_ref(story_tokenizer)
+    pairs, held = story_pairs(12, seed=0), story_pairs(4, seed=5)
+    hist = train_dpo(copy.deepcopy(ref), ref, tok, pairs, steps=5, batch_size=4, lr=3e-3, beta=0.2,
+                     eval_pairs=held, eval_every=2, seed=3, progress=False)
+    trainer = DPOTrainer(copy.deepcopy(ref), ref, tok, pairs, beta=0.2, lr=3e-3, eval_pairs=held,
+                         eval_every=2)
+    order = trainer.batches(5, 4, seed=3)
+    for idx in order[:4]:
+        trainer.step(idx)
+    trainer.last_step = 5  # what train sets: a check after the last step
+    trainer.step(order[4])
+    assert [h["step"] for h in hist if "eval/loss" in h] == [1, 3, 4]
+    assert len(hist) == len(trainer.history) == 5
+    for a, b in zip(hist, trainer.history):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a)
+
+
 def test_encode_pairs_uses_the_chat_template_and_fits_the_context(story_tokenizer):
     from tinyllama.feedback import chat_prompt_ids
 
@@ -225,6 +304,43 @@ def test_encode_pairs_uses_the_chat_template_and_fits_the_context(story_tokenize
     assert all(len(p) + len(y) <= 128 for p, a, b in rows for y in (a, b))
     short = encode_pairs(tok, pairs, context_size=len(rows[0][0]) + 5)
     assert all(len(y) == 5 for _, a, b in short for y in (a, b))
+
+
+def test_pairs_whose_prompts_differ_in_length_train_at_a_small_context(story_tokenizer):
+    # a short prompt leaves a long reply room, a long prompt a short one: encode_pairs cuts
+    # each reply after its own prompt, and every batch of them must fit the context
+    tok, ctx = story_tokenizer, 64
+    long_request = "Write a story about a girl, a dog, a big red ball and a day by the sea, please."
+    pairs = [PreferencePair(prompt, p.chosen, p.rejected) for prompt, p in
+             zip(["Write a story.", long_request] * 4, story_pairs(8, seed=3))]
+    rows = encode_pairs(tok, pairs, ctx)
+    assert all(len(p) + len(y) <= ctx for p, a, b in rows for y in (a, b))
+    assert max(len(r[0]) for r in rows) + max(len(r[1]) for r in rows) > ctx
+    torch.manual_seed(0)
+    ref = LLM(LLMConfig(vocab_size=tok.vocab_size, context_size=ctx, dim_emb=16, num_layers=1,
+                        num_heads=2, num_kv_heads=1, ffd_hidden_dim=32))
+    c, r = batched_logprobs(ref, rows, tok.pad_id)
+    want = [brute_force_logprob(ref, p, a) for p, a, _ in rows]
+    assert torch.allclose(c.double(), torch.tensor(want, dtype=torch.float64), atol=1e-3)
+    hist = train_dpo(copy.deepcopy(ref), ref, tok, pairs, steps=2, batch_size=8, eval_pairs=pairs,
+                     eval_every=1, progress=False)
+    assert abs(hist[0]["loss"] - LOG2) < 1e-5 and hist[-1]["eval/accuracy"] >= 0
+
+
+def test_extra_held_out_pairs_come_from_fresh_requests_labelled_apart(story_tokenizer, tmp_path):
+    from tinyllama.feedback import LabelStore, ScriptedLabeler, story_requests
+
+    tok, labeler = story_tokenizer, ScriptedLabeler()
+    drawn = list(dict.fromkeys(story_requests(200, seed="0/dpo-val")))  # distinct, in order
+    used = drawn[:4]  # as if labelled for training, or the verdict's
+    got = extra_val_pairs(story_ref(tok, ctx=160), tok, 10, used, labeler, tmp_path, 24, seed=0)
+    stored = LabelStore(tmp_path / "labels-val.jsonl")
+    assert not (tmp_path / "labels.jsonl").exists()  # the training labels' file is left alone
+    asked = {d["prompt"] for d in stored.decisions}  # every pair labelled, tie or not
+    assert got == stored.preference_pairs()
+    assert asked and asked <= set(drawn[4:14]) and all(p.prompt in asked for p in got)
+    assert len(stored.decisions) == len(asked)  # each fresh request once
+    assert extra_val_pairs(story_ref(tok), tok, 0, used, labeler, tmp_path / "none") == []
 
 
 def test_split_pairs_holds_out_a_share_and_keeps_every_pair():
@@ -240,6 +356,7 @@ def test_the_preset_takes_chapter_12_s_labels(profile):
     assert isinstance(p, DPOPreset)
     assert (p.n_label, p.n_heldout, p.max_new_tokens) == (fb.n_label, fb.n_heldout, fb.max_new_tokens)
     assert p.val_fraction == fb.rm_val_fraction and p.min_pairs == fb.min_pairs
+    assert p.n_extra_val == (0 if profile == "ci" else 150)  # ci stays fast
     with pytest.raises(Exception):
         p.steps = 1  # frozen
 
@@ -290,5 +407,12 @@ def test_bad_input_gives_a_clear_value_error(story_tokenizer):
         train_dpo(torch.nn.Linear(2, 2), ref, tok, pairs, progress=False)
     with pytest.raises(ValueError, match="must be an LLM"):
         run_dpo(torch.nn.Linear(2, 2), tok, "/tmp")
+    with pytest.raises(ValueError, match="same object"):
+        DPOTrainer(ref, ref, tok, pairs)
+    for kw, what in ((dict(lr=0), "lr"), (dict(beta=-1), "beta"), (dict(eval_every=0), "eval_every")):
+        with pytest.raises(ValueError, match=what):
+            DPOTrainer(copy.deepcopy(ref), ref, tok, pairs, **kw)
+    with pytest.raises(ValueError, match="wrap a single pair in a list"):
+        DPOTrainer(copy.deepcopy(ref), ref, tok, pairs).evaluate(pairs[0])
     with pytest.raises(ValueError, match="profile"):
         dpo_preset("tpu")

@@ -542,7 +542,7 @@ def test_ppo_close_stops_the_run_and_closes_the_widgets():
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 
-from tinyllama.dpo import DPOPreset, dpo_preset  # noqa: E402
+from tinyllama.dpo import DPOPreset, DPOTrainer, dpo_preset  # noqa: E402
 from tinyllama.grpo import GRPOConfig  # noqa: E402
 from tinyllama.reward import PreferencePair, story_preference_pairs  # noqa: E402
 from tinyllama.widgets import (DPO_FIELDS, DPOPanel, GRPO_FIELDS, GRPOPanel, PolicyPanel,  # noqa: E402
@@ -615,6 +615,7 @@ def test_dpo_start_runs_dpo_the_loss_falls_and_the_held_out_accuracy_rises(story
     assert panel.message_kind == "ok" and "Finished 8 steps" in panel.message_text
     assert "loss" in panel.message_text and "held-out accuracy" in panel.message_text
     assert panel.policy is panel.trainer.policy and panel.trainer.history == panel.history
+    assert isinstance(panel.trainer, DPOTrainer)  # chapter 13's trainer drives the panel
     assert state_dicts_equal(panel.start_policy, start)  # the policy given is left as it was
     assert not state_dicts_equal(panel.policy, start)
 
@@ -676,7 +677,7 @@ def test_dpo_error_in_the_thread_is_a_message(story_tok, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the reference is on another device")
 
-    monkeypatch.setattr(widgets, "_dpo_step", broken)
+    monkeypatch.setattr(DPOTrainer, "step", broken)  # chapter 13's step, in the thread
     panel = dpo_panel(story_tok)
     panel.start()
     assert panel.wait(timeout=60) is None

@@ -3,7 +3,7 @@
 # %% ../nbs/13_dpo.ipynb #fe6f1bbb
 from __future__ import annotations
 import copy, random, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +17,8 @@ from .reward import PreferencePair, pad_batch
 
 # %% auto #0
 __all__ = ['sequence_logprobs', 'encode_pairs', 'collate_pairs', 'pair_logprobs', 'dpo_loss', 'batched_logprobs',
-           'implicit_rewards', 'implicit_accuracy', 'train_dpo', 'label_pairs', 'split_pairs', 'DPOPreset',
-           'dpo_preset', 'DPORun', 'rate_text', 'sampled_kl', 'run_dpo', 'plot_dpo']
+           'implicit_rewards', 'implicit_accuracy', 'DPOTrainer', 'train_dpo', 'label_pairs', 'split_pairs',
+           'extra_val_pairs', 'DPOPreset', 'dpo_preset', 'DPORun', 'rate_text', 'sampled_kl', 'run_dpo', 'plot_dpo']
 
 # %% ../nbs/13_dpo.ipynb #48ecf023
 def sequence_logprobs(
@@ -30,14 +30,25 @@ def sequence_logprobs(
 ) -> torch.Tensor:  # (B,) log π(y | x), nats
     "log π(y | x): the log-probabilities of the reply's tokens, summed; nothing else."
     _check_batch(prompt_ids, prompt_mask, response_ids, response_mask)
-    ids = torch.cat([prompt_ids, response_ids], 1)  # (B, Tp + Tr)
-    mask = torch.cat([prompt_mask, response_mask], 1)
+    ids, mask, is_reply = _packed(prompt_ids, prompt_mask, response_ids, response_mask)
     pos = position_ids_from_mask(mask)  # each row's real tokens start at position 0
     logits = model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1])
-    Tp = prompt_ids.shape[1]
-    logp = F.log_softmax(logits[:, Tp - 1 :].float(), -1)  # (B, Tr, V): predicts y_t
-    logp = logp.gather(-1, response_ids[..., None]).squeeze(-1)  # (B, Tr)
-    return torch.where(response_mask.bool(), logp, 0.0).sum(1)
+    Tr = int(response_mask.sum(1).max())  # replies end in the last column
+    logp = F.log_softmax(logits[:, -Tr:].float(), -1)  # (B, Tr, V): the last Tr tokens
+    logp = logp.gather(-1, ids[:, -Tr:, None]).squeeze(-1)  # (B, Tr)
+    return torch.where(is_reply[:, -Tr:], logp, 0.0).sum(1)
+
+
+def _packed(prompt_ids, prompt_mask, response_ids, response_mask):
+    "Each row's prompt, then its reply, padding first: (ids, mask, is_reply), (B, T)."
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1).long()
+    is_reply = torch.cat([torch.zeros_like(prompt_mask), response_mask], 1).bool()
+    order = mask.argsort(
+        dim=1, stable=True
+    )  # padding first; real tokens keep their order
+    keep = order[:, -int(mask.sum(1).max()) :]  # as wide as the longest row
+    return ids.gather(1, keep), mask.gather(1, keep), is_reply.gather(1, keep)
 
 # %% ../nbs/13_dpo.ipynb #d1993f53
 def _shape_of(t) -> str:
@@ -231,6 +242,92 @@ def implicit_accuracy(
     return float(((rc > rr).float() + 0.5 * (rc == rr).float()).mean())
 
 # %% ../nbs/13_dpo.ipynb #c15a90e8
+class DPOTrainer:
+    "DPO step by step: π learns labelled pairs against a frozen π_ref."
+
+    name = "DPO"  # the progress bar's label
+
+    def __init__(
+        self,
+        policy,  # an LLM: π, trained in place (a copy of π_ref at the start)
+        ref_policy,  # an LLM: π_ref, frozen (chapter 12's π_SFT)
+        tokenizer,  # with the chat tokens (chapter 09)
+        pairs: Sequence[PreferencePair],  # the labelled pairs to train on
+        beta: float = 0.1,  # β of the KL-regularised objective
+        lr: float = 1e-4,  # AdamW's learning rate (constant)
+        eval_pairs: Sequence[PreferencePair] | None = None,  # held out
+        eval_every: int = 25,  # steps between held-out checks (and after train's last)
+    ):
+        _check_trainer_args(policy, ref_policy, lr, beta, eval_every)
+        self.policy, self.ref_policy, self.tokenizer = policy, ref_policy, tokenizer
+        self.beta, self.pad_id = beta, tokenizer.pad_id
+        self.eval_pairs, self.eval_every = eval_pairs, eval_every
+        self.rows = encode_pairs(tokenizer, pairs, policy.config.context_size)
+        self.ref_logprobs = batched_logprobs(ref_policy, self.rows, self.pad_id)  # once
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
+        self.n_steps, self.last_step = 0, None  # last_step: train's, checked too
+        self.history: list[dict] = []  # the statistics of every step
+        self._held = {}  # held-out pairs -> (rows, π_ref's log-probs), once each
+
+    @property
+    def device(self) -> torch.device:
+        "Where the policy's weights are: every tensor of a step is made there."
+        return next(self.policy.parameters()).device
+
+# %% ../nbs/13_dpo.ipynb #b15addfc
+@patch
+def step(
+    self: DPOTrainer,
+    batch: Sequence[int],  # indices of this step's pairs in the trainer's pairs
+) -> dict:  # step, loss, grad_norm, rewards/*; eval/* at the held-out checks
+    "One AdamW step of the DPO loss on the pairs `batch`; its statistics, kept."
+    idx, dev = list(batch), self.device
+    if not idx:
+        raise ValueError("batch is empty: give the indices of this step's pairs.")
+    self.policy.train()
+    batch_ = collate_pairs([self.rows[i] for i in idx], self.pad_id, dev)
+    chosen, rejected = pair_logprobs(self.policy, batch_)
+    ref_c, ref_r = (x[idx].to(dev) for x in self.ref_logprobs)
+    loss, stats = dpo_loss(chosen, rejected, ref_c, ref_r, self.beta)
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+    self.optimizer.step()
+    s = dict(step=self.n_steps, loss=loss.item(), grad_norm=grad_norm.item())
+    s.update({k: v.item() for k, v in stats.items()})
+    self.n_steps += 1
+    if self.eval_pairs and (
+        self.n_steps % self.eval_every == 0 or self.n_steps == self.last_step
+    ):
+        s.update(self._check())
+    self.history.append(s)
+    return s
+
+# %% ../nbs/13_dpo.ipynb #8048684b
+@patch
+def evaluate(
+    self: DPOTrainer,
+    pairs: Sequence[PreferencePair],  # held-out pairs, never trained on
+) -> dict:  # eval/loss, eval/accuracy (ties: half)
+    "The DPO loss and the implicit-reward accuracy of π on held-out pairs."
+    _check_pairs(pairs)
+    key = tuple(pairs)
+    if key not in self._held:  # π_ref is frozen: its log-probs once per list
+        rows = encode_pairs(self.tokenizer, pairs, self.policy.config.context_size)
+        self._held[key] = rows, batched_logprobs(self.ref_policy, rows, self.pad_id)
+    rows, (ref_c, ref_r) = self._held[key]
+    c, r = batched_logprobs(self.policy, rows, self.pad_id)
+    loss, stats = dpo_loss(c, r, ref_c, ref_r, self.beta)
+    acc = stats["rewards/accuracies"].item()
+    return {"eval/loss": loss.item(), "eval/accuracy": acc}
+
+
+@patch
+def _check(self: DPOTrainer) -> dict:
+    "The statistics of a held-out check (the DPO panel adds fresh replies' KL)."
+    return self.evaluate(self.eval_pairs)
+
+# %% ../nbs/13_dpo.ipynb #bc8036f6
 def _pair_order(n: int, batch_size: int, steps: int, seed) -> list:
     "`steps` batches of indices into n pairs: shuffled epochs, cut into batches."
     rng, out = random.Random(f"{seed}/dpo-order"), []
@@ -241,28 +338,33 @@ def _pair_order(n: int, batch_size: int, steps: int, seed) -> list:
     return out[:steps]
 
 
-def _dpo_step(policy, opt, rows, ref_c, ref_r, pad_id, beta) -> dict:
-    "One AdamW step of the DPO loss on `rows`; its statistics as floats."
-    policy.train()
-    dev = next(policy.parameters()).device
-    chosen, rejected = pair_logprobs(policy, collate_pairs(rows, pad_id, dev))
-    loss, stats = dpo_loss(chosen, rejected, ref_c.to(dev), ref_r.to(dev), beta)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-    opt.step()
-    out = {k: v.item() for k, v in stats.items()}
-    return dict(loss=loss.item(), grad_norm=grad_norm.item(), **out)
+@patch
+def batches(
+    self: DPOTrainer, steps: int, batch_size: int, seed=0
+) -> list:  # `steps` lists of indices into the trainer's pairs
+    "The pairs of each step: shuffled epochs over the pairs, cut into batches."
+    return _pair_order(len(self.rows), batch_size, steps, seed)
 
 
-def _evaluate(policy, rows, ref_c, ref_r, pad_id, beta) -> dict:
-    "The DPO loss and implicit-reward accuracy on held-out rows."
-    c, r = batched_logprobs(policy, rows, pad_id)
-    loss, stats = dpo_loss(c, r, ref_c, ref_r, beta)
-    return {
-        "eval/loss": loss.item(),
-        "eval/accuracy": stats["rewards/accuracies"].item(),
-    }
+@patch
+def train(
+    self: DPOTrainer,
+    batch_fn,  # step number -> the indices of its pairs (e.g. batches(...)[n])
+    steps: int,  # steps to run at most
+    callback=None,  # each step's statistics; returning True stops the run
+    progress: bool = True,  # a tqdm progress bar
+) -> list:  # the statistics of these steps (also in self.history)
+    "Up to `steps` steps on the pairs `batch_fn(step)` names; a callback can stop."
+    from tinyllama.ppo import run_steps
+
+    self.last_step = self.n_steps + steps  # a held-out check after the last step
+    return run_steps(self, batch_fn, steps, callback, progress, self.name, self._show)
+
+
+@patch
+def _show(self: DPOTrainer, s: dict) -> dict:
+    "The progress bar's fields: the batch's loss and accuracy."
+    return dict(loss=f"{s['loss']:.3f}", acc=f"{s['rewards/accuracies']:.2f}")
 
 # %% ../nbs/13_dpo.ipynb #49be2e4a
 def train_dpo(
@@ -280,32 +382,26 @@ def train_dpo(
     progress: bool = True,  # a tqdm progress bar
 ) -> list:  # one dict of statistics per step; eval/loss and eval/accuracy some steps
     "Fit π to the labelled pairs with the DPO loss; π_ref's log-probs computed once."
-    from tqdm.auto import tqdm
-
     _check_train_args(policy, ref_policy, steps, batch_size, lr, beta, eval_every)
-    ctx, pad = policy.config.context_size, tokenizer.pad_id
-    rows = encode_pairs(tokenizer, pairs, ctx)
-    ref_c, ref_r = batched_logprobs(ref_policy, rows, pad)  # once: π_ref is frozen
-    if eval_pairs:
-        ev_rows = encode_pairs(tokenizer, eval_pairs, ctx)
-        ev_ref = batched_logprobs(ref_policy, ev_rows, pad)
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
-    history = []
-    bar = tqdm(_pair_order(len(rows), batch_size, steps, seed), disable=not progress)
-    bar.set_description("DPO")
-    for step, idx in enumerate(bar):
-        batch = [rows[i] for i in idx]
-        s = _dpo_step(policy, opt, batch, ref_c[idx], ref_r[idx], pad, beta)
-        if eval_pairs and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            s.update(_evaluate(policy, ev_rows, *ev_ref, pad, beta))
-        history.append(dict(step=step, **s))
-        bar.set_postfix(loss=f"{s['loss']:.3f}", acc=f"{s['rewards/accuracies']:.2f}")
+    trainer = DPOTrainer(
+        policy, ref_policy, tokenizer, pairs, beta, lr, eval_pairs, eval_every
+    )
+    order = trainer.batches(steps, batch_size, seed)
+    trainer.train(lambda n: order[n], steps, progress=progress)
     policy.eval()
-    return history
+    return trainer.history
 
 # %% ../nbs/13_dpo.ipynb #75300b28
 def _check_train_args(policy, ref_policy, steps, batch_size, lr, beta, eval_every):
     "A clear ValueError for models or settings train_dpo cannot use."
+    _check_trainer_args(policy, ref_policy, lr, beta, eval_every)
+    for name, v in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+
+
+def _check_trainer_args(policy, ref_policy, lr, beta, eval_every):
+    "A clear ValueError for models or settings DPOTrainer cannot use."
     from tinyllama.model import LLM
 
     for name, m in (("policy", policy), ("ref_policy", ref_policy)):
@@ -318,9 +414,6 @@ def _check_train_args(policy, ref_policy, steps, batch_size, lr, beta, eval_ever
             "policy and ref_policy are the same object; train a copy: "
             "train_dpo(copy.deepcopy(sft_policy), sft_policy, ...)."
         )
-    for name, v in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}.")
     if (
         isinstance(eval_every, bool)
         or not isinstance(eval_every, int)
@@ -372,6 +465,34 @@ def split_pairs(
     n_val = max(1, round(len(pairs) * val_fraction))
     return pairs[n_val:], pairs[:n_val]
 
+# %% ../nbs/13_dpo.ipynb #d8d71d8d
+def extra_val_pairs(
+    sft_policy,  # an LLM: π_SFT, whose replies are compared
+    tokenizer,
+    n_requests: int,  # distinct fresh requests to label (0: none)
+    exclude: Sequence[str],  # requests already used (labelled, or the verdict's)
+    labeler,  # as for label_pairs
+    out,  # folder for labels-val.jsonl (an existing file is resumed)
+    max_new_tokens: int = 110,
+    seed: int = 0,
+) -> list:  # the PreferencePairs with a preference, to measure with, never to train on
+    "More held-out pairs: π_SFT's samples on fresh requests, labelled the same way."
+    from tinyllama.feedback import LabelStore, PreferenceCollector, reply_room
+    from tinyllama.feedback import sample_comparisons, story_requests
+
+    if n_requests == 0:
+        return []
+    # requests repeat (about a thousand kinds): draw many, keep distinct fresh ones
+    drawn, used = story_requests(20 * n_requests, seed=f"{seed}/dpo-val"), set(exclude)
+    requests = list(dict.fromkeys(r for r in drawn if r not in used))[:n_requests]
+    max_new = reply_room(sft_policy, tokenizer, requests, max_new_tokens)
+    samples = sample_comparisons(
+        sft_policy, tokenizer, requests, "sft", max_new, seed=seed + 1000, chat=True
+    )
+    path = Path(out) / "labels-val.jsonl"
+    labeler.label(PreferenceCollector(samples, path, labeler=labeler.name))
+    return LabelStore(path).preference_pairs()
+
 # %% ../nbs/13_dpo.ipynb #20aeb95f
 @dataclass(frozen=True)
 class DPOPreset:
@@ -388,6 +509,7 @@ class DPOPreset:
     lr: float  # AdamW's learning rate, constant
     eval_every: int  # steps between held-out evaluations
     beta: float = 0.5  # β: the KL coefficient of the objective
+    n_extra_val: int = 0  # more requests, labelled only to measure (never trained on)
 
 
 def dpo_preset(
@@ -405,7 +527,9 @@ def dpo_preset(
     )
     labels = (fb.n_label, fb.n_heldout, fb.max_new_tokens, fb.rm_val_fraction)
     labels += (fb.min_pairs, fb.n_story_pairs)
-    return DPOPreset(*labels, steps, batch, lr, every, beta=0.5)
+    # cpu, gpu: chapter 12's held-out share (~260 pairs), ~130 more: ±5 points at most
+    extra = P.pick(ci=0, cpu=150, gpu=150)
+    return DPOPreset(*labels, steps, batch, lr, every, beta=0.5, n_extra_val=extra)
 
 # %% ../nbs/13_dpo.ipynb #bfbe920b
 @dataclass
@@ -418,9 +542,9 @@ class DPORun:
     counts: dict  # the labels of π_SFT's samples: a, b, tie, skip, total
     n_requests: int  # requests labelled
     n_train_pairs: int  # preference pairs trained on
-    n_val_pairs: int  # held-out pairs that measure the implicit reward
+    n_val_pairs: int  # held-out pairs that measure the implicit reward, in all
     history: list  # train_dpo's statistics, one dict per step
-    accuracy: float  # implicit-reward accuracy on the held-out pairs (ties: half)
+    accuracy: float  # implicit-reward accuracy on all held-out pairs (ties: half)
     prompts: list  # the fresh held-out requests of the verdict
     before: list  # π_SFT's reply to each (chapter 12's)
     after: list  # π_DPO's reply to each
@@ -430,6 +554,10 @@ class DPORun:
     verdict: dict  # head_to_head(after, before): wins, ties, losses, n, win_rate
     seconds: dict  # wall time of each part: label, dpo, verdict
     plot: object = None  # a matplotlib Figure: loss, implicit rewards, accuracy
+    n_extra_val: int = 0  # of the held-out pairs: those on requests labelled to measure
+    split_accuracy: float | None = None  # on chapter 12's held-out share alone
+    train_pairs: list = field(default_factory=list)  # the PreferencePairs trained on
+    val_pairs: list = field(default_factory=list)  # the held-out ones, split's first
 
     @property
     def kl_mean(self) -> float:
@@ -463,7 +591,7 @@ def summary(self: DPORun) -> list:
         f"{len(h) * p.batch_size / self.n_train_pairs:.1f} epochs), lr {p.lr:g}, "
         f"β = {p.beta} ({s['dpo']:.0f} s); loss {h[0]['loss']:.3f} → "
         f"{h[-1]['loss']:.3f}; implicit-reward accuracy on held-out pairs "
-        f"{rate(self.accuracy, self.n_val_pairs)}."
+        f"{rate(self.accuracy, self.n_val_pairs)}{self._split_text()}."
     )
     verdict = (
         "Verdict: the labeller prefers π_DPO's story on "
@@ -472,6 +600,18 @@ def summary(self: DPORun) -> list:
         f"{self.kl_mean:.2f} nats per reply to π_SFT ({s['verdict']:.0f} s)."
     )
     return [labels, dpo, verdict]
+
+
+@patch
+def _split_text(self: DPORun) -> str:
+    "', of which ...': the accuracy on chapter 12's held-out share, if there are more."
+    if not self.n_extra_val:
+        return ""
+    n = self.n_val_pairs - self.n_extra_val
+    return (
+        f", of which chapter 12's held-out share {rate_text(self.split_accuracy, n)} "
+        f"and {self.n_extra_val} pairs on requests labelled only to measure"
+    )
 
 # %% ../nbs/13_dpo.ipynb #02e68757
 @torch.no_grad()
@@ -527,40 +667,41 @@ def run_dpo(
     from tinyllama.feedback import ScriptedLabeler, head_to_head, reply_room
     from tinyllama.feedback import story_requests
 
-    preset, device = _check_run_args(sft_policy, tokenizer, out, preset, device)
+    p, device = _check_run_args(sft_policy, tokenizer, out, preset, device)
     sft, labeler = sft_policy.to(device).eval(), labeler or ScriptedLabeler()
-    heldout = story_requests(preset.n_heldout, seed=f"{seed}/feedback-heldout")
-    requests = story_requests(preset.n_label, seed=f"{seed}/feedback-label")
+    heldout = story_requests(p.n_heldout, seed=f"{seed}/feedback-heldout")
+    requests = story_requests(p.n_label, seed=f"{seed}/feedback-label")
     requests = [r for r in requests if r not in set(heldout)]  # chapter 12's
-    max_new = reply_room(sft, tokenizer, heldout + requests, preset.max_new_tokens)
+    max_new = reply_room(sft, tokenizer, heldout + requests, p.max_new_tokens)
     t0 = time.perf_counter()
     counts, pairs = label_pairs(
         sft, tokenizer, requests, labeler, out, max_new, seed,
-        preset.min_pairs, preset.n_story_pairs,
+        p.min_pairs, p.n_story_pairs,
     )  # fmt: skip
-    train, val = split_pairs(pairs, preset.val_fraction, seed)
-    if not train:
-        raise ValueError(
-            f"only {len(pairs)} labelled pair(s) with a preference: too few to hold "
-            "some out and train on the rest; label more requests (preset.n_label)."
-        )
+    train, val = split_pairs(pairs, p.val_fraction, seed)
+    _check_split(train, pairs)
+    extra = extra_val_pairs(
+        sft, tokenizer, p.n_extra_val, heldout + requests, labeler, out, max_new, seed
+    )
     t1 = time.perf_counter()
     torch.manual_seed(seed)
-    policy, p = copy.deepcopy(sft), preset
+    policy = copy.deepcopy(sft)
     history = train_dpo(
         policy, sft, tokenizer, train, p.steps, p.batch_size, p.lr, p.beta,
-        eval_pairs=val, eval_every=p.eval_every, seed=seed, progress=progress,
+        eval_pairs=val + extra, eval_every=p.eval_every, seed=seed, progress=progress,
     )  # fmt: skip
-    accuracy = implicit_accuracy(policy, sft, tokenizer, val, p.beta)
+    right = _ranked_right(policy, sft, tokenizer, val + extra, p.beta)
     t2 = time.perf_counter()
     before, after, kl = _replies(policy, sft, tokenizer, heldout, max_new, seed)
     verdict = head_to_head(labeler, heldout, after, before, seed=seed)
     seconds = dict(label=t1 - t0, dpo=t2 - t1, verdict=time.perf_counter() - t2)
     score = lambda texts: [labeler.score(x, y) for x, y in zip(heldout, texts)]
     run = DPORun(
-        preset, labeler.name, policy, counts, len(requests), len(train), len(val),
-        history, accuracy, heldout, before, after, score(before), score(after), kl,
-        verdict, seconds,
+        p, labeler.name, policy, counts, len(requests), len(train), len(right),
+        history, right.mean().item(), heldout, before, after, score(before),
+        score(after), kl, verdict, seconds, n_extra_val=len(extra),
+        split_accuracy=right[: len(val)].mean().item(), train_pairs=train,
+        val_pairs=val + extra,
     )  # fmt: skip
     run.plot = plot_dpo(run)
     return run
@@ -574,6 +715,21 @@ def _check_run_args(sft_policy, tokenizer, out, preset, device):
     if not isinstance(preset, DPOPreset):
         preset = dpo_preset(preset)
     return preset, device
+
+
+def _check_split(train, pairs):
+    "A clear ValueError when no labelled pair is left to train on."
+    if not train:
+        raise ValueError(
+            f"only {len(pairs)} labelled pair(s) with a preference: too few to hold "
+            "some out and train on the rest; label more requests (preset.n_label)."
+        )
+
+
+def _ranked_right(policy, ref_policy, tokenizer, pairs, beta) -> torch.Tensor:
+    "1 for each pair whose chosen reply has the higher implicit reward, 0.5 a tie."
+    rc, rr = implicit_rewards(policy, ref_policy, tokenizer, pairs, beta)
+    return (rc > rr).float() + 0.5 * (rc == rr).float()
 
 # %% ../nbs/13_dpo.ipynb #972705b3
 def plot_dpo(run: DPORun, title: str = "DPO on chapter 12's labels"):

@@ -28,8 +28,7 @@ from tinyllama.train import (
 from .generate import generate
 from .ppo import PPOConfig, PPOTrainer, ValueModel, run_steps
 from .grpo import GRPOConfig, GRPOTrainer
-from .dpo import DPOPreset, dpo_preset, encode_pairs, batched_logprobs
-from .dpo import sampled_kl, _dpo_step, _evaluate, _pair_order
+from .dpo import DPOPreset, DPOTrainer, dpo_preset, encode_pairs, sampled_kl
 
 # %% auto #0
 __all__ = ['MODEL_FIELDS', 'RUN_FIELDS', 'FFN_MULTIPLE', 'SAMPLE_PROMPTS', 'PPO_FIELDS', 'PPO_STATS', 'PPO_PLOTS', 'PPORunResult',
@@ -1129,49 +1128,37 @@ DPO_STATS = (  # (statistic of a DPO step, plot title, short label, format)
 )
 
 # %% ../nbs/07c_training_panel.ipynb #c6124cd3
-class _DPOSteps:
-    "Chapter 13's train_dpo cut into steps a panel can drive: .step(pairs), .train."
+class _DPOPanelTrainer(DPOTrainer):
+    "Chapter 13's DPOTrainer; each held-out check also samples fresh replies (KL)."
 
-    def __init__(self, policy, ref_policy, tokenizer, rows, eval_rows, preset, n_kl, T):
-        self.policy, self.ref_policy, self.tokenizer = policy, ref_policy, tokenizer
-        self.rows, self.eval_rows, self.preset = rows, eval_rows, preset
-        self.pad, self.n_kl, self.max_new = tokenizer.pad_id, n_kl, T
-        self.ref = batched_logprobs(ref_policy, rows, self.pad)  # once: π_ref is frozen
-        self.eval_ref = batched_logprobs(ref_policy, eval_rows, self.pad)
-        self.optimizer = torch.optim.AdamW(
-            policy.parameters(), lr=preset.lr, weight_decay=0.0
-        )
-        self.order = _pair_order(len(rows), preset.batch_size, preset.steps, 0)
-        self.n_steps, self.history, self.last_samples = 0, [], []
+    def __init__(
+        self, policy, ref_policy, tokenizer, pairs, eval_pairs, preset, n_kl, T
+    ):
+        p = preset
+        super().__init__(policy, ref_policy, tokenizer, pairs, p.beta, p.lr,
+                         eval_pairs, p.eval_every)  # fmt: skip
+        self.order = self.batches(p.steps, p.batch_size, seed=0)  # chapter 13's
+        ctx = policy.config.context_size
+        self.kl_prompts = [
+            r[0] for r in encode_pairs(tokenizer, eval_pairs[:n_kl], ctx)
+        ]
+        self.max_new, self.last_samples = T, []
 
-    def step(self, idx: list) -> dict:
-        "One DPO step on the pairs `idx`; held-out statistics every eval_every steps."
-        p, n, (ref_c, ref_r) = self.preset, self.n_steps, self.ref
-        batch = [self.rows[i] for i in idx]
-        s = _dpo_step(self.policy, self.optimizer, batch, ref_c[idx], ref_r[idx],
-                      self.pad, p.beta)  # fmt: skip
-        if (n + 1) % p.eval_every == 0 or n + 1 == p.steps:
-            held = (self.eval_rows, *self.eval_ref, self.pad, p.beta)
-            s.update(_evaluate(self.policy, *held), kl=self._fresh())
-        s["step"], self.n_steps = n, n + 1
-        self.history.append(s)
-        return s
+    def _check(self) -> dict:
+        "Chapter 13's held-out check, and the KL(π‖π_ref) of fresh replies (k1)."
+        return {**super()._check(), "kl": self._fresh()}
 
     def _fresh(self) -> float:
         "π's replies to held-out prompts (the samples); their mean KL(π‖π_ref), k1."
-        tok, ids = self.tokenizer, [r[0] for r in self.eval_rows[: self.n_kl]]
+        tok, ids = self.tokenizer, self.kl_prompts
         room = self.policy.config.context_size - max(map(len, ids))
         new = generate(
             self.policy.eval(), ids, min(self.max_new, room), 1.0,
-            eos_id=tok.end_id, pad_id=self.pad, seed=self.n_steps,
+            eos_id=tok.end_id, pad_id=self.pad_id, seed=self.n_steps,
         )  # fmt: skip
-        kl = sampled_kl(self.policy, self.ref_policy, ids, new, self.pad)
+        kl = sampled_kl(self.policy, self.ref_policy, ids, new, self.pad_id)
         self.last_samples = [tok.decode(y).strip() for y in new]
         return float(kl.mean())
-
-    def train(self, batch_fn, steps: int, callback=None, progress=True) -> list:
-        "Up to `steps` steps on the pairs `batch_fn(step)` names; a callback can stop."
-        return run_steps(self, batch_fn, steps, callback, progress, "DPO")
 
 # %% ../nbs/07c_training_panel.ipynb #60ffa4b4
 class DPOPanel(PolicyPanel):
@@ -1200,7 +1187,8 @@ class DPOPanel(PolicyPanel):
         ctx = policy.config.context_size
         self.rows = encode_pairs(tokenizer, pairs, ctx)  # checks the pairs, in words
         self.eval_rows = encode_pairs(tokenizer, eval_pairs, ctx)
-        self.tokenizer, self.eval_pairs = tokenizer, list(eval_pairs)
+        self.tokenizer, self.pairs = tokenizer, list(pairs)
+        self.eval_pairs = list(eval_pairs)
         self.max_new_tokens, self.n_kl = max_new_tokens, n_kl
         defaults = {f: getattr(preset, f) for f in DPO_FIELDS[:4]}
         super().__init__(
@@ -1230,11 +1218,11 @@ def _cost(self: DPOPanel) -> str:
 
 
 @patch
-def _trainer(self: DPOPanel, preset: DPOPreset, device: str) -> _DPOSteps:
-    "Chapter 13's DPO, step by step, on copies of the policy and reference."
+def _trainer(self: DPOPanel, preset: DPOPreset, device: str) -> _DPOPanelTrainer:
+    "Chapter 13's DPOTrainer on copies of the policy and reference."
     policy, ref = self._models(device)
-    data = (self.tokenizer, self.rows, self.eval_rows, preset)
-    return _DPOSteps(policy, ref.eval(), *data, self.n_kl, self.max_new_tokens)
+    data = (self.tokenizer, self.pairs, self.eval_pairs, preset)
+    return _DPOPanelTrainer(policy, ref.eval(), *data, self.n_kl, self.max_new_tokens)
 
 
 @patch
