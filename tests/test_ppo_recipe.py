@@ -88,7 +88,7 @@ def test_the_validation_rule_sets_the_learning_rate(result):
 def test_the_speedrun_preset_is_smaller_on_the_cpu_only():
     small, full = ppo_preset("cpu", speedrun=True), ppo_preset("cpu")
     assert small.alphabet == "abcdefghijkl" and small.max_len == 5 and small.max_steps == 300
-    assert (small.batch_size, small.mini_batch_size, small.lr) == (64, 32, 1e-3)
+    assert (small.batch_size, small.mini_batch_size, small.lr) == (128, 64, 1e-3)
     assert (small.eval_every, small.n_train, small.n_eval) == (10, 5000, 200)
     assert small.dim_emb == full.dim_emb and small.max_steps < full.max_steps
     assert ppo_preset("ci", speedrun=True) == ppo_preset("ci") and ppo_preset("gpu", speedrun=True) == ppo_preset("gpu")

@@ -125,6 +125,33 @@ def test_answer_samples_pass_at_checks_k_and_kinds(items):
         s.pass_at(1, "weather")
 
 
+def test_answer_samples_intervals(items):
+    from tinyllama.sft import wilson_interval
+    correct = [0, 3, 8, 1, 0, 5] * (len(items) // 6) + [2] * (len(items) % 6)
+    s = AnswerSamples(items, 8, correct, None)
+    n_any = sum(c > 0 for c in correct)
+    assert s.interval(8) == wilson_interval(n_any, len(items))  # pass@n: a rate of questions
+    assert s.count() == len(items) and s.count(items[0].kind) == sum(q.kind == items[0].kind for q in items)
+    for k in (1, 4):  # below n: a normal interval around the mean over questions
+        lo, hi = s.interval(k)
+        xs = [pass_at_k(8, c, k) for c in correct]
+        m = sum(xs) / len(xs)
+        sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+        assert lo < s.pass_at(k) < hi and (hi - lo) / 2 == pytest.approx(1.96 * sd / math.sqrt(len(xs)))
+    wide = AnswerSamples(items[:2], 8, correct[:2], None).interval(1)
+    assert wide[1] - wide[0] > hi - lo or wide == (0.0, 1.0)  # fewer questions, a wider interval
+    with pytest.raises(ValueError, match="no question of kind"):
+        s.interval(1, "weather")
+
+
+def test_cpu_pass_at_k_is_known_to_five_points():
+    "Issue 11: the questions sampled per kind give pass@8 a ±5-point interval at any rate."
+    from tinyllama.sft import wilson_interval
+    m = rlvr_preset("cpu").eval_per_kind
+    lo, hi = wilson_interval(m // 2, m)
+    assert (hi - lo) / 2 <= 0.05, m
+
+
 # ---- the adapter
 
 def answer_ids(tok, text):

@@ -312,6 +312,40 @@ def test_score_answers_by_hand():
         score_answers(items, ["Mia"])
 
 
+def test_qa_result_counts_and_intervals_per_kind():
+    from tinyllama.sft import wilson_interval
+    items = [QAItem(f"s{i}", "Who is the hero of the story?", "Mia", "hero") for i in range(4)]
+    items += [QAItem("s9", "Was the ending happy or sad?", "sad", "ending")]
+    r = score_answers(items, ["Mia", "Mia", "Tom", "Mia", "sad"])
+    assert r.hits("hero") == (3, 4) and r.hits("ending") == (1, 1) and r.hits() == (4, 5)
+    lo, hi = wilson_interval(3, 4)
+    assert r.half_width("hero") == pytest.approx((hi - lo) / 2)
+    assert r.interval == wilson_interval(4, 5)
+    lines = r.table().splitlines()
+    assert len(lines) == 2 and "75.0% of 4" in lines[0] and lines[0].split()[0] == "hero"
+    assert "hero 3/4" in str(r) and "ending 1/1" in str(r)  # each kind with its count
+
+
+def test_questions_per_kind_keeps_the_first_of_each_kind():
+    from tinyllama.sft import questions_per_kind
+    kinds = ["hero", "colour", "hero", "hero", "colour", "ending"]
+    qs = [QAItem(f"s{i}", "q", "a", k) for i, k in enumerate(kinds)]
+    assert [q.story for q in questions_per_kind(qs, 2)] == ["s0", "s1", "s2", "s4", "s5"]
+    assert questions_per_kind(qs, None) == qs
+
+
+def test_cpu_heldout_set_gives_every_kind_a_five_point_interval():
+    "Issue 11: each kind's 95% Wilson interval is at most ±5 points, whatever the rate."
+    from tinyllama.sft import sft_preset, wilson_interval
+    for profile in ("cpu", "gpu"):
+        _, held = sft_split(0, sft_preset(profile).n_heldout_stories)
+        items = qa_items(held)
+        for kind in QUESTION_KINDS:  # the widest interval is at a rate of 50%
+            n = sum(q.kind == kind for q in items)
+            lo, hi = wilson_interval(n // 2, n)
+            assert (hi - lo) / 2 <= 0.05, (profile, kind, n)
+
+
 def test_score_stories_by_hand():
     s = default_world().sample(1, seed=3, hero="Mia", colour="red", object="kite", event="rain")[0]
     req = StoryRequest("Write a story about Mia and a red kite.", (("hero", "Mia"), ("colour", "red"), ("object", "kite")))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Sequence
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 from .attention import position_ids_from_mask
 from .base import base_model
 from .data import default_world
@@ -24,16 +25,18 @@ from tinyllama.sft import (
     fits_context,
     format_chat,
     qa_items,
+    questions_per_kind,
     sft_conversations,
     sft_preset,
     sft_split,
     sft_train,
+    wilson_interval,
 )
 
 # %% auto #0
 __all__ = ['answer_reward', 'pass_at_k', 'question_prompt', 'AnswerReward', 'SFTStart', 'sft_start', 'rlvr_questions',
-           'RLVRPreset', 'AnswerSamples', 'sample_answers', 'questions_per_kind', 'rlvr_config', 'rlvr_trainer',
-           'question_batches', 'rlvr_preset', 'answer_prior', 'chance_pass_at']
+           'RLVRPreset', 'AnswerSamples', 'sample_answers', 'rlvr_config', 'rlvr_trainer', 'question_batches',
+           'rlvr_preset', 'answer_prior', 'chance_pass_at']
 
 # %% ../nbs/14b_rlvr.ipynb #a0058404
 def answer_reward(
@@ -223,6 +226,8 @@ class RLVRPreset:
     max_new_tokens: int = 4  # an answer is a word and <|end|>
     n_samples: int = 8  # n answers per held-out question for pass@k (>= 8)
     eval_per_kind: int | None = None  # held-out questions per kind sampled (None: all)
+    # of those, the questions per kind whose samples also measure the KL (None: all)
+    kl_per_kind: int | None = None
     band: tuple = (0.0, 1.0)  # greedy held-out exact match after RL, promised
 
     def __post_init__(self):
@@ -311,20 +316,33 @@ def sample_answers(
         correct, kls = correct + c, kls + kl
     return AnswerSamples(list(items), n, correct, sum(kls) / len(kls) if kls else None)
 
-# %% ../nbs/14b_rlvr.ipynb #60d22e5e
-def questions_per_kind(
-    items: Sequence[QAItem],  # questions, in a fixed order
-    m: int | None,  # how many of each kind to keep (None: all)
-) -> list[QAItem]:
-    "The first `m` questions of each kind, in their original order."
-    if m is None:
-        return list(items)
-    taken, out = {}, []
-    for q in items:
-        taken[q.kind] = taken.get(q.kind, 0) + 1
-        if taken[q.kind] <= m:
-            out.append(q)
-    return out
+# %% ../nbs/14b_rlvr.ipynb #c3ebd1e8
+@patch
+def interval(
+    self: AnswerSamples,
+    k: int,  # attempts
+    kind: str | None = None,  # one kind of question, or all
+) -> tuple[float, float]:  # (low, high), inside [0, 1]
+    "95% interval of pass@k over the questions: Wilson's at k = n, else the normal one."
+    xs = [
+        pass_at_k(self.n, c, k)
+        for q, c in zip(self.items, self.correct)
+        if kind in (None, q.kind)
+    ]
+    if not xs:
+        raise ValueError(f"no question of kind {kind!r} was sampled.")
+    if k == self.n:  # 1 for a question with a right answer, else 0: a rate
+        return wilson_interval(round(sum(xs)), len(xs))
+    m = sum(xs) / len(xs)
+    var = sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)
+    half = 1.96 * math.sqrt(var / len(xs)) if len(xs) > 1 else 1.0
+    return max(0.0, m - half), min(1.0, m + half)
+
+
+@patch
+def count(self: AnswerSamples, kind: str | None = None) -> int:
+    "How many questions (of one kind, or all) were sampled."
+    return sum(kind in (None, q.kind) for q in self.items)
 
 # %% ../nbs/14b_rlvr.ipynb #ca648468
 def rlvr_config(
@@ -385,7 +403,9 @@ def rlvr_preset(
         questions_per_step=P.pick(ci=4, cpu=8, gpu=32),
         num_generations=P.pick(ci=4, cpu=8, gpu=8),
         lr=1e-4,  # cpu: 2e-4 and 3e-4 lowered the reward, 1e-3 collapsed it (KL 1.9)
-        eval_per_kind=P.pick(ci=None, cpu=20, gpu=None),
+        # cpu: 400 per kind, so that each kind's pass@k is known to ±5 points
+        eval_per_kind=P.pick(ci=None, cpu=400, gpu=None),
+        kl_per_kind=P.pick(ci=None, cpu=20, gpu=None),  # the KL costs 3× the samples
         # cpu: probes during two 40-step runs stayed at 58-61% (chapter 09: 65%)
         band=P.pick(ci=(0.0, 1.0), cpu=(0.55, 1.0), gpu=(0.0, 1.0)),
     )

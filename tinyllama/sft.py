@@ -30,8 +30,9 @@ __all__ = ['ROLES', 'CHAT_TEMPLATE', 'QUESTION_KINDS', 'SFTPreset', 'sft_preset'
            'fits_context', 'pretty_chat', 'answer_from_fields', 'QAItem', 'story_questions', 'qa_items', 'StoryRequest',
            'story_request', 'follows_request', 'sft_split', 'sft_conversations', 'masked_labels', 'sft_loss',
            'SFTDataset', 'sft_train', 'chat_replies', 'chat_reply', 'ChatSession', 'load_chat_model', 'wilson_interval',
-           'format_rate', 'normalize_answer', 'exact_match', 'QAResult', 'score_answers', 'answer_accuracy',
-           'FollowResult', 'score_stories', 'instruction_following', 'SFTRun', 'run_sft', 'sft_figure']
+           'format_rate', 'normalize_answer', 'exact_match', 'QAResult', 'score_answers', 'questions_per_kind',
+           'answer_accuracy', 'FollowResult', 'score_stories', 'instruction_following', 'SFTRun', 'run_sft',
+           'sft_figure']
 
 # %% ../nbs/09_sft.ipynb #ea15486e
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class SFTPreset:
     pretrain: PretrainPreset  # the base model's recipe (base.base_preset)
     train: TrainingConfig  # the fine-tuning run
     n_train_stories: int  # stories that become SFT chats
-    n_heldout_stories: int  # held-out stories for the Q/A evaluation
+    # held-out stories for the Q/A evaluation; cpu, gpu: enough for every kind's
+    # 95% interval to be at most ±5 points (friend, in ~30% of stories, too)
+    n_heldout_stories: int
     n_requests: int  # held-out "write a story ..." requests
     write_fraction: float = 0.2  # share of training chats that ask for a story
     # questions per Q/A chat at most; None: every question the story answers
@@ -79,7 +82,8 @@ def sft_preset(
         base_preset(P),  # chapter 07d's base model
         _sft_config(P),
         n_train_stories=P.pick(ci=300, cpu=8000, gpu=20000),
-        n_heldout_stories=P.pick(ci=8, cpu=150, gpu=300),
+        # ≥ 385 questions of each kind: a Wilson half-width ≤ 0.05 at any rate
+        n_heldout_stories=P.pick(ci=8, cpu=1500, gpu=1500),
         n_requests=P.pick(ci=2, cpu=40, gpu=100),
         write_fraction=P.pick(ci=0.2, cpu=0.25, gpu=0.2),
         max_questions=P.pick(ci=5, cpu=None, gpu=None),
@@ -827,10 +831,15 @@ class QAResult:
     @property
     def interval(self) -> tuple[float, float]:
         "The 95% Wilson interval of the accuracy."
-        return wilson_interval(round(self.accuracy * self.n), self.n)
+        return wilson_interval(*self.hits())
+
+    def hits(self, kind: str | None = None) -> tuple[int, int]:
+        "(right, asked) among the questions of one kind (None: all)."
+        oks = [ok for q, _, ok in self.rows if kind in (None, q.kind)]
+        return sum(oks), len(oks)
 
     def __str__(self):
-        kinds = ", ".join(f"{k} {v:.0%}" for k, v in self.by_kind.items())
+        kinds = ", ".join(f"{k} {'%d/%d' % self.hits(k)}" for k in self.by_kind)
         lo, hi = self.interval
         return (
             f"exact match {self.accuracy:.1%} of {self.n} questions "
@@ -853,6 +862,34 @@ def score_answers(items: Sequence[QAItem], predictions: Sequence[str]) -> QAResu
     by_kind = {k: sum(ok for q, _, ok in rows if q.kind == k) / count[k] for k in kinds}
     accuracy = sum(ok for *_, ok in rows) / len(rows)
     return QAResult(accuracy, len(rows), by_kind, count, rows)
+
+# %% ../nbs/09_sft.ipynb #b1170cb1
+@patch
+def half_width(self: QAResult, kind: str | None = None) -> float:
+    "Half the width of the 95% Wilson interval of one kind's rate (None: all)."
+    lo, hi = wilson_interval(*self.hits(kind))
+    return (hi - lo) / 2
+
+
+@patch
+def table(self: QAResult) -> str:
+    "One line per kind: its rate, its count and its 95% Wilson interval."
+    return "\n".join(f"  {k:<8} {format_rate(*self.hits(k))}" for k in self.by_kind)
+
+# %% ../nbs/09_sft.ipynb #ca38e94d
+def questions_per_kind(
+    items: Sequence[QAItem],  # questions, in a fixed order
+    m: int | None,  # how many of each kind to keep (None: all)
+) -> list[QAItem]:
+    "The first `m` questions of each kind, in their original order."
+    if m is None:
+        return list(items)
+    taken, out = {}, []
+    for q in items:
+        taken[q.kind] = taken.get(q.kind, 0) + 1
+        if taken[q.kind] <= m:
+            out.append(q)
+    return out
 
 # %% ../nbs/09_sft.ipynb #fae2063f
 def answer_accuracy(
