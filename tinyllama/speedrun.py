@@ -213,7 +213,7 @@ def stage_pretrain(run: Speedrun) -> Section:
     from tinyllama.device import autocast_dtype, get_device
     from tinyllama.train import plot_losses, pretrain, set_cpu_threads
 
-    preset = pretrain_preset(run.profile, run.corpus, speedrun=True)  # cpu: see above
+    preset = pretrain_preset(run.profile, run.corpus)  # chapter 07's preset
     overrides = steps_overrides(preset.train, run.steps)
     overrides |= {"device": run.device} if run.device else {}
     device = torch.device(run.device) if run.device else get_device()
@@ -310,7 +310,7 @@ def _pretraining_texts(run):
 
     if run.state.get("corpus") != "story_world":
         return ()
-    preset = pretrain_preset(run.profile, run.corpus, speedrun=True)
+    preset = pretrain_preset(run.profile, run.corpus)
     return load_corpus(preset, seed=run.seed, progress=False)[1]
 
 

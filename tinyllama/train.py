@@ -1072,8 +1072,8 @@ def _pretrain_config(P) -> TrainingConfig:
             eval_every=20, eval_batches=4, log_every=10,
         ),
         cpu=TrainingConfig(
-            steps=500, batch_size=32, lr=3e-3, min_lr=1e-4, warmup_steps=50,
-            eval_every=50, eval_batches=8, log_every=10,
+            steps=1000, batch_size=16, lr=3e-3, min_lr=1e-4, warmup_steps=100,
+            eval_every=100, eval_batches=16, log_every=10,
         ),
         gpu=TrainingConfig(
             steps=2000, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=200,
@@ -1085,20 +1085,17 @@ def _pretrain_config(P) -> TrainingConfig:
 def pretrain_preset(
     profile=None,  # "ci", "cpu", "gpu", a Profile, or None for get_profile()
     corpus: str | None = None,  # "story_world" or "tinystories"; None: the profile's
-    speedrun: bool = False,  # True: `tinyllama speedrun`'s cpu run (below)
 ) -> PretrainPreset:
     "Model, training and data sizes of a profile's pretraining run."
     from tinyllama.profiles import as_profile
 
-    if not isinstance(speedrun, bool):
-        raise ValueError(f"speedrun must be True or False, got {speedrun!r}.")
     if corpus not in (None, "story_world", "tinystories"):
         raise ValueError(
             f"corpus must be 'story_world' or 'tinystories' (None: the profile's), "
             f"got {corpus!r}."
         )
     P = as_profile(profile)
-    preset = PretrainPreset(
+    return PretrainPreset(
         model=P.pick(
             ci=_shape(768, 128, 64, 2, 4, 2, 192),
             cpu=_shape(768, 128, 128, 4, 4, 2, 384),
@@ -1111,21 +1108,8 @@ def pretrain_preset(
         n_heldout_stories=P.pick(ci=100, cpu=500, gpu=500),
         story_world_vocab=768,
         num_threads=P.pick(ci=1, cpu="auto", gpu=None),  # ci: tiny matrices
-        band=P.pick(ci=(1.0, 15.0), cpu=(1.0, 1.15), gpu=(1.0, 1.15)),
+        band=P.pick(ci=(1.0, 15.0), cpu=(1.0, 1.08), gpu=(1.0, 1.15)),
     )
-    if speedrun and P.name == "cpu":
-        from dataclasses import replace
-
-        train = replace(preset.train, **_SPEEDRUN_CPU)
-        preset = replace(preset, train=train, band=_SPEEDRUN_CPU_BAND)
-    return preset
-
-# %% ../nbs/07_pretraining.ipynb #dfd14268
-# `tinyllama speedrun`'s cpu run: twice the steps of half the batch (the same tokens)
-_SPEEDRUN_CPU = dict(
-    steps=1000, batch_size=16, warmup_steps=100, eval_every=100, eval_batches=16
-)
-_SPEEDRUN_CPU_BAND = (1.0, 1.08)  # held-out NLL / floor; measured in appendix E
 
 # %% ../nbs/07_pretraining.ipynb #252e73b9
 def tokenizer_vocab_size(preset: PretrainPreset, corpus: str) -> int:
