@@ -89,14 +89,19 @@ def test_left_padding_does_not_change_the_result():
     assert torch.allclose(alone, together[:1], atol=1e-5)
 
 
-def test_pair_logprobs_scores_chosen_then_rejected():
-    model, rows = tiny_policy(), random_rows(4, seed=4)
-    with torch.no_grad():
-        c, r = pair_logprobs(model, collate_pairs(rows, PAD))
+def assert_brute_force(model, rows, c, r):
+    "The chosen and rejected log-probabilities equal the row-by-row brute force."
     want_c = [brute_force_logprob(model, p, y) for p, y, _ in rows]
     want_r = [brute_force_logprob(model, p, y) for p, _, y in rows]
     assert torch.allclose(c.double(), torch.tensor(want_c, dtype=torch.float64), atol=1e-4)
     assert torch.allclose(r.double(), torch.tensor(want_r, dtype=torch.float64), atol=1e-4)
+
+
+def test_pair_logprobs_scores_chosen_then_rejected():
+    model, rows = tiny_policy(), random_rows(4, seed=4)
+    with torch.no_grad():
+        c, r = pair_logprobs(model, collate_pairs(rows, PAD))
+    assert_brute_force(model, rows, c, r)
     bc, br = batched_logprobs(model, rows, PAD, batch_size=3)  # in batches of 3 and 1
     assert torch.allclose(bc, c, atol=1e-5) and torch.allclose(br, r, atol=1e-5)
 
@@ -112,10 +117,7 @@ def test_a_batch_of_long_prompts_and_long_replies_fits_the_context():
     assert max(len(r[0]) for r in rows) + max(len(r[1]) for r in rows) > 48
     with torch.no_grad():
         c, r = pair_logprobs(model, collate_pairs(rows, PAD))
-    want_c = [brute_force_logprob(model, p, y) for p, y, _ in rows]
-    want_r = [brute_force_logprob(model, p, y) for p, _, y in rows]
-    assert torch.allclose(c.double(), torch.tensor(want_c, dtype=torch.float64), atol=1e-4)
-    assert torch.allclose(r.double(), torch.tensor(want_r, dtype=torch.float64), atol=1e-4)
+    assert_brute_force(model, rows, c, r)
 
 
 # --- the loss ---------------------------------------------------------------------------------
