@@ -12,6 +12,7 @@ import pytest
 
 from tinyllama import speedrun
 from tinyllama.ppo import ppo_preset
+from tinyllama.sft import wilson_interval
 from tinyllama.train import pretrain_preset
 
 
@@ -82,7 +83,8 @@ def test_the_ppo_stage_uses_the_speedrun_preset_and_the_run_s_seed(tmp_path, mon
 )
 def test_the_ppo_row_states_the_cpu_band(exact, profile, verdict):
     note = speedrun._ppo_exact_note(200, exact, profile)
-    assert note.startswith("before → after PPO; 200 test words")
+    lo, hi = wilson_interval(round(exact * 200), 200)
+    assert note.startswith(f"before → after PPO; after: 95% CI {lo:.1%}–{hi:.1%}; 200 test words")
     if verdict is None:
         assert "expected" not in note
     else:
@@ -96,3 +98,65 @@ def test_the_report_s_command_names_the_seed(tmp_path, seed, shown):
     line = next(s for s in speedrun.render_report(run).splitlines() if "Command:" in s)
     assert ("--seed 2 --stages ppo`" in line) == shown
     assert line.endswith("`tinyllama speedrun --profile cpu --stages ppo`.") != shown
+
+
+# Every rate in the report's table carries its 95% interval (issue 12: "win rate with interval").
+class _Fig:
+    def savefig(self, path, dpi=None):
+        pass
+
+
+def _verdict_interval(rate, n):
+    lo, hi = wilson_interval(round(rate * n), n)
+    return f"95% CI {lo:.1%}–{hi:.1%}"
+
+
+@pytest.mark.parametrize("rate, n", [(0.694, 400), (0.5, 10), (1.0, 200), (0.0, 50)])
+def test_the_interval_is_wilson_s_with_ties_counting_half(rate, n):
+    assert speedrun._interval(rate, n) == _verdict_interval(rate, n)
+
+
+def test_the_feedback_rows_give_intervals(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    feedback = importlib.import_module("tinyllama.feedback")
+    fake = SimpleNamespace(
+        plot=_Fig(), history=[], verdict={"win_rate": 0.694, "n": 400}, rm_accuracy=0.869,
+        scores_before=[0.0, 1.0], scores_after=[2.0, 3.0], n_val_pairs=267, n_train_pairs=267,
+        kl_mean=2.55, prompts=["p"], before=["b"], after=["a"], summary=lambda: ["x"],
+    )
+    monkeypatch.setattr(feedback, "run_feedback_loop", lambda *a, **k: fake)
+    run = speedrun.Speedrun("cpu", tmp_path, device="cpu", progress=False)
+    run.state.update(model=object(), tokenizer=None)
+    rows = {m.name: m.note for m in speedrun._feedback_section(run, "cpu").metrics}
+    assert rows["labeler prefers PPO over SFT"].startswith(_verdict_interval(0.694, 400) + "; 400 held-out")
+    assert rows["reward model pair accuracy"].startswith(_verdict_interval(0.869, 267) + "; 267 held-out")
+
+
+def test_the_dpo_rows_give_intervals(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    dpo = importlib.import_module("tinyllama.dpo")
+    fake = SimpleNamespace(
+        plot=_Fig(), history=[], verdict={"win_rate": 0.678, "n": 400}, accuracy=0.858,
+        n_val_pairs=417, n_train_pairs=267, kl_mean=2.95, summary=lambda: ["x"],
+    )
+    monkeypatch.setattr(dpo, "run_dpo", lambda *a, **k: fake)
+    run = speedrun.Speedrun("cpu", tmp_path, device="cpu", progress=False)
+    run.state.update(model=object(), tokenizer=None)
+    rows = {m.name: m.note for m in speedrun._dpo_section(run, "cpu").metrics}
+    assert rows["labeler prefers DPO over SFT"].startswith(_verdict_interval(0.678, 400) + "; 400 held-out")
+    assert rows["DPO implicit-reward accuracy"].startswith(_verdict_interval(0.858, 417) + "; 417 held-out")
+
+
+def test_the_sft_row_gives_the_interval_after_sft():
+    from types import SimpleNamespace
+
+    after = SimpleNamespace(accuracy=0.497, n=441)
+    follow = SimpleNamespace(rate=0.312, n=16)
+    sft = SimpleNamespace(
+        before=None, after=after, follow_before=None, follow_after=follow,
+        heldout=[SimpleNamespace(story=i % 60) for i in range(441)],
+    )
+    note = speedrun._sft_metrics(sft)[0].note
+    assert note.startswith(f"before → after SFT; after: {_verdict_interval(0.497, 441)}; 441 questions")

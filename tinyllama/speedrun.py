@@ -320,6 +320,14 @@ def _before_after(before, after, fmt="{:.1%}") -> str:
     )
 
 
+def _interval(rate: float, n: int) -> str:
+    "'95% CI 64.8%–73.8%': the Wilson interval of a rate over n (a tie counts half)."
+    from tinyllama.sft import wilson_interval
+
+    lo, hi = wilson_interval(round(rate * n), n)
+    return f"95% CI {lo:.1%}–{hi:.1%}"
+
+
 def _sft_metrics(sft) -> list:
     "Rows for exact match and instruction following, before → after SFT."
     b, a, fb, fa = sft.before, sft.after, sft.follow_before, sft.follow_after
@@ -328,8 +336,8 @@ def _sft_metrics(sft) -> list:
         Metric(
             "SFT exact match",
             _before_after(b and b.accuracy, a.accuracy),
-            f"before → after SFT; {a.n} questions about {n_stories} held-out "
-            "stories, greedy answers",
+            f"before → after SFT; after: {_interval(a.accuracy, a.n)}; {a.n} "
+            f"questions about {n_stories} held-out stories, greedy answers",
         ),
         Metric(
             "SFT instruction following",
@@ -430,7 +438,8 @@ _PPO_BAND = {"cpu": 0.98}  # the least share of exact test copies a run should r
 
 def _ppo_exact_note(n: int, exact: float, profile: str) -> str:
     "The note of the exact-copies row: the test words, and the profile's expectation."
-    note = f"before → after PPO; {n} test words never trained on, greedy"
+    note = f"before → after PPO; after: {_interval(exact, n)}; {n} test words never "
+    note += "trained on, greedy"
     if profile not in _PPO_BAND:
         return note
     lo, inside = _PPO_BAND[profile], exact >= _PPO_BAND[profile]
@@ -526,13 +535,14 @@ def _feedback_section(run, device) -> Section:
         Metric(
             "reward model pair accuracy",
             f"{r.rm_accuracy:.1%}",
-            f"{r.n_val_pairs} held-out label pairs; {r.n_train_pairs} trained on",
+            f"{_interval(r.rm_accuracy, r.n_val_pairs)}; {r.n_val_pairs} held-out "
+            f"label pairs; {r.n_train_pairs} trained on",
         ),
         Metric(
             "labeler prefers PPO over SFT",
             f"{v['win_rate']:.1%}",
-            f"{v['n']} held-out requests, one sample each, sides shuffled, "
-            "a tie counts half",
+            f"{_interval(v['win_rate'], v['n'])}; {v['n']} held-out requests, one "
+            "sample each, sides shuffled, a tie counts half",
         ),
         Metric(
             "KL to the SFT policy",
@@ -575,12 +585,14 @@ def _dpo_section(run, device) -> Section:
         Metric(
             "DPO implicit-reward accuracy",
             f"{r.accuracy:.1%}",
-            f"{r.n_val_pairs} held-out label pairs; {r.n_train_pairs} trained on",
+            f"{_interval(r.accuracy, r.n_val_pairs)}; {r.n_val_pairs} held-out "
+            f"label pairs; {r.n_train_pairs} trained on",
         ),
         Metric(
             "labeler prefers DPO over SFT",
             f"{v['win_rate']:.1%}",
-            f"{v['n']} held-out requests, sides shuffled, a tie counts half",
+            f"{_interval(v['win_rate'], v['n'])}; {v['n']} held-out requests, "
+            "sides shuffled, a tie counts half",
         ),
         Metric(
             "DPO KL to the SFT policy",
