@@ -28,6 +28,7 @@ PRESETS = {  # the name a stamp uses -> the preset function it must match (cpu p
     "dpo": ("tinyllama.dpo", "dpo_preset"),
     "rlvr": ("tinyllama.rlvr", "rlvr_preset"),
     "overopt": ("tinyllama.overoptimisation", "overopt_preset"),
+    "grpo": ("tinyllama.grpo", "grpo_preset"),
 }
 # Chapters whose committed run does not print a stamp yet. The list may only shrink: a new
 # chapter, or one that lost its stamp, fails below.

@@ -495,9 +495,6 @@ DECLARED: dict[str, dict[str, str]] = {
         "81.0%": SEEDS,
         "273": SEEDS,
     },
-    "14_grpo": {
-        "45 | 15 to 45": "the header's range (test_committed_runs checks the run)",
-    },
     "90_device": {
         "2.5": "torch versions",
         "2.6": "torch versions",
