@@ -147,7 +147,8 @@ def overopt_preset(
 
     P = as_profile(profile)
     fb = feedback_preset(P)  # the same labels and reward model as chapter 12
-    labels = (fb.n_label, P.pick(ci=6, cpu=300, gpu=400), fb.max_new_tokens)
+    heldout = P.pick(ci=6, cpu=400, gpu=400)  # 400: every win rate within ±5 points
+    labels = (fb.n_label, heldout, fb.max_new_tokens)
     labels += (fb.rm_val_fraction, fb.rm_steps, fb.rm_batch_size)
     #   bon_n steps every sweep  B  mini epochs lr    dpo_B dpo_lr
     sizes = P.pick(
