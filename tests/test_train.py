@@ -318,3 +318,19 @@ def test_mixed_precision_follows_fp32_closely(precision, tmp_path):
     assert got != ref and got == pytest.approx(ref, abs=0.02)
     state = load_checkpoint(tmp_path)[1]
     assert bool(state["extra"]["scaler"]) == (precision == "fp16")  # the loss scale is part of the state
+
+
+@pytest.mark.parametrize("env, expected", [(None, 8), ("1", 1), ("3", 3), ("", 8), ("x", 8), ("0", 8)])
+def test_auto_threads_take_omp_num_threads_when_it_is_set(monkeypatch, env, expected):
+    "Runs launched together on an idle machine: OMP_NUM_THREADS=1 must keep each to one thread."
+    import importlib
+
+    train = importlib.import_module("tinyllama.train")  # the module, not the function
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    assert train.cpu_threads("auto") == expected
+    assert train.cpu_threads(2) == 2  # an explicit count still wins over everything

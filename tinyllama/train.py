@@ -1015,13 +1015,16 @@ def _repr_png_(self: LossPlot):
 
 # %% ../nbs/07_pretraining.ipynb #9b671562
 def cpu_threads(requested="auto") -> int:
-    "CPU threads to train with: 'auto' takes the cores idle now (at least 1)."
+    "CPU threads to train with: 'auto' takes $OMP_NUM_THREADS, else the idle cores."
     if requested != "auto":
         if not _is_int(requested, 1):
             raise ValueError(
                 f"threads must be a positive integer or 'auto', got {requested!r}."
             )
         return requested
+    chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if chosen.isdigit() and int(chosen) >= 1:  # the user's own choice wins
+        return int(chosen)
     cores = os.cpu_count() or 1
     try:
         busy = os.getloadavg()[0]  # runnable processes, mean of the last minute
