@@ -158,5 +158,22 @@ def test_the_sft_row_gives_the_interval_after_sft():
         before=None, after=after, follow_before=None, follow_after=follow,
         heldout=[SimpleNamespace(story=i % 60) for i in range(441)],
     )
-    note = speedrun._sft_metrics(sft)[0].note
-    assert note.startswith(f"before → after SFT; after: {_verdict_interval(0.497, 441)}; 441 questions")
+    exact, follows = (m.note for m in speedrun._sft_metrics(sft))
+    assert exact.startswith(f"before → after SFT; after: {_verdict_interval(0.497, 441)}; 441 questions")
+    assert follows.startswith(f"before → after SFT; after: {_verdict_interval(0.312, 16)}; 16 held-out")
+
+
+def test_the_grpo_row_gives_the_interval(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    grpo = importlib.import_module("tinyllama.grpo")
+    fake = SimpleNamespace(
+        words={"test": ["abc"] * 200}, before=SimpleNamespace(exact=0.0), after=SimpleNamespace(exact=0.965),
+        history=[{}] * 300, checks=[], sampled_tokens=212303, seconds=55.0,
+    )
+    monkeypatch.setattr(grpo, "run_grpo_copy_task", lambda *a, **k: fake)
+    run = speedrun.Speedrun("cpu", tmp_path, device="cpu", progress=False)
+    rows = {m.name: m.note for m in speedrun._grpo_section(run, "cpu").metrics}
+    assert rows["GRPO exact copies"].startswith(
+        f"before → after GRPO; after: {_verdict_interval(0.965, 200)}; 200 test words never trained on"
+    )

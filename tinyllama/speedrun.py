@@ -342,8 +342,9 @@ def _sft_metrics(sft) -> list:
         Metric(
             "SFT instruction following",
             _before_after(fb and fb.rate, fa.rate),
-            f'before → after SFT; {fa.n} held-out "write a story ..." requests '
-            "answered with a story that has the requested hero, colour, object, ...",
+            f"before → after SFT; after: {_interval(fa.rate, fa.n)}; {fa.n} held-out "
+            '"write a story ..." requests answered with a story that has the requested '
+            "hero, colour, object, ...",
         ),
     ]
 
@@ -630,8 +631,8 @@ def _grpo_section(run, device) -> Section:
         Metric(
             "GRPO exact copies",
             _before_after(res.before.exact, res.after.exact),
-            f"before → after GRPO; after: {format_rate(k, n)} of the test words, "
-            f"greedy",
+            f"before → after GRPO; after: {_interval(k / n, n)}; {n} test words "
+            "never trained on, greedy (no band: the stage has PPO's budget)",
         ),
         Metric(
             "GRPO sampled tokens",
