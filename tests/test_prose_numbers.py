@@ -290,8 +290,7 @@ DECLARED: dict[str, dict[str, str]] = {
     "07_pretraining": {
         "1.8": "an illustrative loss in the argument, not a measurement",
         "10% | decay to": "the cosine schedule's floor, a setting (Touvron et al.)",
-        "13.4": README,
-        "13.6": README,
+        "5.2": README,
         "1.005": PRESET_TRIALS,
         "1.006": PRESET_TRIALS,
         "1.016": PRESET_TRIALS,

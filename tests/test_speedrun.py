@@ -21,7 +21,7 @@ class _Stop(Exception):
 
 
 def test_the_cpu_pretraining_preset_is_the_one_the_speedrun_measured():
-    # 1,000 steps of 16: the run behind bench/results/2026-12-04-speedrun-cpu-seed*.md
+    # 1,000 steps of 16: the run behind bench/results/2026-12-05-speedrun-cpu-seed*.md
     # (seeds 0-3 at 1.004-1.016 x the floor; 500 steps of 32 left seed 2 at 1.178)
     from tinyllama.profiles import preset_digest
 
