@@ -116,19 +116,25 @@ def test_the_interval_is_wilson_s_with_ties_counting_half(rate, n):
     assert speedrun._interval(rate, n) == _verdict_interval(rate, n)
 
 
+def _section_rows(tmp_path, monkeypatch, module, recipe, fake, section) -> dict:
+    "A stage's rows (name -> note), its chapter's recipe replaced by one that returns `fake`."
+    monkeypatch.setattr(importlib.import_module(module), recipe, lambda *a, **k: fake)
+    run = speedrun.Speedrun("cpu", tmp_path, device="cpu", progress=False)
+    run.state.update(model=object(), tokenizer=None)
+    return {m.name: m.note for m in section(run, "cpu").metrics}
+
+
 def test_the_feedback_rows_give_intervals(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    feedback = importlib.import_module("tinyllama.feedback")
     fake = SimpleNamespace(
         plot=_Fig(), history=[], verdict={"win_rate": 0.694, "n": 400}, rm_accuracy=0.869,
         scores_before=[0.0, 1.0], scores_after=[2.0, 3.0], n_val_pairs=267, n_train_pairs=267,
         kl_mean=2.55, prompts=["p"], before=["b"], after=["a"], summary=lambda: ["x"],
     )
-    monkeypatch.setattr(feedback, "run_feedback_loop", lambda *a, **k: fake)
-    run = speedrun.Speedrun("cpu", tmp_path, device="cpu", progress=False)
-    run.state.update(model=object(), tokenizer=None)
-    rows = {m.name: m.note for m in speedrun._feedback_section(run, "cpu").metrics}
+    rows = _section_rows(
+        tmp_path, monkeypatch, "tinyllama.feedback", "run_feedback_loop", fake, speedrun._feedback_section
+    )
     assert rows["labeler prefers PPO over SFT"].startswith(_verdict_interval(0.694, 400) + "; 400 held-out")
     assert rows["reward model pair accuracy"].startswith(_verdict_interval(0.869, 267) + "; 267 held-out")
 
@@ -136,15 +142,11 @@ def test_the_feedback_rows_give_intervals(tmp_path, monkeypatch):
 def test_the_dpo_rows_give_intervals(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    dpo = importlib.import_module("tinyllama.dpo")
     fake = SimpleNamespace(
         plot=_Fig(), history=[], verdict={"win_rate": 0.678, "n": 400}, accuracy=0.858,
         n_val_pairs=417, n_train_pairs=267, kl_mean=2.95, summary=lambda: ["x"],
     )
-    monkeypatch.setattr(dpo, "run_dpo", lambda *a, **k: fake)
-    run = speedrun.Speedrun("cpu", tmp_path, device="cpu", progress=False)
-    run.state.update(model=object(), tokenizer=None)
-    rows = {m.name: m.note for m in speedrun._dpo_section(run, "cpu").metrics}
+    rows = _section_rows(tmp_path, monkeypatch, "tinyllama.dpo", "run_dpo", fake, speedrun._dpo_section)
     assert rows["labeler prefers DPO over SFT"].startswith(_verdict_interval(0.678, 400) + "; 400 held-out")
     assert rows["DPO implicit-reward accuracy"].startswith(_verdict_interval(0.858, 417) + "; 417 held-out")
 
@@ -166,14 +168,13 @@ def test_the_sft_row_gives_the_interval_after_sft():
 def test_the_grpo_row_gives_the_interval(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    grpo = importlib.import_module("tinyllama.grpo")
     fake = SimpleNamespace(
         words={"test": ["abc"] * 200}, before=SimpleNamespace(exact=0.0), after=SimpleNamespace(exact=0.965),
         history=[{}] * 300, checks=[], sampled_tokens=212303, seconds=55.0,
     )
-    monkeypatch.setattr(grpo, "run_grpo_copy_task", lambda *a, **k: fake)
-    run = speedrun.Speedrun("cpu", tmp_path, device="cpu", progress=False)
-    rows = {m.name: m.note for m in speedrun._grpo_section(run, "cpu").metrics}
+    rows = _section_rows(
+        tmp_path, monkeypatch, "tinyllama.grpo", "run_grpo_copy_task", fake, speedrun._grpo_section
+    )
     assert rows["GRPO exact copies"].startswith(
         f"before → after GRPO; after: {_verdict_interval(0.965, 200)}; 200 test words never trained on"
     )
